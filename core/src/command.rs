@@ -1,0 +1,292 @@
+//! Commands replicated through Raft, their results, and the table catalog
+//! kept by the metadata group.
+//!
+//! Every command is applied deterministically: the same log gives the same
+//! results and byte-identical state on every replica.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Engine, EngineError, WriteBatch};
+use crate::kv::*;
+use crate::mvcc::{Mvcc, MvccError};
+
+/// Identifies a Raft group on a node: 0 is the metadata group, every table has
+/// its own id (never reused, so a re-created table never sees old data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct GroupId(pub u64);
+
+impl GroupId {
+    pub const META: GroupId = GroupId(0);
+}
+
+impl fmt::Display for GroupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if *self == GroupId::META {
+            write!(f, "meta")
+        } else {
+            write!(f, "t{}", self.0)
+        }
+    }
+}
+
+/// A write to one table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TableCommand {
+    Put(PutRequest),
+    DeleteRange(DeleteRangeRequest),
+    Txn(TxnRequest),
+    Compact(u64),
+}
+
+/// The result of a [`TableCommand`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TableReply {
+    Put(PutResponse),
+    DeleteRange(DeleteRangeResponse),
+    Txn(TxnResponse),
+    Compact(CompactResponse),
+}
+
+impl TableReply {
+    /// The table's revision after the command.
+    pub fn revision(&self) -> u64 {
+        match self {
+            TableReply::Put(r) => r.revision,
+            TableReply::DeleteRange(r) => r.revision,
+            TableReply::Txn(r) => r.revision,
+            TableReply::Compact(r) => r.revision,
+        }
+    }
+}
+
+impl TableCommand {
+    pub fn validate(&self) -> Result<(), KvError> {
+        match self {
+            TableCommand::Put(p) => p.validate(),
+            TableCommand::DeleteRange(d) => d.validate(),
+            TableCommand::Txn(t) => t.validate(),
+            TableCommand::Compact(_) => Ok(()),
+        }
+    }
+
+    /// Runs the command against `store`, returning the batch to write (with
+    /// nothing written on refusal) and the reply.
+    pub fn execute(&self, store: &Mvcc<'_>) -> Result<(WriteBatch, Result<TableReply, KvError>), EngineError> {
+        let mut txn = store.begin()?;
+        let reply = match self {
+            TableCommand::Put(p) => txn.put(p).map(TableReply::Put),
+            TableCommand::DeleteRange(d) => txn.delete_range(d).map(TableReply::DeleteRange),
+            TableCommand::Txn(t) => txn.txn(t).map(TableReply::Txn),
+            TableCommand::Compact(rev) => txn.compact(*rev).map(TableReply::Compact),
+        };
+        match reply {
+            Ok(r) => Ok((txn.finish().0, Ok(r))),
+            Err(MvccError::Kv(e)) => Ok((WriteBatch::new(), Err(e))),
+            Err(MvccError::Engine(e)) => Err(e),
+        }
+    }
+}
+
+/// Longest table name, in bytes.
+pub const TABLE_NAME_BYTES_MAX: usize = 128;
+
+/// A table of the catalog.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableInfo {
+    pub name: String,
+    pub id: GroupId,
+}
+
+/// A change to the table catalog (the metadata group).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaCommand {
+    CreateTable { name: String },
+    DeleteTable { name: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaReply {
+    Created(TableInfo),
+    Deleted(TableInfo),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum MetaError {
+    #[error("table {0:?} already exists")]
+    TableExists(String),
+    #[error("table {0:?} not found")]
+    TableNotFound(String),
+    #[error("invalid table name {name:?}: {reason}")]
+    InvalidTableName { name: String, reason: String },
+}
+
+/// Checks a table name: 1 to 128 bytes of `[A-Za-z0-9_.-]`.
+pub fn validate_table_name(name: &str) -> Result<(), MetaError> {
+    let bad = |reason: &str| MetaError::InvalidTableName { name: name.to_string(), reason: reason.to_string() };
+    if name.is_empty() {
+        return Err(bad("empty"));
+    }
+    if name.len() > TABLE_NAME_BYTES_MAX {
+        return Err(bad("longer than 128 bytes"));
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.') {
+        return Err(bad("only letters, digits, '_', '-' and '.' are allowed"));
+    }
+    Ok(())
+}
+
+/// The table catalog stored under a namespace of the metadata group.
+pub struct Catalog<'e> {
+    engine: &'e dyn Engine,
+    ns: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct CatalogCounters {
+    next_table_id: u64,
+}
+
+impl<'e> Catalog<'e> {
+    pub fn new(engine: &'e dyn Engine, ns: Vec<u8>) -> Self {
+        Self { engine, ns }
+    }
+
+    fn table_key(&self, name: &str) -> Vec<u8> {
+        let mut k = self.ns.clone();
+        k.push(b't');
+        k.extend_from_slice(name.as_bytes());
+        k
+    }
+
+    fn counters_key(&self) -> Vec<u8> {
+        let mut k = self.ns.clone();
+        k.push(b'n');
+        k
+    }
+
+    pub fn get(&self, name: &str) -> Result<Option<TableInfo>, EngineError> {
+        match self.engine.get(&self.table_key(name))? {
+            Some(v) => postcard::from_bytes(&v).map(Some).map_err(|e| EngineError::Corrupt(format!("catalog entry: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// Every table, by name.
+    pub fn list(&self) -> Result<Vec<TableInfo>, EngineError> {
+        let mut lo = self.ns.clone();
+        lo.push(b't');
+        let mut hi = self.ns.clone();
+        hi.push(b't' + 1);
+        let mut out = Vec::new();
+        let mut err = None;
+        self.engine.scan(&lo, &hi, &mut |_, v| match postcard::from_bytes(v) {
+            Ok(t) => {
+                out.push(t);
+                true
+            }
+            Err(e) => {
+                err = Some(EngineError::Corrupt(format!("catalog entry: {e}")));
+                false
+            }
+        })?;
+        match err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    pub fn execute(&self, cmd: &MetaCommand) -> Result<(WriteBatch, Result<MetaReply, MetaError>), EngineError> {
+        let mut batch = WriteBatch::new();
+        let reply = match cmd {
+            MetaCommand::CreateTable { name } => {
+                if let Err(e) = validate_table_name(name) {
+                    return Ok((batch, Err(e)));
+                }
+                if self.get(name)?.is_some() {
+                    return Ok((batch, Err(MetaError::TableExists(name.clone()))));
+                }
+                let counters = match self.engine.get(&self.counters_key())? {
+                    Some(v) => postcard::from_bytes(&v).map_err(|e| EngineError::Corrupt(format!("catalog counters: {e}")))?,
+                    None => CatalogCounters { next_table_id: 1 },
+                };
+                let info = TableInfo { name: name.clone(), id: GroupId(counters.next_table_id) };
+                let next = CatalogCounters { next_table_id: counters.next_table_id + 1 };
+                batch.put(self.counters_key(), postcard::to_stdvec(&next).expect("encoding plain data cannot fail"));
+                batch.put(self.table_key(name), postcard::to_stdvec(&info).expect("encoding plain data cannot fail"));
+                Ok(MetaReply::Created(info))
+            }
+            MetaCommand::DeleteTable { name } => match self.get(name)? {
+                None => Err(MetaError::TableNotFound(name.clone())),
+                Some(info) => {
+                    batch.delete(self.table_key(name));
+                    Ok(MetaReply::Deleted(info))
+                }
+            },
+        };
+        Ok((batch, reply))
+    }
+}
+
+/// The application data of every Raft log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    Meta(MetaCommand),
+    Table(TableCommand),
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::Meta(m) => write!(f, "meta:{m:?}"),
+            Command::Table(TableCommand::Put(p)) => write!(f, "put({} bytes key)", p.key.len()),
+            Command::Table(TableCommand::DeleteRange(_)) => write!(f, "delete_range"),
+            Command::Table(TableCommand::Txn(t)) => write!(f, "txn({} compares)", t.compare.len()),
+            Command::Table(TableCommand::Compact(r)) => write!(f, "compact({r})"),
+        }
+    }
+}
+
+/// The result of applying one log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum CommandResponse {
+    /// Blank and membership entries.
+    #[default]
+    Empty,
+    Meta(Result<MetaReply, MetaError>),
+    Table(Result<TableReply, KvError>),
+    /// The command was proposed to a group of the other kind; nothing applied.
+    WrongGroup,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::MemEngine;
+
+    #[test]
+    fn catalog_creates_lists_and_deletes() {
+        let e = MemEngine::new();
+        let c = Catalog::new(&e, b"m".to_vec());
+        let run = |cmd: MetaCommand| {
+            let (b, r) = c.execute(&cmd).unwrap();
+            e.write(b).unwrap();
+            r
+        };
+        let a = run(MetaCommand::CreateTable { name: "a".into() }).unwrap();
+        assert_eq!(a, MetaReply::Created(TableInfo { name: "a".into(), id: GroupId(1) }));
+        assert_eq!(run(MetaCommand::CreateTable { name: "a".into() }), Err(MetaError::TableExists("a".into())));
+        run(MetaCommand::CreateTable { name: "b".into() }).unwrap();
+        assert_eq!(c.list().unwrap().len(), 2);
+        run(MetaCommand::DeleteTable { name: "a".into() }).unwrap();
+        assert_eq!(run(MetaCommand::DeleteTable { name: "a".into() }), Err(MetaError::TableNotFound("a".into())));
+        let again = run(MetaCommand::CreateTable { name: "a".into() }).unwrap();
+        assert_eq!(again, MetaReply::Created(TableInfo { name: "a".into(), id: GroupId(3) }), "ids are never reused");
+        assert!(matches!(
+            run(MetaCommand::CreateTable { name: "bad name".into() }),
+            Err(MetaError::InvalidTableName { .. })
+        ));
+    }
+}

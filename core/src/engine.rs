@@ -1,0 +1,417 @@
+//! The ordered key-value `Engine` every piece of Armada state is stored in,
+//! and `MemEngine`, its in-memory implementation with a simulated disk.
+//!
+//! Contract, which every implementation must keep (the conformance suite in
+//! `engine::conformance` checks it and runs unchanged against each engine):
+//! - `write` applies a whole batch atomically and makes it visible to every
+//!   later read, but not necessarily durable;
+//! - `sync` makes every write that returned before it durable;
+//! - after a crash, the durable state is exactly the writes of some prefix of
+//!   the write history that includes every write acknowledged by a `sync`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+/// A failure of the storage backend. Backends box their own error types into
+/// this one so that core never depends on a backend crate.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    #[error("storage backend error: {0}")]
+    Backend(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// One operation of an atomic [`WriteBatch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchOp {
+    Put { key: Vec<u8>, value: Vec<u8> },
+    Delete { key: Vec<u8> },
+    /// Deletes every key in `[start, end)`.
+    DeleteRange { start: Vec<u8>, end: Vec<u8> },
+}
+
+/// A set of writes applied atomically, in order.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct WriteBatch {
+    pub ops: Vec<BatchOp>,
+}
+
+impl WriteBatch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.ops.push(BatchOp::Put { key: key.into(), value: value.into() });
+    }
+    pub fn delete(&mut self, key: impl Into<Vec<u8>>) {
+        self.ops.push(BatchOp::Delete { key: key.into() });
+    }
+    pub fn delete_range(&mut self, start: impl Into<Vec<u8>>, end: impl Into<Vec<u8>>) {
+        self.ops.push(BatchOp::DeleteRange { start: start.into(), end: end.into() });
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+    /// Bytes of keys and values carried, for accounting and bounds.
+    pub fn size_bytes(&self) -> usize {
+        self.ops
+            .iter()
+            .map(|op| match op {
+                BatchOp::Put { key, value } => key.len() + value.len(),
+                BatchOp::Delete { key } => key.len(),
+                BatchOp::DeleteRange { start, end } => start.len() + end.len(),
+            })
+            .sum()
+    }
+}
+
+/// An ordered byte-key store. Methods take `&self`: engines synchronise
+/// internally because several Raft groups and readers share one engine.
+pub trait Engine: Send + Sync + 'static {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError>;
+
+    /// Visits every key in `[start, end)` in ascending order until `visit`
+    /// returns `false`. `visit` must not call back into the engine.
+    fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), EngineError>;
+
+    /// The greatest key in `[start, end)` with its value.
+    fn last(&self, start: &[u8], end: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, EngineError>;
+
+    /// Applies `batch` atomically; visible to later reads, not yet durable.
+    fn write(&self, batch: WriteBatch) -> Result<(), EngineError>;
+
+    /// Makes every write that returned before this call durable.
+    fn sync(&self) -> Result<(), EngineError>;
+}
+
+/// The durable contents of a simulated disk: what survives a crash. The
+/// simulated world keeps this handle outside the node so that a restarted
+/// node opens what was fsynced and nothing else.
+#[derive(Debug, Clone, Default)]
+pub struct DurableImage {
+    inner: Arc<Mutex<BTreeMap<Vec<u8>, Vec<u8>>>>,
+}
+
+impl DurableImage {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Number of durable keys (diagnostics and tests).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Vec<u8>, Vec<u8>>> {
+        // A poisoned lock means a thread panicked while applying a batch;
+        // the map itself is still a consistent BTreeMap, so keep using it.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn apply_batch(map: &mut BTreeMap<Vec<u8>, Vec<u8>>, batch: &WriteBatch) {
+    for op in &batch.ops {
+        match op {
+            BatchOp::Put { key, value } => {
+                map.insert(key.clone(), value.clone());
+            }
+            BatchOp::Delete { key } => {
+                map.remove(key);
+            }
+            BatchOp::DeleteRange { start, end } => {
+                if start < end {
+                    let doomed: Vec<Vec<u8>> =
+                        map.range(start.clone()..end.clone()).map(|(k, _)| k.clone()).collect();
+                    for k in doomed {
+                        map.remove(&k);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Upper bound on batches waiting for `sync` in a [`MemEngine`]; a driver
+/// that never syncs is a bug, and this makes it loud instead of a slow leak.
+pub const MEM_ENGINE_PENDING_BATCHES_MAX: usize = 1 << 20;
+
+#[derive(Debug, Default)]
+struct MemInner {
+    visible: BTreeMap<Vec<u8>, Vec<u8>>,
+    pending: Vec<WriteBatch>,
+}
+
+/// In-memory engine. Writes are visible at once; they reach the
+/// [`DurableImage`] only at `sync`, so dropping the engine (a simulated crash)
+/// loses exactly the writes that were never synced.
+#[derive(Debug)]
+pub struct MemEngine {
+    inner: Mutex<MemInner>,
+    disk: DurableImage,
+}
+
+impl MemEngine {
+    /// A fresh engine over an empty disk.
+    pub fn new() -> Self {
+        Self::open(DurableImage::new())
+    }
+
+    /// Opens the engine over an existing disk, as a node restarting after a
+    /// crash would: it sees the durable writes and nothing else.
+    pub fn open(disk: DurableImage) -> Self {
+        let visible = disk.lock().clone();
+        Self { inner: Mutex::new(MemInner { visible, pending: Vec::new() }), disk }
+    }
+
+    /// The disk this engine syncs to.
+    pub fn disk(&self) -> &DurableImage {
+        &self.disk
+    }
+
+    /// Number of batches written but not yet synced.
+    pub fn pending_batches(&self) -> usize {
+        self.lock().pending.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Default for MemEngine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Engine for MemEngine {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        Ok(self.lock().visible.get(key).cloned())
+    }
+
+    fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), EngineError> {
+        if start >= end {
+            return Ok(());
+        }
+        let inner = self.lock();
+        for (k, v) in inner.visible.range::<[u8], _>((
+            std::ops::Bound::Included(start),
+            std::ops::Bound::Excluded(end),
+        )) {
+            if !visit(k, v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn last(&self, start: &[u8], end: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, EngineError> {
+        if start >= end {
+            return Ok(None);
+        }
+        let inner = self.lock();
+        Ok(inner
+            .visible
+            .range::<[u8], _>((std::ops::Bound::Included(start), std::ops::Bound::Excluded(end)))
+            .next_back()
+            .map(|(k, v)| (k.clone(), v.clone())))
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<(), EngineError> {
+        let mut inner = self.lock();
+        if inner.pending.len() >= MEM_ENGINE_PENDING_BATCHES_MAX {
+            return Err(EngineError::Backend(format!(
+                "more than {MEM_ENGINE_PENDING_BATCHES_MAX} unsynced batches"
+            )));
+        }
+        apply_batch(&mut inner.visible, &batch);
+        inner.pending.push(batch);
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), EngineError> {
+        let pending = std::mem::take(&mut self.lock().pending);
+        let mut disk = self.disk.lock();
+        for batch in &pending {
+            apply_batch(&mut disk, batch);
+        }
+        Ok(())
+    }
+}
+
+/// The smallest key greater than every key that starts with `prefix`, or
+/// `None` if there is none (the prefix is all `0xff`).
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// Engine conformance checks. Every `Engine` implementation runs this same
+/// suite from its own tests (`armada-server` runs it against RocksDB).
+pub mod conformance {
+    use super::*;
+
+    fn collect(e: &dyn Engine, start: &[u8], end: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        e.scan(start, end, &mut |k, v| {
+            out.push((k.to_vec(), v.to_vec()));
+            true
+        })
+        .expect("scan of a healthy engine");
+        out
+    }
+
+    /// Runs every check against engines produced by `fresh`. Panics (it is
+    /// test code) with the name of the first property that fails.
+    pub fn run_all(fresh: &mut dyn FnMut() -> Box<dyn Engine>) {
+        put_get_delete(&*fresh());
+        scan_is_ordered_and_bounded(&*fresh());
+        scan_stops_when_told(&*fresh());
+        batch_is_atomic_and_ordered(&*fresh());
+        delete_range_is_half_open(&*fresh());
+        last_finds_the_greatest_key(&*fresh());
+        binary_keys_order_bytewise(&*fresh());
+    }
+
+    pub fn put_get_delete(e: &dyn Engine) {
+        let mut b = WriteBatch::new();
+        b.put(b"a".to_vec(), b"1".to_vec());
+        e.write(b).unwrap();
+        assert_eq!(e.get(b"a").unwrap(), Some(b"1".to_vec()), "put_get_delete: read back");
+        let mut b = WriteBatch::new();
+        b.delete(b"a".to_vec());
+        e.write(b).unwrap();
+        assert_eq!(e.get(b"a").unwrap(), None, "put_get_delete: deleted");
+        e.sync().unwrap();
+    }
+
+    pub fn scan_is_ordered_and_bounded(e: &dyn Engine) {
+        let mut b = WriteBatch::new();
+        for k in [b"c".as_slice(), b"a", b"e", b"b", b"d"] {
+            b.put(k.to_vec(), k.to_vec());
+        }
+        e.write(b).unwrap();
+        let got: Vec<Vec<u8>> = collect(e, b"b", b"e").into_iter().map(|(k, _)| k).collect();
+        assert_eq!(got, vec![b"b".to_vec(), b"c".to_vec(), b"d".to_vec()], "scan order/bounds");
+        assert!(collect(e, b"e", b"b").is_empty(), "scan with start >= end is empty");
+    }
+
+    pub fn scan_stops_when_told(e: &dyn Engine) {
+        let mut b = WriteBatch::new();
+        for i in 0u8..10 {
+            b.put(vec![i], vec![i]);
+        }
+        e.write(b).unwrap();
+        let mut seen = 0;
+        e.scan(&[0], &[0xff], &mut |_, _| {
+            seen += 1;
+            seen < 3
+        })
+        .unwrap();
+        assert_eq!(seen, 3, "scan stops when the visitor returns false");
+    }
+
+    pub fn batch_is_atomic_and_ordered(e: &dyn Engine) {
+        let mut b = WriteBatch::new();
+        b.put(b"k".to_vec(), b"1".to_vec());
+        b.put(b"k".to_vec(), b"2".to_vec());
+        b.delete(b"gone".to_vec());
+        b.put(b"gone".to_vec(), b"x".to_vec());
+        e.write(b).unwrap();
+        assert_eq!(e.get(b"k").unwrap(), Some(b"2".to_vec()), "later op in a batch wins");
+        assert_eq!(e.get(b"gone").unwrap(), Some(b"x".to_vec()), "ops apply in order");
+    }
+
+    pub fn delete_range_is_half_open(e: &dyn Engine) {
+        let mut b = WriteBatch::new();
+        for k in [b"a".as_slice(), b"b", b"c", b"d"] {
+            b.put(k.to_vec(), b"v".to_vec());
+        }
+        e.write(b).unwrap();
+        let mut b = WriteBatch::new();
+        b.delete_range(b"b".to_vec(), b"d".to_vec());
+        e.write(b).unwrap();
+        let got: Vec<Vec<u8>> = collect(e, b"a", b"z").into_iter().map(|(k, _)| k).collect();
+        assert_eq!(got, vec![b"a".to_vec(), b"d".to_vec()], "delete_range is [start, end)");
+    }
+
+    pub fn last_finds_the_greatest_key(e: &dyn Engine) {
+        assert_eq!(e.last(b"a", b"z").unwrap(), None, "last of an empty engine");
+        let mut b = WriteBatch::new();
+        for k in [b"a".as_slice(), b"b", b"c", b"d"] {
+            b.put(k.to_vec(), k.to_vec());
+        }
+        e.write(b).unwrap();
+        assert_eq!(e.last(b"a", b"d").unwrap(), Some((b"c".to_vec(), b"c".to_vec())), "last is end-exclusive");
+        assert_eq!(e.last(b"b", b"b").unwrap(), None, "empty interval");
+        assert_eq!(e.last(b"a", b"zz").unwrap().map(|x| x.0), Some(b"d".to_vec()));
+    }
+
+    pub fn binary_keys_order_bytewise(e: &dyn Engine) {
+        let keys: Vec<Vec<u8>> = vec![vec![0xff], vec![0], vec![0, 0], vec![1, 0xff], vec![]];
+        let mut b = WriteBatch::new();
+        for k in &keys {
+            b.put(k.clone(), b"v".to_vec());
+        }
+        e.write(b).unwrap();
+        let got: Vec<Vec<u8>> = collect(e, &[], &[0xff, 0xff]).into_iter().map(|(k, _)| k).collect();
+        let mut want = keys.clone();
+        want.sort();
+        assert_eq!(got, want, "keys order bytewise, empty key first");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_engine_conforms() {
+        conformance::run_all(&mut || Box::new(MemEngine::new()));
+    }
+
+    #[test]
+    fn crash_loses_exactly_the_unsynced_writes() {
+        let disk = DurableImage::new();
+        let e = MemEngine::open(disk.clone());
+        let mut b = WriteBatch::new();
+        b.put(b"synced".to_vec(), b"1".to_vec());
+        e.write(b).unwrap();
+        e.sync().unwrap();
+        let mut b = WriteBatch::new();
+        b.put(b"lost".to_vec(), b"2".to_vec());
+        e.write(b).unwrap();
+        assert_eq!(e.pending_batches(), 1);
+        drop(e);
+        let e = MemEngine::open(disk);
+        assert_eq!(e.get(b"synced").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(e.get(b"lost").unwrap(), None);
+    }
+
+    #[test]
+    fn prefix_end_cases() {
+        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff, 0xff]), None);
+        assert_eq!(prefix_end(&[]), None);
+    }
+}

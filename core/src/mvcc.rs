@@ -1,0 +1,673 @@
+//! Multi-version store of one table over an [`Engine`].
+//!
+//! Layout under the table's namespace `ns` (every key starts with it):
+//! - `ns ++ "r"`: the table's [`RevState`] (current and compacted revision);
+//! - `ns ++ "h" ++ enc(key) ++ rev(8, big-endian)`: one version of `key` written
+//!   at revision `rev` (a tombstone for a deletion). `enc` escapes `0x00` as
+//!   `0x00 0xff` and terminates with `0x00 0x01`, so history sorts by key and
+//!   then revision, and no encoded key is a prefix of another;
+//! - `ns ++ "l" ++ key`: the latest live version of `key` (absent once
+//!   deleted), so reads at the current revision touch only live keys.
+//!
+//! This module does not read the clock, does not sync, and never writes to
+//! the engine itself: writes go into a caller-supplied [`WriteBatch`] that the
+//! caller applies atomically together with its own bookkeeping (the Raft
+//! applied index), so a crash can never leave half a transaction.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{prefix_end, Engine, EngineError, WriteBatch};
+use crate::kv::*;
+
+/// Current and compacted revision of a table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevState {
+    pub current: u64,
+    /// Reads below this revision fail with [`KvError::Compacted`]; 0 before
+    /// any compaction.
+    pub compacted: u64,
+}
+
+impl Default for RevState {
+    fn default() -> Self {
+        Self { current: REVISION_INITIAL, compacted: 0 }
+    }
+}
+
+/// A stored version: `value == None` is a tombstone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Version {
+    create_revision: u64,
+    version: u64,
+    value: Option<Vec<u8>>,
+}
+
+/// The latest live version of a key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Latest {
+    create_revision: u64,
+    mod_revision: u64,
+    version: u64,
+    value: Vec<u8>,
+}
+
+impl Latest {
+    fn to_kv(&self, key: &[u8]) -> KeyValue {
+        KeyValue {
+            key: key.to_vec(),
+            create_revision: self.create_revision,
+            mod_revision: self.mod_revision,
+            version: self.version,
+            value: self.value.clone(),
+        }
+    }
+}
+
+/// Errors of a store operation: a deterministic refusal, or a storage fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MvccError {
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_stdvec(v).expect("postcard encodes plain structs of owned data without failing")
+}
+
+fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, EngineError> {
+    postcard::from_bytes(bytes).map_err(|e| EngineError::Corrupt(format!("{what}: {e}")))
+}
+
+/// Appends the order-preserving, prefix-free encoding of `key` to `out`.
+fn push_escaped(out: &mut Vec<u8>, key: &[u8]) {
+    for &b in key {
+        out.push(b);
+        if b == 0 {
+            out.push(0xff);
+        }
+    }
+    out.extend_from_slice(&[0, 1]);
+}
+
+/// Splits `enc(key) ++ rev` back into `(key, rev)`.
+fn split_escaped(bytes: &[u8]) -> Result<(Vec<u8>, u64), EngineError> {
+    let mut key = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        let b = bytes[i];
+        if b == 0 {
+            match bytes[i + 1] {
+                0xff => key.push(0),
+                1 => {
+                    let rest = &bytes[i + 2..];
+                    let rev: [u8; 8] = rest
+                        .try_into()
+                        .map_err(|_| EngineError::Corrupt("history key: bad revision".into()))?;
+                    return Ok((key, u64::from_be_bytes(rev)));
+                }
+                _ => return Err(EngineError::Corrupt("history key: bad escape".into())),
+            }
+            i += 2;
+        } else {
+            key.push(b);
+            i += 1;
+        }
+    }
+    Err(EngineError::Corrupt("history key: no terminator".into()))
+}
+
+/// One table's multi-version store, borrowed over an engine.
+pub struct Mvcc<'e> {
+    engine: &'e dyn Engine,
+    ns: Vec<u8>,
+}
+
+impl<'e> Mvcc<'e> {
+    /// The store whose keys all start with `ns`.
+    pub fn new(engine: &'e dyn Engine, ns: Vec<u8>) -> Self {
+        Self { engine, ns }
+    }
+
+    fn key_with(&self, tag: u8, rest: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(self.ns.len() + 1 + rest.len());
+        k.extend_from_slice(&self.ns);
+        k.push(tag);
+        k.extend_from_slice(rest);
+        k
+    }
+
+    fn rev_key(&self) -> Vec<u8> {
+        self.key_with(b'r', &[])
+    }
+
+    fn latest_key(&self, key: &[u8]) -> Vec<u8> {
+        self.key_with(b'l', key)
+    }
+
+    fn history_key(&self, key: &[u8], rev: u64) -> Vec<u8> {
+        let mut k = self.key_with(b'h', &[]);
+        push_escaped(&mut k, key);
+        k.extend_from_slice(&rev.to_be_bytes());
+        k
+    }
+
+    /// Engine bounds of the history of keys in `[start, end)` (`None`: to the end).
+    fn history_bounds(&self, start: &[u8], end: Option<&[u8]>) -> (Vec<u8>, Vec<u8>) {
+        let mut lo = self.key_with(b'h', &[]);
+        push_escaped(&mut lo, start);
+        let hi = match end {
+            Some(end) => {
+                let mut hi = self.key_with(b'h', &[]);
+                push_escaped(&mut hi, end);
+                hi
+            }
+            None => self.key_with(b'h' + 1, &[]),
+        };
+        (lo, hi)
+    }
+
+    /// Engine bounds of the latest records of keys in `[start, end)`.
+    fn latest_bounds(&self, start: &[u8], end: Option<&[u8]>) -> (Vec<u8>, Vec<u8>) {
+        let lo = self.key_with(b'l', start);
+        let hi = match end {
+            Some(end) => self.key_with(b'l', end),
+            None => self.key_with(b'l' + 1, &[]),
+        };
+        (lo, hi)
+    }
+
+    /// The table's revision state.
+    pub fn rev_state(&self) -> Result<RevState, EngineError> {
+        match self.engine.get(&self.rev_key())? {
+            Some(bytes) => decode(&bytes, "revision state"),
+            None => Ok(RevState::default()),
+        }
+    }
+
+    fn latest(&self, key: &[u8]) -> Result<Option<Latest>, EngineError> {
+        match self.engine.get(&self.latest_key(key))? {
+            Some(bytes) => Ok(Some(decode(&bytes, "latest record")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Live key-values of `[start, end)` at the current revision, ascending.
+    fn live_now(&self, start: &[u8], end: Option<&[u8]>) -> Result<Vec<KeyValue>, EngineError> {
+        let (lo, hi) = self.latest_bounds(start, end);
+        let prefix_len = self.ns.len() + 1;
+        let mut out = Vec::new();
+        let mut err = None;
+        self.engine.scan(&lo, &hi, &mut |k, v| match decode::<Latest>(v, "latest record") {
+            Ok(l) => {
+                out.push(l.to_kv(&k[prefix_len..]));
+                true
+            }
+            Err(e) => {
+                err = Some(e);
+                false
+            }
+        })?;
+        match err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// Live key-values of `[start, end)` as of revision `rev`, ascending.
+    fn live_at(&self, start: &[u8], end: Option<&[u8]>, rev: u64) -> Result<Vec<KeyValue>, EngineError> {
+        let (lo, hi) = self.history_bounds(start, end);
+        let prefix_len = self.ns.len() + 1;
+        let mut out: Vec<KeyValue> = Vec::new();
+        // The newest version at or below `rev` of the key being scanned.
+        let mut pending: Option<(Vec<u8>, u64, Version)> = None;
+        let mut err = None;
+        let flush = |p: Option<(Vec<u8>, u64, Version)>, out: &mut Vec<KeyValue>| {
+            if let Some((key, mod_revision, v)) = p {
+                if let Some(value) = v.value {
+                    out.push(KeyValue {
+                        key,
+                        create_revision: v.create_revision,
+                        mod_revision,
+                        version: v.version,
+                        value,
+                    });
+                }
+            }
+        };
+        self.engine.scan(&lo, &hi, &mut |k, v| {
+            let (key, at) = match split_escaped(&k[prefix_len..]) {
+                Ok(x) => x,
+                Err(e) => {
+                    err = Some(e);
+                    return false;
+                }
+            };
+            if pending.as_ref().is_some_and(|(pk, _, _)| *pk != key) {
+                flush(pending.take(), &mut out);
+            }
+            if at <= rev {
+                match decode::<Version>(v, "history record") {
+                    Ok(version) => pending = Some((key, at, version)),
+                    Err(e) => {
+                        err = Some(e);
+                        return false;
+                    }
+                }
+            }
+            true
+        })?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        flush(pending, &mut out);
+        Ok(out)
+    }
+
+    /// Checks that `requested` (0 = current) can be read, and resolves it.
+    fn resolve_read_revision(&self, state: RevState, requested: u64) -> Result<u64, KvError> {
+        if requested == 0 {
+            return Ok(state.current);
+        }
+        if requested > state.current {
+            return Err(KvError::FutureRevision { requested, current: state.current });
+        }
+        if requested < state.compacted {
+            return Err(KvError::Compacted { requested, compacted: state.compacted });
+        }
+        Ok(requested)
+    }
+
+    /// Serves a range read from the engine alone.
+    pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, MvccError> {
+        req.validate()?;
+        let state = self.rev_state()?;
+        let rev = self.resolve_read_revision(state, req.revision)?;
+        let (start, end) = interval(&req.key, &req.range_end);
+        let kvs = if rev == state.current {
+            self.live_now(&start, end.as_deref())?
+        } else {
+            self.live_at(&start, end.as_deref(), rev)?
+        };
+        Ok(shape_range(req, kvs, state.current))
+    }
+
+    /// A write transaction at the table's next revision. Nothing reaches the
+    /// engine until the caller writes the batch returned by [`WriteTxn::finish`].
+    pub fn begin(&self) -> Result<WriteTxn<'_, 'e>, EngineError> {
+        let state = self.rev_state()?;
+        Ok(WriteTxn { store: self, state, overlay: BTreeMap::new(), batch: WriteBatch::new(), compacted: false })
+    }
+
+    /// Visits every raw engine pair of this table (for snapshots and hashing).
+    pub fn scan_raw(&self, visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), EngineError> {
+        let lo = self.ns.clone();
+        match prefix_end(&self.ns) {
+            Some(hi) => self.engine.scan(&lo, &hi, visit),
+            None => Err(EngineError::Backend("table namespace has no upper bound".into())),
+        }
+    }
+
+    /// A stable 64-bit digest (FNV-1a) of the live key-values and the current
+    /// revision: equal digests mean equal readable state.
+    pub fn state_digest(&self) -> Result<(u64, u64), EngineError> {
+        let state = self.rev_state()?;
+        let mut h = Fnv64::new();
+        for kv in self.live_now(&[], None)? {
+            h.write_bytes(&kv.key);
+            h.write_u64(kv.create_revision);
+            h.write_u64(kv.mod_revision);
+            h.write_u64(kv.version);
+            h.write_bytes(&kv.value);
+        }
+        Ok((state.current, h.finish()))
+    }
+}
+
+/// FNV-1a, 64 bits: a stable hash (no random keys) for digests that are
+/// printed and compared across runs.
+#[derive(Debug, Clone)]
+pub struct Fnv64(u64);
+
+impl Fnv64 {
+    pub fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+    pub fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    /// Length-prefixed, so that ("ab","c") and ("a","bc") differ.
+    pub fn write_bytes(&mut self, bytes: &[u8]) {
+        self.write_u64(bytes.len() as u64);
+        self.write(bytes);
+    }
+    pub fn write_u64(&mut self, v: u64) {
+        self.write(&v.to_le_bytes());
+    }
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl Default for Fnv64 {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn sort_key_cmp(target: SortTarget, a: &KeyValue, b: &KeyValue) -> std::cmp::Ordering {
+    match target {
+        SortTarget::Key => a.key.cmp(&b.key),
+        SortTarget::Version => a.version.cmp(&b.version),
+        SortTarget::Create => a.create_revision.cmp(&b.create_revision),
+        SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
+        SortTarget::Value => a.value.cmp(&b.value),
+    }
+}
+
+/// Applies sort, limit, keys-only and count-only to the live key-values of a
+/// range (given in ascending key order). Ties keep ascending key order.
+pub fn shape_range(req: &RangeRequest, mut kvs: Vec<KeyValue>, current: u64) -> RangeResponse {
+    let count = kvs.len() as u64;
+    if req.count_only {
+        return RangeResponse { revision: current, kvs: Vec::new(), more: false, count };
+    }
+    let order = match (req.sort_order, req.sort_target) {
+        (SortOrder::None, SortTarget::Key) => SortOrder::Ascend,
+        (SortOrder::None, _) => SortOrder::Ascend,
+        (o, _) => o,
+    };
+    match order {
+        SortOrder::Descend => kvs.sort_by(|a, b| sort_key_cmp(req.sort_target, b, a)),
+        _ if req.sort_target != SortTarget::Key => kvs.sort_by(|a, b| sort_key_cmp(req.sort_target, a, b)),
+        _ => {}
+    }
+    let mut more = false;
+    if req.limit > 0 && kvs.len() as u64 > req.limit {
+        kvs.truncate(req.limit as usize);
+        more = true;
+    }
+    if req.keys_only {
+        for kv in &mut kvs {
+            kv.value.clear();
+        }
+    }
+    RangeResponse { revision: current, kvs, more, count }
+}
+
+/// A write transaction in progress: reads see its own earlier writes.
+pub struct WriteTxn<'s, 'e> {
+    store: &'s Mvcc<'e>,
+    state: RevState,
+    /// Keys written by this transaction: `None` = deleted.
+    overlay: BTreeMap<Vec<u8>, Option<Latest>>,
+    batch: WriteBatch,
+    /// A compaction changed `state.compacted`.
+    compacted: bool,
+}
+
+impl WriteTxn<'_, '_> {
+    /// The revision this transaction writes at.
+    fn write_revision(&self) -> u64 {
+        self.state.current + 1
+    }
+
+    fn changed(&self) -> bool {
+        !self.overlay.is_empty()
+    }
+
+    /// The revision a reader sees: the write revision once anything changed.
+    fn visible_revision(&self) -> u64 {
+        if self.changed() {
+            self.write_revision()
+        } else {
+            self.state.current
+        }
+    }
+
+    fn latest(&self, key: &[u8]) -> Result<Option<Latest>, EngineError> {
+        match self.overlay.get(key) {
+            Some(l) => Ok(l.clone()),
+            None => self.store.latest(key),
+        }
+    }
+
+    fn live_now(&self, start: &[u8], end: Option<&[u8]>) -> Result<Vec<KeyValue>, EngineError> {
+        let base = self.store.live_now(start, end)?;
+        if self.overlay.is_empty() {
+            return Ok(base);
+        }
+        let mut merged: BTreeMap<Vec<u8>, KeyValue> = base.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
+        let upper = end.map(|e| e.to_vec());
+        let in_range = |k: &[u8]| k >= start && upper.as_deref().is_none_or(|e| k < e);
+        for (k, l) in &self.overlay {
+            if !in_range(k) {
+                continue;
+            }
+            match l {
+                Some(l) => {
+                    merged.insert(k.clone(), l.to_kv(k));
+                }
+                None => {
+                    merged.remove(k);
+                }
+            }
+        }
+        Ok(merged.into_values().collect())
+    }
+
+    /// Checks that a range inside the transaction can be served, before any
+    /// operation of the transaction runs.
+    pub fn check_range(&self, req: &RangeRequest) -> Result<(), KvError> {
+        req.validate()?;
+        self.store.resolve_read_revision(self.state, req.revision).map(|_| ())
+    }
+
+    pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, MvccError> {
+        req.validate()?;
+        let rev = self.store.resolve_read_revision(self.state, req.revision)?;
+        let (start, end) = interval(&req.key, &req.range_end);
+        // Only a read at "latest" sees this transaction's own writes; an
+        // explicit revision reads the table as it was at that revision.
+        let kvs = if req.revision == 0 {
+            self.live_now(&start, end.as_deref())?
+        } else if rev == self.state.current {
+            self.store.live_now(&start, end.as_deref())?
+        } else {
+            self.store.live_at(&start, end.as_deref(), rev)?
+        };
+        Ok(shape_range(req, kvs, self.visible_revision()))
+    }
+
+    fn record(&mut self, key: &[u8], latest: Option<Latest>) {
+        let rev = self.write_revision();
+        let version = match &latest {
+            Some(l) => Version { create_revision: l.create_revision, version: l.version, value: Some(l.value.clone()) },
+            None => Version { create_revision: 0, version: 0, value: None },
+        };
+        self.batch.put(self.store.history_key(key, rev), encode(&version));
+        match &latest {
+            Some(l) => self.batch.put(self.store.latest_key(key), encode(l)),
+            None => self.batch.delete(self.store.latest_key(key)),
+        }
+        self.overlay.insert(key.to_vec(), latest);
+    }
+
+    pub fn put(&mut self, req: &PutRequest) -> Result<PutResponse, MvccError> {
+        req.validate()?;
+        let prev = self.latest(&req.key)?;
+        let rev = self.write_revision();
+        let next = Latest {
+            create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
+            mod_revision: rev,
+            version: prev.as_ref().map_or(1, |p| p.version + 1),
+            value: req.value.clone(),
+        };
+        self.record(&req.key, Some(next));
+        let prev_kv = if req.prev_kv { prev.map(|p| p.to_kv(&req.key)) } else { None };
+        Ok(PutResponse { revision: rev, prev_kv })
+    }
+
+    pub fn delete_range(&mut self, req: &DeleteRangeRequest) -> Result<DeleteRangeResponse, MvccError> {
+        req.validate()?;
+        let (start, end) = interval(&req.key, &req.range_end);
+        let doomed = self.live_now(&start, end.as_deref())?;
+        for kv in &doomed {
+            self.record(&kv.key, None);
+        }
+        Ok(DeleteRangeResponse {
+            revision: self.visible_revision(),
+            deleted: doomed.len() as u64,
+            prev_kvs: if req.prev_kv { doomed } else { Vec::new() },
+        })
+    }
+
+    /// Evaluates one compare against the transaction's view (etcd's rules: a
+    /// value compare on a missing key is false; other targets compare a
+    /// missing key as zero).
+    pub fn compare(&self, c: &Compare) -> Result<bool, MvccError> {
+        let kvs = if c.range_end.is_empty() {
+            self.latest(&c.key)?.map(|l| l.to_kv(&c.key)).into_iter().collect()
+        } else {
+            let (start, end) = interval(&c.key, &c.range_end);
+            self.live_now(&start, end.as_deref())?
+        };
+        if kvs.is_empty() {
+            if matches!(c.target, CompareTarget::Value(_)) {
+                return Ok(false);
+            }
+            return Ok(compare_one(c, &KeyValue::default()));
+        }
+        Ok(kvs.iter().all(|kv| compare_one(c, kv)))
+    }
+
+    /// Runs a validated transaction.
+    pub fn txn(&mut self, req: &TxnRequest) -> Result<TxnResponse, MvccError> {
+        req.validate()?;
+        let mut succeeded = true;
+        for c in &req.compare {
+            if !self.compare(c)? {
+                succeeded = false;
+                break;
+            }
+        }
+        let ops = if succeeded { &req.success } else { &req.failure };
+        for op in ops {
+            if let RequestOp::Range(r) = op {
+                self.check_range(r)?;
+            }
+        }
+        let mut responses = Vec::with_capacity(ops.len());
+        for op in ops {
+            responses.push(match op {
+                RequestOp::Range(r) => ResponseOp::Range(self.range(r)?),
+                RequestOp::Put(p) => ResponseOp::Put(self.put(p)?),
+                RequestOp::DeleteRange(d) => ResponseOp::DeleteRange(self.delete_range(d)?),
+            });
+        }
+        let revision = self.visible_revision();
+        for r in &mut responses {
+            match r {
+                ResponseOp::Range(x) => x.revision = revision,
+                ResponseOp::Put(x) => x.revision = revision,
+                ResponseOp::DeleteRange(x) => x.revision = revision,
+            }
+        }
+        Ok(TxnResponse { revision, succeeded, responses })
+    }
+
+    /// Compacts history below `revision`: every version older than the newest
+    /// one at or below `revision` is dropped, and so is that one if it is a
+    /// tombstone. Takes no revision of its own.
+    pub fn compact(&mut self, revision: u64) -> Result<CompactResponse, MvccError> {
+        if revision > self.state.current {
+            return Err(KvError::FutureRevision { requested: revision, current: self.state.current }.into());
+        }
+        if revision <= self.state.compacted {
+            return Err(KvError::Compacted { requested: revision, compacted: self.state.compacted }.into());
+        }
+        let (lo, hi) = self.store.history_bounds(&[], None);
+        let prefix_len = self.store.ns.len() + 1;
+        let mut doomed: Vec<Vec<u8>> = Vec::new();
+        // (key, engine key, is tombstone) of the newest version <= revision so far.
+        let mut newest: Option<(Vec<u8>, Vec<u8>, bool)> = None;
+        let mut err = None;
+        self.store.engine.scan(&lo, &hi, &mut |k, v| {
+            let (key, at) = match split_escaped(&k[prefix_len..]) {
+                Ok(x) => x,
+                Err(e) => {
+                    err = Some(e);
+                    return false;
+                }
+            };
+            if newest.as_ref().is_some_and(|(nk, _, _)| *nk != key) {
+                if let Some((_, ek, true)) = newest.take() {
+                    doomed.push(ek);
+                }
+            }
+            if at <= revision {
+                let tomb = match decode::<Version>(v, "history record") {
+                    Ok(ver) => ver.value.is_none(),
+                    Err(e) => {
+                        err = Some(e);
+                        return false;
+                    }
+                };
+                if let Some((_, ek, _)) = newest.replace((key, k.to_vec(), tomb)) {
+                    doomed.push(ek);
+                }
+            }
+            true
+        })?;
+        if let Some(e) = err {
+            return Err(e.into());
+        }
+        if let Some((_, ek, true)) = newest {
+            doomed.push(ek);
+        }
+        for k in doomed {
+            self.batch.delete(k);
+        }
+        self.state.compacted = revision;
+        self.compacted = true;
+        Ok(CompactResponse { revision: self.state.current })
+    }
+
+    /// Ends the transaction: returns the batch to write (empty if nothing
+    /// changed) and the table's revision after it.
+    pub fn finish(mut self) -> (WriteBatch, RevState) {
+        let mut state = self.state;
+        if self.changed() {
+            state.current = self.write_revision();
+        }
+        if self.changed() || self.compacted {
+            self.batch.put(self.store.rev_key(), encode(&state));
+        }
+        (self.batch, state)
+    }
+}
+
+fn compare_one(c: &Compare, kv: &KeyValue) -> bool {
+    let ord = match &c.target {
+        CompareTarget::Value(v) => kv.value.as_slice().cmp(v.as_slice()),
+        CompareTarget::Version(v) => (kv.version as i64).cmp(v),
+        CompareTarget::CreateRevision(v) => (kv.create_revision as i64).cmp(v),
+        CompareTarget::ModRevision(v) => (kv.mod_revision as i64).cmp(v),
+    };
+    match c.op {
+        CompareOp::Equal => ord.is_eq(),
+        CompareOp::NotEqual => ord.is_ne(),
+        CompareOp::Greater => ord.is_gt(),
+        CompareOp::Less => ord.is_lt(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

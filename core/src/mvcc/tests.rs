@@ -1,0 +1,379 @@
+//! Model test: random operation sequences run against the store and against
+//! a plain reference model (every key's full history in a map), comparing
+//! every response.
+
+use super::*;
+use crate::engine::MemEngine;
+use proptest::prelude::*;
+
+/// The reference: full histories, no compaction of data (only of access).
+#[derive(Debug, Clone)]
+struct Model {
+    /// key -> [(revision, None = tombstone | Some((create, version, value)))]
+    hist: BTreeMap<Vec<u8>, Vec<(u64, Option<(u64, u64, Vec<u8>)>)>>,
+    current: u64,
+    compacted: u64,
+}
+
+impl Model {
+    fn new() -> Self {
+        Self { hist: BTreeMap::new(), current: REVISION_INITIAL, compacted: 0 }
+    }
+
+    fn get_at(&self, key: &[u8], rev: u64) -> Option<KeyValue> {
+        let h = self.hist.get(key)?;
+        let (mod_revision, v) = h.iter().rev().find(|(r, _)| *r <= rev)?;
+        let (create_revision, version, value) = v.clone()?;
+        Some(KeyValue { key: key.to_vec(), create_revision, mod_revision: *mod_revision, version, value })
+    }
+
+    fn live(&self, key: &[u8], end: &[u8], rev: u64) -> Vec<KeyValue> {
+        self.hist
+            .keys()
+            .filter(|k| in_interval(k, key, end))
+            .filter_map(|k| self.get_at(k, rev))
+            .collect()
+    }
+
+    fn check_rev(&self, requested: u64, current: u64) -> Result<u64, KvError> {
+        if requested == 0 {
+            Ok(current)
+        } else if requested > current {
+            Err(KvError::FutureRevision { requested, current })
+        } else if requested < self.compacted {
+            Err(KvError::Compacted { requested, compacted: self.compacted })
+        } else {
+            Ok(requested)
+        }
+    }
+
+    /// A range inside a transaction that is writing at `self.current + 1`:
+    /// "latest" sees the transaction's own writes.
+    fn range_in(&self, r: &RangeRequest, writing: bool) -> Result<RangeResponse, KvError> {
+        r.validate()?;
+        let rev = self.check_rev(r.revision, self.current)?;
+        let read_at = if r.revision == 0 && writing { self.current + 1 } else { rev };
+        let kvs = self.live(&r.key, &r.range_end, read_at);
+        let mut sorted = kvs.clone();
+        let count = kvs.len() as u64;
+        if r.count_only {
+            return Ok(RangeResponse { revision: 0, kvs: vec![], more: false, count });
+        }
+        let key_of = |kv: &KeyValue| -> (Vec<u8>, u64) {
+            match r.sort_target {
+                SortTarget::Key => (kv.key.clone(), 0),
+                SortTarget::Version => (vec![], kv.version),
+                SortTarget::Create => (vec![], kv.create_revision),
+                SortTarget::Mod => (vec![], kv.mod_revision),
+                SortTarget::Value => (kv.value.clone(), 0),
+            }
+        };
+        sorted.sort_by_key(key_of);
+        if r.sort_order == SortOrder::Descend {
+            // Stable descending: reverse the order of targets, ties by key.
+            sorted = kvs.clone();
+            sorted.sort_by(|a, b| key_of(b).cmp(&key_of(a)));
+        }
+        let more = r.limit > 0 && sorted.len() as u64 > r.limit;
+        if more {
+            sorted.truncate(r.limit as usize);
+        }
+        if r.keys_only {
+            sorted.iter_mut().for_each(|kv| kv.value.clear());
+        }
+        Ok(RangeResponse { revision: 0, kvs: sorted, more, count })
+    }
+
+    fn write(&mut self, key: &[u8], v: Option<Vec<u8>>) {
+        let rev = self.current + 1;
+        let prev = self.get_at(key, rev);
+        let rec = v.map(|value| match &prev {
+            Some(p) => (p.create_revision, p.version + 1, value),
+            None => (rev, 1, value),
+        });
+        let h = self.hist.entry(key.to_vec()).or_default();
+        if h.last().is_some_and(|(r, _)| *r == rev) {
+            h.pop();
+        }
+        h.push((rev, rec));
+    }
+
+    fn compare(&self, c: &Compare) -> bool {
+        let end = if c.range_end.is_empty() { vec![] } else { c.range_end.clone() };
+        let kvs = self.live(&c.key, &end, self.current + 1);
+        if kvs.is_empty() {
+            if matches!(c.target, CompareTarget::Value(_)) {
+                return false;
+            }
+            return compare_one(c, &KeyValue::default());
+        }
+        kvs.iter().all(|kv| compare_one(c, kv))
+    }
+
+    fn apply(&mut self, op: &Op) -> Result<Resp, KvError> {
+        match op {
+            Op::Range(r) => {
+                let mut resp = self.range_in(r, false)?;
+                resp.revision = self.current;
+                Ok(Resp::Range(resp))
+            }
+            Op::Compact(rev) => {
+                if *rev > self.current {
+                    return Err(KvError::FutureRevision { requested: *rev, current: self.current });
+                }
+                if *rev <= self.compacted {
+                    return Err(KvError::Compacted { requested: *rev, compacted: self.compacted });
+                }
+                self.compacted = *rev;
+                Ok(Resp::Compact(CompactResponse { revision: self.current }))
+            }
+            Op::Txn(t) => {
+                t.validate()?;
+                let mut scratch = self.clone();
+                let succeeded = t.compare.iter().all(|c| scratch.compare(c));
+                let ops = if succeeded { &t.success } else { &t.failure };
+                for o in ops {
+                    if let RequestOp::Range(r) = o {
+                        r.validate()?;
+                        scratch.check_rev(r.revision, scratch.current)?;
+                    }
+                }
+                let mut changed = false;
+                let mut responses = vec![];
+                for o in ops {
+                    responses.push(match o {
+                        RequestOp::Range(r) => ResponseOp::Range(scratch.range_in(r, changed)?),
+                        RequestOp::Put(p) => {
+                            p.validate()?;
+                            let prev = scratch.get_at(&p.key, scratch.current + 1);
+                            scratch.write(&p.key, Some(p.value.clone()));
+                            changed = true;
+                            ResponseOp::Put(PutResponse { revision: 0, prev_kv: if p.prev_kv { prev } else { None } })
+                        }
+                        RequestOp::DeleteRange(d) => {
+                            d.validate()?;
+                            let doomed = scratch.live(&d.key, &d.range_end, scratch.current + 1);
+                            for kv in &doomed {
+                                scratch.write(&kv.key, None);
+                                changed = true;
+                            }
+                            ResponseOp::DeleteRange(DeleteRangeResponse {
+                                revision: 0,
+                                deleted: doomed.len() as u64,
+                                prev_kvs: if d.prev_kv { doomed } else { vec![] },
+                            })
+                        }
+                    });
+                }
+                if changed {
+                    scratch.current += 1;
+                }
+                let revision = scratch.current;
+                for r in &mut responses {
+                    match r {
+                        ResponseOp::Range(x) => x.revision = revision,
+                        ResponseOp::Put(x) => x.revision = revision,
+                        ResponseOp::DeleteRange(x) => x.revision = revision,
+                    }
+                }
+                *self = scratch;
+                Ok(Resp::Txn(TxnResponse { revision, succeeded, responses }))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Range(RangeRequest),
+    Txn(TxnRequest),
+    Compact(u64),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Resp {
+    Range(RangeResponse),
+    Txn(TxnResponse),
+    Compact(CompactResponse),
+}
+
+/// Runs `op` against the store, writing its batch only on success.
+fn store_apply(engine: &MemEngine, op: &Op) -> Result<Resp, KvError> {
+    let store = Mvcc::new(engine, b"t1/".to_vec());
+    let unwrap = |r: Result<Resp, MvccError>| match r {
+        Ok(x) => Ok(x),
+        Err(MvccError::Kv(e)) => Err(e),
+        Err(MvccError::Engine(e)) => panic!("engine failed: {e}"),
+    };
+    if let Op::Range(r) = op {
+        return unwrap(store.range(r).map(Resp::Range));
+    }
+    let mut txn = store.begin().unwrap();
+    let resp = match op {
+        Op::Txn(t) => txn.txn(t).map(Resp::Txn),
+        Op::Compact(rev) => txn.compact(*rev).map(Resp::Compact),
+        Op::Range(_) => unreachable!("handled above"),
+    };
+    let resp = unwrap(resp)?;
+    let (batch, _) = txn.finish();
+    engine.write(batch).unwrap();
+    Ok(resp)
+}
+
+fn key() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        Just(b"a".to_vec()),
+        Just(b"a\0".to_vec()),
+        Just(b"ab".to_vec()),
+        Just(b"b".to_vec()),
+        Just(vec![0u8]),
+        Just(vec![0xffu8]),
+        Just(b"c".to_vec()),
+    ]
+}
+
+fn range_end() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![3 => Just(vec![]), 1 => Just(vec![0]), 2 => key(), 1 => Just(vec![0xff, 0xff])]
+}
+
+fn value() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![Just(vec![]), Just(b"x".to_vec()), Just(b"y".to_vec()), Just(vec![0, 1])]
+}
+
+fn range_req() -> impl Strategy<Value = RangeRequest> {
+    (
+        key(),
+        range_end(),
+        0u64..4,
+        prop_oneof![3 => Just(0u64), 2 => 1u64..12],
+        prop_oneof![Just(SortOrder::None), Just(SortOrder::Ascend), Just(SortOrder::Descend)],
+        prop_oneof![
+            Just(SortTarget::Key),
+            Just(SortTarget::Version),
+            Just(SortTarget::Create),
+            Just(SortTarget::Mod),
+            Just(SortTarget::Value)
+        ],
+        any::<bool>(),
+        prop::bool::weighted(0.1),
+    )
+        .prop_map(|(key, range_end, limit, revision, sort_order, sort_target, keys_only, count_only)| {
+            RangeRequest { key, range_end, limit, revision, sort_order, sort_target, keys_only, count_only }
+        })
+}
+
+fn request_op() -> impl Strategy<Value = RequestOp> {
+    prop_oneof![
+        1 => range_req().prop_map(RequestOp::Range),
+        3 => (key(), value(), any::<bool>())
+            .prop_map(|(key, value, prev_kv)| RequestOp::Put(PutRequest { key, value, prev_kv })),
+        2 => (key(), range_end(), any::<bool>())
+            .prop_map(|(key, range_end, prev_kv)| RequestOp::DeleteRange(DeleteRangeRequest { key, range_end, prev_kv })),
+    ]
+}
+
+fn compare() -> impl Strategy<Value = Compare> {
+    (
+        key(),
+        prop_oneof![4 => Just(vec![]), 1 => range_end()],
+        prop_oneof![Just(CompareOp::Equal), Just(CompareOp::NotEqual), Just(CompareOp::Greater), Just(CompareOp::Less)],
+        prop_oneof![
+            (-1i64..4).prop_map(CompareTarget::Version),
+            (-1i64..10).prop_map(CompareTarget::CreateRevision),
+            (-1i64..10).prop_map(CompareTarget::ModRevision),
+            value().prop_map(CompareTarget::Value),
+        ],
+    )
+        .prop_map(|(key, range_end, op, target)| Compare { key, range_end, op, target })
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => range_req().prop_map(Op::Range),
+        5 => request_op().prop_filter("writes only", |o| !matches!(o, RequestOp::Range(_)))
+            .prop_map(|o| Op::Txn(TxnRequest { compare: vec![], success: vec![o], failure: vec![] })),
+        3 => (prop::collection::vec(compare(), 0..3),
+              prop::collection::vec(request_op(), 0..4),
+              prop::collection::vec(request_op(), 0..3))
+            .prop_map(|(compare, success, failure)| Op::Txn(TxnRequest { compare, success, failure })),
+        1 => (0u64..12).prop_map(Op::Compact),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn store_matches_reference_model(ops in prop::collection::vec(op(), 1..60)) {
+        let engine = MemEngine::new();
+        let mut model = Model::new();
+        for (i, op) in ops.iter().enumerate() {
+            let want = model.apply(op);
+            let got = store_apply(&engine, op);
+            prop_assert_eq!(&got, &want, "op #{}: {:?}", i, op);
+            let state = Mvcc::new(&engine, b"t1/".to_vec()).rev_state().unwrap();
+            prop_assert_eq!(state.current, model.current);
+        }
+    }
+}
+
+#[test]
+fn revisions_versions_and_deletion_follow_etcd() {
+    let engine = MemEngine::new();
+    let put = |k: &str, v: &str| {
+        let op = Op::Txn(TxnRequest {
+            success: vec![RequestOp::Put(PutRequest { key: k.into(), value: v.into(), prev_kv: true })],
+            ..Default::default()
+        });
+        store_apply(&engine, &op).unwrap()
+    };
+    put("k", "1");
+    put("k", "2");
+    let get = |rev: u64| {
+        let r = RangeRequest { key: b"k".to_vec(), revision: rev, ..Default::default() };
+        store_apply(&engine, &Op::Range(r))
+    };
+    let Ok(Resp::Range(r)) = get(0) else { panic!("range failed") };
+    assert_eq!(r.revision, 3, "two writes after the initial revision 1");
+    assert_eq!((r.kvs[0].create_revision, r.kvs[0].mod_revision, r.kvs[0].version), (2, 3, 2));
+    let Ok(Resp::Range(r)) = get(2) else { panic!("range failed") };
+    assert_eq!(r.kvs[0].value, b"1");
+    // A delete of nothing takes no revision.
+    let del = |k: &str| {
+        Op::Txn(TxnRequest {
+            success: vec![RequestOp::DeleteRange(DeleteRangeRequest { key: k.into(), ..Default::default() })],
+            ..Default::default()
+        })
+    };
+    let Ok(Resp::Txn(t)) = store_apply(&engine, &del("nothing")) else { panic!() };
+    assert_eq!(t.revision, 3);
+    let Ok(Resp::Txn(t)) = store_apply(&engine, &del("k")) else { panic!() };
+    assert_eq!(t.revision, 4);
+    put("k", "3");
+    let Ok(Resp::Range(r)) = get(0) else { panic!() };
+    assert_eq!((r.kvs[0].create_revision, r.kvs[0].version), (5, 1), "deletion resets version");
+    assert_eq!(get(9), Err(KvError::FutureRevision { requested: 9, current: 5 }));
+    store_apply(&engine, &Op::Compact(4)).unwrap();
+    assert_eq!(get(3), Err(KvError::Compacted { requested: 3, compacted: 4 }));
+    let Ok(Resp::Range(r)) = get(4) else { panic!() };
+    assert!(r.kvs.is_empty(), "at revision 4 the key was deleted");
+    assert_eq!(store_apply(&engine, &Op::Compact(4)), Err(KvError::Compacted { requested: 4, compacted: 4 }));
+}
+
+#[test]
+fn history_key_encoding_round_trips_and_orders() {
+    let engine = MemEngine::new();
+    let m = Mvcc::new(&engine, b"x".to_vec());
+    let keys: Vec<Vec<u8>> = vec![vec![], vec![0], vec![0, 0], vec![0, 1], vec![1], vec![0xff], b"a\0b".to_vec()];
+    let mut encoded: Vec<(Vec<u8>, Vec<u8>)> = keys.iter().map(|k| (m.history_key(k, 7), k.clone())).collect();
+    encoded.sort();
+    let order: Vec<Vec<u8>> = encoded.iter().map(|(_, k)| k.clone()).collect();
+    let mut want = keys.clone();
+    want.sort();
+    assert_eq!(order, want, "encoding preserves key order");
+    for (enc, k) in encoded {
+        assert_eq!(split_escaped(&enc[2..]).unwrap(), (k, 7));
+    }
+    assert!(split_escaped(&[0, 7]).is_err(), "bad escapes are errors, not panics");
+    assert!(split_escaped(&[1, 2]).is_err());
+}

@@ -1,0 +1,519 @@
+//! Openraft glue: the type configuration, and the log store and state machine
+//! of every Raft group, implemented over an [`Engine`].
+//!
+//! Nothing here runs a task, reads a clock or syncs by itself: durability is
+//! requested from a [`Flusher`] supplied by the driver (the node runtime), so
+//! the driver decides how fsyncs are batched, delayed (slow simulated disks)
+//! or, in canary builds, skipped. The log store reports an append as flushed
+//! only when the flusher says the sync finished.
+//!
+//! Key layout under a group's namespace `g ++ id(8, big-endian)`:
+//! `L ++ index(8)` log entries, `V` vote, `C` committed log id, `P` last purged
+//! log id, `Sa` applied state, `Sd ++ …` the state machine's data (an MVCC
+//! table, or the catalog for the metadata group).
+
+use std::fmt::Debug;
+use std::future::Future;
+use std::io;
+use std::marker::PhantomData;
+use std::ops::{Bound, RangeBounds};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use futures::{Stream, StreamExt};
+use openraft::storage::{EntryResponder, IOFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::type_config::alias::{EntryOf, LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf, VoteOf};
+use openraft::{AsyncRuntime, EntryPayload, LogState, RaftLogReader, RaftSnapshotBuilder, RaftTypeConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::command::{Catalog, Command, CommandResponse, GroupId};
+use crate::engine::{prefix_end, Engine, EngineError, WriteBatch};
+use crate::mvcc::Mvcc;
+
+/// A cluster member as Raft knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ArmadaNode {
+    /// Where the node's Raft transport listens.
+    pub raft_addr: String,
+    /// Where the node's armada.v1 gRPC API listens (used to forward requests).
+    pub api_addr: String,
+}
+
+/// Openraft's type configuration, generic over the async runtime so that
+/// core does not depend on one. The node runtime fixes `RT`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ArmadaRaft<RT>(PhantomData<RT>);
+
+/// Bounds every runtime used with [`ArmadaRaft`] must meet.
+pub trait Runtime: AsyncRuntime + Debug + Clone + Copy + Default + Eq + Ord + Send + Sync + 'static {}
+impl<T> Runtime for T where T: AsyncRuntime + Debug + Clone + Copy + Default + Eq + Ord + Send + Sync + 'static {}
+
+type LeaderId = openraft::impls::leader_id_adv::LeaderId<u64, u64>;
+
+impl<RT: Runtime> RaftTypeConfig for ArmadaRaft<RT> {
+    type D = Command;
+    type R = CommandResponse;
+    type NodeId = u64;
+    type Node = ArmadaNode;
+    type Term = u64;
+    type LeaderId = LeaderId;
+    type Vote = openraft::impls::Vote<LeaderId>;
+    type Payload = EntryPayload<Command, u64, ArmadaNode>;
+    type Entry = openraft::Entry<<LeaderId as openraft::vote::RaftLeaderId>::Committed, Self::Payload>;
+    type AsyncRuntime = RT;
+    type Responder<T>
+        = openraft::impls::ProgressResponder<Self, T>
+    where
+        T: openraft::OptionalSend + 'static;
+    type Batch<T>
+        = openraft::impls::InlineBatch<T>
+    where
+        T: openraft::OptionalSend + 'static;
+    type ErrorSource = openraft::impls::BoxedErrorSource;
+}
+
+/// The namespace of a group's keys in the node's engine.
+pub fn group_ns(group: GroupId) -> Vec<u8> {
+    let mut ns = vec![b'g'];
+    ns.extend_from_slice(&group.0.to_be_bytes());
+    ns
+}
+
+/// The namespace of a group's state-machine data (MVCC table or catalog).
+pub fn data_ns(group: GroupId) -> Vec<u8> {
+    let mut ns = group_ns(group);
+    ns.extend_from_slice(b"Sd");
+    ns
+}
+
+/// Deletes every key of a group (after its table was deleted).
+pub fn delete_group(engine: &dyn Engine, group: GroupId) -> Result<(), EngineError> {
+    let ns = group_ns(group);
+    let mut b = WriteBatch::new();
+    b.delete_range(ns.clone(), prefix_end(&ns).expect("group namespaces start with 'g', never all 0xff"));
+    engine.write(b)
+}
+
+/// Why a flush is requested; lets a driver (and simulation canaries) tell
+/// the log's durability points apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushReason {
+    Vote,
+    Append,
+    Snapshot,
+}
+
+/// Completion of a flush. Dropping it without calling [`FlushDone::done`]
+/// reports a failure, so a waiter can never hang on an abandoned flush.
+pub struct FlushDone(Option<Box<dyn FnOnce(Result<(), EngineError>) + Send>>);
+
+impl FlushDone {
+    pub fn new(f: impl FnOnce(Result<(), EngineError>) + Send + 'static) -> Self {
+        Self(Some(Box::new(f)))
+    }
+    pub fn done(mut self, result: Result<(), EngineError>) {
+        if let Some(f) = self.0.take() {
+            f(result)
+        }
+    }
+}
+
+impl Drop for FlushDone {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f(Err(EngineError::Backend("flush abandoned (node shutting down)".into())))
+        }
+    }
+}
+
+/// Makes earlier engine writes durable, then reports through `done`.
+/// Completions must be reported in request order.
+pub trait Flusher: Send + Sync + 'static {
+    fn flush(&self, reason: FlushReason, done: FlushDone);
+}
+
+/// A flusher that syncs the engine inline: for tests and tools.
+pub struct InlineFlusher(pub Arc<dyn Engine>);
+
+impl Flusher for InlineFlusher {
+    fn flush(&self, _reason: FlushReason, done: FlushDone) {
+        done.done(self.0.sync());
+    }
+}
+
+/// A future that resolves when a [`FlushDone`] reports. Runtime-agnostic.
+struct FlushWait {
+    slot: Arc<Mutex<(Option<Result<(), EngineError>>, Option<Waker>)>>,
+}
+
+impl Future for FlushWait {
+    type Output = Result<(), EngineError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.0.take() {
+            Some(r) => Poll::Ready(r),
+            None => {
+                slot.1 = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+async fn flush_and_wait(flusher: &dyn Flusher, reason: FlushReason) -> Result<(), io::Error> {
+    let slot: Arc<Mutex<(Option<Result<(), EngineError>>, Option<Waker>)>> = Arc::new(Mutex::new((None, None)));
+    let s2 = slot.clone();
+    flusher.flush(
+        reason,
+        FlushDone::new(move |r| {
+            let mut g = s2.lock().unwrap_or_else(|p| p.into_inner());
+            g.0 = Some(r);
+            if let Some(w) = g.1.take() {
+                w.wake();
+            }
+        }),
+    );
+    FlushWait { slot }.await.map_err(io_err)
+}
+
+fn io_err(e: EngineError) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_stdvec(v).expect("postcard encodes owned, in-memory values without failing")
+}
+
+fn dec<'a, T: Deserialize<'a>>(b: &'a [u8], what: &str) -> Result<T, io::Error> {
+    postcard::from_bytes(b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("corrupt {what}: {e}")))
+}
+
+/// The Raft log of one group. Cheap to clone; clones share the engine.
+pub struct LogStore<RT> {
+    engine: Arc<dyn Engine>,
+    ns: Vec<u8>,
+    flusher: Arc<dyn Flusher>,
+    _rt: PhantomData<fn() -> RT>,
+}
+
+impl<RT> Clone for LogStore<RT> {
+    fn clone(&self) -> Self {
+        Self { engine: self.engine.clone(), ns: self.ns.clone(), flusher: self.flusher.clone(), _rt: PhantomData }
+    }
+}
+
+impl<RT: Runtime> LogStore<RT> {
+    pub fn new(engine: Arc<dyn Engine>, group: GroupId, flusher: Arc<dyn Flusher>) -> Self {
+        Self { engine, ns: group_ns(group), flusher, _rt: PhantomData }
+    }
+
+    fn key(&self, tag: u8) -> Vec<u8> {
+        let mut k = self.ns.clone();
+        k.push(tag);
+        k
+    }
+
+    fn entry_key(&self, index: u64) -> Vec<u8> {
+        let mut k = self.key(b'L');
+        k.extend_from_slice(&index.to_be_bytes());
+        k
+    }
+
+    fn read_opt<T: for<'a> Deserialize<'a>>(&self, tag: u8, what: &str) -> Result<Option<T>, io::Error> {
+        match self.engine.get(&self.key(tag)).map_err(io_err)? {
+            Some(b) => Ok(Some(dec(&b, what)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+impl<RT: Runtime> RaftLogReader<ArmadaRaft<RT>> for LogStore<RT> {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + openraft::OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<EntryOf<ArmadaRaft<RT>>>, io::Error> {
+        let lo = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let hi_key = match range.end_bound() {
+            Bound::Included(i) => match i.checked_add(1) {
+                Some(j) => self.entry_key(j),
+                None => self.key(b'L' + 1),
+            },
+            Bound::Excluded(i) => self.entry_key(*i),
+            Bound::Unbounded => self.key(b'L' + 1),
+        };
+        let mut out = Vec::new();
+        let mut err = None;
+        self.engine
+            .scan(&self.entry_key(lo), &hi_key, &mut |_, v| match dec(v, "log entry") {
+                Ok(e) => {
+                    out.push(e);
+                    true
+                }
+                Err(e) => {
+                    err = Some(e);
+                    false
+                }
+            })
+            .map_err(io_err)?;
+        match err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<VoteOf<ArmadaRaft<RT>>>, io::Error> {
+        self.read_opt(b'V', "vote")
+    }
+}
+
+impl<RT: Runtime> RaftLogStorage<ArmadaRaft<RT>> for LogStore<RT> {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<ArmadaRaft<RT>>, io::Error> {
+        let last_purged_log_id: Option<LogIdOf<ArmadaRaft<RT>>> = self.read_opt(b'P', "last purged log id")?;
+        let last = self.engine.last(&self.key(b'L'), &self.key(b'L' + 1)).map_err(io_err)?;
+        let last_log_id = match last {
+            Some((_, v)) => {
+                let e: EntryOf<ArmadaRaft<RT>> = dec(&v, "log entry")?;
+                Some(e.log_id)
+            }
+            None => last_purged_log_id.clone(),
+        };
+        Ok(LogState { last_purged_log_id, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &VoteOf<ArmadaRaft<RT>>) -> Result<(), io::Error> {
+        let mut b = WriteBatch::new();
+        b.put(self.key(b'V'), enc(vote));
+        self.engine.write(b).map_err(io_err)?;
+        // Raft's safety rests on a node never forgetting its vote.
+        flush_and_wait(&*self.flusher, FlushReason::Vote).await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogIdOf<ArmadaRaft<RT>>>) -> Result<(), io::Error> {
+        // Not synced: a lost committed index only means re-learning it from
+        // the leader; it is an optimisation for applying on restart.
+        let mut b = WriteBatch::new();
+        b.put(self.key(b'C'), enc(&committed));
+        self.engine.write(b).map_err(io_err)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogIdOf<ArmadaRaft<RT>>>, io::Error> {
+        Ok(self.read_opt::<Option<LogIdOf<ArmadaRaft<RT>>>>(b'C', "committed log id")?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<ArmadaRaft<RT>>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = EntryOf<ArmadaRaft<RT>>> + openraft::OptionalSend,
+        I::IntoIter: openraft::OptionalSend,
+    {
+        let mut b = WriteBatch::new();
+        for e in entries {
+            b.put(self.entry_key(e.log_id.index), enc(&e));
+        }
+        self.engine.write(b).map_err(io_err)?;
+        self.flusher.flush(
+            FlushReason::Append,
+            FlushDone::new(move |r| callback.io_completed(r.map_err(io_err))),
+        );
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<ArmadaRaft<RT>>>) -> Result<(), io::Error> {
+        let from = last_log_id.map_or(0, |l| l.index + 1);
+        let mut b = WriteBatch::new();
+        b.delete_range(self.entry_key(from), self.key(b'L' + 1));
+        self.engine.write(b).map_err(io_err)
+    }
+
+    async fn purge(&mut self, log_id: LogIdOf<ArmadaRaft<RT>>) -> Result<(), io::Error> {
+        // Not synced on its own: the engine persists a prefix of its writes,
+        // so if this purge survives a crash, so did the state-machine writes
+        // (made before it) that cover the purged entries.
+        let mut b = WriteBatch::new();
+        b.put(self.key(b'P'), enc(&Some(log_id.clone())));
+        b.delete_range(self.entry_key(0), self.entry_key(log_id.index.saturating_add(1)));
+        self.engine.write(b).map_err(io_err)
+    }
+}
+
+/// What a group's state machine holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupKind {
+    Meta,
+    Table,
+}
+
+/// The state machine of one group: applies commands to the MVCC table (or to
+/// the catalog) in the same atomic engine write as the applied log id.
+pub struct StateMachine<RT> {
+    engine: Arc<dyn Engine>,
+    group: GroupId,
+    kind: GroupKind,
+    flusher: Arc<dyn Flusher>,
+    _rt: PhantomData<fn() -> RT>,
+}
+
+type AppliedState<RT> = (Option<LogIdOf<ArmadaRaft<RT>>>, StoredMembershipOf<ArmadaRaft<RT>>);
+
+/// Snapshot payload: the group's data pairs, namespace stripped.
+#[derive(Serialize, Deserialize)]
+struct SnapshotPairs(Vec<(Vec<u8>, Vec<u8>)>);
+
+impl<RT: Runtime> StateMachine<RT> {
+    pub fn new(engine: Arc<dyn Engine>, group: GroupId, kind: GroupKind, flusher: Arc<dyn Flusher>) -> Self {
+        Self { engine, group, kind, flusher, _rt: PhantomData }
+    }
+
+    fn applied_key(&self) -> Vec<u8> {
+        let mut k = group_ns(self.group);
+        k.extend_from_slice(b"Sa");
+        k
+    }
+
+    fn read_applied(&self) -> Result<AppliedState<RT>, io::Error> {
+        match self.engine.get(&self.applied_key()).map_err(io_err)? {
+            Some(b) => dec(&b, "applied state"),
+            None => Ok((None, Default::default())),
+        }
+    }
+
+    fn execute(&self, cmd: &Command) -> Result<(WriteBatch, CommandResponse), io::Error> {
+        let ns = data_ns(self.group);
+        match (self.kind, cmd) {
+            (GroupKind::Table, Command::Table(t)) => {
+                let (b, r) = t.execute(&Mvcc::new(&*self.engine, ns)).map_err(io_err)?;
+                Ok((b, CommandResponse::Table(r)))
+            }
+            (GroupKind::Meta, Command::Meta(m)) => {
+                let (b, r) = Catalog::new(&*self.engine, ns).execute(m).map_err(io_err)?;
+                Ok((b, CommandResponse::Meta(r)))
+            }
+            _ => Ok((WriteBatch::new(), CommandResponse::WrongGroup)),
+        }
+    }
+
+    /// The current state as a snapshot (data pairs and applied state read in
+    /// one engine scan, so they are consistent).
+    fn snapshot_now(&self) -> Result<SnapshotOf<ArmadaRaft<RT>, Vec<u8>>, io::Error> {
+        let mut lo = group_ns(self.group);
+        lo.push(b'S');
+        let hi = prefix_end(&lo).expect("a group namespace is never all 0xff");
+        let data_prefix = data_ns(self.group);
+        let applied_key = self.applied_key();
+        let mut pairs = Vec::new();
+        let mut applied = None;
+        self.engine
+            .scan(&lo, &hi, &mut |k, v| {
+                if k == applied_key.as_slice() {
+                    applied = Some(v.to_vec());
+                } else if let Some(rest) = k.strip_prefix(data_prefix.as_slice()) {
+                    pairs.push((rest.to_vec(), v.to_vec()));
+                }
+                true
+            })
+            .map_err(io_err)?;
+        let (last_log_id, last_membership): AppliedState<RT> = match applied {
+            Some(b) => dec(&b, "applied state")?,
+            None => (None, Default::default()),
+        };
+        Ok(openraft::Snapshot {
+            meta: openraft::SnapshotMeta { last_log_id, last_membership },
+            snapshot: enc(&SnapshotPairs(pairs)),
+        })
+    }
+}
+
+/// Builds a snapshot captured when the builder was created.
+pub struct SnapshotBuilder<RT: Runtime> {
+    snapshot: Option<SnapshotOf<ArmadaRaft<RT>, Vec<u8>>>,
+}
+
+impl<RT: Runtime> RaftSnapshotBuilder<ArmadaRaft<RT>> for SnapshotBuilder<RT> {
+    type SnapshotData = Vec<u8>;
+    async fn build_snapshot(&mut self) -> Result<SnapshotOf<ArmadaRaft<RT>, Vec<u8>>, io::Error> {
+        self.snapshot.take().ok_or_else(|| io::Error::other("snapshot builder used twice"))
+    }
+}
+
+impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
+    type SnapshotData = Vec<u8>;
+    type SnapshotBuilder = SnapshotBuilder<RT>;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogIdOf<ArmadaRaft<RT>>>, StoredMembershipOf<ArmadaRaft<RT>>), io::Error> {
+        self.read_applied()
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<ArmadaRaft<RT>>, io::Error>> + Unpin + openraft::OptionalSend,
+    {
+        let (_, mut membership) = self.read_applied()?;
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            let log_id = entry.log_id.clone();
+            let (mut batch, response) = match &entry.payload {
+                EntryPayload::Blank => (WriteBatch::new(), CommandResponse::Empty),
+                EntryPayload::Normal(cmd) => self.execute(cmd)?,
+                EntryPayload::Membership(m) => {
+                    membership = openraft::StoredMembership::new(Some(log_id.clone()), m.clone());
+                    (WriteBatch::new(), CommandResponse::Empty)
+                }
+            };
+            batch.put(self.applied_key(), enc(&(Some(log_id), membership.clone())));
+            self.engine.write(batch).map_err(io_err)?;
+            if let Some(r) = responder {
+                r.send(response);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        // Captured here, on the state machine's own task, so the snapshot is
+        // consistent with the applied index. A failure yields a builder that
+        // reports it.
+        SnapshotBuilder { snapshot: self.snapshot_now().ok() }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMetaOf<ArmadaRaft<RT>>,
+        snapshot: Vec<u8>,
+    ) -> Result<(), io::Error> {
+        let pairs: SnapshotPairs = dec(&snapshot, "snapshot")?;
+        let mut lo = group_ns(self.group);
+        lo.push(b'S');
+        let hi = prefix_end(&lo).expect("a group namespace is never all 0xff");
+        let mut b = WriteBatch::new();
+        b.delete_range(lo, hi);
+        let prefix = data_ns(self.group);
+        for (k, v) in pairs.0 {
+            let mut key = prefix.clone();
+            key.extend_from_slice(&k);
+            b.put(key, v);
+        }
+        b.put(self.applied_key(), enc(&(meta.last_log_id.clone(), meta.last_membership.clone())));
+        self.engine.write(b).map_err(io_err)?;
+        flush_and_wait(&*self.flusher, FlushReason::Snapshot).await
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<ArmadaRaft<RT>, Vec<u8>>>, io::Error> {
+        let s = self.snapshot_now()?;
+        if s.meta.last_log_id.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(s))
+    }
+}

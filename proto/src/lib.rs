@@ -1,0 +1,13 @@
+//! Armada's wire types: prost messages and tonic services generated from
+//! `proto/*.proto`.
+//!
+//! This crate does not contain logic and depends on nothing of Armada's. The
+//! generated services come from madsim-tonic, so they run on the real network
+//! normally and on madsim's simulated network under `--cfg madsim`.
+
+#![allow(clippy::all, missing_docs)]
+
+/// armada.v1: the table-aware client API.
+pub mod v1 {
+    tonic::include_proto!("armada.v1");
+}
