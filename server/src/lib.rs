@@ -1,1 +1,13 @@
-//! placeholder
+//! Armada's node runtime: the driver of core's state machines.
+//!
+//! What this crate does not do: it holds no consensus, storage or MVCC logic
+//! of its own (that lives in `armada-core`); it decides nothing about the
+//! network's shape (that is `armada-net`'s transport). It runs the same code
+//! under real tokio and under madsim.
+
+pub mod flusher;
+pub mod network;
+pub mod node;
+pub mod rt;
+pub mod convert;
+pub mod service;

@@ -1,0 +1,104 @@
+//! Transport over madsim's simulated network (`madsim::net::Endpoint`
+//! datagrams). Every fault of the simulated network applies to it: node and
+//! link clogging (partitions), packet loss and random latency (reordering).
+//! On top of that it can deliver a request twice, drawn from the simulation's
+//! seeded generator, to check that duplicate delivery is harmless.
+//!
+//! Wire: a request is sent with tag [`REQUEST_TAG`] as `(call id, bytes)`;
+//! the response comes back tagged with the call id, which is unique per
+//! client endpoint.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use madsim::net::Endpoint;
+use tokio::sync::Semaphore;
+
+use crate::{BoxFuture, Handler, Transport, TransportError, CALLS_IN_FLIGHT_MAX, MESSAGE_BYTES_MAX};
+
+/// Tag of requests; call ids (response tags) start above it.
+pub const REQUEST_TAG: u64 = 1;
+const CALL_ID_FIRST: u64 = 1 << 32;
+
+/// Fault knobs that the simulated world sets from its seed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SimFaults {
+    /// Probability that a request is delivered twice.
+    pub duplicate_rate: f64,
+}
+
+pub struct SimTransport {
+    ep: Endpoint,
+    next_call: AtomicU64,
+    slots: Semaphore,
+    faults: SimFaults,
+}
+
+impl SimTransport {
+    /// A client endpoint on the current simulated node.
+    pub async fn new(faults: SimFaults) -> std::io::Result<Self> {
+        let ep = Endpoint::bind("0.0.0.0:0").await?;
+        Ok(Self { ep, next_call: AtomicU64::new(CALL_ID_FIRST), slots: Semaphore::new(CALLS_IN_FLIGHT_MAX), faults })
+    }
+}
+
+fn parse(addr: &str) -> Result<SocketAddr, TransportError> {
+    addr.parse().map_err(|e| TransportError::Unreachable { addr: addr.to_string(), reason: format!("bad address: {e}") })
+}
+
+impl Transport for SimTransport {
+    fn call(&self, target: &str, request: Vec<u8>, timeout: Duration) -> BoxFuture<'_, Result<Vec<u8>, TransportError>> {
+        let target = target.to_string();
+        Box::pin(async move {
+            if request.len() > MESSAGE_BYTES_MAX {
+                return Err(TransportError::TooLarge { len: request.len() });
+            }
+            let dst = parse(&target)?;
+            let _slot = self.slots.acquire().await.map_err(|_| TransportError::Unreachable {
+                addr: target.clone(),
+                reason: "transport closed".into(),
+            })?;
+            let id = self.next_call.fetch_add(1, Ordering::Relaxed);
+            let unreachable = |e: std::io::Error| TransportError::Unreachable { addr: target.clone(), reason: e.to_string() };
+            let copies = if self.faults.duplicate_rate > 0.0 && madsim::rand::random::<f64>() < self.faults.duplicate_rate {
+                2
+            } else {
+                1
+            };
+            for _ in 0..copies {
+                self.ep.send_to_raw(dst, REQUEST_TAG, Box::new((id, request.clone()))).await.map_err(unreachable)?;
+            }
+            match tokio::time::timeout(timeout, self.ep.recv_from_raw(id)).await {
+                Err(_) => Err(TransportError::Timeout { addr: target.clone(), timeout_ms: timeout.as_millis() as u64 }),
+                Ok(Err(e)) => Err(unreachable(e)),
+                Ok(Ok((payload, _))) => match payload.downcast::<Vec<u8>>() {
+                    Ok(bytes) => Ok(*bytes),
+                    Err(_) => Err(TransportError::Unreachable { addr: target.clone(), reason: "malformed response".into() }),
+                },
+            }
+        })
+    }
+}
+
+/// Serves `handler` on `addr` of the current simulated node until the node
+/// stops. Each request is handled in its own task.
+pub async fn serve(addr: SocketAddr, handler: Arc<dyn Handler>) -> std::io::Result<()> {
+    let ep = Arc::new(Endpoint::bind(addr).await?);
+    loop {
+        let (payload, from) = ep.recv_from_raw(REQUEST_TAG).await?;
+        let Ok(msg) = payload.downcast::<(u64, Vec<u8>)>() else {
+            // Not one of ours: ignore, as a real server ignores garbage.
+            continue;
+        };
+        let (id, request) = *msg;
+        let ep = ep.clone();
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let response = handler.handle(request).await;
+            // A lost response is the caller's timeout, by design.
+            let _ = ep.send_to_raw(from, id, Box::new(response)).await;
+        });
+    }
+}

@@ -1,0 +1,78 @@
+//! Group commit: one background task makes engine writes durable. Every
+//! flush request that arrives while a sync is running is answered by the next
+//! sync, so concurrent writers share fsyncs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use armada_core::raft::{FlushDone, FlushReason, Flusher};
+use armada_core::{Engine, EngineError};
+use tokio::sync::mpsc;
+
+/// Most flush requests waiting for the sync task. Openraft bounds its own
+/// in-flight I/O far below this; reaching it means the disk is stuck.
+pub const FLUSH_QUEUE_MAX: usize = 4096;
+
+/// Most requests answered by one sync (keeps one slow sync from starving
+/// the callers' progress reports).
+pub const FLUSH_BATCH_MAX: usize = 1024;
+
+/// How the disk behaves. The simulated world supplies one that delays syncs
+/// and, in canary builds, misbehaves; production uses [`RealDisk`].
+pub trait DiskModel: Send + Sync + 'static {
+    /// Extra time the next sync takes.
+    fn sync_delay(&self) -> Duration {
+        Duration::ZERO
+    }
+    /// Whether to report a flush of this kind before the sync is done.
+    /// Only canaries answer yes.
+    fn ack_before_sync(&self, _reason: FlushReason) -> bool {
+        false
+    }
+}
+
+/// The disk as it is: no delay, no lies.
+pub struct RealDisk;
+impl DiskModel for RealDisk {}
+
+pub struct BatchingFlusher {
+    tx: mpsc::Sender<(FlushReason, FlushDone)>,
+}
+
+impl BatchingFlusher {
+    /// Starts the sync task on the current runtime.
+    pub fn start(engine: Arc<dyn Engine>, disk: Arc<dyn DiskModel>) -> Self {
+        let (tx, mut rx) = mpsc::channel::<(FlushReason, FlushDone)>(FLUSH_QUEUE_MAX);
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(FLUSH_BATCH_MAX);
+            while rx.recv_many(&mut batch, FLUSH_BATCH_MAX).await > 0 {
+                let mut waiting = Vec::with_capacity(batch.len());
+                for (reason, done) in batch.drain(..) {
+                    if disk.ack_before_sync(reason) {
+                        done.done(Ok(()));
+                    } else {
+                        waiting.push(done);
+                    }
+                }
+                let delay = disk.sync_delay();
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                let result = engine.sync();
+                for done in waiting {
+                    done.done(result.as_ref().map(|_| ()).map_err(|e| EngineError::Backend(e.to_string())));
+                }
+            }
+        });
+        Self { tx }
+    }
+}
+
+impl Flusher for BatchingFlusher {
+    fn flush(&self, reason: FlushReason, done: FlushDone) {
+        if let Err(e) = self.tx.try_send((reason, done)) {
+            let (_, done) = e.into_inner();
+            done.done(Err(EngineError::Backend(format!("flush queue full ({FLUSH_QUEUE_MAX}) or stopped"))));
+        }
+    }
+}

@@ -1,0 +1,441 @@
+//! The node runtime: hosts the metadata group and one Raft group per table
+//! on this node, keeps the set of groups in step with the table catalog, and
+//! executes client requests (or says where to forward them).
+//!
+//! The runtime is the same in production and in simulation; only the
+//! engine, the flusher's disk model and the transport differ.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use armada_core::command::{Catalog, MetaError, MetaReply, TableInfo, TableReply};
+use armada_core::kv::{KvError, RangeRequest, RangeResponse};
+use armada_core::mvcc::Mvcc;
+use armada_core::raft::{data_ns, delete_group, ArmadaNode, ArmadaRaft, Flusher, GroupKind, LogStore, StateMachine};
+use armada_core::{Command, CommandResponse, Engine, GroupId, MetaCommand, TableCommand};
+use armada_net::Transport;
+use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::{Config, ReadPolicy, ServerState, SnapshotPolicy};
+use tracing::{debug, info, warn};
+
+use crate::network::NetworkFactory;
+use crate::rt::ArmadaRt;
+
+/// Openraft's type configuration on Armada's runtime.
+pub type C = ArmadaRaft<ArmadaRt>;
+pub type GroupRaft = openraft::Raft<C, StateMachine<ArmadaRt>>;
+
+/// How often the node reconciles its groups with the catalog.
+pub const CATALOG_SYNC_INTERVAL: Duration = Duration::from_millis(20);
+/// Most forwarding hops a request may take (to the metadata leader, then to
+/// the table's leader).
+pub const FORWARD_HOPS_MAX: u32 = 2;
+
+/// Raft timing and log retention.
+#[derive(Debug, Clone)]
+pub struct RaftTuning {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot (and purge the log) after this many applied entries.
+    pub snapshot_after_logs: u64,
+    /// Log entries kept behind a snapshot, so slightly lagging peers catch
+    /// up from the log instead of a snapshot.
+    pub logs_kept_after_snapshot: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 50,
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 600,
+            snapshot_after_logs: 5000,
+            logs_kept_after_snapshot: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: u64,
+    /// Every initial member (including this node), by id.
+    pub members: BTreeMap<u64, ArmadaNode>,
+    pub raft: RaftTuning,
+    /// How long a request may wait for a leader, a read index or a commit.
+    pub request_timeout: Duration,
+}
+
+impl NodeConfig {
+    pub fn me(&self) -> Option<&ArmadaNode> {
+        self.members.get(&self.id)
+    }
+}
+
+/// A request's failure, as the service layer needs to know it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error("table {0:?} not found")]
+    TableNotFound(String),
+    /// No leader is known, or a leader could not reach a quorum; the request
+    /// was not applied and can be retried.
+    #[error("no leader available: {0}")]
+    Unavailable(String),
+    /// The request may or may not have been applied.
+    #[error("outcome unknown: {0}")]
+    Indeterminate(String),
+    /// Another node leads; send the request to its API address.
+    #[error("forward to {api_addr}")]
+    Forward { api_addr: String },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// A Raft group hosted on this node.
+pub struct Group {
+    pub id: GroupId,
+    /// Table name; empty for the metadata group.
+    pub name: String,
+    pub raft: GroupRaft,
+}
+
+/// What the response header needs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HeaderInfo {
+    pub term: u64,
+    pub member_id: u64,
+}
+
+/// Per-group state for `Cluster.Status`.
+#[derive(Debug, Clone, Default)]
+pub struct GroupStatus {
+    pub table: String,
+    pub leader_id: u64,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub revision: u64,
+}
+
+pub struct Node {
+    cfg: NodeConfig,
+    engine: Arc<dyn Engine>,
+    flusher: Arc<dyn Flusher>,
+    transport: Arc<dyn Transport>,
+    groups: RwLock<BTreeMap<GroupId, Arc<Group>>>,
+}
+
+impl Node {
+    /// Opens every group this node's storage knows, starts the metadata
+    /// group (initialising the cluster on first start) and the task that keeps
+    /// table groups in step with the catalog.
+    pub async fn start(
+        cfg: NodeConfig,
+        engine: Arc<dyn Engine>,
+        flusher: Arc<dyn Flusher>,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Arc<Node>, ApiError> {
+        if cfg.me().is_none() {
+            return Err(ApiError::Internal(format!("node {} is not among the initial members", cfg.id)));
+        }
+        let node = Arc::new(Node { cfg, engine, flusher, transport, groups: RwLock::new(BTreeMap::new()) });
+        node.open_group(GroupId::META, String::new(), GroupKind::Meta).await?;
+        node.sync_groups().await;
+        let weak = Arc::downgrade(&node);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(CATALOG_SYNC_INTERVAL).await;
+                let Some(node) = weak.upgrade() else { return };
+                node.sync_groups().await;
+            }
+        });
+        Ok(node)
+    }
+
+    pub fn id(&self) -> u64 {
+        self.cfg.id
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.engine
+    }
+
+    fn raft_config(&self) -> Result<Arc<Config>, ApiError> {
+        let t = &self.cfg.raft;
+        let c = Config {
+            cluster_name: "armada".into(),
+            heartbeat_interval: t.heartbeat_ms,
+            election_timeout_min: t.election_timeout_min_ms,
+            election_timeout_max: t.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(t.snapshot_after_logs),
+            max_in_snapshot_log_to_keep: t.logs_kept_after_snapshot,
+            ..Default::default()
+        };
+        c.validate().map(Arc::new).map_err(|e| ApiError::Internal(format!("raft config: {e}")))
+    }
+
+    async fn open_group(&self, id: GroupId, name: String, kind: GroupKind) -> Result<Arc<Group>, ApiError> {
+        let log = LogStore::new(self.engine.clone(), id, self.flusher.clone());
+        let sm = StateMachine::new(self.engine.clone(), id, kind, self.flusher.clone());
+        let network = NetworkFactory { transport: self.transport.clone(), group: id };
+        let raft = openraft::Raft::new(self.cfg.id, self.raft_config()?, network, log, sm)
+            .await
+            .map_err(|e| ApiError::Internal(format!("starting group {id}: {e}")))?;
+        let initialized = raft.is_initialized().await.map_err(|e| ApiError::Internal(e.to_string()))?;
+        if !initialized {
+            // Every member initialises with the same membership, so the
+            // first log entry is identical everywhere; the cluster needs no
+            // designated bootstrap node.
+            if let Err(e) = raft.initialize(self.cfg.members.clone()).await {
+                debug!(group = %id, "initialize: {e}");
+            }
+        }
+        let group = Arc::new(Group { id, name, raft });
+        self.groups.write().unwrap_or_else(|p| p.into_inner()).insert(id, group.clone());
+        Ok(group)
+    }
+
+    /// The group with this id, if hosted here.
+    pub fn group(&self, id: GroupId) -> Option<Arc<Group>> {
+        self.groups.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+    }
+
+    pub fn groups(&self) -> Vec<Arc<Group>> {
+        self.groups.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    fn catalog(&self) -> Catalog<'_> {
+        Catalog::new(&*self.engine, data_ns(GroupId::META))
+    }
+
+    /// Starts groups for new tables and stops and deletes the groups of
+    /// deleted tables, according to this node's applied catalog.
+    pub async fn sync_groups(&self) {
+        let tables = match self.catalog().list() {
+            Ok(t) => t,
+            Err(e) => {
+                warn!("reading catalog: {e}");
+                return;
+            }
+        };
+        let wanted: BTreeMap<GroupId, String> = tables.into_iter().map(|t| (t.id, t.name)).collect();
+        let hosted: Vec<GroupId> = self.groups.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+        for (id, name) in &wanted {
+            if !hosted.contains(id) {
+                info!(group = %id, table = %name, "starting table group");
+                if let Err(e) = self.open_group(*id, name.clone(), GroupKind::Table).await {
+                    warn!(group = %id, "{e}");
+                }
+            }
+        }
+        for id in hosted {
+            if id != GroupId::META && !wanted.contains_key(&id) {
+                let g = self.groups.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                if let Some(g) = g {
+                    info!(group = %id, table = %g.name, "stopping deleted table group");
+                    let _ = g.raft.shutdown().await;
+                    if let Err(e) = delete_group(&*self.engine, id) {
+                        warn!(group = %id, "deleting group data: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    fn leader_api_addr(&self, leader: Option<u64>) -> Option<String> {
+        leader.and_then(|l| self.cfg.members.get(&l)).map(|n| n.api_addr.clone())
+    }
+
+    fn forward_or_unavailable(&self, leader: Option<u64>, hops: u32, what: &str) -> ApiError {
+        match self.leader_api_addr(leader) {
+            Some(api_addr) if hops < FORWARD_HOPS_MAX && leader != Some(self.cfg.id) => ApiError::Forward { api_addr },
+            _ => ApiError::Unavailable(format!("no leader for {what}")),
+        }
+    }
+
+    pub fn header(&self, group: &Group) -> HeaderInfo {
+        let m = group.raft.metrics();
+        let term = openraft::async_runtime::WatchReceiver::borrow_watched(&m).current_term;
+        HeaderInfo { term, member_id: self.cfg.id }
+    }
+
+    /// The group of a table. A table missing from this node's catalog is
+    /// looked up at the metadata leader, so a table created through another
+    /// node is never reported missing.
+    pub async fn table_group(&self, name: &str, hops: u32) -> Result<Arc<Group>, ApiError> {
+        let info = match self.catalog().get(name).map_err(|e| ApiError::Internal(e.to_string()))? {
+            Some(info) => info,
+            None => {
+                let meta = self.group(GroupId::META).ok_or_else(|| ApiError::Internal("no metadata group".into()))?;
+                self.linearize(&meta, hops, "the catalog").await?;
+                self.catalog()
+                    .get(name)
+                    .map_err(|e| ApiError::Internal(e.to_string()))?
+                    .ok_or_else(|| ApiError::TableNotFound(name.to_string()))?
+            }
+        };
+        match self.group(info.id) {
+            Some(g) => Ok(g),
+            None => {
+                self.sync_groups().await;
+                self.group(info.id).ok_or_else(|| ApiError::Unavailable(format!("table {name:?} is starting")))
+            }
+        }
+    }
+
+    /// Waits until this node has applied everything committed before the
+    /// call (ReadIndex through the group's leader).
+    async fn linearize(&self, group: &Group, hops: u32, what: &str) -> Result<(), ApiError> {
+        let fut = group.raft.ensure_linearizable(ReadPolicy::ReadIndex);
+        match crate::rt::timeout(self.cfg.request_timeout, fut).await {
+            Err(_) => Err(ApiError::Unavailable(format!("read index for {what} timed out"))),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
+                Err(self.forward_or_unavailable(f.leader_id, hops, what))
+            }
+            Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(e)))) => {
+                Err(ApiError::Unavailable(format!("{what}: {e}")))
+            }
+            Ok(Err(e)) => Err(ApiError::Unavailable(format!("{what}: {e}"))),
+        }
+    }
+
+    async fn propose(&self, group: &Group, cmd: Command, hops: u32) -> Result<CommandResponse, ApiError> {
+        let what = if group.name.is_empty() { "the catalog".to_string() } else { format!("table {:?}", group.name) };
+        let fut = group.raft.client_write(cmd);
+        match crate::rt::timeout(self.cfg.request_timeout, fut).await {
+            Err(_) => Err(ApiError::Indeterminate(format!("write to {what} timed out"))),
+            Ok(Ok(resp)) => Ok(resp.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(self.forward_or_unavailable(f.leader_id, hops, &what))
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)))) => {
+                Err(ApiError::Indeterminate(format!("leader of {what} changed during the write")))
+            }
+            Ok(Err(e)) => Err(ApiError::Indeterminate(format!("{what}: {e}"))),
+        }
+    }
+
+    /// Applies a write to a table through its Raft group.
+    pub async fn write(&self, table: &str, cmd: TableCommand, hops: u32) -> Result<(TableReply, HeaderInfo), ApiError> {
+        cmd.validate()?;
+        let group = self.table_group(table, hops).await?;
+        let resp = self.propose(&group, Command::Table(cmd), hops).await?;
+        match resp {
+            CommandResponse::Table(Ok(r)) => Ok((r, self.header(&group))),
+            CommandResponse::Table(Err(e)) => Err(e.into()),
+            other => Err(ApiError::Internal(format!("unexpected response {other:?}"))),
+        }
+    }
+
+    /// Serves a range read: linearizable through the leader's read index, or
+    /// serializable from this node's applied state.
+    pub async fn range(
+        &self,
+        table: &str,
+        req: &RangeRequest,
+        serializable: bool,
+        hops: u32,
+    ) -> Result<(RangeResponse, HeaderInfo), ApiError> {
+        req.validate()?;
+        let group = self.table_group(table, hops).await?;
+        if !serializable {
+            self.linearize(&group, hops, &format!("table {table:?}")).await?;
+        }
+        let store = Mvcc::new(&*self.engine, data_ns(group.id));
+        match store.range(req) {
+            Ok(r) => Ok((r, self.header(&group))),
+            Err(armada_core::mvcc::MvccError::Kv(e)) => Err(e.into()),
+            Err(e) => Err(ApiError::Internal(e.to_string())),
+        }
+    }
+
+    /// Creates a table and waits (bounded) until its group runs here.
+    pub async fn create_table(&self, name: &str, hops: u32) -> Result<TableInfo, ApiError> {
+        armada_core::command::validate_table_name(name)?;
+        let meta = self.group(GroupId::META).ok_or_else(|| ApiError::Internal("no metadata group".into()))?;
+        let resp = self.propose(&meta, Command::Meta(MetaCommand::CreateTable { name: name.to_string() }), hops).await?;
+        let info = match resp {
+            CommandResponse::Meta(Ok(MetaReply::Created(info))) => info,
+            CommandResponse::Meta(Err(e)) => return Err(e.into()),
+            other => return Err(ApiError::Internal(format!("unexpected response {other:?}"))),
+        };
+        let deadline = tokio::time::Instant::now() + self.cfg.request_timeout;
+        while tokio::time::Instant::now() < deadline {
+            if let Some(g) = self.group(info.id) {
+                if g.raft.current_leader().await.is_some() {
+                    break;
+                }
+            } else {
+                self.sync_groups().await;
+            }
+            tokio::time::sleep(CATALOG_SYNC_INTERVAL).await;
+        }
+        Ok(info)
+    }
+
+    pub async fn delete_table(&self, name: &str, hops: u32) -> Result<TableInfo, ApiError> {
+        let meta = self.group(GroupId::META).ok_or_else(|| ApiError::Internal("no metadata group".into()))?;
+        let resp = self.propose(&meta, Command::Meta(MetaCommand::DeleteTable { name: name.to_string() }), hops).await?;
+        match resp {
+            CommandResponse::Meta(Ok(MetaReply::Deleted(info))) => Ok(info),
+            CommandResponse::Meta(Err(e)) => Err(e.into()),
+            other => Err(ApiError::Internal(format!("unexpected response {other:?}"))),
+        }
+    }
+
+    /// Every table, as of a linearizable read of the catalog.
+    pub async fn list_tables(&self, hops: u32) -> Result<Vec<TableInfo>, ApiError> {
+        let meta = self.group(GroupId::META).ok_or_else(|| ApiError::Internal("no metadata group".into()))?;
+        self.linearize(&meta, hops, "the catalog").await?;
+        self.catalog().list().map_err(|e| ApiError::Internal(e.to_string()))
+    }
+
+    /// Raft and revision state of every group hosted here.
+    pub fn status(&self) -> Vec<GroupStatus> {
+        self.groups()
+            .iter()
+            .map(|g| {
+                let m = g.raft.metrics();
+                let m = openraft::async_runtime::WatchReceiver::borrow_watched(&m);
+                let revision = if g.id == GroupId::META {
+                    0
+                } else {
+                    Mvcc::new(&*self.engine, data_ns(g.id)).rev_state().map(|s| s.current).unwrap_or(0)
+                };
+                GroupStatus {
+                    table: g.name.clone(),
+                    leader_id: m.current_leader.unwrap_or(0),
+                    term: m.current_term,
+                    commit_index: m.local_committed.as_ref().map_or(0, |l| l.index),
+                    applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
+                    revision,
+                }
+            })
+            .collect()
+    }
+
+    /// Whether this node leads the group (for checkers and status).
+    pub fn is_leader(&self, group: &Group) -> bool {
+        let m = group.raft.metrics();
+        let m = openraft::async_runtime::WatchReceiver::borrow_watched(&m);
+        m.state == ServerState::Leader
+    }
+
+    /// Stops every group (graceful shutdown).
+    pub async fn shutdown(&self) {
+        for g in self.groups() {
+            let _ = g.raft.shutdown().await;
+        }
+    }
+}
