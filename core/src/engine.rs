@@ -110,6 +110,12 @@ impl DurableImage {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Changes the durable contents directly: for simulating disk faults
+    /// (and, in canary runs, deliberate data loss) between a crash and a
+    /// restart. Never used by a running engine.
+    pub fn mutate(&self, f: impl FnOnce(&mut BTreeMap<Vec<u8>, Vec<u8>>)) {
+        f(&mut self.lock())
+    }
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Vec<u8>, Vec<u8>>> {
         // A poisoned lock means a thread panicked while applying a batch;
         // the map itself is still a consistent BTreeMap, so keep using it.

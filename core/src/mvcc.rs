@@ -416,6 +416,9 @@ pub struct WriteTxn<'s, 'e> {
 impl WriteTxn<'_, '_> {
     /// The revision this transaction writes at.
     fn write_revision(&self) -> u64 {
+        if crate::canary::active(crate::canary::Canary::ReuseRevision) {
+            return self.state.current;
+        }
         self.state.current + 1
     }
 
@@ -533,7 +536,12 @@ impl WriteTxn<'_, '_> {
     /// value compare on a missing key is false; other targets compare a
     /// missing key as zero).
     pub fn compare(&self, c: &Compare) -> Result<bool, MvccError> {
-        let kvs = if c.range_end.is_empty() {
+        let kvs = if crate::canary::active(crate::canary::Canary::CompareStaleRevision)
+            && matches!(c.target, CompareTarget::Value(_))
+        {
+            let (start, end) = interval(&c.key, &c.range_end);
+            self.store.live_at(&start, end.as_deref(), self.state.current.saturating_sub(1))?
+        } else if c.range_end.is_empty() {
             self.latest(&c.key)?.map(|l| l.to_kv(&c.key)).into_iter().collect()
         } else {
             let (start, end) = interval(&c.key, &c.range_end);

@@ -49,7 +49,9 @@ pub struct ArmadaRaft<RT>(PhantomData<RT>);
 pub trait Runtime: AsyncRuntime + Debug + Clone + Copy + Default + Eq + Ord + Send + Sync + 'static {}
 impl<T> Runtime for T where T: AsyncRuntime + Debug + Clone + Copy + Default + Eq + Ord + Send + Sync + 'static {}
 
-type LeaderId = openraft::impls::leader_id_adv::LeaderId<u64, u64>;
+// Standard Raft leader ids: at most one leader per term, which the
+// simulator's election-safety checker relies on.
+type LeaderId = openraft::impls::leader_id_std::LeaderId<u64, u64>;
 
 impl<RT: Runtime> RaftTypeConfig for ArmadaRaft<RT> {
     type D = Command;
@@ -346,6 +348,15 @@ impl<RT: Runtime> RaftLogStorage<ArmadaRaft<RT>> for LogStore<RT> {
     }
 }
 
+/// Sees every entry a state machine applies: how the simulated world checks
+/// that replicas agree (same entry and revision at every index) and that
+/// revisions never skip or repeat.
+pub trait ApplyObserver: Send + Sync + 'static {
+    /// `digest` covers the entry's log id and payload; `revision` is the
+    /// table's revision after the entry (`None` for the metadata group).
+    fn applied(&self, group: GroupId, index: u64, digest: u64, revision: Option<u64>);
+}
+
 /// What a group's state machine holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GroupKind {
@@ -360,6 +371,7 @@ pub struct StateMachine<RT> {
     group: GroupId,
     kind: GroupKind,
     flusher: Arc<dyn Flusher>,
+    observer: Option<Arc<dyn ApplyObserver>>,
     _rt: PhantomData<fn() -> RT>,
 }
 
@@ -371,7 +383,13 @@ struct SnapshotPairs(Vec<(Vec<u8>, Vec<u8>)>);
 
 impl<RT: Runtime> StateMachine<RT> {
     pub fn new(engine: Arc<dyn Engine>, group: GroupId, kind: GroupKind, flusher: Arc<dyn Flusher>) -> Self {
-        Self { engine, group, kind, flusher, _rt: PhantomData }
+        Self { engine, group, kind, flusher, observer: None, _rt: PhantomData }
+    }
+
+    /// Reports every applied entry to `observer`.
+    pub fn with_observer(mut self, observer: Option<Arc<dyn ApplyObserver>>) -> Self {
+        self.observer = observer;
+        self
     }
 
     fn applied_key(&self) -> Vec<u8> {
@@ -471,8 +489,20 @@ impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
                     (WriteBatch::new(), CommandResponse::Empty)
                 }
             };
-            batch.put(self.applied_key(), enc(&(Some(log_id), membership.clone())));
+            batch.put(self.applied_key(), enc(&(Some(log_id.clone()), membership.clone())));
             self.engine.write(batch).map_err(io_err)?;
+            if let Some(obs) = &self.observer {
+                let mut h = crate::mvcc::Fnv64::new();
+                h.write_bytes(&enc(&log_id));
+                h.write_bytes(&enc(&entry.payload));
+                let revision = match self.kind {
+                    GroupKind::Table => {
+                        Some(Mvcc::new(&*self.engine, data_ns(self.group)).rev_state().map_err(io_err)?.current)
+                    }
+                    GroupKind::Meta => None,
+                };
+                obs.applied(self.group, log_id.index, h.finish(), revision);
+            }
             if let Some(r) = responder {
                 r.send(response);
             }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use armada_core::command::{Catalog, MetaError, MetaReply, TableInfo, TableReply};
 use armada_core::kv::{KvError, RangeRequest, RangeResponse};
 use armada_core::mvcc::Mvcc;
-use armada_core::raft::{data_ns, delete_group, ArmadaNode, ArmadaRaft, Flusher, GroupKind, LogStore, StateMachine};
+use armada_core::raft::{data_ns, delete_group, ApplyObserver, ArmadaNode, ArmadaRaft, Flusher, GroupKind, LogStore, StateMachine};
 use armada_core::{Command, CommandResponse, Engine, GroupId, MetaCommand, TableCommand};
 use armada_net::Transport;
 use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
@@ -123,8 +123,15 @@ pub struct GroupStatus {
     pub revision: u64,
 }
 
+/// Optional observers the simulated world attaches to a node.
+#[derive(Clone, Default)]
+pub struct NodeHooks {
+    pub apply_observer: Option<Arc<dyn ApplyObserver>>,
+}
+
 pub struct Node {
     cfg: NodeConfig,
+    hooks: NodeHooks,
     engine: Arc<dyn Engine>,
     flusher: Arc<dyn Flusher>,
     transport: Arc<dyn Transport>,
@@ -141,10 +148,21 @@ impl Node {
         flusher: Arc<dyn Flusher>,
         transport: Arc<dyn Transport>,
     ) -> Result<Arc<Node>, ApiError> {
+        Self::start_with(cfg, engine, flusher, transport, NodeHooks::default()).await
+    }
+
+    /// [`Node::start`] with observers attached.
+    pub async fn start_with(
+        cfg: NodeConfig,
+        engine: Arc<dyn Engine>,
+        flusher: Arc<dyn Flusher>,
+        transport: Arc<dyn Transport>,
+        hooks: NodeHooks,
+    ) -> Result<Arc<Node>, ApiError> {
         if cfg.me().is_none() {
             return Err(ApiError::Internal(format!("node {} is not among the initial members", cfg.id)));
         }
-        let node = Arc::new(Node { cfg, engine, flusher, transport, groups: RwLock::new(BTreeMap::new()) });
+        let node = Arc::new(Node { cfg, hooks, engine, flusher, transport, groups: RwLock::new(BTreeMap::new()) });
         node.open_group(GroupId::META, String::new(), GroupKind::Meta).await?;
         node.sync_groups().await;
         let weak = Arc::downgrade(&node);
@@ -186,7 +204,8 @@ impl Node {
 
     async fn open_group(&self, id: GroupId, name: String, kind: GroupKind) -> Result<Arc<Group>, ApiError> {
         let log = LogStore::new(self.engine.clone(), id, self.flusher.clone());
-        let sm = StateMachine::new(self.engine.clone(), id, kind, self.flusher.clone());
+        let sm = StateMachine::new(self.engine.clone(), id, kind, self.flusher.clone())
+            .with_observer(self.hooks.apply_observer.clone());
         let network = NetworkFactory { transport: self.transport.clone(), group: id };
         let raft = openraft::Raft::new(self.cfg.id, self.raft_config()?, network, log, sm)
             .await
@@ -349,7 +368,7 @@ impl Node {
     ) -> Result<(RangeResponse, HeaderInfo), ApiError> {
         req.validate()?;
         let group = self.table_group(table, hops).await?;
-        if !serializable {
+        if !serializable && !armada_core::canary::active(armada_core::canary::Canary::StaleRead) {
             self.linearize(&group, hops, &format!("table {table:?}")).await?;
         }
         let store = Mvcc::new(&*self.engine, data_ns(group.id));

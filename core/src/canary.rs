@@ -1,0 +1,73 @@
+//! Deliberate bugs for checking the checkers. They exist only in simulation
+//! builds (`--cfg madsim`); in every other build [`active`] is the constant
+//! `false` and the optimiser removes the faulty paths.
+//!
+//! The simulated world switches one canary on for a run and expects a
+//! checker to catch it.
+
+/// A deliberate bug.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u32)]
+pub enum Canary {
+    /// Report a log append as durable before the fsync.
+    AckBeforeFsync = 1,
+    /// Serve a linearizable read from local state without a read index.
+    StaleRead = 2,
+    /// Give a write the table's current revision instead of the next one.
+    ReuseRevision = 3,
+    /// Evaluate value compares against the previous revision's state.
+    CompareStaleRevision = 4,
+    /// Lose the last log entry of every group when a node restarts.
+    LoseLastLogEntry = 5,
+    /// Never make the Raft vote durable.
+    SkipVoteFsync = 6,
+}
+
+impl Canary {
+    pub const ALL: [Canary; 6] = [
+        Canary::AckBeforeFsync,
+        Canary::StaleRead,
+        Canary::ReuseRevision,
+        Canary::CompareStaleRevision,
+        Canary::LoseLastLogEntry,
+        Canary::SkipVoteFsync,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Canary::AckBeforeFsync => "ack-before-fsync",
+            Canary::StaleRead => "stale-read",
+            Canary::ReuseRevision => "reuse-revision",
+            Canary::CompareStaleRevision => "compare-stale-revision",
+            Canary::LoseLastLogEntry => "lose-last-log-entry",
+            Canary::SkipVoteFsync => "skip-vote-fsync",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Canary> {
+        Canary::ALL.into_iter().find(|c| c.name() == s)
+    }
+}
+
+#[cfg(madsim)]
+static ACTIVE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Switches `c` on (or all off with `None`). Simulation builds only.
+#[cfg(madsim)]
+pub fn set(c: Option<Canary>) {
+    ACTIVE.store(c.map_or(0, |c| c as u32), std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether canary `c` is on. Always `false` outside simulation builds.
+#[inline(always)]
+pub fn active(c: Canary) -> bool {
+    #[cfg(madsim)]
+    {
+        ACTIVE.load(std::sync::atomic::Ordering::Relaxed) == c as u32
+    }
+    #[cfg(not(madsim))]
+    {
+        let _ = c;
+        false
+    }
+}

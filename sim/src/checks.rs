@@ -1,0 +1,174 @@
+//! History and replica checks other than linearizability.
+
+use std::collections::BTreeMap;
+
+use armada_core::GroupId;
+
+use crate::history::{Op, OpKind, OpResult, Outcome};
+
+/// S3 (client side): a client never sees a table's revision go backwards in
+/// linearizable operations, and no two acknowledged changes share a revision.
+pub fn revisions(history: &[Op]) -> Result<(), String> {
+    let mut last: BTreeMap<(u32, &str), u64> = BTreeMap::new();
+    let mut owners: BTreeMap<(&str, u64), usize> = BTreeMap::new();
+    for (i, op) in history.iter().enumerate() {
+        let Outcome::Ok(r) = &op.outcome else { continue };
+        let linearizable = !matches!(op.kind, OpKind::Get { serializable: true, .. });
+        if linearizable {
+            let seen = last.entry((op.client, op.table.as_str())).or_insert(0);
+            if r.revision() < *seen {
+                return Err(format!(
+                    "S3 client {} saw table {} go back from revision {} to {} ({:?})",
+                    op.client,
+                    op.table,
+                    seen,
+                    r.revision(),
+                    op.kind
+                ));
+            }
+            *seen = r.revision();
+        }
+        let changed = match r {
+            OpResult::Put { .. } => true,
+            OpResult::Delete { deleted, .. } => *deleted > 0,
+            OpResult::Cas { succeeded, .. } => *succeeded,
+            _ => false,
+        };
+        if changed {
+            if let Some(j) = owners.insert((op.table.as_str(), r.revision()), i) {
+                return Err(format!(
+                    "S3 two acknowledged writes got revision {} of table {}: {:?} and {:?}",
+                    r.revision(),
+                    op.table,
+                    history[j].kind,
+                    op.kind
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads at a past revision return the latest acknowledged write at or
+/// below that revision.
+pub fn reads_at_revision(history: &[Op]) -> Result<(), String> {
+    // (table, key) -> [(revision, value or None for a delete)] of acknowledged changes.
+    let mut writes: BTreeMap<(&str, &str), Vec<(u64, Option<&str>)>> = BTreeMap::new();
+    let mut indefinite: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+    for op in history {
+        let key = match &op.kind {
+            OpKind::Put { key, .. } | OpKind::Delete { key } | OpKind::Cas { key, .. } => key.as_str(),
+            _ => continue,
+        };
+        match (&op.kind, &op.outcome) {
+            (OpKind::Put { value, .. }, Outcome::Ok(OpResult::Put { revision })) => {
+                writes.entry((&op.table, key)).or_default().push((*revision, Some(value.as_str())))
+            }
+            (OpKind::Delete { .. }, Outcome::Ok(OpResult::Delete { deleted, revision })) if *deleted > 0 => {
+                writes.entry((&op.table, key)).or_default().push((*revision, None))
+            }
+            (OpKind::Cas { new, .. }, Outcome::Ok(OpResult::Cas { succeeded: true, revision })) => {
+                writes.entry((&op.table, key)).or_default().push((*revision, Some(new.as_str())))
+            }
+            (_, Outcome::Indefinite(_)) => *indefinite.entry((&op.table, key)).or_default() += 1,
+            _ => {}
+        }
+    }
+    for op in history {
+        let (OpKind::GetAt { key, revision }, Outcome::Ok(OpResult::Get { value, .. })) = (&op.kind, &op.outcome) else {
+            continue;
+        };
+        let w = writes.get(&(op.table.as_str(), key.as_str()));
+        let latest = w.and_then(|w| w.iter().filter(|(r, _)| r <= revision).max_by_key(|(r, _)| *r));
+        match value {
+            Some((v, mod_rev)) => {
+                if mod_rev > revision {
+                    return Err(format!("read of {key} at revision {revision} returned a version from {mod_rev}"));
+                }
+                // If the version read is an acknowledged write, nothing
+                // acknowledged may lie between it and the revision read.
+                if let Some((r, val)) = latest {
+                    if *r > *mod_rev && w.is_some_and(|w| w.iter().any(|(wr, _)| wr == mod_rev)) {
+                        return Err(format!(
+                            "read of {key} at revision {revision} returned {v:?} from {mod_rev}, but {val:?} was written at {r}"
+                        ));
+                    }
+                }
+            }
+            None => {
+                if let Some((r, Some(val))) = latest {
+                    if indefinite.get(&(op.table.as_str(), key.as_str())).copied().unwrap_or(0) == 0 {
+                        return Err(format!(
+                            "read of {key} at revision {revision} found nothing, but {val:?} was written at {r}"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What the replicas applied, reported by every node's state machines.
+#[derive(Default)]
+pub struct ApplyLog {
+    /// (group, index) -> (digest, revision after, first node to apply it).
+    applied: BTreeMap<(GroupId, u64), (u64, Option<u64>, u64)>,
+    pub violations: Vec<String>,
+    pub applied_count: u64,
+}
+
+impl ApplyLog {
+    /// S4 (committed entries never change) and S3 (revisions gap-free and
+    /// increasing): every replica applies the same entry and reaches the
+    /// same revision at each index, and each entry moves the revision by 0
+    /// or 1 from the entry before it.
+    pub fn record(&mut self, node: u64, group: GroupId, index: u64, digest: u64, revision: Option<u64>) {
+        self.applied_count += 1;
+        match self.applied.get(&(group, index)) {
+            Some((d, r, first)) => {
+                if *d != digest || *r != revision {
+                    self.violations.push(format!(
+                        "S4 group {group} index {index}: node {node} applied a different entry than node {first} (revision {revision:?} vs {r:?})"
+                    ));
+                }
+            }
+            None => {
+                if let (Some(rev), Some((_, Some(prev), _))) = (revision, index.checked_sub(1).and_then(|i| self.applied.get(&(group, i)))) {
+                    if rev != *prev && rev != prev + 1 {
+                        self.violations.push(format!(
+                            "S3 group {group} index {index}: revision went from {prev} to {rev}"
+                        ));
+                    }
+                }
+                self.applied.insert((group, index), (digest, revision, node));
+            }
+        }
+        if let (Some(rev), Some((_, Some(next), _))) = (revision, self.applied.get(&(group, index + 1))) {
+            if *next != rev && *next != rev + 1 {
+                self.violations.push(format!("S3 group {group} index {}: revision went from {rev} to {next}", index + 1));
+            }
+        }
+    }
+}
+
+/// S4 election safety: at most one leader per (group, term).
+#[derive(Default)]
+pub struct LeaderLog {
+    leaders: BTreeMap<(GroupId, u64), u64>,
+    pub violations: Vec<String>,
+}
+
+impl LeaderLog {
+    pub fn record(&mut self, group: GroupId, term: u64, node: u64) {
+        match self.leaders.get(&(group, term)) {
+            Some(n) if *n != node => {
+                self.violations.push(format!("S4 group {group} term {term}: nodes {n} and {node} both leaders"))
+            }
+            Some(_) => {}
+            None => {
+                self.leaders.insert((group, term), node);
+            }
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! The recorded history of client operations.
+
+/// What a client asked for. Keys and values are small strings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpKind {
+    Put { key: String, value: String },
+    /// A linearizable (or serializable) read of one key at the latest revision.
+    Get { key: String, serializable: bool },
+    /// A read of one key at an earlier revision.
+    GetAt { key: String, revision: u64 },
+    Delete { key: String },
+    /// Set `key` to `new` if its value is `expect`.
+    Cas { key: String, expect: String, new: String },
+    /// A linearizable read of every key of the table.
+    Range,
+}
+
+/// What came back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpResult {
+    Put { revision: u64 },
+    /// `(value, mod_revision)` of the key, if present.
+    Get { value: Option<(String, u64)>, revision: u64 },
+    Delete { deleted: u64, revision: u64 },
+    Cas { succeeded: bool, revision: u64 },
+    Range { kvs: Vec<(String, String, u64)>, revision: u64 },
+}
+
+impl OpResult {
+    pub fn revision(&self) -> u64 {
+        match self {
+            OpResult::Put { revision }
+            | OpResult::Get { revision, .. }
+            | OpResult::Delete { revision, .. }
+            | OpResult::Cas { revision, .. }
+            | OpResult::Range { revision, .. } => *revision,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Ok(OpResult),
+    /// Definitely had no effect (refused before it was proposed).
+    Failed(String),
+    /// May or may not have taken effect (timeout, lost connection).
+    Indefinite(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Op {
+    pub client: u32,
+    pub table: String,
+    pub kind: OpKind,
+    /// Simulated nanoseconds since the start of the run.
+    pub invoke_ns: u64,
+    pub complete_ns: u64,
+    pub outcome: Outcome,
+}
+
+impl Op {
+    pub fn is_write(&self) -> bool {
+        matches!(self.kind, OpKind::Put { .. } | OpKind::Delete { .. } | OpKind::Cas { .. })
+    }
+}

@@ -1,0 +1,380 @@
+//! Linearizability checker for per-key registers: the history is split by
+//! (table, key) (P-compositionality: a history is linearizable iff each
+//! key's sub-history is), and each part is searched with the Wing–Gong
+//! algorithm with Lowe's memoisation of (linearized set, state).
+//!
+//! Indefinite writes may be linearized at any point after their invocation,
+//! or never. A search that exceeds its step budget is reported as a failure,
+//! never as a pass.
+
+use std::collections::{BTreeMap, HashSet};
+
+use crate::history::{Op, OpKind, OpResult, Outcome};
+
+/// Steps allowed per key before the search gives up (and fails the seed).
+pub const SEARCH_STEPS_MAX: u64 = 5_000_000;
+
+type Sym = u32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KOp {
+    Write(Option<Sym>),
+    Delete,
+    Read,
+    Cas(Sym, Sym),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KRes {
+    None,
+    Deleted(bool),
+    Read(Option<Sym>),
+    Cas(bool),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct KeyOp {
+    call: u64,
+    /// `u64::MAX` for an indefinite operation.
+    ret: u64,
+    op: KOp,
+    /// `None` when the outcome is unknown.
+    res: Option<KRes>,
+    /// Index into the full history (for reports).
+    origin: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    NotLinearizable { table: String, key: String, ops: usize, detail: String },
+    BudgetExceeded { table: String, key: String, ops: usize },
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::NotLinearizable { table, key, ops, detail } => {
+                write!(f, "S1 not linearizable: table {table} key {key} ({ops} ops): {detail}")
+            }
+            Failure::BudgetExceeded { table, key, ops } => {
+                write!(f, "S1 search budget exceeded: table {table} key {key} ({ops} ops)")
+            }
+        }
+    }
+}
+
+/// Interns value strings as small integers.
+#[derive(Default)]
+struct Interner {
+    ids: BTreeMap<String, Sym>,
+}
+
+impl Interner {
+    fn id(&mut self, s: &str) -> Sym {
+        let next = self.ids.len() as Sym;
+        *self.ids.entry(s.to_string()).or_insert(next)
+    }
+}
+
+/// Projects the history onto per-(table, key) register operations.
+fn project(history: &[Op], keys: &[String]) -> BTreeMap<(String, String), Vec<KeyOp>> {
+    let mut out: BTreeMap<(String, String), Vec<KeyOp>> = BTreeMap::new();
+    let mut names = Interner::default();
+    for (i, op) in history.iter().enumerate() {
+        let (ret, res) = match &op.outcome {
+            Outcome::Failed(_) => continue,
+            Outcome::Indefinite(_) if !op.is_write() => continue,
+            Outcome::Indefinite(_) => (u64::MAX, None),
+            Outcome::Ok(r) => (op.complete_ns, Some(r)),
+        };
+        let mut push = |key: &str, kop: KOp, kres: Option<KRes>| {
+            out.entry((op.table.clone(), key.to_string())).or_default().push(KeyOp {
+                call: op.invoke_ns,
+                ret,
+                op: kop,
+                res: kres,
+                origin: i,
+            });
+        };
+        match (&op.kind, res) {
+            (OpKind::Put { key, value }, _) => {
+                let v = names.id(value);
+                push(key, KOp::Write(Some(v)), Some(KRes::None));
+            }
+            (OpKind::Delete { key }, r) => {
+                let kres = match r {
+                    Some(OpResult::Delete { deleted, .. }) => Some(KRes::Deleted(*deleted > 0)),
+                    _ => None,
+                };
+                push(key, KOp::Delete, kres);
+            }
+            (OpKind::Cas { key, expect, new }, r) => {
+                let (e, n) = (names.id(expect), names.id(new));
+                let kres = match r {
+                    Some(OpResult::Cas { succeeded, .. }) => Some(KRes::Cas(*succeeded)),
+                    _ => None,
+                };
+                push(key, KOp::Cas(e, n), kres);
+            }
+            (OpKind::Get { key, serializable: false }, Some(OpResult::Get { value, .. })) => {
+                let v = value.as_ref().map(|(v, _)| names.id(v));
+                push(key, KOp::Read, Some(KRes::Read(v)));
+            }
+            (OpKind::Range, Some(OpResult::Range { kvs, .. })) => {
+                for k in keys {
+                    let v = kvs.iter().find(|(kk, _, _)| kk == k).map(|(_, v, _)| names.id(v));
+                    push(k, KOp::Read, Some(KRes::Read(v)));
+                }
+            }
+            // Serializable reads promise no recency; reads at a revision are
+            // checked against revisions elsewhere.
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Applies `op` to `state`; `None` if the recorded result is impossible.
+fn step(state: Option<Sym>, op: KOp, res: Option<KRes>) -> Option<Option<Sym>> {
+    match op {
+        KOp::Write(v) => Some(v),
+        KOp::Delete => match res {
+            Some(KRes::Deleted(d)) if d != state.is_some() => None,
+            _ => Some(None),
+        },
+        KOp::Read => match res {
+            Some(KRes::Read(v)) if v != state => None,
+            _ => Some(state),
+        },
+        KOp::Cas(e, n) => {
+            let ok = state == Some(e);
+            match res {
+                Some(KRes::Cas(s)) if s != ok => None,
+                _ => Some(if ok { Some(n) } else { state }),
+            }
+        }
+    }
+}
+
+/// Outcome of searching one key.
+enum KeyVerdict {
+    Ok,
+    NotLinearizable,
+    Budget,
+}
+
+fn search(ops: &[KeyOp], steps_max: u64) -> KeyVerdict {
+    let n = ops.len();
+    // Events: (time, 0 = return first at equal times, op index, is_call).
+    let mut events: Vec<(u64, u8, usize, bool)> = Vec::with_capacity(2 * n);
+    for (i, o) in ops.iter().enumerate() {
+        events.push((o.call, 1, i, true));
+        if o.ret != u64::MAX {
+            events.push((o.ret, 0, i, false));
+        }
+    }
+    events.sort();
+    let len = events.len();
+    let head = len; // sentinel
+    let mut next: Vec<usize> = (1..=len + 1).collect();
+    let mut prev: Vec<usize> = Vec::with_capacity(len + 1);
+    for i in 0..len {
+        prev.push(if i == 0 { head } else { i - 1 });
+    }
+    prev.push(len.saturating_sub(1));
+    next[len] = if len == 0 { usize::MAX } else { 0 };
+    if len > 0 {
+        next[len - 1] = usize::MAX;
+    }
+    let end = usize::MAX;
+    let mut call_ev = vec![0usize; n];
+    let mut ret_ev = vec![usize::MAX; n];
+    for (e, &(_, _, i, is_call)) in events.iter().enumerate() {
+        if is_call {
+            call_ev[i] = e;
+        } else {
+            ret_ev[i] = e;
+        }
+    }
+    let unlink = |e: usize, next: &mut Vec<usize>, prev: &mut Vec<usize>| {
+        let (p, nx) = (prev[e], next[e]);
+        next[p] = nx;
+        if nx != usize::MAX {
+            prev[nx] = p;
+        }
+    };
+    let relink = |e: usize, next: &mut Vec<usize>, prev: &mut Vec<usize>| {
+        let (p, nx) = (prev[e], next[e]);
+        next[p] = e;
+        if nx != usize::MAX {
+            prev[nx] = e;
+        }
+    };
+    let completed = ops.iter().filter(|o| o.ret != u64::MAX).count();
+    let words = n.div_ceil(64).max(1);
+    let mut bits = vec![0u64; words];
+    let mut lin_completed = 0usize;
+    let mut state: Option<Sym> = None;
+    let mut stack: Vec<(usize, Option<Sym>)> = Vec::new();
+    let mut cache: HashSet<(Vec<u64>, Option<Sym>)> = HashSet::new();
+    let mut cur = next[head];
+    let mut steps = 0u64;
+    loop {
+        steps += 1;
+        if steps > steps_max {
+            return KeyVerdict::Budget;
+        }
+        if lin_completed == completed {
+            return KeyVerdict::Ok;
+        }
+        let mut backtrack = cur == end;
+        if !backtrack {
+            let (_, _, i, is_call) = events[cur];
+            if is_call {
+                let o = &ops[i];
+                if let Some(new_state) = step(state, o.op, o.res) {
+                    bits[i / 64] |= 1 << (i % 64);
+                    if cache.insert((bits.clone(), new_state)) {
+                        stack.push((i, state));
+                        state = new_state;
+                        if o.ret != u64::MAX {
+                            lin_completed += 1;
+                        }
+                        unlink(call_ev[i], &mut next, &mut prev);
+                        if ret_ev[i] != usize::MAX {
+                            unlink(ret_ev[i], &mut next, &mut prev);
+                        }
+                        cur = next[head];
+                        continue;
+                    }
+                    bits[i / 64] &= !(1 << (i % 64));
+                }
+                cur = next[cur];
+                continue;
+            }
+            backtrack = true;
+        }
+        if backtrack {
+            let Some((i, s)) = stack.pop() else {
+                return KeyVerdict::NotLinearizable;
+            };
+            bits[i / 64] &= !(1 << (i % 64));
+            if ops[i].ret != u64::MAX {
+                lin_completed -= 1;
+            }
+            state = s;
+            if ret_ev[i] != usize::MAX {
+                relink(ret_ev[i], &mut next, &mut prev);
+            }
+            relink(call_ev[i], &mut next, &mut prev);
+            cur = next[call_ev[i]];
+        }
+    }
+}
+
+/// Checks the whole history. `keys` is the key set of every table (ranges
+/// read all of them).
+pub fn check(history: &[Op], keys: &[String]) -> Result<(), Failure> {
+    check_with_budget(history, keys, SEARCH_STEPS_MAX)
+}
+
+pub fn check_with_budget(history: &[Op], keys: &[String], steps_max: u64) -> Result<(), Failure> {
+    for ((table, key), ops) in project(history, keys) {
+        match search(&ops, steps_max) {
+            KeyVerdict::Ok => {}
+            KeyVerdict::Budget => return Err(Failure::BudgetExceeded { table, key, ops: ops.len() }),
+            KeyVerdict::NotLinearizable => {
+                let last = ops.iter().map(|o| o.origin).max().unwrap_or(0);
+                let detail = format!("no valid order; last op {:?}", history.get(last).map(|o| (&o.kind, &o.outcome)));
+                return Err(Failure::NotLinearizable { table, key, ops: ops.len(), detail });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(call: u64, ret: u64, kind: OpKind, outcome: Outcome) -> Op {
+        Op { client: 0, table: "t".into(), kind, invoke_ns: call, complete_ns: ret, outcome }
+    }
+    fn put(k: &str, v: &str) -> OpKind {
+        OpKind::Put { key: k.into(), value: v.into() }
+    }
+    fn get(k: &str) -> OpKind {
+        OpKind::Get { key: k.into(), serializable: false }
+    }
+    fn got(v: Option<&str>) -> Outcome {
+        Outcome::Ok(OpResult::Get { value: v.map(|v| (v.to_string(), 0)), revision: 0 })
+    }
+    fn put_ok() -> Outcome {
+        Outcome::Ok(OpResult::Put { revision: 0 })
+    }
+
+    #[test]
+    fn sequential_history_passes_and_stale_read_fails() {
+        let keys = vec!["k".to_string()];
+        let h = vec![op(0, 10, put("k", "a"), put_ok()), op(20, 30, get("k"), got(Some("a")))];
+        assert_eq!(check(&h, &keys), Ok(()));
+        let h = vec![
+            op(0, 10, put("k", "a"), put_ok()),
+            op(20, 30, put("k", "b"), put_ok()),
+            op(40, 50, get("k"), got(Some("a"))),
+        ];
+        assert!(matches!(check(&h, &keys), Err(Failure::NotLinearizable { .. })));
+    }
+
+    #[test]
+    fn concurrent_ops_may_order_either_way() {
+        let keys = vec!["k".to_string()];
+        let h = vec![
+            op(0, 100, put("k", "a"), put_ok()),
+            op(10, 20, get("k"), got(Some("a"))),
+            op(30, 40, get("k"), got(None)),
+        ];
+        // The read of "a" forces the put before t=20, so a later read of
+        // nothing is impossible.
+        assert!(check(&h, &keys).is_err());
+        let h = vec![op(0, 100, put("k", "a"), put_ok()), op(10, 20, get("k"), got(None)), op(30, 40, get("k"), got(Some("a")))];
+        assert_eq!(check(&h, &keys), Ok(()));
+    }
+
+    #[test]
+    fn indefinite_writes_may_or_may_not_happen() {
+        let keys = vec!["k".to_string()];
+        let lost = Outcome::Indefinite("timeout".into());
+        let h = vec![op(0, 10, put("k", "a"), lost.clone()), op(20, 30, get("k"), got(None))];
+        assert_eq!(check(&h, &keys), Ok(()), "never happened");
+        let h = vec![op(0, 10, put("k", "a"), lost.clone()), op(20, 30, get("k"), got(Some("a")))];
+        assert_eq!(check(&h, &keys), Ok(()), "happened");
+        let h = vec![
+            op(0, 10, put("k", "a"), lost),
+            op(20, 30, get("k"), got(Some("a"))),
+            op(40, 50, get("k"), got(None)),
+        ];
+        assert!(check(&h, &keys).is_err(), "cannot un-happen");
+    }
+
+    #[test]
+    fn cas_results_are_checked() {
+        let keys = vec!["k".to_string()];
+        let cas = |e: &str, n: &str| OpKind::Cas { key: "k".into(), expect: e.into(), new: n.into() };
+        let cas_res = |s: bool| Outcome::Ok(OpResult::Cas { succeeded: s, revision: 0 });
+        let h = vec![op(0, 10, put("k", "a"), put_ok()), op(20, 30, cas("a", "b"), cas_res(true)), op(40, 50, get("k"), got(Some("b")))];
+        assert_eq!(check(&h, &keys), Ok(()));
+        let h = vec![op(0, 10, put("k", "a"), put_ok()), op(20, 30, cas("x", "b"), cas_res(true))];
+        assert!(check(&h, &keys).is_err());
+    }
+
+    #[test]
+    fn a_search_over_budget_fails() {
+        let keys = vec!["k".to_string()];
+        // Many concurrent writes and a read that matches none: the search
+        // must explore many orders before giving up.
+        let mut h: Vec<Op> = (0..12).map(|i| op(0, 1000, put("k", &format!("v{i}")), put_ok())).collect();
+        h.push(op(2000, 2001, get("k"), got(Some("nope"))));
+        assert!(matches!(check_with_budget(&h, &keys, 50), Err(Failure::BudgetExceeded { .. })));
+    }
+}

@@ -1,0 +1,262 @@
+//! The scenario runner. Interface (a contract other tools rely on):
+//!
+//! - `run <scenario-file> --seed <N> [--canary NAME]`: one seed; prints a line
+//!   with `seed=`, `verdict=` and `trace=`; exits 0 only on pass; on failure
+//!   prints the one-line replay command;
+//! - `sweep <scenario-files-or-dirs…> --seeds <N> [--start <S>]`: last line
+//!   `sweep: <passed>/<total> passed, sim/real <ratio>x`;
+//! - `canaries --seeds <N>`: last line `canaries: <caught>/<total> caught`;
+//! - `determinism <scenario-file> --seed <N>`: runs twice, compares traces.
+//!
+//! Exit codes: 0 pass, 1 safety, 2 liveness, 3 crash, 4 determinism
+//! mismatch, 64 usage errors.
+
+#[cfg(not(madsim))]
+fn main() {
+    eprintln!("armada-sim must be built with --cfg madsim: use ci/sim");
+    std::process::exit(64);
+}
+
+#[cfg(madsim)]
+fn main() {
+    std::process::exit(sim_main::main());
+}
+
+#[cfg(madsim)]
+mod sim_main {
+    use std::path::{Path, PathBuf};
+
+    use armada_core::canary::Canary;
+    use armada_sim::scenario::{collect, Scenario};
+    use armada_sim::world::{run, Report, Verdict};
+    use clap::{Parser, Subcommand};
+
+    #[derive(Parser)]
+    #[command(name = "armada-sim", about = "Armada's deterministic simulation runner")]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: Cmd,
+    }
+
+    #[derive(Subcommand)]
+    enum Cmd {
+        /// Run one seed of one scenario.
+        Run {
+            scenario: PathBuf,
+            #[arg(long)]
+            seed: u64,
+            /// Switch on a deliberate bug (see `canaries`).
+            #[arg(long)]
+            canary: Option<String>,
+        },
+        /// Run N seeds of every scenario.
+        Sweep {
+            #[arg(required = true)]
+            paths: Vec<String>,
+            #[arg(long)]
+            seeds: u64,
+            #[arg(long, default_value_t = 1)]
+            start: u64,
+            /// Parallel runs (each run is single-threaded and deterministic).
+            #[arg(long)]
+            jobs: Option<usize>,
+        },
+        /// Run each canary until a checker catches it or N seeds pass.
+        Canaries {
+            #[arg(long)]
+            seeds: u64,
+            /// Directory with one `<canary-name>.toml` scenario per canary.
+            #[arg(long, default_value = "scenarios/canaries")]
+            dir: PathBuf,
+            #[arg(long, default_value_t = 1)]
+            start: u64,
+        },
+        /// Run one seed twice and compare the trace hashes.
+        Determinism {
+            scenario: PathBuf,
+            #[arg(long)]
+            seed: u64,
+        },
+    }
+
+    fn exit_code(v: Verdict) -> i32 {
+        match v {
+            Verdict::Pass => 0,
+            Verdict::Safety => 1,
+            Verdict::Liveness => 2,
+            Verdict::Crash => 3,
+        }
+    }
+
+    fn line(path: &Path, sc: &Scenario, r: &Report, canary: Option<Canary>) -> String {
+        let ratio = if r.real_secs > 0.0 { r.sim_secs / r.real_secs } else { 0.0 };
+        format!(
+            "seed={} scenario={} verdict={} trace={:016x} ops={} ok={} indefinite={} applied={} sim_s={:.1} real_s={:.2} ratio={:.1}x{}{}",
+            r.seed,
+            sc.name,
+            r.verdict.name(),
+            r.trace,
+            r.ops,
+            r.ops_ok,
+            r.indefinite,
+            r.applied,
+            r.sim_secs,
+            r.real_secs,
+            ratio,
+            canary.map(|c| format!(" canary={}", c.name())).unwrap_or_default(),
+            if r.verdict == Verdict::Pass { String::new() } else { format!(" file={}", path.display()) }
+        )
+    }
+
+    fn replay(path: &Path, seed: u64, canary: Option<Canary>) -> String {
+        format!(
+            "replay: ci/sim run {} --seed {}{}",
+            path.display(),
+            seed,
+            canary.map(|c| format!(" --canary {}", c.name())).unwrap_or_default()
+        )
+    }
+
+    fn load(path: &Path) -> Result<Scenario, i32> {
+        Scenario::load(path).map_err(|e| {
+            eprintln!("error: {e:#}");
+            64
+        })
+    }
+
+    pub fn main() -> i32 {
+        let cli = Cli::parse();
+        match cli.cmd {
+            Cmd::Run { scenario, seed, canary } => {
+                let canary = match canary.as_deref().map(|n| Canary::from_name(n).ok_or(n)) {
+                    None => None,
+                    Some(Ok(c)) => Some(c),
+                    Some(Err(n)) => {
+                        let names: Vec<_> = Canary::ALL.iter().map(|c| c.name()).collect();
+                        eprintln!("error: unknown canary {n:?}; known: {}", names.join(", "));
+                        return 64;
+                    }
+                };
+                let sc = match load(&scenario) {
+                    Ok(s) => s,
+                    Err(c) => return c,
+                };
+                let r = run(&sc, seed, canary);
+                println!("{}", line(&scenario, &sc, &r, canary));
+                for f in &r.failures {
+                    println!("  {f}");
+                }
+                if r.verdict != Verdict::Pass {
+                    println!("{}", replay(&scenario, seed, canary));
+                }
+                exit_code(r.verdict)
+            }
+            Cmd::Determinism { scenario, seed } => {
+                let sc = match load(&scenario) {
+                    Ok(s) => s,
+                    Err(c) => return c,
+                };
+                let a = run(&sc, seed, None);
+                let b = run(&sc, seed, None);
+                println!("{}", line(&scenario, &sc, &a, None));
+                println!("{}", line(&scenario, &sc, &b, None));
+                if a.trace == b.trace && a.verdict == b.verdict {
+                    println!("determinism: seed={seed} trace={:016x} equal", a.trace);
+                    0
+                } else {
+                    println!("determinism: seed={seed} MISMATCH {:016x} != {:016x}", a.trace, b.trace);
+                    println!("{}", replay(&scenario, seed, None));
+                    4
+                }
+            }
+            Cmd::Sweep { paths, seeds, start, jobs } => {
+                let files = match collect(&paths) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        return 64;
+                    }
+                };
+                let mut scenarios = Vec::new();
+                for f in &files {
+                    match load(f) {
+                        Ok(s) => scenarios.push((f.clone(), s)),
+                        Err(c) => return c,
+                    }
+                }
+                let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+                let work: Vec<(usize, u64)> =
+                    (0..scenarios.len()).flat_map(|i| (start..start + seeds).map(move |s| (i, s))).collect();
+                let next = std::sync::atomic::AtomicUsize::new(0);
+                let results = std::sync::Mutex::new(Vec::new());
+                std::thread::scope(|scope| {
+                    for _ in 0..jobs {
+                        scope.spawn(|| loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            let Some(&(si, seed)) = work.get(i) else { break };
+                            let (path, sc) = &scenarios[si];
+                            let r = run(sc, seed, None);
+                            if r.verdict != Verdict::Pass {
+                                println!("{}", line(path, sc, &r, None));
+                                for f in &r.failures {
+                                    println!("  {f}");
+                                }
+                                println!("{}", replay(path, seed, None));
+                            }
+                            results.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+                        });
+                    }
+                });
+                let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+                let passed = results.iter().filter(|r| r.verdict == Verdict::Pass).count();
+                let sim: f64 = results.iter().map(|r| r.sim_secs).sum();
+                let real: f64 = results.iter().map(|r| r.real_secs).sum();
+                let ratio = if real > 0.0 { sim / real } else { 0.0 };
+                println!("sweep: {}/{} passed, sim/real {:.1}x", passed, results.len(), ratio);
+                if passed == results.len() {
+                    0
+                } else {
+                    1
+                }
+            }
+            Cmd::Canaries { seeds, dir, start } => {
+                let mut caught = 0;
+                for c in Canary::ALL {
+                    let path = dir.join(format!("{}.toml", c.name()));
+                    let sc = match load(&path) {
+                        Ok(s) => s,
+                        Err(code) => return code,
+                    };
+                    let mut found = None;
+                    for seed in start..start + seeds {
+                        let r = run(&sc, seed, Some(c));
+                        if r.verdict != Verdict::Pass {
+                            found = Some((seed, r));
+                            break;
+                        }
+                    }
+                    match found {
+                        Some((seed, r)) => {
+                            caught += 1;
+                            println!(
+                                "canary={} caught seed={} seeds_needed={} verdict={} by: {}",
+                                c.name(),
+                                seed,
+                                seed - start + 1,
+                                r.verdict.name(),
+                                r.failures.first().map(String::as_str).unwrap_or("?")
+                            );
+                        }
+                        None => println!("canary={} NOT caught in {} seeds ({})", c.name(), seeds, path.display()),
+                    }
+                }
+                println!("canaries: {}/{} caught", caught, Canary::ALL.len());
+                if caught == Canary::ALL.len() {
+                    0
+                } else {
+                    1
+                }
+            }
+        }
+    }
+}

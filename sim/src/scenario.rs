@@ -1,0 +1,176 @@
+//! Scenario files: the topology, workload, fault mix and duration of a
+//! simulated run. The seed picks everything else.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+fn d_interval() -> [u64; 2] {
+    [300, 1500]
+}
+fn d_latency() -> [u64; 2] {
+    [1, 5]
+}
+fn d_downtime() -> [u64; 2] {
+    [200, 3000]
+}
+
+/// Relative weights of client operations.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    #[serde(default)]
+    pub put: u32,
+    #[serde(default)]
+    pub get: u32,
+    #[serde(default)]
+    pub serializable_get: u32,
+    #[serde(default)]
+    pub delete: u32,
+    #[serde(default)]
+    pub cas: u32,
+    #[serde(default)]
+    pub range: u32,
+    #[serde(default)]
+    pub read_at_revision: u32,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Self { put: 4, get: 4, serializable_get: 1, delete: 1, cas: 2, range: 1, read_at_revision: 1 }
+    }
+}
+
+/// Relative weights of faults, and their ranges. All zero: a calm run.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Faults {
+    #[serde(default)]
+    pub crash: u32,
+    #[serde(default)]
+    pub pause: u32,
+    #[serde(default)]
+    pub partition: u32,
+    #[serde(default)]
+    pub one_way: u32,
+    #[serde(default)]
+    pub isolate: u32,
+    #[serde(default)]
+    pub loss: u32,
+    /// Simulated ms between fault steps.
+    #[serde(default = "d_interval")]
+    pub interval_ms: [u64; 2],
+    /// One-way network latency range (ms); the spread causes reordering.
+    #[serde(default = "d_latency")]
+    pub latency_ms: [u64; 2],
+    /// Packet loss rate while a `loss` fault is active.
+    #[serde(default)]
+    pub loss_rate: f64,
+    /// Probability that a Raft request is delivered twice.
+    #[serde(default)]
+    pub duplicate_rate: f64,
+    /// Extra time each fsync takes (ms range).
+    #[serde(default)]
+    pub fsync_ms: [u64; 2],
+    /// How long a crashed or paused node stays down (ms range).
+    #[serde(default = "d_downtime")]
+    pub downtime_ms: [u64; 2],
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    pub nodes: u32,
+    pub tables: u32,
+    pub clients: u32,
+    pub keys: u32,
+    /// Simulated seconds of workload (with faults).
+    pub duration_s: u64,
+    /// Bound, in simulated seconds, for the cluster to recover after faults.
+    #[serde(default = "d_liveness")]
+    pub liveness_s: u64,
+    #[serde(default)]
+    pub workload: Workload,
+    #[serde(default)]
+    pub faults: Faults,
+    /// Raft snapshot threshold (entries); small values exercise snapshots.
+    #[serde(default = "d_snapshot")]
+    pub snapshot_after_logs: u64,
+}
+
+fn d_liveness() -> u64 {
+    30
+}
+fn d_snapshot() -> u64 {
+    500
+}
+
+/// Largest simulated cluster, clients and key set accepted.
+pub const NODES_MAX: u32 = 7;
+pub const CLIENTS_MAX: u32 = 200;
+pub const KEYS_MAX: u32 = 1000;
+pub const TABLES_MAX: u32 = 64;
+
+impl Scenario {
+    pub fn load(path: &Path) -> anyhow::Result<Scenario> {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        let s: Scenario = toml::from_str(&text).map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))?;
+        s.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(s)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=NODES_MAX).contains(&self.nodes) {
+            return Err(format!("nodes must be 1..={NODES_MAX}"));
+        }
+        if !(1..=TABLES_MAX).contains(&self.tables) {
+            return Err(format!("tables must be 1..={TABLES_MAX}"));
+        }
+        if !(1..=CLIENTS_MAX).contains(&self.clients) {
+            return Err(format!("clients must be 1..={CLIENTS_MAX}"));
+        }
+        if !(1..=KEYS_MAX).contains(&self.keys) {
+            return Err(format!("keys must be 1..={KEYS_MAX}"));
+        }
+        if self.duration_s == 0 {
+            return Err("duration_s must be positive".into());
+        }
+        let f = &self.faults;
+        for (name, r) in [("interval_ms", f.interval_ms), ("latency_ms", f.latency_ms), ("fsync_ms", f.fsync_ms), ("downtime_ms", f.downtime_ms)] {
+            if r[0] > r[1] {
+                return Err(format!("faults.{name}: lower bound above upper bound"));
+            }
+        }
+        if !(0.0..=1.0).contains(&f.loss_rate) || !(0.0..=1.0).contains(&f.duplicate_rate) {
+            return Err("faults rates must be within 0..=1".into());
+        }
+        let w = &self.workload;
+        if w.put + w.get + w.serializable_get + w.delete + w.cas + w.range + w.read_at_revision == 0 {
+            return Err("workload weights are all zero".into());
+        }
+        Ok(())
+    }
+}
+
+/// Every `*.toml` under the given files or directories, sorted.
+pub fn collect(paths: &[String]) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        let path = Path::new(p);
+        if path.is_dir() {
+            let mut entries: Vec<_> = std::fs::read_dir(path)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            entries.sort();
+            out.extend(entries);
+        } else {
+            out.push(path.to_path_buf());
+        }
+    }
+    if out.is_empty() {
+        anyhow::bail!("no scenario files found in {paths:?}");
+    }
+    Ok(out)
+}

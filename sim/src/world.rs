@@ -1,0 +1,755 @@
+//! One simulated run: a leader cluster on madsim nodes running the real node
+//! runtime, clients on their own nodes, faults drawn from the seed, then a
+//! liveness phase with faults healed, then the checkers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use armada_core::canary::{self, Canary};
+use armada_core::engine::DurableImage;
+use armada_core::mvcc::{Fnv64, Mvcc};
+use armada_core::raft::{data_ns, ApplyObserver, ArmadaNode, FlushReason};
+use armada_core::{Engine, GroupId, MemEngine};
+use armada_net::sim::{SimFaults, SimTransport};
+use armada_proto::v1 as pb;
+use armada_server::flusher::{BatchingFlusher, DiskModel};
+use armada_server::network::RaftHandler;
+use armada_server::node::{Node, NodeConfig, NodeHooks, RaftTuning};
+use armada_server::service::{router, Api};
+use madsim::net::NetSim;
+use madsim::runtime::Handle;
+use madsim::task::NodeId;
+use tonic::transport::Channel;
+
+use crate::checks::{self, ApplyLog, LeaderLog};
+use crate::history::{Op, OpKind, OpResult, Outcome};
+use crate::linearizability;
+use crate::scenario::Scenario;
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Safety,
+    Liveness,
+    Crash,
+}
+
+impl Verdict {
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Safety => "safety",
+            Verdict::Liveness => "liveness",
+            Verdict::Crash => "crash",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub seed: u64,
+    pub verdict: Verdict,
+    pub trace: u64,
+    pub failures: Vec<String>,
+    pub sim_secs: f64,
+    pub real_secs: f64,
+    pub ops: usize,
+    pub ops_ok: usize,
+    pub indefinite: usize,
+    pub applied: u64,
+}
+
+/// A client request's deadline; past it the outcome is indefinite.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often the election-safety sampler looks at every group.
+const LEADER_SAMPLE_INTERVAL: Duration = Duration::from_millis(10);
+/// Client id of the final reads.
+const CHECKER_CLIENT: u32 = u32::MAX;
+
+struct Shared {
+    t0: Instant,
+    history: Mutex<Vec<Op>>,
+    apply: Mutex<ApplyLog>,
+    leaders: Mutex<LeaderLog>,
+    registry: Mutex<BTreeMap<u64, Weak<Node>>>,
+    trace: Mutex<Fnv64>,
+    liveness: Mutex<Vec<String>>,
+}
+
+impl Shared {
+    fn now_ns(&self) -> u64 {
+        self.t0.elapsed().as_nanos() as u64
+    }
+    fn trace(&self, parts: &[u64]) {
+        let mut t = self.trace.lock().unwrap_or_else(|p| p.into_inner());
+        for p in parts {
+            t.write_u64(*p);
+        }
+    }
+    fn trace_str(&self, s: &str) {
+        self.trace.lock().unwrap_or_else(|p| p.into_inner()).write_bytes(s.as_bytes());
+    }
+    fn nodes(&self) -> Vec<(u64, Arc<Node>)> {
+        self.registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(|(id, w)| w.upgrade().map(|n| (*id, n)))
+            .collect()
+    }
+    fn record(&self, op: Op) {
+        let outcome_tag = match &op.outcome {
+            Outcome::Ok(r) => 1 + r.revision(),
+            Outcome::Failed(_) => 0,
+            Outcome::Indefinite(_) => u64::MAX,
+        };
+        self.trace(&[op.client as u64, op.invoke_ns, op.complete_ns, outcome_tag]);
+        self.history.lock().unwrap_or_else(|p| p.into_inner()).push(op);
+    }
+}
+
+struct Observer {
+    node: u64,
+    shared: Arc<Shared>,
+}
+
+impl ApplyObserver for Observer {
+    fn applied(&self, group: GroupId, index: u64, digest: u64, revision: Option<u64>) {
+        self.shared.trace(&[self.node, group.0, index, digest]);
+        self.shared.apply.lock().unwrap_or_else(|p| p.into_inner()).record(self.node, group, index, digest, revision);
+    }
+}
+
+/// The simulated disk: syncs take a seeded random time; canaries lie.
+struct SimDisk {
+    fsync_ms: [u64; 2],
+}
+
+impl DiskModel for SimDisk {
+    fn sync_delay(&self) -> Duration {
+        Duration::from_micros(rand_range(self.fsync_ms[0] * 1000, self.fsync_ms[1] * 1000))
+    }
+    fn ack_before_sync(&self, reason: FlushReason) -> bool {
+        reason == FlushReason::Append && canary::active(Canary::AckBeforeFsync)
+    }
+}
+
+/// A seeded random number in `[lo, hi]`.
+fn rand_range(lo: u64, hi: u64) -> u64 {
+    if hi <= lo {
+        return lo;
+    }
+    lo + madsim::rand::random::<u64>() % (hi - lo + 1)
+}
+
+fn pick<T: Copy>(items: &[T]) -> T {
+    items[(madsim::rand::random::<u64>() % items.len() as u64) as usize]
+}
+
+fn node_ip(i: u64) -> String {
+    format!("10.0.0.{i}")
+}
+
+fn key_name(i: u32) -> String {
+    format!("k{i:04}")
+}
+
+fn table_name(i: u32) -> String {
+    format!("t{i}")
+}
+
+/// Mangles a crashed node's disk as the active canary dictates.
+fn canary_on_restart(disk: &DurableImage) {
+    if canary::active(Canary::LoseLastLogEntry) {
+        disk.mutate(|m| {
+            let mut last: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+            for k in m.keys() {
+                if k.len() == 18 && k[0] == b'g' && k[9] == b'L' {
+                    last.insert(k[..9].to_vec(), k.clone());
+                }
+            }
+            for k in last.values() {
+                m.remove(k);
+            }
+        });
+    }
+    if canary::active(Canary::SkipVoteFsync) {
+        disk.mutate(|m| m.retain(|k, _| !(k.len() == 10 && k[0] == b'g' && k[9] == b'V')));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn node_main(id: u64, cfg: NodeConfig, disk: DurableImage, starts: Arc<AtomicU32>, sc: Scenario, shared: Arc<Shared>) {
+    if starts.fetch_add(1, Ordering::SeqCst) > 0 {
+        canary_on_restart(&disk);
+    }
+    let engine: Arc<dyn Engine> = Arc::new(MemEngine::open(disk));
+    let flusher = Arc::new(BatchingFlusher::start(engine.clone(), Arc::new(SimDisk { fsync_ms: sc.faults.fsync_ms })));
+    let transport = Arc::new(
+        SimTransport::new(SimFaults { duplicate_rate: sc.faults.duplicate_rate }).await.expect("binding a simulated endpoint"),
+    );
+    let hooks = NodeHooks { apply_observer: Some(Arc::new(Observer { node: id, shared: shared.clone() })) };
+    let me = cfg.me().cloned().expect("the node is a member");
+    let node = Node::start_with(cfg, engine, flusher, transport, hooks).await.expect("node starts on its own disk");
+    shared.registry.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Arc::downgrade(&node));
+    let raft_addr: SocketAddr = me.raft_addr.parse().expect("simulated addresses are well-formed");
+    let handler = Arc::new(RaftHandler { node: Arc::downgrade(&node) });
+    tokio::spawn(async move {
+        if let Err(e) = armada_net::sim::serve(raft_addr, handler).await {
+            tracing::warn!("raft transport stopped: {e}");
+        }
+    });
+    let api_addr: SocketAddr = me.api_addr.parse().expect("simulated addresses are well-formed");
+    if let Err(e) = router(Api::new(node)).serve(api_addr).await {
+        tracing::warn!("api server stopped: {e}");
+    }
+}
+
+/// A client's connections, one per node, made on first use.
+struct Conns {
+    members: BTreeMap<u64, ArmadaNode>,
+    kv: BTreeMap<u64, pb::kv_client::KvClient<Channel>>,
+}
+
+impl Conns {
+    async fn kv(&mut self, node: u64) -> Option<pb::kv_client::KvClient<Channel>> {
+        if let Some(c) = self.kv.get(&node) {
+            return Some(c.clone());
+        }
+        let addr = &self.members.get(&node)?.api_addr;
+        let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?.connect_timeout(Duration::from_secs(1));
+        let ch = tokio::time::timeout(Duration::from_secs(2), ep.connect()).await.ok()?.ok()?;
+        let c = pb::kv_client::KvClient::new(ch);
+        self.kv.insert(node, c.clone());
+        Some(c)
+    }
+    fn drop_conn(&mut self, node: u64) {
+        self.kv.remove(&node);
+    }
+}
+
+fn definite(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(code, InvalidArgument | NotFound | OutOfRange | AlreadyExists | FailedPrecondition)
+}
+
+fn utf8(b: Vec<u8>) -> String {
+    String::from_utf8_lossy(&b).into_owned()
+}
+
+fn rev(h: &Option<pb::ResponseHeader>) -> u64 {
+    h.as_ref().map_or(0, |h| h.revision.max(0) as u64)
+}
+
+/// Sends one operation and classifies its outcome.
+async fn perform(conns: &mut Conns, node: u64, table: &str, kind: &OpKind) -> Outcome {
+    let Some(mut c) = conns.kv(node).await else {
+        return Outcome::Failed("cannot connect".into());
+    };
+    let is_write = matches!(kind, OpKind::Put { .. } | OpKind::Delete { .. } | OpKind::Cas { .. });
+    let t = table.to_string();
+    let fut = async {
+        match kind.clone() {
+            OpKind::Put { key, value } => c
+                .put(pb::PutRequest { table: t, key: key.into_bytes(), value: value.into_bytes(), prev_kv: false })
+                .await
+                .map(|r| OpResult::Put { revision: rev(&r.into_inner().header) }),
+            OpKind::Get { key, serializable } => c
+                .range(pb::RangeRequest { table: t, key: key.into_bytes(), serializable, ..Default::default() })
+                .await
+                .map(|r| {
+                    let r = r.into_inner();
+                    let value = r.kvs.into_iter().next().map(|kv| (utf8(kv.value), kv.mod_revision.max(0) as u64));
+                    OpResult::Get { value, revision: rev(&r.header) }
+                }),
+            OpKind::GetAt { key, revision } => c
+                .range(pb::RangeRequest { table: t, key: key.into_bytes(), revision: revision as i64, ..Default::default() })
+                .await
+                .map(|r| {
+                    let r = r.into_inner();
+                    let value = r.kvs.into_iter().next().map(|kv| (utf8(kv.value), kv.mod_revision.max(0) as u64));
+                    OpResult::Get { value, revision: rev(&r.header) }
+                }),
+            OpKind::Delete { key } => c
+                .delete_range(pb::DeleteRangeRequest { table: t, key: key.into_bytes(), ..Default::default() })
+                .await
+                .map(|r| {
+                    let r = r.into_inner();
+                    OpResult::Delete { deleted: r.deleted.max(0) as u64, revision: rev(&r.header) }
+                }),
+            OpKind::Cas { key, expect, new } => {
+                use pb::compare::{CompareResult, CompareTarget, TargetUnion};
+                let cmp = pb::Compare {
+                    result: CompareResult::Equal as i32,
+                    target: CompareTarget::Value as i32,
+                    key: key.clone().into_bytes(),
+                    target_union: Some(TargetUnion::Value(expect.into_bytes())),
+                    range_end: vec![],
+                };
+                let put = pb::RequestOp {
+                    request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                        key: key.into_bytes(),
+                        value: new.into_bytes(),
+                        ..Default::default()
+                    })),
+                };
+                c.txn(pb::TxnRequest { table: t, compare: vec![cmp], success: vec![put], failure: vec![] }).await.map(|r| {
+                    let r = r.into_inner();
+                    OpResult::Cas { succeeded: r.succeeded, revision: rev(&r.header) }
+                })
+            }
+            OpKind::Range => c
+                .range(pb::RangeRequest { table: t, key: b"k".to_vec(), range_end: b"l".to_vec(), ..Default::default() })
+                .await
+                .map(|r| {
+                    let r = r.into_inner();
+                    let kvs = r.kvs.into_iter().map(|kv| (utf8(kv.key), utf8(kv.value), kv.mod_revision.max(0) as u64)).collect();
+                    OpResult::Range { kvs, revision: rev(&r.header) }
+                }),
+        }
+    };
+    match tokio::time::timeout(CLIENT_TIMEOUT, fut).await {
+        Ok(Ok(r)) => Outcome::Ok(r),
+        Ok(Err(s)) => {
+            if !definite(s.code()) {
+                conns.drop_conn(node);
+            }
+            if is_write && !definite(s.code()) {
+                Outcome::Indefinite(format!("{:?}: {}", s.code(), s.message()))
+            } else {
+                Outcome::Failed(format!("{:?}: {}", s.code(), s.message()))
+            }
+        }
+        Err(_) => {
+            conns.drop_conn(node);
+            if is_write {
+                Outcome::Indefinite("client timeout".into())
+            } else {
+                Outcome::Failed("client timeout".into())
+            }
+        }
+    }
+}
+
+async fn client_main(cid: u32, sc: Scenario, members: BTreeMap<u64, ArmadaNode>, shared: Arc<Shared>, until_ns: u64) {
+    let mut conns = Conns { members, kv: BTreeMap::new() };
+    let w = &sc.workload;
+    let weights = [w.put, w.get, w.serializable_get, w.delete, w.cas, w.range, w.read_at_revision];
+    let total: u32 = weights.iter().sum();
+    let mut seq = 0u64;
+    // Last value and revisions this client saw, to make CAS and reads at a
+    // revision meaningful.
+    let mut seen_value: BTreeMap<(String, String), String> = BTreeMap::new();
+    let mut seen_revs: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    while shared.now_ns() < until_ns {
+        let table = table_name(rand_range(0, sc.tables as u64 - 1) as u32);
+        let key = key_name(rand_range(0, sc.keys as u64 - 1) as u32);
+        let node = rand_range(1, sc.nodes as u64);
+        seq += 1;
+        let fresh = format!("c{cid}-{seq}");
+        let mut roll = (madsim::rand::random::<u64>() % total as u64) as u32;
+        let mut choice = 0;
+        for (i, wt) in weights.iter().enumerate() {
+            if roll < *wt {
+                choice = i;
+                break;
+            }
+            roll -= wt;
+        }
+        let kind = match choice {
+            0 => OpKind::Put { key: key.clone(), value: fresh },
+            1 => OpKind::Get { key: key.clone(), serializable: false },
+            2 => OpKind::Get { key: key.clone(), serializable: true },
+            3 => OpKind::Delete { key: key.clone() },
+            4 => {
+                let expect = seen_value.get(&(table.clone(), key.clone())).cloned().unwrap_or_else(|| "none".into());
+                OpKind::Cas { key: key.clone(), expect, new: fresh }
+            }
+            5 => OpKind::Range,
+            _ => match seen_revs.get(&table).filter(|v| !v.is_empty()) {
+                Some(v) => OpKind::GetAt { key: key.clone(), revision: pick(v) },
+                None => OpKind::Get { key: key.clone(), serializable: false },
+            },
+        };
+        let invoke_ns = shared.now_ns();
+        let outcome = perform(&mut conns, node, &table, &kind).await;
+        let complete_ns = shared.now_ns();
+        if let Outcome::Ok(r) = &outcome {
+            let revs = seen_revs.entry(table.clone()).or_default();
+            if revs.len() < 64 {
+                revs.push(r.revision());
+            } else {
+                let slot = (madsim::rand::random::<u64>() % 64) as usize;
+                revs[slot] = r.revision();
+            }
+            match (&kind, r) {
+                (OpKind::Get { key, .. }, OpResult::Get { value: Some((v, _)), .. }) => {
+                    seen_value.insert((table.clone(), key.clone()), v.clone());
+                }
+                (OpKind::Put { key, value }, _) => {
+                    seen_value.insert((table.clone(), key.clone()), value.clone());
+                }
+                _ => {}
+            }
+        }
+        shared.record(Op { client: cid, table, kind, invoke_ns, complete_ns, outcome });
+        tokio::time::sleep(Duration::from_millis(rand_range(0, 20))).await;
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Down {
+    Crashed,
+    Paused,
+}
+
+/// Injects faults until `until_ns`, then heals everything.
+async fn fault_loop(sc: Scenario, handle: Handle, ids: Vec<NodeId>, shared: Arc<Shared>, until_ns: u64) {
+    let f = &sc.faults;
+    let weights = [f.crash, f.pause, f.partition, f.one_way, f.isolate, f.loss];
+    let total: u32 = weights.iter().sum();
+    let net = NetSim::current();
+    let n = ids.len();
+    let down: Arc<Mutex<BTreeMap<usize, Down>>> = Arc::new(Mutex::new(BTreeMap::new()));
+    let max_down = ((n - 1) / 2).max(1);
+    let heal_net = |net: &NetSim| {
+        for a in &ids {
+            net.unclog_node(*a);
+            for b in &ids {
+                if a != b {
+                    net.unclog_link(*a, *b);
+                }
+            }
+        }
+        net.update_config(|c| c.packet_loss_rate = 0.0);
+    };
+    while total > 0 && shared.now_ns() < until_ns {
+        tokio::time::sleep(Duration::from_millis(rand_range(f.interval_ms[0], f.interval_ms[1]))).await;
+        heal_net(&net);
+        let mut roll = (madsim::rand::random::<u64>() % total as u64) as u32;
+        let mut choice = 0;
+        for (i, w) in weights.iter().enumerate() {
+            if roll < *w {
+                choice = i;
+                break;
+            }
+            roll -= w;
+        }
+        let victim = rand_range(0, n as u64 - 1) as usize;
+        shared.trace(&[0xfa17, choice as u64, victim as u64]);
+        match choice {
+            0 | 1 => {
+                let mut d = down.lock().unwrap_or_else(|p| p.into_inner());
+                if d.len() >= max_down || d.contains_key(&victim) {
+                    continue;
+                }
+                let kind = if choice == 0 { Down::Crashed } else { Down::Paused };
+                d.insert(victim, kind);
+                drop(d);
+                if kind == Down::Crashed {
+                    handle.kill(ids[victim]);
+                } else {
+                    handle.pause(ids[victim]);
+                }
+                let (down, handle, id) = (down.clone(), handle.clone(), ids[victim]);
+                let downtime = Duration::from_millis(rand_range(f.downtime_ms[0], f.downtime_ms[1]));
+                tokio::spawn(async move {
+                    tokio::time::sleep(downtime).await;
+                    let k = down.lock().unwrap_or_else(|p| p.into_inner()).remove(&victim);
+                    match k {
+                        Some(Down::Crashed) => handle.restart(id),
+                        Some(Down::Paused) => handle.resume(id),
+                        None => {}
+                    }
+                });
+            }
+            2 => {
+                let side: BTreeSet<usize> = (0..n).filter(|_| madsim::rand::random::<bool>()).collect();
+                for a in 0..n {
+                    for b in 0..n {
+                        if side.contains(&a) != side.contains(&b) {
+                            net.clog_link(ids[a], ids[b]);
+                        }
+                    }
+                }
+            }
+            3 => {
+                let other = rand_range(0, n as u64 - 1) as usize;
+                if other != victim {
+                    net.clog_link(ids[victim], ids[other]);
+                }
+            }
+            4 => net.clog_node(ids[victim]),
+            _ => {
+                let rate = f.loss_rate;
+                net.update_config(|c| c.packet_loss_rate = rate);
+            }
+        }
+    }
+    heal_net(&net);
+    let pending: Vec<(usize, Down)> = std::mem::take(&mut *down.lock().unwrap_or_else(|p| p.into_inner())).into_iter().collect();
+    for (i, k) in pending {
+        match k {
+            Down::Crashed => handle.restart(ids[i]),
+            Down::Paused => handle.resume(ids[i]),
+        }
+    }
+}
+
+/// Samples which node leads each group, for election safety.
+async fn leader_sampler(shared: Arc<Shared>, until_ns: u64) {
+    while shared.now_ns() < until_ns {
+        for (id, node) in shared.nodes() {
+            for g in node.groups() {
+                if node.is_leader(&g) {
+                    let term = node.header(&g).term;
+                    shared.leaders.lock().unwrap_or_else(|p| p.into_inner()).record(g.id, term, id);
+                }
+            }
+        }
+        tokio::time::sleep(LEADER_SAMPLE_INTERVAL).await;
+    }
+}
+
+/// After faults heal: every table commits a write, every node applies it,
+/// and the final state of every key is read linearizably.
+async fn liveness_and_final_reads(sc: Scenario, members: BTreeMap<u64, ArmadaNode>, shared: Arc<Shared>) {
+    let deadline_ns = shared.now_ns() + sc.liveness_s * 1_000_000_000;
+    let mut conns = Conns { members, kv: BTreeMap::new() };
+    let fail = |m: String| shared.liveness.lock().unwrap_or_else(|p| p.into_inner()).push(m);
+    for t in 0..sc.tables {
+        let table = table_name(t);
+        // A committed write in every table.
+        let mut committed = None;
+        let mut node = 1;
+        while committed.is_none() && shared.now_ns() < deadline_ns {
+            let kind = OpKind::Put { key: "sentinel".into(), value: format!("s{t}") };
+            if let Outcome::Ok(OpResult::Put { revision }) = perform(&mut conns, node, &table, &kind).await {
+                committed = Some(revision);
+            } else {
+                node = node % sc.nodes as u64 + 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let Some(revision) = committed else {
+            fail(format!("liveness: table {table} committed no write within {}s after faults healed", sc.liveness_s));
+            continue;
+        };
+        // Every node applies it.
+        loop {
+            let behind: Vec<u64> = (1..=sc.nodes as u64)
+                .filter(|id| {
+                    let nodes = shared.nodes();
+                    let Some((_, n)) = nodes.iter().find(|(i, _)| i == id) else { return true };
+                    let Ok(Some(info)) = armada_core::command::Catalog::new(&**n.engine(), data_ns(GroupId::META)).get(&table) else {
+                        return true;
+                    };
+                    Mvcc::new(&**n.engine(), data_ns(info.id)).rev_state().map_or(true, |s| s.current < revision)
+                })
+                .collect();
+            if behind.is_empty() {
+                break;
+            }
+            if shared.now_ns() >= deadline_ns {
+                fail(format!("liveness: nodes {behind:?} did not apply revision {revision} of table {table}"));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Final linearizable reads of every key.
+        for k in 0..sc.keys {
+            let kind = OpKind::Get { key: key_name(k), serializable: false };
+            loop {
+                let invoke_ns = shared.now_ns();
+                let outcome = perform(&mut conns, node, &table, &kind).await;
+                let complete_ns = shared.now_ns();
+                let ok = matches!(outcome, Outcome::Ok(_));
+                if ok {
+                    shared.record(Op { client: CHECKER_CLIENT, table: table.clone(), kind: kind.clone(), invoke_ns, complete_ns, outcome });
+                    break;
+                }
+                if shared.now_ns() >= deadline_ns {
+                    fail(format!("liveness: final read of {} in {table} kept failing", key_name(k)));
+                    break;
+                }
+                node = node % sc.nodes as u64 + 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+async fn world(sc: Scenario, shared: Arc<Shared>) {
+    let handle = Handle::current();
+    let members: BTreeMap<u64, ArmadaNode> = (1..=sc.nodes as u64)
+        .map(|i| (i, ArmadaNode { raft_addr: format!("{}:5012", node_ip(i)), api_addr: format!("{}:8443", node_ip(i)) }))
+        .collect();
+    let tuning = RaftTuning {
+        snapshot_after_logs: sc.snapshot_after_logs,
+        logs_kept_after_snapshot: sc.snapshot_after_logs / 2,
+        ..RaftTuning::default()
+    };
+    let mut ids = Vec::new();
+    for i in 1..=sc.nodes as u64 {
+        let cfg = NodeConfig {
+            id: i,
+            members: members.clone(),
+            raft: tuning.clone(),
+            request_timeout: Duration::from_secs(2),
+        };
+        let disk = DurableImage::new();
+        let starts = Arc::new(AtomicU32::new(0));
+        let (sc2, shared2) = (sc.clone(), shared.clone());
+        let node = handle
+            .create_node()
+            .name(format!("node-{i}"))
+            .ip(node_ip(i).parse().expect("valid ip"))
+            .init(move || node_main(i, cfg.clone(), disk.clone(), starts.clone(), sc2.clone(), shared2.clone()))
+            .build();
+        ids.push(node.id());
+    }
+    // Setup: create the tables (retrying until the cluster has a leader).
+    let setup = handle.create_node().name("setup").ip("10.1.0.1".parse().expect("valid ip")).build();
+    let (sc2, members2) = (sc.clone(), members.clone());
+    let created = setup
+        .spawn(async move {
+            for t in 0..sc2.tables {
+                let mut done = false;
+                for attempt in 0..200u64 {
+                    let node = attempt % sc2.nodes as u64 + 1;
+                    let addr = &members2[&node].api_addr;
+                    if let Ok(mut c) = pb::tables_client::TablesClient::connect(format!("http://{addr}")).await {
+                        match c.create(pb::CreateTableRequest { name: table_name(t) }).await {
+                            Ok(_) => done = true,
+                            Err(s) if s.code() == tonic::Code::AlreadyExists => done = true,
+                            Err(_) => {}
+                        }
+                    }
+                    if done {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                if !done {
+                    return false;
+                }
+            }
+            true
+        })
+        .await
+        .unwrap_or(false);
+    if !created {
+        shared.liveness.lock().unwrap_or_else(|p| p.into_inner()).push("liveness: tables could not be created".into());
+        return;
+    }
+    let until_ns = shared.now_ns() + sc.duration_s * 1_000_000_000;
+    let sampler = tokio::spawn(leader_sampler(shared.clone(), u64::MAX));
+    let faults = tokio::spawn(fault_loop(sc.clone(), handle.clone(), ids.clone(), shared.clone(), until_ns));
+    let mut clients = Vec::new();
+    for c in 0..sc.clients {
+        let ip = format!("10.2.{}.{}", c / 200, c % 200 + 1);
+        let node = handle.create_node().name(format!("client-{c}")).ip(ip.parse().expect("valid ip")).build();
+        clients.push(node.spawn(client_main(c, sc.clone(), members.clone(), shared.clone(), until_ns)));
+    }
+    for c in clients {
+        let _ = c.await;
+    }
+    let _ = faults.await;
+    let checker = handle.create_node().name("checker").ip("10.1.0.2".parse().expect("valid ip")).build();
+    let _ = checker.spawn(liveness_and_final_reads(sc.clone(), members.clone(), shared.clone())).await;
+    sampler.abort();
+}
+
+/// Runs one seed of a scenario, with `canary` switched on (if any).
+pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
+    canary::set(canary_on);
+    let real_start = std::time::SystemTime::now();
+    let mut config = madsim::Config::default();
+    config.net.send_latency =
+        Duration::from_millis(sc.faults.latency_ms[0])..Duration::from_millis(sc.faults.latency_ms[1].max(sc.faults.latency_ms[0] + 1));
+    let rt = madsim::runtime::Runtime::with_seed_and_config(seed, config);
+    let sc2 = sc.clone();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        rt.block_on(async move {
+            let shared = Arc::new(Shared {
+                t0: Instant::now(),
+                history: Mutex::new(Vec::new()),
+                apply: Mutex::new(ApplyLog::default()),
+                leaders: Mutex::new(LeaderLog::default()),
+                registry: Mutex::new(BTreeMap::new()),
+                trace: Mutex::new(Fnv64::new()),
+                liveness: Mutex::new(Vec::new()),
+            });
+            shared.trace_str(&sc2.name);
+            world(sc2, shared.clone()).await;
+            let sim_ns = shared.now_ns();
+            shared.trace(&[sim_ns]);
+            (shared, sim_ns)
+        })
+    }));
+    canary::set(None);
+    let real_secs = real_start.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    let (shared, sim_ns) = match result {
+        Ok(s) => s,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".into());
+            return Report {
+                seed,
+                verdict: Verdict::Crash,
+                trace: 0,
+                failures: vec![format!("crash: {msg}")],
+                sim_secs: 0.0,
+                real_secs,
+                ops: 0,
+                ops_ok: 0,
+                indefinite: 0,
+                applied: 0,
+            };
+        }
+    };
+    let history = std::mem::take(&mut *shared.history.lock().unwrap_or_else(|p| p.into_inner()));
+    let keys: Vec<String> = (0..sc.keys).map(key_name).collect();
+    let mut safety = Vec::new();
+    safety.extend(shared.apply.lock().unwrap_or_else(|p| p.into_inner()).violations.iter().take(5).cloned());
+    safety.extend(shared.leaders.lock().unwrap_or_else(|p| p.into_inner()).violations.iter().take(5).cloned());
+    if let Err(e) = checks::revisions(&history) {
+        safety.push(e);
+    }
+    if let Err(e) = checks::reads_at_revision(&history) {
+        safety.push(e);
+    }
+    if let Err(e) = linearizability::check(&history, &keys) {
+        safety.push(e.to_string());
+    }
+    let liveness = shared.liveness.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let verdict = if !safety.is_empty() {
+        Verdict::Safety
+    } else if !liveness.is_empty() {
+        Verdict::Liveness
+    } else {
+        Verdict::Pass
+    };
+    let trace = shared.trace.lock().unwrap_or_else(|p| p.into_inner()).finish();
+    let sim_secs = sim_ns as f64 / 1e9;
+    let applied = shared.apply.lock().unwrap_or_else(|p| p.into_inner()).applied_count;
+    Report {
+        seed,
+        verdict,
+        trace,
+        failures: safety.into_iter().chain(liveness).collect(),
+        sim_secs,
+        real_secs,
+        ops: history.len(),
+        ops_ok: history.iter().filter(|o| matches!(o.outcome, Outcome::Ok(_))).count(),
+        indefinite: history.iter().filter(|o| matches!(o.outcome, Outcome::Indefinite(_))).count(),
+        applied,
+    }
+}
