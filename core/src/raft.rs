@@ -342,7 +342,11 @@ impl<RT: Runtime> RaftLogStorage<ArmadaRaft<RT>> for LogStore<RT> {
         // so if this purge survives a crash, so did the state-machine writes
         // (made before it) that cover the purged entries.
         let mut b = WriteBatch::new();
-        b.put(self.key(b'P'), enc(&Some(log_id.clone())));
+        // Stored as a bare log id: `get_log_state` decodes it as one. (It
+        // once stored `Some(log_id)`, which decoded as a wrong index and left
+        // restarted groups unable to start; found by the simulator,
+        // crashes-3 seed 1, pinned in `sim/tests`.)
+        b.put(self.key(b'P'), enc(&log_id));
         b.delete_range(self.entry_key(0), self.entry_key(log_id.index.saturating_add(1)));
         self.engine.write(b).map_err(io_err)
     }
@@ -354,7 +358,7 @@ impl<RT: Runtime> RaftLogStorage<ArmadaRaft<RT>> for LogStore<RT> {
 pub trait ApplyObserver: Send + Sync + 'static {
     /// `digest` covers the entry's log id and payload; `revision` is the
     /// table's revision after the entry (`None` for the metadata group).
-    fn applied(&self, group: GroupId, index: u64, digest: u64, revision: Option<u64>);
+    fn applied(&self, group: GroupId, index: u64, term: u64, digest: u64, revision: Option<u64>);
 }
 
 /// What a group's state machine holds.
@@ -501,7 +505,7 @@ impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
                     }
                     GroupKind::Meta => None,
                 };
-                obs.applied(self.group, log_id.index, h.finish(), revision);
+                obs.applied(self.group, log_id.index, log_id.leader_id.term, h.finish(), revision);
             }
             if let Some(r) = responder {
                 r.send(response);

@@ -197,6 +197,12 @@ impl Node {
             election_timeout_max: t.election_timeout_max_ms,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(t.snapshot_after_logs),
             max_in_snapshot_log_to_keep: t.logs_kept_after_snapshot,
+            // A restarted leader must win a new election. Restoring
+            // leadership in the old term (openraft's default) lets a leader
+            // that lost its unsynced log tail in a crash write different
+            // entries at indices its followers already hold for that term,
+            // breaking log matching. Found by the simulator: crashes-3 seed 2.
+            enable_leader_restore: Some(false),
             ..Default::default()
         };
         c.validate().map(Arc::new).map_err(|e| ApiError::Internal(format!("raft config: {e}")))

@@ -112,8 +112,8 @@ pub fn reads_at_revision(history: &[Op]) -> Result<(), String> {
 /// What the replicas applied, reported by every node's state machines.
 #[derive(Default)]
 pub struct ApplyLog {
-    /// (group, index) -> (digest, revision after, first node to apply it).
-    applied: BTreeMap<(GroupId, u64), (u64, Option<u64>, u64)>,
+    /// (group, index) -> (digest, revision after, first node to apply it, term).
+    applied: BTreeMap<(GroupId, u64), (u64, Option<u64>, u64, u64)>,
     pub violations: Vec<String>,
     pub applied_count: u64,
 }
@@ -123,28 +123,28 @@ impl ApplyLog {
     /// increasing): every replica applies the same entry and reaches the
     /// same revision at each index, and each entry moves the revision by 0
     /// or 1 from the entry before it.
-    pub fn record(&mut self, node: u64, group: GroupId, index: u64, digest: u64, revision: Option<u64>) {
+    pub fn record(&mut self, node: u64, group: GroupId, index: u64, term: u64, digest: u64, revision: Option<u64>) {
         self.applied_count += 1;
         match self.applied.get(&(group, index)) {
-            Some((d, r, first)) => {
+            Some((d, r, first, t)) => {
                 if *d != digest || *r != revision {
                     self.violations.push(format!(
-                        "S4 group {group} index {index}: node {node} applied a different entry than node {first} (revision {revision:?} vs {r:?})"
+                        "S4 group {group} index {index}: node {node} applied term {term} revision {revision:?}, node {first} applied term {t} revision {r:?}"
                     ));
                 }
             }
             None => {
-                if let (Some(rev), Some((_, Some(prev), _))) = (revision, index.checked_sub(1).and_then(|i| self.applied.get(&(group, i)))) {
+                if let (Some(rev), Some((_, Some(prev), _, _))) = (revision, index.checked_sub(1).and_then(|i| self.applied.get(&(group, i)))) {
                     if rev != *prev && rev != prev + 1 {
                         self.violations.push(format!(
                             "S3 group {group} index {index}: revision went from {prev} to {rev}"
                         ));
                     }
                 }
-                self.applied.insert((group, index), (digest, revision, node));
+                self.applied.insert((group, index), (digest, revision, node, term));
             }
         }
-        if let (Some(rev), Some((_, Some(next), _))) = (revision, self.applied.get(&(group, index + 1))) {
+        if let (Some(rev), Some((_, Some(next), _, _))) = (revision, self.applied.get(&(group, index + 1))) {
             if *next != rev && *next != rev + 1 {
                 self.violations.push(format!("S3 group {group} index {}: revision went from {rev} to {next}", index + 1));
             }

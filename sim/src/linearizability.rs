@@ -7,7 +7,7 @@
 //! or never. A search that exceeds its step budget is reported as a failure,
 //! never as a pass.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use crate::history::{Op, OpKind, OpResult, Outcome};
 
@@ -76,10 +76,51 @@ impl Interner {
     }
 }
 
+/// Symbol shared by every value that no read returns and no compare names.
+/// The register model only tests values for equality against observed
+/// values, so unobserved values are interchangeable; giving them one symbol
+/// lets the memoisation merge states that differ only in such values (the
+/// difference between seconds and hours on histories with many indefinite
+/// writes).
+const UNOBSERVED: Sym = 0;
+
+/// Values observed per (table, key): returned by a read or expected by a CAS.
+fn observed(history: &[Op], keys: &[String]) -> BTreeSet<(String, String, String)> {
+    let mut seen = BTreeSet::new();
+    for op in history {
+        match (&op.kind, &op.outcome) {
+            (OpKind::Cas { key, expect, .. }, _) => {
+                seen.insert((op.table.clone(), key.clone(), expect.clone()));
+            }
+            (OpKind::Get { key, .. }, Outcome::Ok(OpResult::Get { value: Some((v, _)), .. })) => {
+                seen.insert((op.table.clone(), key.clone(), v.clone()));
+            }
+            (OpKind::Range, Outcome::Ok(OpResult::Range { kvs, .. })) => {
+                for (k, v, _) in kvs {
+                    if keys.contains(k) {
+                        seen.insert((op.table.clone(), k.clone(), v.clone()));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    seen
+}
+
 /// Projects the history onto per-(table, key) register operations.
 fn project(history: &[Op], keys: &[String]) -> BTreeMap<(String, String), Vec<KeyOp>> {
     let mut out: BTreeMap<(String, String), Vec<KeyOp>> = BTreeMap::new();
+    let seen = observed(history, keys);
     let mut names = Interner::default();
+    names.id("\u{0}unobserved");
+    let written = |table: &str, key: &str, v: &str, names: &mut Interner| -> Sym {
+        if seen.contains(&(table.to_string(), key.to_string(), v.to_string())) {
+            names.id(v)
+        } else {
+            UNOBSERVED
+        }
+    };
     for (i, op) in history.iter().enumerate() {
         let (ret, res) = match &op.outcome {
             Outcome::Failed(_) => continue,
@@ -98,7 +139,7 @@ fn project(history: &[Op], keys: &[String]) -> BTreeMap<(String, String), Vec<Ke
         };
         match (&op.kind, res) {
             (OpKind::Put { key, value }, _) => {
-                let v = names.id(value);
+                let v = written(&op.table, key, value, &mut names);
                 push(key, KOp::Write(Some(v)), Some(KRes::None));
             }
             (OpKind::Delete { key }, r) => {
@@ -109,7 +150,7 @@ fn project(history: &[Op], keys: &[String]) -> BTreeMap<(String, String), Vec<Ke
                 push(key, KOp::Delete, kres);
             }
             (OpKind::Cas { key, expect, new }, r) => {
-                let (e, n) = (names.id(expect), names.id(new));
+                let (e, n) = (names.id(expect), written(&op.table, key, new, &mut names));
                 let kres = match r {
                     Some(OpResult::Cas { succeeded, .. }) => Some(KRes::Cas(*succeeded)),
                     _ => None,
@@ -210,6 +251,27 @@ fn search(ops: &[KeyOp], steps_max: u64) -> KeyVerdict {
             prev[nx] = e;
         }
     };
+    // Indefinite operations with the same effect are interchangeable: only
+    // the earliest-invoked of a class that is not yet linearized may be
+    // linearized next. (Whenever a later one is invoked, the earlier one is
+    // too, and neither has a response to respect, so swapping them never
+    // turns a valid order invalid.) Without this, k pending indefinite
+    // writes cost 2^k subsets; with it, k + 1.
+    let mut prev_same: Vec<Option<usize>> = vec![None; n];
+    {
+        let mut last: Vec<(KOp, usize)> = Vec::new();
+        let mut order: Vec<usize> = (0..n).filter(|&i| ops[i].ret == u64::MAX).collect();
+        order.sort_by_key(|&i| (ops[i].call, i));
+        for i in order {
+            match last.iter_mut().find(|(k, _)| *k == ops[i].op) {
+                Some(slot) => {
+                    prev_same[i] = Some(slot.1);
+                    slot.1 = i;
+                }
+                None => last.push((ops[i].op, i)),
+            }
+        }
+    }
     let completed = ops.iter().filter(|o| o.ret != u64::MAX).count();
     let words = n.div_ceil(64).max(1);
     let mut bits = vec![0u64; words];
@@ -230,7 +292,8 @@ fn search(ops: &[KeyOp], steps_max: u64) -> KeyVerdict {
         let mut backtrack = cur == end;
         if !backtrack {
             let (_, _, i, is_call) = events[cur];
-            if is_call {
+            let blocked = prev_same[i].is_some_and(|j| bits[j / 64] & (1 << (j % 64)) == 0);
+            if is_call && !blocked {
                 let o = &ops[i];
                 if let Some(new_state) = step(state, o.op, o.res) {
                     bits[i / 64] |= 1 << (i % 64);
@@ -249,6 +312,10 @@ fn search(ops: &[KeyOp], steps_max: u64) -> KeyVerdict {
                     }
                     bits[i / 64] &= !(1 << (i % 64));
                 }
+                cur = next[cur];
+                continue;
+            }
+            if is_call {
                 cur = next[cur];
                 continue;
             }
@@ -366,6 +433,19 @@ mod tests {
         assert_eq!(check(&h, &keys), Ok(()));
         let h = vec![op(0, 10, put("k", "a"), put_ok()), op(20, 30, cas("x", "b"), cas_res(true))];
         assert!(check(&h, &keys).is_err());
+    }
+
+    #[test]
+    fn many_concurrent_indefinite_writes_stay_cheap() {
+        let keys = vec!["k".to_string()];
+        // 60 pending indefinite writes of unobserved values and reads
+        // around them: exponential without the symmetry reduction.
+        let mut h: Vec<Op> =
+            (0..60).map(|i| op(i, i + 1, put("k", &format!("v{i}")), Outcome::Indefinite("timeout".into()))).collect();
+        h.push(op(100, 110, put("k", "seen"), put_ok()));
+        h.push(op(120, 130, get("k"), got(Some("seen"))));
+        h.push(op(140, 150, get("k"), got(Some("zzz"))));
+        assert!(matches!(check_with_budget(&h, &keys, 200_000), Err(Failure::NotLinearizable { .. })));
     }
 
     #[test]

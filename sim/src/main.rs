@@ -125,6 +125,13 @@ mod sim_main {
     }
 
     pub fn main() -> i32 {
+        // Logs only when asked (they are large): ARMADA_SIM_LOG=armada_server=info,openraft=warn
+        if let Ok(filter) = std::env::var("ARMADA_SIM_LOG") {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_writer(std::io::stderr)
+                .init();
+        }
         let cli = Cli::parse();
         match cli.cmd {
             Cmd::Run { scenario, seed, canary } => {

@@ -118,9 +118,9 @@ struct Observer {
 }
 
 impl ApplyObserver for Observer {
-    fn applied(&self, group: GroupId, index: u64, digest: u64, revision: Option<u64>) {
+    fn applied(&self, group: GroupId, index: u64, term: u64, digest: u64, revision: Option<u64>) {
         self.shared.trace(&[self.node, group.0, index, digest]);
-        self.shared.apply.lock().unwrap_or_else(|p| p.into_inner()).record(self.node, group, index, digest, revision);
+        self.shared.apply.lock().unwrap_or_else(|p| p.into_inner()).record(self.node, group, index, term, digest, revision);
     }
 }
 
@@ -515,6 +515,30 @@ async fn leader_sampler(shared: Arc<Shared>, until_ns: u64) {
     }
 }
 
+/// Raft state of every group on every live node, for liveness reports.
+fn diagnose(shared: &Shared) -> String {
+    let mut out = String::new();
+    for (id, node) in shared.nodes() {
+        for g in node.groups() {
+            let m = g.raft.metrics();
+            let m = openraft::async_runtime::WatchReceiver::borrow_watched(&m);
+            out.push_str(&format!(
+                "\n    node {id} group {} state {:?} term {} leader {:?} last_log {:?} committed {:?} applied {:?} purged {:?} running {:?}",
+                g.id,
+                m.state,
+                m.current_term,
+                m.current_leader,
+                m.last_log_index,
+                m.local_committed.as_ref().map(|l| l.index),
+                m.last_applied.as_ref().map(|l| l.index),
+                m.purged.as_ref().map(|l| l.index),
+                m.running_state,
+            ));
+        }
+    }
+    out
+}
+
 /// After faults heal: every table commits a write, every node applies it,
 /// and the final state of every key is read linearizably.
 async fn liveness_and_final_reads(sc: Scenario, members: BTreeMap<u64, ArmadaNode>, shared: Arc<Shared>) {
@@ -536,7 +560,11 @@ async fn liveness_and_final_reads(sc: Scenario, members: BTreeMap<u64, ArmadaNod
             }
         }
         let Some(revision) = committed else {
-            fail(format!("liveness: table {table} committed no write within {}s after faults healed", sc.liveness_s));
+            fail(format!(
+                "liveness: table {table} committed no write within {}s after faults healed{}",
+                sc.liveness_s,
+                diagnose(&shared)
+            ));
             continue;
         };
         // Every node applies it.
