@@ -100,3 +100,34 @@ async fn three_nodes_replicate_writes_and_serve_linearizable_reads() {
     let bad = retry(&nodes, |n| async move { n.write("t", TableCommand::Put(PutRequest::default()), 0).await }).await;
     assert_eq!(bad.err(), Some(ApiError::Kv(KvError::EmptyKey)));
 }
+
+mod storage_suite {
+    use std::sync::Arc;
+
+    use armada_core::raft::{GroupKind, InlineFlusher, LogStore, StateMachine};
+    use armada_core::{Engine, GroupId, MemEngine};
+    use armada_server::node::C;
+    use armada_server::rt::ArmadaRt;
+    use openraft::testing::log::{StoreBuilder, Suite};
+    use openraft::StorageError;
+
+    struct Builder;
+
+    impl StoreBuilder<C, LogStore<ArmadaRt>, StateMachine<ArmadaRt>> for Builder {
+        async fn build(&self) -> Result<((), LogStore<ArmadaRt>, StateMachine<ArmadaRt>), StorageError<C>> {
+            let engine: Arc<dyn Engine> = Arc::new(MemEngine::new());
+            let flusher = Arc::new(InlineFlusher(engine.clone()));
+            let log = LogStore::new(engine.clone(), GroupId(7), flusher.clone());
+            let sm = StateMachine::new(engine, GroupId(7), GroupKind::Table, flusher);
+            Ok(((), log, sm))
+        }
+    }
+
+    /// openraft's own conformance suite for log stores and state machines,
+    /// run against Armada's adapters over the in-memory engine. (It covers,
+    /// among others, the purge marker that once decoded with the wrong type.)
+    #[tokio::test(flavor = "current_thread")]
+    async fn openraft_storage_suite_passes() {
+        Suite::test_all(Builder).await.expect("storage suite");
+    }
+}
