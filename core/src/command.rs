@@ -169,7 +169,9 @@ impl<'e> Catalog<'e> {
 
     pub fn get(&self, name: &str) -> Result<Option<TableInfo>, EngineError> {
         match self.engine.get(&self.table_key(name))? {
-            Some(v) => postcard::from_bytes(&v).map(Some).map_err(|e| EngineError::Corrupt(format!("catalog entry: {e}"))),
+            Some(v) => {
+                postcard::from_bytes(&v).map(Some).map_err(|e| EngineError::Corrupt(format!("catalog entry: {e}")))
+            }
             None => Ok(None),
         }
     }
@@ -209,7 +211,9 @@ impl<'e> Catalog<'e> {
                     return Ok((batch, Err(MetaError::TableExists(name.clone()))));
                 }
                 let counters = match self.engine.get(&self.counters_key())? {
-                    Some(v) => postcard::from_bytes(&v).map_err(|e| EngineError::Corrupt(format!("catalog counters: {e}")))?,
+                    Some(v) => {
+                        postcard::from_bytes(&v).map_err(|e| EngineError::Corrupt(format!("catalog counters: {e}")))?
+                    }
                     None => CatalogCounters { next_table_id: 1 },
                 };
                 let info = TableInfo { name: name.clone(), id: GroupId(counters.next_table_id) };

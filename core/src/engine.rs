@@ -26,10 +26,18 @@ pub enum EngineError {
 /// One operation of an atomic [`WriteBatch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BatchOp {
-    Put { key: Vec<u8>, value: Vec<u8> },
-    Delete { key: Vec<u8> },
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        key: Vec<u8>,
+    },
     /// Deletes every key in `[start, end)`.
-    DeleteRange { start: Vec<u8>, end: Vec<u8> },
+    DeleteRange {
+        start: Vec<u8>,
+        end: Vec<u8>,
+    },
 }
 
 /// A set of writes applied atomically, in order.
@@ -67,6 +75,9 @@ impl WriteBatch {
     }
 }
 
+/// A key and its value, as returned by [`Engine::last`].
+pub type Pair = (Vec<u8>, Vec<u8>);
+
 /// An ordered byte-key store. Methods take `&self`: engines synchronise
 /// internally because several Raft groups and readers share one engine.
 pub trait Engine: Send + Sync + 'static {
@@ -74,15 +85,10 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Visits every key in `[start, end)` in ascending order until `visit`
     /// returns `false`. `visit` must not call back into the engine.
-    fn scan(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), EngineError>;
+    fn scan(&self, start: &[u8], end: &[u8], visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), EngineError>;
 
     /// The greatest key in `[start, end)` with its value.
-    fn last(&self, start: &[u8], end: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, EngineError>;
+    fn last(&self, start: &[u8], end: &[u8]) -> Result<Option<Pair>, EngineError>;
 
     /// Applies `batch` atomically; visible to later reads, not yet durable.
     fn write(&self, batch: WriteBatch) -> Result<(), EngineError>;
@@ -134,8 +140,7 @@ fn apply_batch(map: &mut BTreeMap<Vec<u8>, Vec<u8>>, batch: &WriteBatch) {
             }
             BatchOp::DeleteRange { start, end } => {
                 if start < end {
-                    let doomed: Vec<Vec<u8>> =
-                        map.range(start.clone()..end.clone()).map(|(k, _)| k.clone()).collect();
+                    let doomed: Vec<Vec<u8>> = map.range(start.clone()..end.clone()).map(|(k, _)| k.clone()).collect();
                     for k in doomed {
                         map.remove(&k);
                     }
@@ -203,20 +208,13 @@ impl Engine for MemEngine {
         Ok(self.lock().visible.get(key).cloned())
     }
 
-    fn scan(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), EngineError> {
+    fn scan(&self, start: &[u8], end: &[u8], visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), EngineError> {
         if start >= end {
             return Ok(());
         }
         let inner = self.lock();
-        for (k, v) in inner.visible.range::<[u8], _>((
-            std::ops::Bound::Included(start),
-            std::ops::Bound::Excluded(end),
-        )) {
+        for (k, v) in inner.visible.range::<[u8], _>((std::ops::Bound::Included(start), std::ops::Bound::Excluded(end)))
+        {
             if !visit(k, v) {
                 break;
             }
@@ -224,7 +222,7 @@ impl Engine for MemEngine {
         Ok(())
     }
 
-    fn last(&self, start: &[u8], end: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, EngineError> {
+    fn last(&self, start: &[u8], end: &[u8]) -> Result<Option<Pair>, EngineError> {
         if start >= end {
             return Ok(None);
         }
@@ -239,9 +237,7 @@ impl Engine for MemEngine {
     fn write(&self, batch: WriteBatch) -> Result<(), EngineError> {
         let mut inner = self.lock();
         if inner.pending.len() >= MEM_ENGINE_PENDING_BATCHES_MAX {
-            return Err(EngineError::Backend(format!(
-                "more than {MEM_ENGINE_PENDING_BATCHES_MAX} unsynced batches"
-            )));
+            return Err(EngineError::Backend(format!("more than {MEM_ENGINE_PENDING_BATCHES_MAX} unsynced batches")));
         }
         apply_batch(&mut inner.visible, &batch);
         inner.pending.push(batch);

@@ -316,11 +316,7 @@ mod tests {
         RequestOp::Put(PutRequest { key: k.to_vec(), value: b"v".to_vec(), prev_kv: false })
     }
     fn del(k: &[u8], end: &[u8]) -> RequestOp {
-        RequestOp::DeleteRange(DeleteRangeRequest {
-            key: k.to_vec(),
-            range_end: end.to_vec(),
-            prev_kv: false,
-        })
+        RequestOp::DeleteRange(DeleteRangeRequest { key: k.to_vec(), range_end: end.to_vec(), prev_kv: false })
     }
 
     #[test]

@@ -105,9 +105,8 @@ fn split_escaped(bytes: &[u8]) -> Result<(Vec<u8>, u64), EngineError> {
                 0xff => key.push(0),
                 1 => {
                     let rest = &bytes[i + 2..];
-                    let rev: [u8; 8] = rest
-                        .try_into()
-                        .map_err(|_| EngineError::Corrupt("history key: bad revision".into()))?;
+                    let rev: [u8; 8] =
+                        rest.try_into().map_err(|_| EngineError::Corrupt("history key: bad revision".into()))?;
                     return Ok((key, u64::from_be_bytes(rev)));
                 }
                 _ => return Err(EngineError::Corrupt("history key: bad escape".into())),

@@ -108,7 +108,11 @@ pub enum FlushReason {
 
 /// Completion of a flush. Dropping it without calling [`FlushDone::done`]
 /// reports a failure, so a waiter can never hang on an abandoned flush.
-pub struct FlushDone(Option<Box<dyn FnOnce(Result<(), EngineError>) + Send>>);
+pub struct FlushDone(Option<FlushCallback>);
+
+type FlushCallback = Box<dyn FnOnce(Result<(), EngineError>) + Send>;
+/// A flush result and the waker of the task waiting for it.
+type FlushSlot = Arc<Mutex<(Option<Result<(), EngineError>>, Option<Waker>)>>;
 
 impl FlushDone {
     pub fn new(f: impl FnOnce(Result<(), EngineError>) + Send + 'static) -> Self {
@@ -146,7 +150,7 @@ impl Flusher for InlineFlusher {
 
 /// A future that resolves when a [`FlushDone`] reports. Runtime-agnostic.
 struct FlushWait {
-    slot: Arc<Mutex<(Option<Result<(), EngineError>>, Option<Waker>)>>,
+    slot: FlushSlot,
 }
 
 impl Future for FlushWait {
@@ -164,7 +168,7 @@ impl Future for FlushWait {
 }
 
 async fn flush_and_wait(flusher: &dyn Flusher, reason: FlushReason) -> Result<(), io::Error> {
-    let slot: Arc<Mutex<(Option<Result<(), EngineError>>, Option<Waker>)>> = Arc::new(Mutex::new((None, None)));
+    let slot: FlushSlot = Arc::new(Mutex::new((None, None)));
     let s2 = slot.clone();
     flusher.flush(
         reason,
@@ -284,7 +288,7 @@ impl<RT: Runtime> RaftLogStorage<ArmadaRaft<RT>> for LogStore<RT> {
                 let e: EntryOf<ArmadaRaft<RT>> = dec(&v, "log entry")?;
                 Some(e.log_id)
             }
-            None => last_purged_log_id.clone(),
+            None => last_purged_log_id,
         };
         Ok(LogState { last_purged_log_id, last_log_id })
     }
@@ -323,10 +327,7 @@ impl<RT: Runtime> RaftLogStorage<ArmadaRaft<RT>> for LogStore<RT> {
             b.put(self.entry_key(e.log_id.index), enc(&e));
         }
         self.engine.write(b).map_err(io_err)?;
-        self.flusher.flush(
-            FlushReason::Append,
-            FlushDone::new(move |r| callback.io_completed(r.map_err(io_err))),
-        );
+        self.flusher.flush(FlushReason::Append, FlushDone::new(move |r| callback.io_completed(r.map_err(io_err))));
         Ok(())
     }
 
@@ -484,16 +485,16 @@ impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
         let (_, mut membership) = self.read_applied()?;
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
-            let log_id = entry.log_id.clone();
+            let log_id = entry.log_id;
             let (mut batch, response) = match &entry.payload {
                 EntryPayload::Blank => (WriteBatch::new(), CommandResponse::Empty),
                 EntryPayload::Normal(cmd) => self.execute(cmd)?,
                 EntryPayload::Membership(m) => {
-                    membership = openraft::StoredMembership::new(Some(log_id.clone()), m.clone());
+                    membership = openraft::StoredMembership::new(Some(log_id), m.clone());
                     (WriteBatch::new(), CommandResponse::Empty)
                 }
             };
-            batch.put(self.applied_key(), enc(&(Some(log_id.clone()), membership.clone())));
+            batch.put(self.applied_key(), enc(&(Some(log_id), membership.clone())));
             self.engine.write(batch).map_err(io_err)?;
             if let Some(obs) = &self.observer {
                 let mut h = crate::mvcc::Fnv64::new();
@@ -538,7 +539,7 @@ impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
             key.extend_from_slice(&k);
             b.put(key, v);
         }
-        b.put(self.applied_key(), enc(&(meta.last_log_id.clone(), meta.last_membership.clone())));
+        b.put(self.applied_key(), enc(&(meta.last_log_id, meta.last_membership.clone())));
         self.engine.write(b).map_err(io_err)?;
         flush_and_wait(&*self.flusher, FlushReason::Snapshot).await
     }

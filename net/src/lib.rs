@@ -42,7 +42,8 @@ pub enum TransportError {
 
 /// The client side: one call, one response, with a deadline.
 pub trait Transport: Send + Sync + 'static {
-    fn call(&self, target: &str, request: Vec<u8>, timeout: Duration) -> BoxFuture<'_, Result<Vec<u8>, TransportError>>;
+    fn call(&self, target: &str, request: Vec<u8>, timeout: Duration)
+        -> BoxFuture<'_, Result<Vec<u8>, TransportError>>;
 }
 
 /// The server side: turns a request into a response. Must not panic on any
@@ -52,7 +53,12 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 impl<T: Transport + ?Sized> Transport for Arc<T> {
-    fn call(&self, target: &str, request: Vec<u8>, timeout: Duration) -> BoxFuture<'_, Result<Vec<u8>, TransportError>> {
+    fn call(
+        &self,
+        target: &str,
+        request: Vec<u8>,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<Vec<u8>, TransportError>> {
         (**self).call(target, request, timeout)
     }
 }

@@ -37,7 +37,12 @@ pub struct LocalTransport {
 }
 
 impl Transport for LocalTransport {
-    fn call(&self, target: &str, request: Vec<u8>, timeout: Duration) -> BoxFuture<'_, Result<Vec<u8>, TransportError>> {
+    fn call(
+        &self,
+        target: &str,
+        request: Vec<u8>,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<Vec<u8>, TransportError>> {
         let handler = self.router.routes.lock().unwrap_or_else(|p| p.into_inner()).get(target).cloned();
         let addr = target.to_string();
         Box::pin(async move {

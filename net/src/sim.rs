@@ -45,28 +45,37 @@ impl SimTransport {
 }
 
 fn parse(addr: &str) -> Result<SocketAddr, TransportError> {
-    addr.parse().map_err(|e| TransportError::Unreachable { addr: addr.to_string(), reason: format!("bad address: {e}") })
+    addr.parse()
+        .map_err(|e| TransportError::Unreachable { addr: addr.to_string(), reason: format!("bad address: {e}") })
 }
 
 impl Transport for SimTransport {
-    fn call(&self, target: &str, request: Vec<u8>, timeout: Duration) -> BoxFuture<'_, Result<Vec<u8>, TransportError>> {
+    fn call(
+        &self,
+        target: &str,
+        request: Vec<u8>,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<Vec<u8>, TransportError>> {
         let target = target.to_string();
         Box::pin(async move {
             if request.len() > MESSAGE_BYTES_MAX {
                 return Err(TransportError::TooLarge { len: request.len() });
             }
             let dst = parse(&target)?;
-            let _slot = self.slots.acquire().await.map_err(|_| TransportError::Unreachable {
-                addr: target.clone(),
-                reason: "transport closed".into(),
-            })?;
+            let _slot = self
+                .slots
+                .acquire()
+                .await
+                .map_err(|_| TransportError::Unreachable { addr: target.clone(), reason: "transport closed".into() })?;
             let id = self.next_call.fetch_add(1, Ordering::Relaxed);
-            let unreachable = |e: std::io::Error| TransportError::Unreachable { addr: target.clone(), reason: e.to_string() };
-            let copies = if self.faults.duplicate_rate > 0.0 && madsim::rand::random::<f64>() < self.faults.duplicate_rate {
-                2
-            } else {
-                1
-            };
+            let unreachable =
+                |e: std::io::Error| TransportError::Unreachable { addr: target.clone(), reason: e.to_string() };
+            let copies =
+                if self.faults.duplicate_rate > 0.0 && madsim::rand::random::<f64>() < self.faults.duplicate_rate {
+                    2
+                } else {
+                    1
+                };
             for _ in 0..copies {
                 self.ep.send_to_raw(dst, REQUEST_TAG, Box::new((id, request.clone()))).await.map_err(unreachable)?;
             }
@@ -75,7 +84,9 @@ impl Transport for SimTransport {
                 Ok(Err(e)) => Err(unreachable(e)),
                 Ok(Ok((payload, _))) => match payload.downcast::<Vec<u8>>() {
                     Ok(bytes) => Ok(*bytes),
-                    Err(_) => Err(TransportError::Unreachable { addr: target.clone(), reason: "malformed response".into() }),
+                    Err(_) => {
+                        Err(TransportError::Unreachable { addr: target.clone(), reason: "malformed response".into() })
+                    }
                 },
             }
         })

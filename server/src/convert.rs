@@ -112,9 +112,7 @@ fn check_nested_table(txn_table: &str, table: &str) -> Result<(), Status> {
     if table.is_empty() || table == txn_table {
         Ok(())
     } else {
-        Err(Status::invalid_argument(format!(
-            "operation names table {table:?} inside a txn on table {txn_table:?}"
-        )))
+        Err(Status::invalid_argument(format!("operation names table {table:?} inside a txn on table {txn_table:?}")))
     }
 }
 

@@ -5,9 +5,9 @@
 //! network's shape (that is `armada-net`'s transport). It runs the same code
 //! under real tokio and under madsim.
 
+pub mod convert;
 pub mod flusher;
 pub mod network;
 pub mod node;
 pub mod rt;
-pub mod convert;
 pub mod service;

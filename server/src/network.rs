@@ -137,7 +137,9 @@ impl Handler for RaftHandler {
                 return encode(&RaftReply::Refused(format!("group {} not hosted here", env.group)));
             };
             let reply = match env.request {
-                RaftRequest::Append(r) => group.raft.append_entries(r).await.map(RaftReply::Append).map_err(|e| e.to_string()),
+                RaftRequest::Append(r) => {
+                    group.raft.append_entries(r).await.map(RaftReply::Append).map_err(|e| e.to_string())
+                }
                 RaftRequest::Vote(r) => group.raft.vote(r).await.map(RaftReply::Vote).map_err(|e| e.to_string()),
                 RaftRequest::Snapshot { vote, meta, data } => group
                     .raft

@@ -12,7 +12,9 @@ use std::time::Duration;
 use armada_core::command::{Catalog, MetaError, MetaReply, TableInfo, TableReply};
 use armada_core::kv::{KvError, RangeRequest, RangeResponse};
 use armada_core::mvcc::Mvcc;
-use armada_core::raft::{data_ns, delete_group, ApplyObserver, ArmadaNode, ArmadaRaft, Flusher, GroupKind, LogStore, StateMachine};
+use armada_core::raft::{
+    data_ns, delete_group, ApplyObserver, ArmadaNode, ArmadaRaft, Flusher, GroupKind, LogStore, StateMachine,
+};
 use armada_core::{Command, CommandResponse, Engine, GroupId, MetaCommand, TableCommand};
 use armada_net::Transport;
 use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
@@ -389,7 +391,8 @@ impl Node {
     pub async fn create_table(&self, name: &str, hops: u32) -> Result<TableInfo, ApiError> {
         armada_core::command::validate_table_name(name)?;
         let meta = self.group(GroupId::META).ok_or_else(|| ApiError::Internal("no metadata group".into()))?;
-        let resp = self.propose(&meta, Command::Meta(MetaCommand::CreateTable { name: name.to_string() }), hops).await?;
+        let resp =
+            self.propose(&meta, Command::Meta(MetaCommand::CreateTable { name: name.to_string() }), hops).await?;
         let info = match resp {
             CommandResponse::Meta(Ok(MetaReply::Created(info))) => info,
             CommandResponse::Meta(Err(e)) => return Err(e.into()),
@@ -411,7 +414,8 @@ impl Node {
 
     pub async fn delete_table(&self, name: &str, hops: u32) -> Result<TableInfo, ApiError> {
         let meta = self.group(GroupId::META).ok_or_else(|| ApiError::Internal("no metadata group".into()))?;
-        let resp = self.propose(&meta, Command::Meta(MetaCommand::DeleteTable { name: name.to_string() }), hops).await?;
+        let resp =
+            self.propose(&meta, Command::Meta(MetaCommand::DeleteTable { name: name.to_string() }), hops).await?;
         match resp {
             CommandResponse::Meta(Ok(MetaReply::Deleted(info))) => Ok(info),
             CommandResponse::Meta(Err(e)) => Err(e.into()),

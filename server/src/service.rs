@@ -60,7 +60,8 @@ impl Api {
             .map_err(|e| Status::internal(format!("bad peer address {addr}: {e}")))?
             .connect_timeout(FORWARD_CONNECT_TIMEOUT)
             .timeout(self.node.config().request_timeout * 2);
-        let ch = endpoint.connect().await.map_err(|e| Status::unavailable(format!("leader {addr} unreachable: {e}")))?;
+        let ch =
+            endpoint.connect().await.map_err(|e| Status::unavailable(format!("leader {addr} unreachable: {e}")))?;
         self.channels.lock().unwrap_or_else(|p| p.into_inner()).insert(addr.to_string(), ch.clone());
         Ok(ch)
     }
@@ -166,7 +167,10 @@ impl Kv for Api {
         }
     }
 
-    async fn compact(&self, request: Request<pb::CompactionRequest>) -> Result<Response<pb::CompactionResponse>, Status> {
+    async fn compact(
+        &self,
+        request: Request<pb::CompactionRequest>,
+    ) -> Result<Response<pb::CompactionResponse>, Status> {
         let hops = hops(&request);
         let r = request.into_inner();
         let rev = u64::try_from(r.revision)
@@ -186,7 +190,10 @@ impl Kv for Api {
 
 #[tonic::async_trait]
 impl Tables for Api {
-    async fn create(&self, request: Request<pb::CreateTableRequest>) -> Result<Response<pb::CreateTableResponse>, Status> {
+    async fn create(
+        &self,
+        request: Request<pb::CreateTableRequest>,
+    ) -> Result<Response<pb::CreateTableResponse>, Status> {
         let hops = hops(&request);
         let r = request.into_inner();
         match self.node.create_table(&r.name, hops).await {
@@ -199,7 +206,10 @@ impl Tables for Api {
         }
     }
 
-    async fn delete(&self, request: Request<pb::DeleteTableRequest>) -> Result<Response<pb::DeleteTableResponse>, Status> {
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteTableRequest>,
+    ) -> Result<Response<pb::DeleteTableResponse>, Status> {
         let hops = hops(&request);
         let r = request.into_inner();
         match self.node.delete_table(&r.name, hops).await {
@@ -228,7 +238,10 @@ impl Tables for Api {
 
 #[tonic::async_trait]
 impl Cluster for Api {
-    async fn member_list(&self, _request: Request<pb::MemberListRequest>) -> Result<Response<pb::MemberListResponse>, Status> {
+    async fn member_list(
+        &self,
+        _request: Request<pb::MemberListRequest>,
+    ) -> Result<Response<pb::MemberListResponse>, Status> {
         let members = self
             .node
             .config()

@@ -17,9 +17,8 @@ use armada_server::node::{ApiError, Node, NodeConfig, RaftTuning};
 
 async fn cluster(n: u64) -> Vec<Arc<Node>> {
     let router = LocalRouter::new();
-    let members: BTreeMap<u64, ArmadaNode> = (1..=n)
-        .map(|i| (i, ArmadaNode { raft_addr: format!("raft-{i}"), api_addr: format!("api-{i}") }))
-        .collect();
+    let members: BTreeMap<u64, ArmadaNode> =
+        (1..=n).map(|i| (i, ArmadaNode { raft_addr: format!("raft-{i}"), api_addr: format!("api-{i}") })).collect();
     let mut nodes = Vec::new();
     for i in 1..=n {
         let engine: Arc<dyn Engine> = Arc::new(MemEngine::new());
@@ -95,7 +94,10 @@ async fn three_nodes_replicate_writes_and_serve_linearizable_reads() {
             Err(e) => panic!("read failed: {e}"),
         }
     }
-    let missing = retry(&nodes, |n| async move { n.range("nope", &RangeRequest { key: b"k".to_vec(), ..Default::default() }, false, 0).await }).await;
+    let missing = retry(&nodes, |n| async move {
+        n.range("nope", &RangeRequest { key: b"k".to_vec(), ..Default::default() }, false, 0).await
+    })
+    .await;
     assert_eq!(missing.err(), Some(ApiError::TableNotFound("nope".into())));
     let bad = retry(&nodes, |n| async move { n.write("t", TableCommand::Put(PutRequest::default()), 0).await }).await;
     assert_eq!(bad.err(), Some(ApiError::Kv(KvError::EmptyKey)));

@@ -51,9 +51,12 @@ pub fn revisions(history: &[Op]) -> Result<(), String> {
 
 /// Reads at a past revision return the latest acknowledged write at or
 /// below that revision.
+/// Acknowledged changes of one key: (revision, value or `None` for a delete).
+type Changes<'a> = Vec<(u64, Option<&'a str>)>;
+
 pub fn reads_at_revision(history: &[Op]) -> Result<(), String> {
     // (table, key) -> [(revision, value or None for a delete)] of acknowledged changes.
-    let mut writes: BTreeMap<(&str, &str), Vec<(u64, Option<&str>)>> = BTreeMap::new();
+    let mut writes: BTreeMap<(&str, &str), Changes> = BTreeMap::new();
     let mut indefinite: BTreeMap<(&str, &str), usize> = BTreeMap::new();
     for op in history {
         let key = match &op.kind {
@@ -75,7 +78,8 @@ pub fn reads_at_revision(history: &[Op]) -> Result<(), String> {
         }
     }
     for op in history {
-        let (OpKind::GetAt { key, revision }, Outcome::Ok(OpResult::Get { value, .. })) = (&op.kind, &op.outcome) else {
+        let (OpKind::GetAt { key, revision }, Outcome::Ok(OpResult::Get { value, .. })) = (&op.kind, &op.outcome)
+        else {
             continue;
         };
         let w = writes.get(&(op.table.as_str(), key.as_str()));
@@ -109,11 +113,19 @@ pub fn reads_at_revision(history: &[Op]) -> Result<(), String> {
     Ok(())
 }
 
+/// The first application of one log index.
+struct Applied {
+    digest: u64,
+    /// Table revision after the entry.
+    revision: Option<u64>,
+    node: u64,
+    term: u64,
+}
+
 /// What the replicas applied, reported by every node's state machines.
 #[derive(Default)]
 pub struct ApplyLog {
-    /// (group, index) -> (digest, revision after, first node to apply it, term).
-    applied: BTreeMap<(GroupId, u64), (u64, Option<u64>, u64, u64)>,
+    applied: BTreeMap<(GroupId, u64), Applied>,
     pub violations: Vec<String>,
     pub applied_count: u64,
 }
@@ -126,27 +138,32 @@ impl ApplyLog {
     pub fn record(&mut self, node: u64, group: GroupId, index: u64, term: u64, digest: u64, revision: Option<u64>) {
         self.applied_count += 1;
         match self.applied.get(&(group, index)) {
-            Some((d, r, first, t)) => {
-                if *d != digest || *r != revision {
+            Some(a) => {
+                if a.digest != digest || a.revision != revision {
                     self.violations.push(format!(
-                        "S4 group {group} index {index}: node {node} applied term {term} revision {revision:?}, node {first} applied term {t} revision {r:?}"
+                        "S4 group {group} index {index}: node {node} applied term {term} revision {revision:?}, node {} applied term {} revision {:?}",
+                        a.node, a.term, a.revision
                     ));
                 }
             }
             None => {
-                if let (Some(rev), Some((_, Some(prev), _, _))) = (revision, index.checked_sub(1).and_then(|i| self.applied.get(&(group, i)))) {
+                if let (Some(rev), Some(Applied { revision: Some(prev), .. })) =
+                    (revision, index.checked_sub(1).and_then(|i| self.applied.get(&(group, i))))
+                {
                     if rev != *prev && rev != prev + 1 {
-                        self.violations.push(format!(
-                            "S3 group {group} index {index}: revision went from {prev} to {rev}"
-                        ));
+                        self.violations
+                            .push(format!("S3 group {group} index {index}: revision went from {prev} to {rev}"));
                     }
                 }
-                self.applied.insert((group, index), (digest, revision, node, term));
+                self.applied.insert((group, index), Applied { digest, revision, node, term });
             }
         }
-        if let (Some(rev), Some((_, Some(next), _, _))) = (revision, self.applied.get(&(group, index + 1))) {
+        if let (Some(rev), Some(Applied { revision: Some(next), .. })) =
+            (revision, self.applied.get(&(group, index + 1)))
+        {
             if *next != rev && *next != rev + 1 {
-                self.violations.push(format!("S3 group {group} index {}: revision went from {rev} to {next}", index + 1));
+                self.violations
+                    .push(format!("S3 group {group} index {}: revision went from {rev} to {next}", index + 1));
             }
         }
     }

@@ -3,14 +3,29 @@
 /// What a client asked for. Keys and values are small strings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OpKind {
-    Put { key: String, value: String },
+    Put {
+        key: String,
+        value: String,
+    },
     /// A linearizable (or serializable) read of one key at the latest revision.
-    Get { key: String, serializable: bool },
+    Get {
+        key: String,
+        serializable: bool,
+    },
     /// A read of one key at an earlier revision.
-    GetAt { key: String, revision: u64 },
-    Delete { key: String },
+    GetAt {
+        key: String,
+        revision: u64,
+    },
+    Delete {
+        key: String,
+    },
     /// Set `key` to `new` if its value is `expect`.
-    Cas { key: String, expect: String, new: String },
+    Cas {
+        key: String,
+        expect: String,
+        new: String,
+    },
     /// A linearizable read of every key of the table.
     Range,
 }
@@ -18,12 +33,26 @@ pub enum OpKind {
 /// What came back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OpResult {
-    Put { revision: u64 },
+    Put {
+        revision: u64,
+    },
     /// `(value, mod_revision)` of the key, if present.
-    Get { value: Option<(String, u64)>, revision: u64 },
-    Delete { deleted: u64, revision: u64 },
-    Cas { succeeded: bool, revision: u64 },
-    Range { kvs: Vec<(String, String, u64)>, revision: u64 },
+    Get {
+        value: Option<(String, u64)>,
+        revision: u64,
+    },
+    Delete {
+        deleted: u64,
+        revision: u64,
+    },
+    Cas {
+        succeeded: bool,
+        revision: u64,
+    },
+    Range {
+        kvs: Vec<(String, String, u64)>,
+        revision: u64,
+    },
 }
 
 impl OpResult {

@@ -404,7 +404,11 @@ mod tests {
         // The read of "a" forces the put before t=20, so a later read of
         // nothing is impossible.
         assert!(check(&h, &keys).is_err());
-        let h = vec![op(0, 100, put("k", "a"), put_ok()), op(10, 20, get("k"), got(None)), op(30, 40, get("k"), got(Some("a")))];
+        let h = vec![
+            op(0, 100, put("k", "a"), put_ok()),
+            op(10, 20, get("k"), got(None)),
+            op(30, 40, get("k"), got(Some("a"))),
+        ];
         assert_eq!(check(&h, &keys), Ok(()));
     }
 
@@ -416,11 +420,8 @@ mod tests {
         assert_eq!(check(&h, &keys), Ok(()), "never happened");
         let h = vec![op(0, 10, put("k", "a"), lost.clone()), op(20, 30, get("k"), got(Some("a")))];
         assert_eq!(check(&h, &keys), Ok(()), "happened");
-        let h = vec![
-            op(0, 10, put("k", "a"), lost),
-            op(20, 30, get("k"), got(Some("a"))),
-            op(40, 50, get("k"), got(None)),
-        ];
+        let h =
+            vec![op(0, 10, put("k", "a"), lost), op(20, 30, get("k"), got(Some("a"))), op(40, 50, get("k"), got(None))];
         assert!(check(&h, &keys).is_err(), "cannot un-happen");
     }
 
@@ -429,7 +430,11 @@ mod tests {
         let keys = vec!["k".to_string()];
         let cas = |e: &str, n: &str| OpKind::Cas { key: "k".into(), expect: e.into(), new: n.into() };
         let cas_res = |s: bool| Outcome::Ok(OpResult::Cas { succeeded: s, revision: 0 });
-        let h = vec![op(0, 10, put("k", "a"), put_ok()), op(20, 30, cas("a", "b"), cas_res(true)), op(40, 50, get("k"), got(Some("b")))];
+        let h = vec![
+            op(0, 10, put("k", "a"), put_ok()),
+            op(20, 30, cas("a", "b"), cas_res(true)),
+            op(40, 50, get("k"), got(Some("b"))),
+        ];
         assert_eq!(check(&h, &keys), Ok(()));
         let h = vec![op(0, 10, put("k", "a"), put_ok()), op(20, 30, cas("x", "b"), cas_res(true))];
         assert!(check(&h, &keys).is_err());

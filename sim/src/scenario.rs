@@ -137,7 +137,12 @@ impl Scenario {
             return Err("duration_s must be positive".into());
         }
         let f = &self.faults;
-        for (name, r) in [("interval_ms", f.interval_ms), ("latency_ms", f.latency_ms), ("fsync_ms", f.fsync_ms), ("downtime_ms", f.downtime_ms)] {
+        for (name, r) in [
+            ("interval_ms", f.interval_ms),
+            ("latency_ms", f.latency_ms),
+            ("fsync_ms", f.fsync_ms),
+            ("downtime_ms", f.downtime_ms),
+        ] {
             if r[0] > r[1] {
                 return Err(format!("faults.{name}: lower bound above upper bound"));
             }

@@ -120,7 +120,11 @@ struct Observer {
 impl ApplyObserver for Observer {
     fn applied(&self, group: GroupId, index: u64, term: u64, digest: u64, revision: Option<u64>) {
         self.shared.trace(&[self.node, group.0, index, digest]);
-        self.shared.apply.lock().unwrap_or_else(|p| p.into_inner()).record(self.node, group, index, term, digest, revision);
+        self.shared
+            .apply
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(self.node, group, index, term, digest, revision);
     }
 }
 
@@ -183,14 +187,23 @@ fn canary_on_restart(disk: &DurableImage) {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn node_main(id: u64, cfg: NodeConfig, disk: DurableImage, starts: Arc<AtomicU32>, sc: Scenario, shared: Arc<Shared>) {
+async fn node_main(
+    id: u64,
+    cfg: NodeConfig,
+    disk: DurableImage,
+    starts: Arc<AtomicU32>,
+    sc: Scenario,
+    shared: Arc<Shared>,
+) {
     if starts.fetch_add(1, Ordering::SeqCst) > 0 {
         canary_on_restart(&disk);
     }
     let engine: Arc<dyn Engine> = Arc::new(MemEngine::open(disk));
     let flusher = Arc::new(BatchingFlusher::start(engine.clone(), Arc::new(SimDisk { fsync_ms: sc.faults.fsync_ms })));
     let transport = Arc::new(
-        SimTransport::new(SimFaults { duplicate_rate: sc.faults.duplicate_rate }).await.expect("binding a simulated endpoint"),
+        SimTransport::new(SimFaults { duplicate_rate: sc.faults.duplicate_rate })
+            .await
+            .expect("binding a simulated endpoint"),
     );
     let hooks = NodeHooks { apply_observer: Some(Arc::new(Observer { node: id, shared: shared.clone() })) };
     let me = cfg.me().cloned().expect("the node is a member");
@@ -221,7 +234,9 @@ impl Conns {
             return Some(c.clone());
         }
         let addr = &self.members.get(&node)?.api_addr;
-        let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?.connect_timeout(Duration::from_secs(1));
+        let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .ok()?
+            .connect_timeout(Duration::from_secs(1));
         let ch = tokio::time::timeout(Duration::from_secs(2), ep.connect()).await.ok()?.ok()?;
         let c = pb::kv_client::KvClient::new(ch);
         self.kv.insert(node, c.clone());
@@ -267,7 +282,12 @@ async fn perform(conns: &mut Conns, node: u64, table: &str, kind: &OpKind) -> Ou
                     OpResult::Get { value, revision: rev(&r.header) }
                 }),
             OpKind::GetAt { key, revision } => c
-                .range(pb::RangeRequest { table: t, key: key.into_bytes(), revision: revision as i64, ..Default::default() })
+                .range(pb::RangeRequest {
+                    table: t,
+                    key: key.into_bytes(),
+                    revision: revision as i64,
+                    ..Default::default()
+                })
                 .await
                 .map(|r| {
                     let r = r.into_inner();
@@ -297,17 +317,28 @@ async fn perform(conns: &mut Conns, node: u64, table: &str, kind: &OpKind) -> Ou
                         ..Default::default()
                     })),
                 };
-                c.txn(pb::TxnRequest { table: t, compare: vec![cmp], success: vec![put], failure: vec![] }).await.map(|r| {
-                    let r = r.into_inner();
-                    OpResult::Cas { succeeded: r.succeeded, revision: rev(&r.header) }
-                })
+                c.txn(pb::TxnRequest { table: t, compare: vec![cmp], success: vec![put], failure: vec![] }).await.map(
+                    |r| {
+                        let r = r.into_inner();
+                        OpResult::Cas { succeeded: r.succeeded, revision: rev(&r.header) }
+                    },
+                )
             }
             OpKind::Range => c
-                .range(pb::RangeRequest { table: t, key: b"k".to_vec(), range_end: b"l".to_vec(), ..Default::default() })
+                .range(pb::RangeRequest {
+                    table: t,
+                    key: b"k".to_vec(),
+                    range_end: b"l".to_vec(),
+                    ..Default::default()
+                })
                 .await
                 .map(|r| {
                     let r = r.into_inner();
-                    let kvs = r.kvs.into_iter().map(|kv| (utf8(kv.key), utf8(kv.value), kv.mod_revision.max(0) as u64)).collect();
+                    let kvs = r
+                        .kvs
+                        .into_iter()
+                        .map(|kv| (utf8(kv.key), utf8(kv.value), kv.mod_revision.max(0) as u64))
+                        .collect();
                     OpResult::Range { kvs, revision: rev(&r.header) }
                 }),
         }
@@ -491,7 +522,8 @@ async fn fault_loop(sc: Scenario, handle: Handle, ids: Vec<NodeId>, shared: Arc<
         }
     }
     heal_net(&net);
-    let pending: Vec<(usize, Down)> = std::mem::take(&mut *down.lock().unwrap_or_else(|p| p.into_inner())).into_iter().collect();
+    let pending: Vec<(usize, Down)> =
+        std::mem::take(&mut *down.lock().unwrap_or_else(|p| p.into_inner())).into_iter().collect();
     for (i, k) in pending {
         match k {
             Down::Crashed => handle.restart(ids[i]),
@@ -573,7 +605,9 @@ async fn liveness_and_final_reads(sc: Scenario, members: BTreeMap<u64, ArmadaNod
                 .filter(|id| {
                     let nodes = shared.nodes();
                     let Some((_, n)) = nodes.iter().find(|(i, _)| i == id) else { return true };
-                    let Ok(Some(info)) = armada_core::command::Catalog::new(&**n.engine(), data_ns(GroupId::META)).get(&table) else {
+                    let Ok(Some(info)) =
+                        armada_core::command::Catalog::new(&**n.engine(), data_ns(GroupId::META)).get(&table)
+                    else {
                         return true;
                     };
                     Mvcc::new(&**n.engine(), data_ns(info.id)).rev_state().map_or(true, |s| s.current < revision)
@@ -597,7 +631,14 @@ async fn liveness_and_final_reads(sc: Scenario, members: BTreeMap<u64, ArmadaNod
                 let complete_ns = shared.now_ns();
                 let ok = matches!(outcome, Outcome::Ok(_));
                 if ok {
-                    shared.record(Op { client: CHECKER_CLIENT, table: table.clone(), kind: kind.clone(), invoke_ns, complete_ns, outcome });
+                    shared.record(Op {
+                        client: CHECKER_CLIENT,
+                        table: table.clone(),
+                        kind: kind.clone(),
+                        invoke_ns,
+                        complete_ns,
+                        outcome,
+                    });
                     break;
                 }
                 if shared.now_ns() >= deadline_ns {
@@ -614,7 +655,9 @@ async fn liveness_and_final_reads(sc: Scenario, members: BTreeMap<u64, ArmadaNod
 async fn world(sc: Scenario, shared: Arc<Shared>) {
     let handle = Handle::current();
     let members: BTreeMap<u64, ArmadaNode> = (1..=sc.nodes as u64)
-        .map(|i| (i, ArmadaNode { raft_addr: format!("{}:5012", node_ip(i)), api_addr: format!("{}:8443", node_ip(i)) }))
+        .map(|i| {
+            (i, ArmadaNode { raft_addr: format!("{}:5012", node_ip(i)), api_addr: format!("{}:8443", node_ip(i)) })
+        })
         .collect();
     let tuning = RaftTuning {
         snapshot_after_logs: sc.snapshot_after_logs,
@@ -697,8 +740,8 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
     canary::set(canary_on);
     let real_start = std::time::SystemTime::now();
     let mut config = madsim::Config::default();
-    config.net.send_latency =
-        Duration::from_millis(sc.faults.latency_ms[0])..Duration::from_millis(sc.faults.latency_ms[1].max(sc.faults.latency_ms[0] + 1));
+    config.net.send_latency = Duration::from_millis(sc.faults.latency_ms[0])
+        ..Duration::from_millis(sc.faults.latency_ms[1].max(sc.faults.latency_ms[0] + 1));
     let rt = madsim::runtime::Runtime::with_seed_and_config(seed, config);
     let sc2 = sc.clone();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {

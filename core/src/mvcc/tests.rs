@@ -6,11 +6,13 @@ use super::*;
 use crate::engine::MemEngine;
 use proptest::prelude::*;
 
+/// One key's history: (revision, `None` = tombstone | `Some((create, version, value))`).
+type KeyHistory = Vec<(u64, Option<(u64, u64, Vec<u8>)>)>;
+
 /// The reference: full histories, no compaction of data (only of access).
 #[derive(Debug, Clone)]
 struct Model {
-    /// key -> [(revision, None = tombstone | Some((create, version, value)))]
-    hist: BTreeMap<Vec<u8>, Vec<(u64, Option<(u64, u64, Vec<u8>)>)>>,
+    hist: BTreeMap<Vec<u8>, KeyHistory>,
     current: u64,
     compacted: u64,
 }
@@ -28,11 +30,7 @@ impl Model {
     }
 
     fn live(&self, key: &[u8], end: &[u8], rev: u64) -> Vec<KeyValue> {
-        self.hist
-            .keys()
-            .filter(|k| in_interval(k, key, end))
-            .filter_map(|k| self.get_at(k, rev))
-            .collect()
+        self.hist.keys().filter(|k| in_interval(k, key, end)).filter_map(|k| self.get_at(k, rev)).collect()
     }
 
     fn check_rev(&self, requested: u64, current: u64) -> Result<u64, KvError> {
@@ -72,7 +70,7 @@ impl Model {
         if r.sort_order == SortOrder::Descend {
             // Stable descending: reverse the order of targets, ties by key.
             sorted = kvs.clone();
-            sorted.sort_by(|a, b| key_of(b).cmp(&key_of(a)));
+            sorted.sort_by_key(|kv| std::cmp::Reverse(key_of(kv)));
         }
         let more = r.limit > 0 && sorted.len() as u64 > r.limit;
         if more {
