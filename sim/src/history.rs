@@ -28,6 +28,10 @@ pub enum OpKind {
     },
     /// A linearizable read of every key of the table.
     Range,
+    /// Compact the table's history below `revision`.
+    Compact {
+        revision: u64,
+    },
 }
 
 /// What came back.
@@ -53,6 +57,9 @@ pub enum OpResult {
         kvs: Vec<(String, String, u64)>,
         revision: u64,
     },
+    Compact {
+        revision: u64,
+    },
 }
 
 impl OpResult {
@@ -62,7 +69,8 @@ impl OpResult {
             | OpResult::Get { revision, .. }
             | OpResult::Delete { revision, .. }
             | OpResult::Cas { revision, .. }
-            | OpResult::Range { revision, .. } => *revision,
+            | OpResult::Range { revision, .. }
+            | OpResult::Compact { revision } => *revision,
         }
     }
 }

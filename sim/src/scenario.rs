@@ -33,11 +33,14 @@ pub struct Workload {
     pub range: u32,
     #[serde(default)]
     pub read_at_revision: u32,
+    /// Compaction at a revision the client saw.
+    #[serde(default)]
+    pub compact: u32,
 }
 
 impl Default for Workload {
     fn default() -> Self {
-        Self { put: 4, get: 4, serializable_get: 1, delete: 1, cas: 2, range: 1, read_at_revision: 1 }
+        Self { put: 4, get: 4, serializable_get: 1, delete: 1, cas: 2, range: 1, read_at_revision: 1, compact: 0 }
     }
 }
 
@@ -57,6 +60,10 @@ pub struct Faults {
     pub isolate: u32,
     #[serde(default)]
     pub loss: u32,
+    /// Swizzle-clog: clog a random subset of nodes one at a time, then
+    /// unclog them in reverse order.
+    #[serde(default)]
+    pub swizzle: u32,
     /// Simulated ms between fault steps.
     #[serde(default = "d_interval")]
     pub interval_ms: [u64; 2],
@@ -151,7 +158,7 @@ impl Scenario {
             return Err("faults rates must be within 0..=1".into());
         }
         let w = &self.workload;
-        if w.put + w.get + w.serializable_get + w.delete + w.cas + w.range + w.read_at_revision == 0 {
+        if w.put + w.get + w.serializable_get + w.delete + w.cas + w.range + w.read_at_revision + w.compact == 0 {
             return Err("workload weights are all zero".into());
         }
         Ok(())

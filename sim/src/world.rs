@@ -61,6 +61,8 @@ pub struct Report {
     pub ops_ok: usize,
     pub indefinite: usize,
     pub applied: u64,
+    /// Wall-clock seconds spent in the checkers (part of `real_secs`).
+    pub check_secs: f64,
 }
 
 /// A client request's deadline; past it the outcome is indefinite.
@@ -324,6 +326,10 @@ async fn perform(conns: &mut Conns, node: u64, table: &str, kind: &OpKind) -> Ou
                     },
                 )
             }
+            OpKind::Compact { revision } => c
+                .compact(pb::CompactionRequest { table: t, revision: revision as i64 })
+                .await
+                .map(|r| OpResult::Compact { revision: rev(&r.into_inner().header) }),
             OpKind::Range => c
                 .range(pb::RangeRequest {
                     table: t,
@@ -369,7 +375,7 @@ async fn perform(conns: &mut Conns, node: u64, table: &str, kind: &OpKind) -> Ou
 async fn client_main(cid: u32, sc: Scenario, members: BTreeMap<u64, ArmadaNode>, shared: Arc<Shared>, until_ns: u64) {
     let mut conns = Conns { members, kv: BTreeMap::new() };
     let w = &sc.workload;
-    let weights = [w.put, w.get, w.serializable_get, w.delete, w.cas, w.range, w.read_at_revision];
+    let weights = [w.put, w.get, w.serializable_get, w.delete, w.cas, w.range, w.read_at_revision, w.compact];
     let total: u32 = weights.iter().sum();
     let mut seq = 0u64;
     // Last value and revisions this client saw, to make CAS and reads at a
@@ -401,8 +407,12 @@ async fn client_main(cid: u32, sc: Scenario, members: BTreeMap<u64, ArmadaNode>,
                 OpKind::Cas { key: key.clone(), expect, new: fresh }
             }
             5 => OpKind::Range,
-            _ => match seen_revs.get(&table).filter(|v| !v.is_empty()) {
+            6 => match seen_revs.get(&table).filter(|v| !v.is_empty()) {
                 Some(v) => OpKind::GetAt { key: key.clone(), revision: pick(v) },
+                None => OpKind::Get { key: key.clone(), serializable: false },
+            },
+            _ => match seen_revs.get(&table).filter(|v| !v.is_empty()) {
+                Some(v) => OpKind::Compact { revision: pick(v) },
                 None => OpKind::Get { key: key.clone(), serializable: false },
             },
         };
@@ -441,7 +451,7 @@ enum Down {
 /// Injects faults until `until_ns`, then heals everything.
 async fn fault_loop(sc: Scenario, handle: Handle, ids: Vec<NodeId>, shared: Arc<Shared>, until_ns: u64) {
     let f = &sc.faults;
-    let weights = [f.crash, f.pause, f.partition, f.one_way, f.isolate, f.loss];
+    let weights = [f.crash, f.pause, f.partition, f.one_way, f.isolate, f.loss, f.swizzle];
     let total: u32 = weights.iter().sum();
     let net = NetSim::current();
     let n = ids.len();
@@ -515,9 +525,25 @@ async fn fault_loop(sc: Scenario, handle: Handle, ids: Vec<NodeId>, shared: Arc<
                 }
             }
             4 => net.clog_node(ids[victim]),
-            _ => {
+            5 => {
                 let rate = f.loss_rate;
                 net.update_config(|c| c.packet_loss_rate = rate);
+            }
+            _ => {
+                // Swizzle-clog (after FoundationDB): clog a random subset one
+                // node at a time, then unclog in reverse order, so the
+                // cluster passes through many partial connectivity states.
+                let subset: Vec<NodeId> = ids.iter().copied().filter(|_| madsim::rand::random::<bool>()).collect();
+                // Runs inline, so no later heal can race with it.
+                let step = Duration::from_millis(rand_range(10, 200));
+                for id in &subset {
+                    net.clog_node(*id);
+                    tokio::time::sleep(step).await;
+                }
+                for id in subset.iter().rev() {
+                    net.unclog_node(*id);
+                    tokio::time::sleep(step).await;
+                }
             }
         }
     }
@@ -783,9 +809,11 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
                 ops_ok: 0,
                 indefinite: 0,
                 applied: 0,
+                check_secs: 0.0,
             };
         }
     };
+    let check_start = std::time::SystemTime::now();
     let history = std::mem::take(&mut *shared.history.lock().unwrap_or_else(|p| p.into_inner()));
     let keys: Vec<String> = (0..sc.keys).map(key_name).collect();
     let mut safety = Vec::new();
@@ -809,6 +837,8 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
         Verdict::Pass
     };
     let trace = shared.trace.lock().unwrap_or_else(|p| p.into_inner()).finish();
+    let check_secs = check_start.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    let real_secs = real_secs + check_secs;
     let sim_secs = sim_ns as f64 / 1e9;
     let applied = shared.apply.lock().unwrap_or_else(|p| p.into_inner()).applied_count;
     Report {
@@ -822,5 +852,6 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
         ops_ok: history.iter().filter(|o| matches!(o.outcome, Outcome::Ok(_))).count(),
         indefinite: history.iter().filter(|o| matches!(o.outcome, Outcome::Indefinite(_))).count(),
         applied,
+        check_secs,
     }
 }
