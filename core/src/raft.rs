@@ -360,6 +360,10 @@ pub trait ApplyObserver: Send + Sync + 'static {
     /// `digest` covers the entry's log id and payload; `revision` is the
     /// table's revision after the entry (`None` for the metadata group).
     fn applied(&self, group: GroupId, index: u64, term: u64, digest: u64, revision: Option<u64>);
+
+    /// The state machine replaced its state with a snapshot taken at
+    /// `index`, after which the table is at `revision`.
+    fn installed_snapshot(&self, _group: GroupId, _index: u64, _revision: Option<u64>) {}
 }
 
 /// What a group's state machine holds.
@@ -541,7 +545,17 @@ impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
         }
         b.put(self.applied_key(), enc(&(meta.last_log_id, meta.last_membership.clone())));
         self.engine.write(b).map_err(io_err)?;
-        flush_and_wait(&*self.flusher, FlushReason::Snapshot).await
+        flush_and_wait(&*self.flusher, FlushReason::Snapshot).await?;
+        if let Some(obs) = &self.observer {
+            let revision = match self.kind {
+                GroupKind::Table => {
+                    Some(Mvcc::new(&*self.engine, data_ns(self.group)).rev_state().map_err(io_err)?.current)
+                }
+                GroupKind::Meta => None,
+            };
+            obs.installed_snapshot(self.group, meta.last_log_id.map_or(0, |l| l.index), revision);
+        }
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<ArmadaRaft<RT>, Vec<u8>>>, io::Error> {

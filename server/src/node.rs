@@ -45,6 +45,8 @@ pub struct RaftTuning {
     /// Log entries kept behind a snapshot, so slightly lagging peers catch
     /// up from the log instead of a snapshot.
     pub logs_kept_after_snapshot: u64,
+    /// Purge the log in batches of at least this many entries.
+    pub purge_batch_entries: u64,
 }
 
 impl Default for RaftTuning {
@@ -55,6 +57,7 @@ impl Default for RaftTuning {
             election_timeout_max_ms: 600,
             snapshot_after_logs: 5000,
             logs_kept_after_snapshot: 1000,
+            purge_batch_entries: 256,
         }
     }
 }
@@ -199,6 +202,7 @@ impl Node {
             election_timeout_max: t.election_timeout_max_ms,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(t.snapshot_after_logs),
             max_in_snapshot_log_to_keep: t.logs_kept_after_snapshot,
+            purge_batch_size: t.purge_batch_entries.max(1),
             // A restarted leader must win a new election. Restoring
             // leadership in the old term (openraft's default) lets a leader
             // that lost its unsynced log tail in a crash write different

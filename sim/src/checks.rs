@@ -128,6 +128,7 @@ pub struct ApplyLog {
     applied: BTreeMap<(GroupId, u64), Applied>,
     pub violations: Vec<String>,
     pub applied_count: u64,
+    pub snapshots_installed: u64,
 }
 
 impl ApplyLog {
@@ -164,6 +165,23 @@ impl ApplyLog {
             if *next != rev && *next != rev + 1 {
                 self.violations
                     .push(format!("S3 group {group} index {}: revision went from {rev} to {next}", index + 1));
+            }
+        }
+    }
+}
+
+impl ApplyLog {
+    /// S9 snapshot seam: a replica that installs a snapshot taken at
+    /// `index` must be at the revision every replica that replayed the log
+    /// reached at that index.
+    pub fn record_snapshot(&mut self, node: u64, group: GroupId, index: u64, revision: Option<u64>) {
+        self.snapshots_installed += 1;
+        if let Some(a) = self.applied.get(&(group, index)) {
+            if a.revision != revision {
+                self.violations.push(format!(
+                    "S9 group {group}: node {node} installed a snapshot at index {index} with revision {revision:?}, replay gives {:?}",
+                    a.revision
+                ));
             }
         }
     }

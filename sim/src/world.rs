@@ -61,6 +61,7 @@ pub struct Report {
     pub ops_ok: usize,
     pub indefinite: usize,
     pub applied: u64,
+    pub snapshots: u64,
     /// Wall-clock seconds spent in the checkers (part of `real_secs`).
     pub check_secs: f64,
 }
@@ -688,6 +689,7 @@ async fn world(sc: Scenario, shared: Arc<Shared>) {
     let tuning = RaftTuning {
         snapshot_after_logs: sc.snapshot_after_logs,
         logs_kept_after_snapshot: sc.snapshot_after_logs / 2,
+        purge_batch_entries: (sc.snapshot_after_logs / 4).max(1),
         ..RaftTuning::default()
     };
     let mut ids = Vec::new();
@@ -809,6 +811,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
                 ops_ok: 0,
                 indefinite: 0,
                 applied: 0,
+                snapshots: 0,
                 check_secs: 0.0,
             };
         }
@@ -840,7 +843,10 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
     let check_secs = check_start.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0);
     let real_secs = real_secs + check_secs;
     let sim_secs = sim_ns as f64 / 1e9;
-    let applied = shared.apply.lock().unwrap_or_else(|p| p.into_inner()).applied_count;
+    let (applied, snapshots) = {
+        let a = shared.apply.lock().unwrap_or_else(|p| p.into_inner());
+        (a.applied_count, a.snapshots_installed)
+    };
     Report {
         seed,
         verdict,
@@ -852,6 +858,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
         ops_ok: history.iter().filter(|o| matches!(o.outcome, Outcome::Ok(_))).count(),
         indefinite: history.iter().filter(|o| matches!(o.outcome, Outcome::Indefinite(_))).count(),
         applied,
+        snapshots,
         check_secs,
     }
 }
