@@ -358,8 +358,20 @@ impl<RT: Runtime> RaftLogStorage<ArmadaRaft<RT>> for LogStore<RT> {
 /// revisions never skip or repeat.
 pub trait ApplyObserver: Send + Sync + 'static {
     /// `digest` covers the entry's log id and payload; `revision` is the
-    /// table's revision after the entry (`None` for the metadata group).
-    fn applied(&self, group: GroupId, index: u64, term: u64, digest: u64, revision: Option<u64>);
+    /// table's revision after the entry (`None` for the metadata group);
+    /// `command` is the entry's command (`None` for blank and membership
+    /// entries) and `response` what applying it returned.
+    #[allow(clippy::too_many_arguments)]
+    fn applied(
+        &self,
+        group: GroupId,
+        index: u64,
+        term: u64,
+        digest: u64,
+        revision: Option<u64>,
+        command: Option<&Command>,
+        response: &CommandResponse,
+    );
 
     /// The state machine replaced its state with a snapshot taken at
     /// `index`, after which the table is at `revision`.
@@ -510,7 +522,11 @@ impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
                     }
                     GroupKind::Meta => None,
                 };
-                obs.applied(self.group, log_id.index, log_id.leader_id.term, h.finish(), revision);
+                let command = match &entry.payload {
+                    EntryPayload::Normal(c) => Some(c),
+                    _ => None,
+                };
+                obs.applied(self.group, log_id.index, log_id.leader_id.term, h.finish(), revision, command, &response);
             }
             if let Some(r) = responder {
                 r.send(response);

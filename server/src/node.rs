@@ -29,7 +29,7 @@ pub type C = ArmadaRaft<ArmadaRt>;
 pub type GroupRaft = openraft::Raft<C, StateMachine<ArmadaRt>>;
 
 /// How often the node reconciles its groups with the catalog.
-pub const CATALOG_SYNC_INTERVAL: Duration = Duration::from_millis(20);
+pub const CATALOG_SYNC_INTERVAL: Duration = Duration::from_millis(50);
 /// Most forwarding hops a request may take (to the metadata leader, then to
 /// the table's leader).
 pub const FORWARD_HOPS_MAX: u32 = 2;
@@ -52,9 +52,11 @@ pub struct RaftTuning {
 impl Default for RaftTuning {
     fn default() -> Self {
         Self {
-            heartbeat_ms: 50,
-            election_timeout_min_ms: 300,
-            election_timeout_max_ms: 600,
+            // etcd's defaults are 100 ms and 1000 ms; a shorter election
+            // timeout keeps failover under a second.
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1000,
             snapshot_after_logs: 5000,
             logs_kept_after_snapshot: 1000,
             purge_batch_entries: 256,

@@ -122,6 +122,24 @@ struct Applied {
     term: u64,
 }
 
+/// S2: a write the client was told definitely failed must never be
+/// committed (it would be a write the client believes lost, but applied).
+pub fn failed_writes_not_applied(history: &[Op], committed: &std::collections::BTreeSet<String>) -> Result<(), String> {
+    for op in history {
+        let value = match &op.kind {
+            OpKind::Put { value, .. } => value,
+            OpKind::Cas { new, .. } => new,
+            _ => continue,
+        };
+        if let Outcome::Failed(why) = &op.outcome {
+            if committed.contains(value) {
+                return Err(format!("S2 a write reported as failed ({why}) was committed: {:?}", op.kind));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// What the replicas applied, reported by every node's state machines.
 #[derive(Default)]
 pub struct ApplyLog {
@@ -129,6 +147,8 @@ pub struct ApplyLog {
     pub violations: Vec<String>,
     pub applied_count: u64,
     pub snapshots_installed: u64,
+    /// Every value a committed command wrote (values are unique per write).
+    pub committed_values: std::collections::BTreeSet<String>,
 }
 
 impl ApplyLog {
@@ -136,8 +156,18 @@ impl ApplyLog {
     /// increasing): every replica applies the same entry and reaches the
     /// same revision at each index, and each entry moves the revision by 0
     /// or 1 from the entry before it.
-    pub fn record(&mut self, node: u64, group: GroupId, index: u64, term: u64, digest: u64, revision: Option<u64>) {
+    /// Returns whether this is the first application of `(group, index)`.
+    pub fn record(
+        &mut self,
+        node: u64,
+        group: GroupId,
+        index: u64,
+        term: u64,
+        digest: u64,
+        revision: Option<u64>,
+    ) -> bool {
         self.applied_count += 1;
+        let first = !self.applied.contains_key(&(group, index));
         match self.applied.get(&(group, index)) {
             Some(a) => {
                 if a.digest != digest || a.revision != revision {
@@ -167,6 +197,7 @@ impl ApplyLog {
                     .push(format!("S3 group {group} index {}: revision went from {rev} to {next}", index + 1));
             }
         }
+        first
     }
 }
 

@@ -109,7 +109,20 @@ fn observed(history: &[Op], keys: &[String]) -> BTreeSet<(String, String, String
 }
 
 /// Projects the history onto per-(table, key) register operations.
-fn project(history: &[Op], keys: &[String]) -> BTreeMap<(String, String), Vec<KeyOp>> {
+///
+/// Indefinite writes are resolved against `committed`, the values that the
+/// replicas' state machines applied (S4 checks that they agree): a write
+/// whose unique value was committed took effect, some time before the final
+/// reads (everything that ever commits is committed before the liveness
+/// phase's sentinel write); one whose value was not committed never took
+/// effect. Indefinite deletes, which carry no unique value, stay indefinite.
+fn project(history: &[Op], keys: &[String], committed: &BTreeSet<String>) -> BTreeMap<(String, String), Vec<KeyOp>> {
+    let final_reads = history
+        .iter()
+        .filter(|o| o.client == FINAL_READER)
+        .map(|o| o.invoke_ns)
+        .min()
+        .unwrap_or_else(|| history.iter().map(|o| o.complete_ns).max().unwrap_or(0) + 1);
     let mut out: BTreeMap<(String, String), Vec<KeyOp>> = BTreeMap::new();
     let seen = observed(history, keys);
     let mut names = Interner::default();
@@ -122,11 +135,26 @@ fn project(history: &[Op], keys: &[String]) -> BTreeMap<(String, String), Vec<Ke
         }
     };
     for (i, op) in history.iter().enumerate() {
-        let (ret, res) = match &op.outcome {
-            Outcome::Failed(_) => continue,
-            Outcome::Indefinite(_) if !op.is_write() => continue,
-            Outcome::Indefinite(_) => (u64::MAX, None),
-            Outcome::Ok(r) => (op.complete_ns, Some(r)),
+        let resolved_put = OpResult::Put { revision: 0 };
+        let resolved_cas = OpResult::Cas { succeeded: true, revision: 0 };
+        let (ret, res) = match (&op.outcome, &op.kind) {
+            (Outcome::Failed(_), _) => continue,
+            (Outcome::Indefinite(_), _) if !op.is_write() => continue,
+            (Outcome::Indefinite(_), OpKind::Put { value, .. }) => {
+                if !committed.contains(value) {
+                    continue;
+                }
+                (final_reads.max(op.invoke_ns), Some(&resolved_put))
+            }
+            (Outcome::Indefinite(_), OpKind::Cas { new, .. }) => {
+                if !committed.contains(new) {
+                    // Never applied, or applied with a failed compare: no effect either way.
+                    continue;
+                }
+                (final_reads.max(op.invoke_ns), Some(&resolved_cas))
+            }
+            (Outcome::Indefinite(_), _) => (u64::MAX, None),
+            (Outcome::Ok(r), _) => (op.complete_ns, Some(r)),
         };
         let mut push = |key: &str, kop: KOp, kres: Option<KRes>| {
             out.entry((op.table.clone(), key.to_string())).or_default().push(KeyOp {
@@ -339,14 +367,23 @@ fn search(ops: &[KeyOp], steps_max: u64) -> KeyVerdict {
     }
 }
 
+/// Client id of the reads made after faults heal (see `world`).
+pub const FINAL_READER: u32 = u32::MAX;
+
 /// Checks the whole history. `keys` is the key set of every table (ranges
-/// read all of them).
-pub fn check(history: &[Op], keys: &[String]) -> Result<(), Failure> {
-    check_with_budget(history, keys, SEARCH_STEPS_MAX)
+/// read all of them); `committed` the values committed writes wrote (see
+/// [`project`]).
+pub fn check(history: &[Op], keys: &[String], committed: &BTreeSet<String>) -> Result<(), Failure> {
+    check_with_budget(history, keys, committed, SEARCH_STEPS_MAX)
 }
 
-pub fn check_with_budget(history: &[Op], keys: &[String], steps_max: u64) -> Result<(), Failure> {
-    for ((table, key), ops) in project(history, keys) {
+pub fn check_with_budget(
+    history: &[Op],
+    keys: &[String],
+    committed: &BTreeSet<String>,
+    steps_max: u64,
+) -> Result<(), Failure> {
+    for ((table, key), ops) in project(history, keys, committed) {
         match search(&ops, steps_max) {
             KeyVerdict::Ok => {}
             KeyVerdict::Budget => return Err(Failure::BudgetExceeded { table, key, ops: ops.len() }),
@@ -384,13 +421,13 @@ mod tests {
     fn sequential_history_passes_and_stale_read_fails() {
         let keys = vec!["k".to_string()];
         let h = vec![op(0, 10, put("k", "a"), put_ok()), op(20, 30, get("k"), got(Some("a")))];
-        assert_eq!(check(&h, &keys), Ok(()));
+        assert_eq!(check(&h, &keys, &BTreeSet::new()), Ok(()));
         let h = vec![
             op(0, 10, put("k", "a"), put_ok()),
             op(20, 30, put("k", "b"), put_ok()),
             op(40, 50, get("k"), got(Some("a"))),
         ];
-        assert!(matches!(check(&h, &keys), Err(Failure::NotLinearizable { .. })));
+        assert!(matches!(check(&h, &keys, &BTreeSet::new()), Err(Failure::NotLinearizable { .. })));
     }
 
     #[test]
@@ -403,13 +440,13 @@ mod tests {
         ];
         // The read of "a" forces the put before t=20, so a later read of
         // nothing is impossible.
-        assert!(check(&h, &keys).is_err());
+        assert!(check(&h, &keys, &BTreeSet::new()).is_err());
         let h = vec![
             op(0, 100, put("k", "a"), put_ok()),
             op(10, 20, get("k"), got(None)),
             op(30, 40, get("k"), got(Some("a"))),
         ];
-        assert_eq!(check(&h, &keys), Ok(()));
+        assert_eq!(check(&h, &keys, &BTreeSet::new()), Ok(()));
     }
 
     #[test]
@@ -417,12 +454,29 @@ mod tests {
         let keys = vec!["k".to_string()];
         let lost = Outcome::Indefinite("timeout".into());
         let h = vec![op(0, 10, put("k", "a"), lost.clone()), op(20, 30, get("k"), got(None))];
-        assert_eq!(check(&h, &keys), Ok(()), "never happened");
+        assert_eq!(check(&h, &keys, &BTreeSet::new()), Ok(()), "never happened");
+        let committed: BTreeSet<String> = ["a".to_string()].into();
         let h = vec![op(0, 10, put("k", "a"), lost.clone()), op(20, 30, get("k"), got(Some("a")))];
-        assert_eq!(check(&h, &keys), Ok(()), "happened");
+        assert_eq!(check(&h, &keys, &committed), Ok(()), "happened");
         let h =
             vec![op(0, 10, put("k", "a"), lost), op(20, 30, get("k"), got(Some("a"))), op(40, 50, get("k"), got(None))];
-        assert!(check(&h, &keys).is_err(), "cannot un-happen");
+        assert!(check(&h, &keys, &BTreeSet::new()).is_err(), "cannot un-happen");
+    }
+
+    #[test]
+    fn indefinite_writes_resolve_against_committed_values() {
+        let keys = vec!["k".to_string()];
+        let lost = Outcome::Indefinite("timeout".into());
+        let committed: BTreeSet<String> = ["a".to_string()].into();
+        // Committed: it must have happened before the final reads.
+        let h = vec![
+            op(0, 10, put("k", "a"), lost.clone()),
+            Op { client: FINAL_READER, ..op(100, 110, get("k"), got(None)) },
+        ];
+        assert!(check(&h, &keys, &committed).is_err(), "a committed write cannot be missing");
+        assert_eq!(check(&h, &keys, &BTreeSet::new()), Ok(()), "an uncommitted write never happened");
+        let h = vec![op(0, 10, put("k", "a"), lost), op(20, 30, get("k"), got(Some("a")))];
+        assert!(check(&h, &keys, &BTreeSet::new()).is_err(), "an uncommitted write cannot be read");
     }
 
     #[test]
@@ -435,9 +489,9 @@ mod tests {
             op(20, 30, cas("a", "b"), cas_res(true)),
             op(40, 50, get("k"), got(Some("b"))),
         ];
-        assert_eq!(check(&h, &keys), Ok(()));
+        assert_eq!(check(&h, &keys, &BTreeSet::new()), Ok(()));
         let h = vec![op(0, 10, put("k", "a"), put_ok()), op(20, 30, cas("x", "b"), cas_res(true))];
-        assert!(check(&h, &keys).is_err());
+        assert!(check(&h, &keys, &BTreeSet::new()).is_err());
     }
 
     #[test]
@@ -450,7 +504,10 @@ mod tests {
         h.push(op(100, 110, put("k", "seen"), put_ok()));
         h.push(op(120, 130, get("k"), got(Some("seen"))));
         h.push(op(140, 150, get("k"), got(Some("zzz"))));
-        assert!(matches!(check_with_budget(&h, &keys, 200_000), Err(Failure::NotLinearizable { .. })));
+        assert!(matches!(
+            check_with_budget(&h, &keys, &BTreeSet::new(), 200_000),
+            Err(Failure::NotLinearizable { .. })
+        ));
     }
 
     #[test]
@@ -460,6 +517,6 @@ mod tests {
         // must explore many orders before giving up.
         let mut h: Vec<Op> = (0..12).map(|i| op(0, 1000, put("k", &format!("v{i}")), put_ok())).collect();
         h.push(op(2000, 2001, get("k"), got(Some("nope"))));
-        assert!(matches!(check_with_budget(&h, &keys, 50), Err(Failure::BudgetExceeded { .. })));
+        assert!(matches!(check_with_budget(&h, &keys, &BTreeSet::new(), 50), Err(Failure::BudgetExceeded { .. })));
     }
 }

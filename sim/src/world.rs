@@ -9,10 +9,12 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use armada_core::canary::{self, Canary};
+use armada_core::command::TableReply;
 use armada_core::engine::DurableImage;
+use armada_core::kv::RequestOp;
 use armada_core::mvcc::{Fnv64, Mvcc};
 use armada_core::raft::{data_ns, ApplyObserver, ArmadaNode, FlushReason};
-use armada_core::{Engine, GroupId, MemEngine};
+use armada_core::{Command, CommandResponse, Engine, GroupId, MemEngine, TableCommand};
 use armada_net::sim::{SimFaults, SimTransport};
 use armada_proto::v1 as pb;
 use armada_server::flusher::{BatchingFlusher, DiskModel};
@@ -71,7 +73,7 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often the election-safety sampler looks at every group.
 const LEADER_SAMPLE_INTERVAL: Duration = Duration::from_millis(10);
 /// Client id of the final reads.
-const CHECKER_CLIENT: u32 = u32::MAX;
+const CHECKER_CLIENT: u32 = linearizability::FINAL_READER;
 
 struct Shared {
     t0: Instant,
@@ -121,13 +123,49 @@ struct Observer {
 }
 
 impl ApplyObserver for Observer {
-    fn applied(&self, group: GroupId, index: u64, term: u64, digest: u64, revision: Option<u64>) {
+    fn applied(
+        &self,
+        group: GroupId,
+        index: u64,
+        term: u64,
+        digest: u64,
+        revision: Option<u64>,
+        command: Option<&Command>,
+        response: &CommandResponse,
+    ) {
         self.shared.trace(&[self.node, group.0, index, digest]);
-        self.shared
-            .apply
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .record(self.node, group, index, term, digest, revision);
+        let mut log = self.shared.apply.lock().unwrap_or_else(|p| p.into_inner());
+        if log.record(self.node, group, index, term, digest, revision) {
+            // First application of this index: note the values it wrote.
+            for v in written_values(command, response) {
+                log.committed_values.insert(v);
+            }
+        }
+    }
+}
+
+/// The (unique) values a committed command wrote: a put's value, and the
+/// puts of the branch a txn took.
+fn written_values(command: Option<&Command>, response: &CommandResponse) -> Vec<String> {
+    let utf8 = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let puts = |ops: &[RequestOp]| -> Vec<String> {
+        ops.iter()
+            .filter_map(|o| match o {
+                RequestOp::Put(p) => Some(utf8(&p.value)),
+                _ => None,
+            })
+            .collect()
+    };
+    match (command, response) {
+        (Some(Command::Table(TableCommand::Put(p))), CommandResponse::Table(Ok(_))) => vec![utf8(&p.value)],
+        (Some(Command::Table(TableCommand::Txn(t))), CommandResponse::Table(Ok(TableReply::Txn(r)))) => {
+            if r.succeeded {
+                puts(&t.success)
+            } else {
+                puts(&t.failure)
+            }
+        }
+        _ => Vec::new(),
     }
 }
 
@@ -828,7 +866,11 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
     if let Err(e) = checks::reads_at_revision(&history) {
         safety.push(e);
     }
-    if let Err(e) = linearizability::check(&history, &keys) {
+    let committed = std::mem::take(&mut shared.apply.lock().unwrap_or_else(|p| p.into_inner()).committed_values);
+    if let Err(e) = checks::failed_writes_not_applied(&history, &committed) {
+        safety.push(e);
+    }
+    if let Err(e) = linearizability::check(&history, &keys, &committed) {
         safety.push(e.to_string());
     }
     let liveness = shared.liveness.lock().unwrap_or_else(|p| p.into_inner()).clone();
