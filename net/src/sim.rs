@@ -57,39 +57,50 @@ impl Transport for SimTransport {
         timeout: Duration,
     ) -> BoxFuture<'_, Result<Vec<u8>, TransportError>> {
         let target = target.to_string();
+        // The deadline covers the whole call (waiting for a slot, sending and
+        // receiving), so no step of it can hold a caller forever.
         Box::pin(async move {
-            if request.len() > MESSAGE_BYTES_MAX {
-                return Err(TransportError::TooLarge { len: request.len() });
-            }
-            let dst = parse(&target)?;
-            let _slot = self
-                .slots
-                .acquire()
-                .await
-                .map_err(|_| TransportError::Unreachable { addr: target.clone(), reason: "transport closed".into() })?;
-            let id = self.next_call.fetch_add(1, Ordering::Relaxed);
-            let unreachable =
-                |e: std::io::Error| TransportError::Unreachable { addr: target.clone(), reason: e.to_string() };
-            let copies =
-                if self.faults.duplicate_rate > 0.0 && madsim::rand::random::<f64>() < self.faults.duplicate_rate {
-                    2
-                } else {
-                    1
-                };
-            for _ in 0..copies {
-                self.ep.send_to_raw(dst, REQUEST_TAG, Box::new((id, request.clone()))).await.map_err(unreachable)?;
-            }
-            match tokio::time::timeout(timeout, self.ep.recv_from_raw(id)).await {
-                Err(_) => Err(TransportError::Timeout { addr: target.clone(), timeout_ms: timeout.as_millis() as u64 }),
-                Ok(Err(e)) => Err(unreachable(e)),
-                Ok(Ok((payload, _))) => match payload.downcast::<Vec<u8>>() {
-                    Ok(bytes) => Ok(*bytes),
-                    Err(_) => {
-                        Err(TransportError::Unreachable { addr: target.clone(), reason: "malformed response".into() })
-                    }
-                },
+            let addr = target.clone();
+            match tokio::time::timeout(timeout, self.exchange(target, request, timeout)).await {
+                Ok(r) => r,
+                Err(_) => Err(TransportError::Timeout { addr, timeout_ms: timeout.as_millis() as u64 }),
             }
         })
+    }
+}
+
+impl SimTransport {
+    async fn exchange(&self, target: String, request: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, TransportError> {
+        if request.len() > MESSAGE_BYTES_MAX {
+            return Err(TransportError::TooLarge { len: request.len() });
+        }
+        let dst = parse(&target)?;
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| TransportError::Unreachable { addr: target.clone(), reason: "transport closed".into() })?;
+        let id = self.next_call.fetch_add(1, Ordering::Relaxed);
+        let unreachable =
+            |e: std::io::Error| TransportError::Unreachable { addr: target.clone(), reason: e.to_string() };
+        let copies = if self.faults.duplicate_rate > 0.0 && madsim::rand::random::<f64>() < self.faults.duplicate_rate {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            self.ep.send_to_raw(dst, REQUEST_TAG, Box::new((id, request.clone()))).await.map_err(unreachable)?;
+        }
+        match tokio::time::timeout(timeout, self.ep.recv_from_raw(id)).await {
+            Err(_) => Err(TransportError::Timeout { addr: target.clone(), timeout_ms: timeout.as_millis() as u64 }),
+            Ok(Err(e)) => Err(unreachable(e)),
+            Ok(Ok((payload, _))) => match payload.downcast::<Vec<u8>>() {
+                Ok(bytes) => Ok(*bytes),
+                Err(_) => {
+                    Err(TransportError::Unreachable { addr: target.clone(), reason: "malformed response".into() })
+                }
+            },
+        }
     }
 }
 

@@ -37,3 +37,14 @@ fn restarted_node_reads_its_purge_marker() {
 fn restarted_leader_does_not_reuse_its_term() {
     assert_passes("crashes-3.toml", 2);
 }
+
+/// chaos-5 seed 31: the simulated transport's deadline covered only the
+/// wait for the response, not the wait for a call slot and the send. A call
+/// stuck before its deadline left openraft's replication stream with an
+/// in-flight request that never returned, so a leader stopped replicating
+/// to two followers for good and a table committed nothing after faults
+/// healed (liveness).
+#[test]
+fn transport_deadline_covers_the_whole_call() {
+    assert_passes("chaos-5.toml", 31);
+}
