@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub mod local;
+#[cfg(not(madsim))]
+pub mod quic;
 #[cfg(madsim)]
 pub mod sim;
 

@@ -23,7 +23,7 @@ pub fn status(e: &ApiError) -> Status {
         ApiError::TableNotFound(_) => Status::not_found(e.to_string()),
         ApiError::Unavailable(_) => Status::unavailable(e.to_string()),
         ApiError::Indeterminate(_) => Status::new(Code::Unknown, e.to_string()),
-        ApiError::Forward { .. } => Status::internal("forwarding failed"),
+        ApiError::Forward { .. } => Status::internal(format!("request left unforwarded: {e}")),
         ApiError::Internal(_) => Status::internal(e.to_string()),
     }
 }

@@ -5,9 +5,14 @@
 //! network's shape (that is `armada-net`'s transport). It runs the same code
 //! under real tokio and under madsim.
 
+#[cfg(not(madsim))]
+pub mod cli;
+pub mod config;
 pub mod convert;
 pub mod flusher;
 pub mod network;
 pub mod node;
+#[cfg(feature = "rocksdb")]
+pub mod rocks;
 pub mod rt;
 pub mod service;

@@ -14,13 +14,19 @@ use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use openraft::RaftNetworkV2;
 use serde::{Deserialize, Serialize};
 
-use crate::node::{Node, C};
+use crate::node::{ApiError, ClientReply, ClientRequest, Node, C};
 
 #[derive(Serialize, Deserialize)]
 pub enum RaftRequest {
     Append(AppendEntriesRequest<C>),
     Vote(VoteRequest<C>),
-    Snapshot { vote: VoteOf<C>, meta: SnapshotMetaOf<C>, data: Vec<u8> },
+    Snapshot {
+        vote: VoteOf<C>,
+        meta: SnapshotMetaOf<C>,
+        data: Vec<u8>,
+    },
+    /// A client request forwarded to the node that leads its group.
+    Client(ClientRequest),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -34,6 +40,7 @@ pub enum RaftReply {
     Append(AppendEntriesResponse<C>),
     Vote(VoteResponse<C>),
     Snapshot(SnapshotResponse<C>),
+    Client(Result<ClientReply, ApiError>),
     /// The receiver could not handle the request (unknown group, stopping,
     /// malformed bytes); the sender backs off and retries.
     Refused(String),
@@ -133,6 +140,9 @@ impl Handler for RaftHandler {
                 Ok(e) => e,
                 Err(e) => return encode(&RaftReply::Refused(format!("malformed request: {e}"))),
             };
+            if let RaftRequest::Client(req) = env.request {
+                return encode(&RaftReply::Client(node.execute(req).await));
+            }
             let Some(group) = node.group(env.group) else {
                 return encode(&RaftReply::Refused(format!("group {} not hosted here", env.group)));
             };
@@ -147,6 +157,7 @@ impl Handler for RaftHandler {
                     .await
                     .map(RaftReply::Snapshot)
                     .map_err(|e| e.to_string()),
+                RaftRequest::Client(_) => Err("client request reached a group".into()),
             };
             encode(&reply.unwrap_or_else(RaftReply::Refused))
         })

@@ -81,7 +81,7 @@ impl NodeConfig {
 }
 
 /// A request's failure, as the service layer needs to know it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum ApiError {
     #[error(transparent)]
@@ -97,11 +97,48 @@ pub enum ApiError {
     /// The request may or may not have been applied.
     #[error("outcome unknown: {0}")]
     Indeterminate(String),
-    /// Another node leads; send the request to its API address.
-    #[error("forward to {api_addr}")]
-    Forward { api_addr: String },
+    /// Another node leads: the request goes to it over the cluster
+    /// transport. Never returned by the public methods, which forward.
+    #[error("forward to node {leader} at {raft_addr}")]
+    Forward { leader: u64, raft_addr: String },
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// A client request as it travels between nodes when forwarded.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum ClientRequest {
+    Write { table: String, cmd: TableCommand, hops: u32 },
+    Range { table: String, req: RangeRequest, serializable: bool, hops: u32 },
+    CreateTable { name: String, hops: u32 },
+    DeleteTable { name: String, hops: u32 },
+    ListTables { hops: u32 },
+}
+
+impl ClientRequest {
+    fn is_write(&self) -> bool {
+        !matches!(self, ClientRequest::Range { .. } | ClientRequest::ListTables { .. })
+    }
+
+    fn next_hop(&self) -> ClientRequest {
+        let mut r = self.clone();
+        match &mut r {
+            ClientRequest::Write { hops, .. }
+            | ClientRequest::Range { hops, .. }
+            | ClientRequest::CreateTable { hops, .. }
+            | ClientRequest::DeleteTable { hops, .. }
+            | ClientRequest::ListTables { hops } => *hops += 1,
+        }
+        r
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum ClientReply {
+    Write(TableReply, HeaderInfo),
+    Range(RangeResponse, HeaderInfo),
+    Table(TableInfo),
+    Tables(Vec<TableInfo>),
 }
 
 /// A Raft group hosted on this node.
@@ -113,7 +150,7 @@ pub struct Group {
 }
 
 /// What the response header needs.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct HeaderInfo {
     pub term: u64,
     pub member_id: u64,
@@ -285,14 +322,68 @@ impl Node {
         }
     }
 
-    fn leader_api_addr(&self, leader: Option<u64>) -> Option<String> {
-        leader.and_then(|l| self.cfg.members.get(&l)).map(|n| n.api_addr.clone())
+    fn forward_or_unavailable(&self, leader: Option<u64>, node: Option<ArmadaNode>, hops: u32, what: &str) -> ApiError {
+        let addr = node
+            .map(|n| n.raft_addr)
+            .or_else(|| leader.and_then(|l| self.cfg.members.get(&l)).map(|n| n.raft_addr.clone()));
+        match (leader, addr) {
+            (Some(leader), Some(raft_addr)) if hops < FORWARD_HOPS_MAX && leader != self.cfg.id => {
+                ApiError::Forward { leader, raft_addr }
+            }
+            _ => ApiError::Unavailable(format!("no leader for {what}")),
+        }
     }
 
-    fn forward_or_unavailable(&self, leader: Option<u64>, hops: u32, what: &str) -> ApiError {
-        match self.leader_api_addr(leader) {
-            Some(api_addr) if hops < FORWARD_HOPS_MAX && leader != Some(self.cfg.id) => ApiError::Forward { api_addr },
-            _ => ApiError::Unavailable(format!("no leader for {what}")),
+    /// Sends a client request to the node at `raft_addr` over the cluster
+    /// transport and returns its answer. A write whose forwarding fails in
+    /// transit may have been applied: its outcome is indeterminate.
+    async fn forward(&self, raft_addr: &str, req: ClientRequest) -> Result<ClientReply, ApiError> {
+        let is_write = req.is_write();
+        let bytes = crate::network::encode(&crate::network::Envelope {
+            group: GroupId::META,
+            request: crate::network::RaftRequest::Client(req),
+        });
+        let failed = |e: String| {
+            if is_write {
+                ApiError::Indeterminate(format!("forwarding to {raft_addr}: {e}"))
+            } else {
+                ApiError::Unavailable(format!("forwarding to {raft_addr}: {e}"))
+            }
+        };
+        let resp = self
+            .transport
+            .call(raft_addr, bytes, self.cfg.request_timeout * (FORWARD_HOPS_MAX + 1))
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        match postcard::from_bytes::<crate::network::RaftReply>(&resp) {
+            Ok(crate::network::RaftReply::Client(r)) => r,
+            Ok(crate::network::RaftReply::Refused(m)) => Err(failed(m)),
+            Ok(_) => Err(failed("mismatched reply".into())),
+            Err(e) => Err(failed(format!("malformed reply: {e}"))),
+        }
+    }
+
+    /// Executes a client request here, forwarding it further if another node
+    /// leads (the transport handler calls this for forwarded requests).
+    pub async fn execute(&self, req: ClientRequest) -> Result<ClientReply, ApiError> {
+        let local = match &req {
+            ClientRequest::Write { table, cmd, hops } => {
+                self.write_local(table, cmd.clone(), *hops).await.map(|(r, h)| ClientReply::Write(r, h))
+            }
+            ClientRequest::Range { table, req: r, serializable, hops } => {
+                self.range_local(table, r, *serializable, *hops).await.map(|(r, h)| ClientReply::Range(r, h))
+            }
+            ClientRequest::CreateTable { name, hops } => {
+                self.create_table_local(name, *hops).await.map(ClientReply::Table)
+            }
+            ClientRequest::DeleteTable { name, hops } => {
+                self.delete_table_local(name, *hops).await.map(ClientReply::Table)
+            }
+            ClientRequest::ListTables { hops } => self.list_tables_local(*hops).await.map(ClientReply::Tables),
+        };
+        match local {
+            Err(ApiError::Forward { raft_addr, .. }) => self.forward(&raft_addr, req.next_hop()).await,
+            other => other,
         }
     }
 
@@ -334,7 +425,7 @@ impl Node {
             Err(_) => Err(ApiError::Unavailable(format!("read index for {what} timed out"))),
             Ok(Ok(_)) => Ok(()),
             Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
-                Err(self.forward_or_unavailable(f.leader_id, hops, what))
+                Err(self.forward_or_unavailable(f.leader_id, f.leader_node, hops, what))
             }
             Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(e)))) => {
                 Err(ApiError::Unavailable(format!("{what}: {e}")))
@@ -350,7 +441,7 @@ impl Node {
             Err(_) => Err(ApiError::Indeterminate(format!("write to {what} timed out"))),
             Ok(Ok(resp)) => Ok(resp.data),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(self.forward_or_unavailable(f.leader_id, hops, &what))
+                Err(self.forward_or_unavailable(f.leader_id, f.leader_node, hops, &what))
             }
             Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)))) => {
                 Err(ApiError::Indeterminate(format!("leader of {what} changed during the write")))
@@ -360,7 +451,12 @@ impl Node {
     }
 
     /// Applies a write to a table through its Raft group.
-    pub async fn write(&self, table: &str, cmd: TableCommand, hops: u32) -> Result<(TableReply, HeaderInfo), ApiError> {
+    async fn write_local(
+        &self,
+        table: &str,
+        cmd: TableCommand,
+        hops: u32,
+    ) -> Result<(TableReply, HeaderInfo), ApiError> {
         cmd.validate()?;
         let group = self.table_group(table, hops).await?;
         let resp = self.propose(&group, Command::Table(cmd), hops).await?;
@@ -373,7 +469,7 @@ impl Node {
 
     /// Serves a range read: linearizable through the leader's read index, or
     /// serializable from this node's applied state.
-    pub async fn range(
+    async fn range_local(
         &self,
         table: &str,
         req: &RangeRequest,
@@ -394,7 +490,7 @@ impl Node {
     }
 
     /// Creates a table and waits (bounded) until its group runs here.
-    pub async fn create_table(&self, name: &str, hops: u32) -> Result<TableInfo, ApiError> {
+    async fn create_table_local(&self, name: &str, hops: u32) -> Result<TableInfo, ApiError> {
         armada_core::command::validate_table_name(name)?;
         let meta = self.group(GroupId::META).ok_or_else(|| ApiError::Internal("no metadata group".into()))?;
         let resp =
@@ -418,7 +514,7 @@ impl Node {
         Ok(info)
     }
 
-    pub async fn delete_table(&self, name: &str, hops: u32) -> Result<TableInfo, ApiError> {
+    async fn delete_table_local(&self, name: &str, hops: u32) -> Result<TableInfo, ApiError> {
         let meta = self.group(GroupId::META).ok_or_else(|| ApiError::Internal("no metadata group".into()))?;
         let resp =
             self.propose(&meta, Command::Meta(MetaCommand::DeleteTable { name: name.to_string() }), hops).await?;
@@ -430,10 +526,58 @@ impl Node {
     }
 
     /// Every table, as of a linearizable read of the catalog.
-    pub async fn list_tables(&self, hops: u32) -> Result<Vec<TableInfo>, ApiError> {
+    async fn list_tables_local(&self, hops: u32) -> Result<Vec<TableInfo>, ApiError> {
         let meta = self.group(GroupId::META).ok_or_else(|| ApiError::Internal("no metadata group".into()))?;
         self.linearize(&meta, hops, "the catalog").await?;
         self.catalog().list().map_err(|e| ApiError::Internal(e.to_string()))
+    }
+
+    /// Applies a write to a table through its Raft group (forwarded to the
+    /// group's leader when that is another node).
+    pub async fn write(&self, table: &str, cmd: TableCommand) -> Result<(TableReply, HeaderInfo), ApiError> {
+        match self.execute(ClientRequest::Write { table: table.to_string(), cmd, hops: 0 }).await? {
+            ClientReply::Write(r, h) => Ok((r, h)),
+            other => Err(ApiError::Internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// A range read: linearizable (through the leader's read index) or
+    /// serializable (this node's applied state).
+    pub async fn range(
+        &self,
+        table: &str,
+        req: &RangeRequest,
+        serializable: bool,
+    ) -> Result<(RangeResponse, HeaderInfo), ApiError> {
+        let r = ClientRequest::Range { table: table.to_string(), req: req.clone(), serializable, hops: 0 };
+        match self.execute(r).await? {
+            ClientReply::Range(r, h) => Ok((r, h)),
+            other => Err(ApiError::Internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Creates a table; returns once its group runs on the node that
+    /// applied the creation.
+    pub async fn create_table(&self, name: &str) -> Result<TableInfo, ApiError> {
+        match self.execute(ClientRequest::CreateTable { name: name.to_string(), hops: 0 }).await? {
+            ClientReply::Table(t) => Ok(t),
+            other => Err(ApiError::Internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    pub async fn delete_table(&self, name: &str) -> Result<TableInfo, ApiError> {
+        match self.execute(ClientRequest::DeleteTable { name: name.to_string(), hops: 0 }).await? {
+            ClientReply::Table(t) => Ok(t),
+            other => Err(ApiError::Internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Every table, as of a linearizable read of the catalog.
+    pub async fn list_tables(&self) -> Result<Vec<TableInfo>, ApiError> {
+        match self.execute(ClientRequest::ListTables { hops: 0 }).await? {
+            ClientReply::Tables(t) => Ok(t),
+            other => Err(ApiError::Internal(format!("unexpected reply {other:?}"))),
+        }
     }
 
     /// Raft and revision state of every group hosted here.

@@ -37,28 +37,14 @@ async fn cluster(n: u64) -> Vec<Arc<Node>> {
     nodes
 }
 
-/// Follows `Forward` answers the way the gRPC layer does.
-fn by_api<'a>(nodes: &'a [Arc<Node>], api: &str) -> &'a Arc<Node> {
-    nodes.iter().find(|n| n.config().me().map(|m| m.api_addr.as_str()) == Some(api)).expect("known member")
-}
-
-async fn retry<T, F, Fut>(nodes: &[Arc<Node>], f: F) -> Result<T, ApiError>
+/// Retries while no leader is available (elections at start-up).
+async fn retry<T, F, Fut>(mut f: F) -> Result<T, ApiError>
 where
-    F: FnMut(Arc<Node>) -> Fut,
+    F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, ApiError>>,
 {
-    retry_from(nodes, 0, f).await
-}
-
-async fn retry_from<T, F, Fut>(nodes: &[Arc<Node>], start: usize, mut f: F) -> Result<T, ApiError>
-where
-    F: FnMut(Arc<Node>) -> Fut,
-    Fut: std::future::Future<Output = Result<T, ApiError>>,
-{
-    let mut target = nodes[start].clone();
     for _ in 0..200 {
-        match f(target.clone()).await {
-            Err(ApiError::Forward { api_addr }) => target = by_api(nodes, &api_addr).clone(),
+        match f().await {
             Err(ApiError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
             other => return other,
         }
@@ -69,37 +55,27 @@ where
 #[tokio::test(flavor = "current_thread")]
 async fn three_nodes_replicate_writes_and_serve_linearizable_reads() {
     let nodes = cluster(3).await;
-    let info = retry(&nodes, |n| async move { n.create_table("t", 0).await }).await.expect("create table");
+    let info = retry(|| nodes[0].create_table("t")).await.expect("create table");
     assert_eq!(info.name, "t");
-    for i in 0..5u8 {
+    // Writes through every node: followers forward to the leader.
+    for i in 0..6u8 {
         let put = TableCommand::Put(PutRequest { key: vec![b'k', i], value: vec![i], prev_kv: false });
-        let (reply, _) = retry(&nodes, |n| {
-            let put = put.clone();
-            async move { n.write("t", put, 0).await }
-        })
-        .await
-        .expect("put");
+        let node = &nodes[usize::from(i) % nodes.len()];
+        let (reply, _) = retry(|| node.write("t", put.clone())).await.expect("put");
         assert!(matches!(reply, TableReply::Put(p) if p.revision == 2 + u64::from(i)));
     }
-    // A linearizable read through every node sees all five writes.
-    for start in 0..nodes.len() {
+    // A linearizable read through every node sees all writes.
+    for n in &nodes {
         let req = RangeRequest { key: b"k".to_vec(), range_end: b"l".to_vec(), ..Default::default() };
-        let resp = retry_from(&nodes, start, |n| {
-            let req = req.clone();
-            async move { n.range("t", &req, false, 0).await }
-        })
-        .await;
-        match resp {
-            Ok((r, _)) => assert_eq!(r.count, 5),
-            Err(e) => panic!("read failed: {e}"),
-        }
+        let (r, _) = retry(|| n.range("t", &req, false)).await.expect("read");
+        assert_eq!(r.count, 6);
     }
-    let missing = retry(&nodes, |n| async move {
-        n.range("nope", &RangeRequest { key: b"k".to_vec(), ..Default::default() }, false, 0).await
-    })
-    .await;
+    let tables = retry(|| nodes[2].list_tables()).await.expect("list");
+    assert_eq!(tables.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), vec!["t"]);
+    let probe = RangeRequest { key: b"k".to_vec(), ..Default::default() };
+    let missing = retry(|| nodes[1].range("nope", &probe, false)).await;
     assert_eq!(missing.err(), Some(ApiError::TableNotFound("nope".into())));
-    let bad = retry(&nodes, |n| async move { n.write("t", TableCommand::Put(PutRequest::default()), 0).await }).await;
+    let bad = retry(|| nodes[1].write("t", TableCommand::Put(PutRequest::default()))).await;
     assert_eq!(bad.err(), Some(ApiError::Kv(KvError::EmptyKey)));
 }
 

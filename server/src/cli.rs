@@ -1,0 +1,329 @@
+//! Client subcommands: `armada table|kv|cluster …` against a running node's
+//! armada.v1 API. Human-readable output by default, `-o json` for scripts.
+
+use armada_proto::v1 as pb;
+use serde_json::json;
+use tonic::transport::Channel;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum Output {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientArgs {
+    /// The node to talk to (its armada.v1 API address).
+    #[arg(long, env = "ARMADA_ENDPOINT", default_value = "http://127.0.0.1:8443", global = true)]
+    pub endpoint: String,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value = "human", global = true)]
+    pub output: Output,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum TableCmd {
+    /// Create a table.
+    Create { name: String },
+    /// Delete a table and all its data.
+    Delete { name: String },
+    /// List tables.
+    List,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum KvCmd {
+    /// Set a key's value.
+    Put { table: String, key: String, value: String },
+    /// Read a key, or every key with a prefix.
+    Get {
+        table: String,
+        key: String,
+        /// Read every key starting with KEY.
+        #[arg(long)]
+        prefix: bool,
+        /// Read the table as of this revision.
+        #[arg(long = "rev", default_value_t = 0)]
+        revision: i64,
+        /// Return at most this many keys (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        limit: i64,
+        /// Answer from the contacted node's state (may be stale).
+        #[arg(long)]
+        serializable: bool,
+    },
+    /// Delete a key, or every key with a prefix.
+    Del {
+        table: String,
+        key: String,
+        #[arg(long)]
+        prefix: bool,
+    },
+    /// A transaction: if every `--if` holds, run the `--then` operations,
+    /// otherwise the `--else` ones.
+    ///
+    /// Conditions: `KEY value|version|create|mod =|!=|>|< OPERAND`.
+    /// Operations: `put KEY VALUE`, `get KEY`, `del KEY`.
+    Txn {
+        table: String,
+        #[arg(long = "if")]
+        compares: Vec<String>,
+        #[arg(long = "then")]
+        then: Vec<String>,
+        #[arg(long = "else")]
+        otherwise: Vec<String>,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ClusterCmd {
+    /// Raft state of every group on the contacted node.
+    Status,
+    /// The cluster's members.
+    Members,
+}
+
+async fn channel(endpoint: &str) -> anyhow::Result<Channel> {
+    let ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .map_err(|e| anyhow::anyhow!("invalid endpoint {endpoint:?}: {e}"))?
+        .connect_timeout(std::time::Duration::from_secs(3));
+    ep.connect().await.map_err(|e| anyhow::anyhow!("cannot connect to {endpoint}: {e}"))
+}
+
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+fn prefix_end(key: &[u8]) -> Vec<u8> {
+    armada_core::engine::prefix_end(key).unwrap_or_else(|| vec![0])
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn kv_json(kv: &pb::KeyValue) -> serde_json::Value {
+    json!({"key": text(&kv.key), "value": text(&kv.value), "create_revision": kv.create_revision,
+           "mod_revision": kv.mod_revision, "version": kv.version})
+}
+
+fn header_rev(h: &Option<pb::ResponseHeader>) -> i64 {
+    h.as_ref().map_or(0, |h| h.revision)
+}
+
+pub async fn table(args: &ClientArgs, cmd: TableCmd) -> anyhow::Result<()> {
+    let mut c = pb::tables_client::TablesClient::new(channel(&args.endpoint).await?);
+    match cmd {
+        TableCmd::Create { name } => {
+            let t = c.create(pb::CreateTableRequest { name }).await.map_err(status_err)?.into_inner().table;
+            let t = t.ok_or_else(|| anyhow::anyhow!("server returned no table"))?;
+            match args.output {
+                Output::Human => println!("created table {} (id {})", t.name, t.id),
+                Output::Json => println!("{}", json!({"name": t.name, "id": t.id})),
+            }
+        }
+        TableCmd::Delete { name } => {
+            c.delete(pb::DeleteTableRequest { name: name.clone() }).await.map_err(status_err)?;
+            match args.output {
+                Output::Human => println!("deleted table {name}"),
+                Output::Json => println!("{}", json!({"deleted": name})),
+            }
+        }
+        TableCmd::List => {
+            let ts = c.list(pb::ListTablesRequest {}).await.map_err(status_err)?.into_inner().tables;
+            match args.output {
+                Output::Human => ts.iter().for_each(|t| println!("{}", t.name)),
+                Output::Json => {
+                    let v: Vec<_> = ts.iter().map(|t| json!({"name": t.name, "id": t.id})).collect();
+                    println!("{}", serde_json::Value::Array(v))
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_op(table: &str, s: &str) -> anyhow::Result<pb::RequestOp> {
+    use pb::request_op::Request;
+    let words: Vec<&str> = s.split_whitespace().collect();
+    let req = match words.as_slice() {
+        ["put", k, v] => Request::RequestPut(pb::PutRequest {
+            table: table.into(),
+            key: k.as_bytes().to_vec(),
+            value: v.as_bytes().to_vec(),
+            prev_kv: false,
+        }),
+        ["get", k] => Request::RequestRange(pb::RangeRequest {
+            table: table.into(),
+            key: k.as_bytes().to_vec(),
+            ..Default::default()
+        }),
+        ["del", k] => Request::RequestDeleteRange(pb::DeleteRangeRequest {
+            table: table.into(),
+            key: k.as_bytes().to_vec(),
+            ..Default::default()
+        }),
+        _ => anyhow::bail!("cannot parse operation {s:?}: expected `put KEY VALUE`, `get KEY` or `del KEY`"),
+    };
+    Ok(pb::RequestOp { request: Some(req) })
+}
+
+fn parse_compare(s: &str) -> anyhow::Result<pb::Compare> {
+    use pb::compare::{CompareResult, CompareTarget, TargetUnion};
+    let words: Vec<&str> = s.split_whitespace().collect();
+    let [key, target, op, operand] = words.as_slice() else {
+        anyhow::bail!("cannot parse condition {s:?}: expected `KEY value|version|create|mod =|!=|>|< OPERAND`");
+    };
+    let result = match *op {
+        "=" | "==" => CompareResult::Equal,
+        "!=" => CompareResult::NotEqual,
+        ">" => CompareResult::Greater,
+        "<" => CompareResult::Less,
+        _ => anyhow::bail!("unknown comparison {op:?} in {s:?}"),
+    };
+    let int = || operand.parse::<i64>().map_err(|_| anyhow::anyhow!("{operand:?} is not an integer in {s:?}"));
+    let (target, union) = match *target {
+        "value" => (CompareTarget::Value, TargetUnion::Value(operand.as_bytes().to_vec())),
+        "version" => (CompareTarget::Version, TargetUnion::Version(int()?)),
+        "create" => (CompareTarget::Create, TargetUnion::CreateRevision(int()?)),
+        "mod" => (CompareTarget::Mod, TargetUnion::ModRevision(int()?)),
+        _ => anyhow::bail!("unknown compare target {target:?} in {s:?}"),
+    };
+    Ok(pb::Compare {
+        result: result as i32,
+        target: target as i32,
+        key: key.as_bytes().to_vec(),
+        target_union: Some(union),
+        range_end: vec![],
+    })
+}
+
+pub async fn kv(args: &ClientArgs, cmd: KvCmd) -> anyhow::Result<()> {
+    let mut c = pb::kv_client::KvClient::new(channel(&args.endpoint).await?);
+    match cmd {
+        KvCmd::Put { table, key, value } => {
+            let r = c
+                .put(pb::PutRequest { table, key: key.into_bytes(), value: value.into_bytes(), prev_kv: false })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            match args.output {
+                Output::Human => println!("OK (revision {})", header_rev(&r.header)),
+                Output::Json => println!("{}", json!({"revision": header_rev(&r.header)})),
+            }
+        }
+        KvCmd::Get { table, key, prefix, revision, limit, serializable } => {
+            let range_end = if prefix { prefix_end(key.as_bytes()) } else { vec![] };
+            let r = c
+                .range(pb::RangeRequest {
+                    table,
+                    key: key.into_bytes(),
+                    range_end,
+                    revision,
+                    limit,
+                    serializable,
+                    ..Default::default()
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            match args.output {
+                Output::Human => {
+                    for kv in &r.kvs {
+                        println!("{}\n{}", text(&kv.key), text(&kv.value));
+                    }
+                }
+                Output::Json => println!(
+                    "{}",
+                    json!({"revision": header_rev(&r.header), "count": r.count, "more": r.more,
+                           "kvs": r.kvs.iter().map(kv_json).collect::<Vec<_>>()})
+                ),
+            }
+        }
+        KvCmd::Del { table, key, prefix } => {
+            let range_end = if prefix { prefix_end(key.as_bytes()) } else { vec![] };
+            let r = c
+                .delete_range(pb::DeleteRangeRequest { table, key: key.into_bytes(), range_end, prev_kv: false })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            match args.output {
+                Output::Human => println!("{}", r.deleted),
+                Output::Json => println!("{}", json!({"deleted": r.deleted, "revision": header_rev(&r.header)})),
+            }
+        }
+        KvCmd::Txn { table, compares, then, otherwise } => {
+            let req = pb::TxnRequest {
+                compare: compares.iter().map(|s| parse_compare(s)).collect::<anyhow::Result<_>>()?,
+                success: then.iter().map(|s| parse_op(&table, s)).collect::<anyhow::Result<_>>()?,
+                failure: otherwise.iter().map(|s| parse_op(&table, s)).collect::<anyhow::Result<_>>()?,
+                table,
+            };
+            let r = c.txn(req).await.map_err(status_err)?.into_inner();
+            match args.output {
+                Output::Human => {
+                    println!("{}", if r.succeeded { "SUCCESS" } else { "FAILURE" });
+                    for op in &r.responses {
+                        if let Some(pb::response_op::Response::ResponseRange(rr)) = &op.response {
+                            for kv in &rr.kvs {
+                                println!("{}\n{}", text(&kv.key), text(&kv.value));
+                            }
+                        }
+                    }
+                }
+                Output::Json => println!("{}", json!({"succeeded": r.succeeded, "revision": header_rev(&r.header)})),
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn cluster(args: &ClientArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
+    let mut c = pb::cluster_client::ClusterClient::new(channel(&args.endpoint).await?);
+    match cmd {
+        ClusterCmd::Status => {
+            let s = c.status(pb::StatusRequest {}).await.map_err(status_err)?.into_inner();
+            match args.output {
+                Output::Human => {
+                    println!("member {}", s.member_id);
+                    for g in &s.groups {
+                        let name = if g.table.is_empty() { "(catalog)" } else { g.table.as_str() };
+                        println!(
+                            "{name:<24} leader {} term {} commit {} applied {} revision {}",
+                            g.leader_id, g.raft_term, g.raft_commit_index, g.raft_applied_index, g.revision
+                        );
+                    }
+                }
+                Output::Json => {
+                    let groups: Vec<_> = s
+                        .groups
+                        .iter()
+                        .map(|g| {
+                            json!({"table": g.table, "leader_id": g.leader_id, "raft_term": g.raft_term,
+                                        "raft_commit_index": g.raft_commit_index,
+                                        "raft_applied_index": g.raft_applied_index, "revision": g.revision})
+                        })
+                        .collect();
+                    println!("{}", json!({"member_id": s.member_id, "groups": groups}))
+                }
+            }
+        }
+        ClusterCmd::Members => {
+            let m = c.member_list(pb::MemberListRequest {}).await.map_err(status_err)?.into_inner().members;
+            match args.output {
+                Output::Human => {
+                    m.iter().for_each(|m| println!("{} {} raft={} api={}", m.id, m.name, m.raft_address, m.api_address))
+                }
+                Output::Json => {
+                    let v: Vec<_> = m
+                        .iter()
+                        .map(|m| json!({"id": m.id, "name": m.name, "raft_address": m.raft_address, "api_address": m.api_address}))
+                        .collect();
+                    println!("{}", serde_json::Value::Array(v))
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,249 @@
+//! Node configuration: command-line flags, `ARMADA_*` environment
+//! variables and a TOML file, resolved with the precedence
+//! flag > environment > file > default. Everything is checked before the
+//! node starts; a bad value is a clear error naming its source.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use armada_core::raft::ArmadaNode;
+use serde::Deserialize;
+
+use crate::node::{NodeConfig, RaftTuning};
+
+pub const DEFAULT_DATA_DIR: &str = "./armada-data";
+pub const DEFAULT_API_ADDRESS: &str = "127.0.0.1:8443";
+pub const DEFAULT_RAFT_ADDRESS: &str = "127.0.0.1:5012";
+pub const DEFAULT_NODE_ID: u64 = 1;
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Options of `armada leader`, as given on the command line or in the
+/// environment (clap reads `ARMADA_*` for each).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML configuration file; its keys are the long option names with `_`
+    /// for `-` (e.g. `data_dir = "/var/lib/armada"`).
+    #[arg(long, env = "ARMADA_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory holding this node's data (RocksDB). [default: ./armada-data]
+    #[arg(long, env = "ARMADA_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// This node's id: a positive integer, unique in the cluster. [default: 1]
+    #[arg(long, env = "ARMADA_NODE_ID", value_name = "ID")]
+    pub node_id: Option<u64>,
+    /// Raft addresses of all initial members, `id=host:port,...` (optionally
+    /// `id=host:port@api_host:port` to also publish a member's API address).
+    /// [default: this node alone]
+    #[arg(long, env = "ARMADA_INITIAL_MEMBERS", value_name = "MEMBERS")]
+    pub initial_members: Option<String>,
+    /// Address of the armada.v1 gRPC API. [default: 127.0.0.1:8443]
+    #[arg(long, env = "ARMADA_API_ADDRESS", value_name = "HOST:PORT")]
+    pub api_address: Option<String>,
+    /// Address of Raft traffic between the nodes (QUIC, UDP). [default: 127.0.0.1:5012]
+    #[arg(long, env = "ARMADA_RAFT_ADDRESS", value_name = "HOST:PORT")]
+    pub raft_address: Option<String>,
+    /// How long a request may wait for a leader or a commit, in ms. [default: 5000]
+    #[arg(long, env = "ARMADA_REQUEST_TIMEOUT_MS", value_name = "MS")]
+    pub request_timeout_ms: Option<u64>,
+}
+
+/// The configuration file. Unknown keys and wrong types are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub node_id: Option<u64>,
+    pub initial_members: Option<String>,
+    pub api_address: Option<String>,
+    pub raft_address: Option<String>,
+    pub request_timeout_ms: Option<u64>,
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    ParseFile { path: PathBuf, message: String },
+    #[error("invalid {what} {value:?}: {reason}")]
+    Invalid { what: &'static str, value: String, reason: String },
+}
+
+fn invalid(what: &'static str, value: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { what, value: value.into(), reason: reason.into() }
+}
+
+/// A node's resolved configuration.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub api_address: SocketAddr,
+    pub raft_address: SocketAddr,
+    pub node: NodeConfig,
+    pub log_format: Option<LogFormat>,
+}
+
+pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile { path: path.into(), source })?;
+    toml::from_str(&text).map_err(|e| ConfigError::ParseFile { path: path.into(), message: e.to_string() })
+}
+
+fn parse_addr(what: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse().map_err(|e: std::net::AddrParseError| {
+        invalid(what, s, format!("{e} (expected host:port, e.g. 127.0.0.1:5012)"))
+    })
+}
+
+/// Parses `id=host:port[@api_host:port],...`.
+pub fn parse_members(s: &str) -> Result<BTreeMap<u64, ArmadaNode>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, rest) =
+            part.split_once('=').ok_or_else(|| invalid("initial member", part, "expected id=host:port"))?;
+        let id: u64 =
+            id.trim().parse().map_err(|_| invalid("initial member", part, "the id must be a positive integer"))?;
+        if id == 0 {
+            return Err(invalid("initial member", part, "the id must be a positive integer"));
+        }
+        let (raft, api) = match rest.split_once('@') {
+            Some((r, a)) => (r, Some(a)),
+            None => (rest, None),
+        };
+        let raft_addr = parse_addr("initial member address", raft.trim())?.to_string();
+        let api_addr = match api {
+            Some(a) => parse_addr("initial member API address", a.trim())?.to_string(),
+            None => String::new(),
+        };
+        if out.insert(id, ArmadaNode { raft_addr, api_addr }).is_some() {
+            return Err(invalid("initial members", s, format!("node id {id} appears twice")));
+        }
+    }
+    if out.is_empty() {
+        return Err(invalid("initial members", s, "no members given"));
+    }
+    Ok(out)
+}
+
+/// Resolves flags/environment (`args`) over the file over the defaults.
+pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
+    let file = match &args.config {
+        Some(p) => load_file(p)?,
+        None => FileConfig::default(),
+    };
+    let data_dir = args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into());
+    let node_id = args.node_id.or(file.node_id).unwrap_or(DEFAULT_NODE_ID);
+    if node_id == 0 {
+        return Err(invalid("node id", "0", "must be a positive integer"));
+    }
+    let api_address = parse_addr(
+        "API address",
+        &args.api_address.clone().or(file.api_address).unwrap_or_else(|| DEFAULT_API_ADDRESS.into()),
+    )?;
+    let raft_address = parse_addr(
+        "Raft address",
+        &args.raft_address.clone().or(file.raft_address).unwrap_or_else(|| DEFAULT_RAFT_ADDRESS.into()),
+    )?;
+    let timeout_ms =
+        args.request_timeout_ms.or(file.request_timeout_ms).unwrap_or(DEFAULT_REQUEST_TIMEOUT.as_millis() as u64);
+    if timeout_ms == 0 {
+        return Err(invalid("request timeout", "0", "must be positive"));
+    }
+    let mut members = match args.initial_members.clone().or(file.initial_members) {
+        Some(m) => parse_members(&m)?,
+        None => {
+            BTreeMap::from([(node_id, ArmadaNode { raft_addr: raft_address.to_string(), api_addr: String::new() })])
+        }
+    };
+    let ids: Vec<u64> = members.keys().copied().collect();
+    let me = members.get_mut(&node_id).ok_or_else(|| {
+        invalid("initial members", format!("{ids:?}"), format!("this node ({node_id}) is not among them"))
+    })?;
+    if me.raft_addr != raft_address.to_string() && !raft_address.ip().is_unspecified() {
+        return Err(invalid(
+            "Raft address",
+            raft_address.to_string(),
+            format!("initial members list node {node_id} at {}", me.raft_addr),
+        ));
+    }
+    me.api_addr = api_address.to_string();
+    Ok(ServeConfig {
+        data_dir,
+        api_address,
+        raft_address,
+        node: NodeConfig {
+            id: node_id,
+            members,
+            raft: RaftTuning::default(),
+            request_timeout: Duration::from_millis(timeout_ms),
+        },
+        log_format: file.log_format,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_make_a_single_node_leader_on_loopback() {
+        let c = resolve(&ServeArgs::default()).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(c.api_address.to_string(), DEFAULT_API_ADDRESS);
+        assert_eq!(c.node.id, 1);
+        assert_eq!(c.node.members.len(), 1);
+        assert_eq!(c.node.members[&1].raft_addr, DEFAULT_RAFT_ADDRESS);
+    }
+
+    #[test]
+    fn flags_beat_the_file() {
+        let dir = std::env::temp_dir().join(format!("armada-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("a.toml");
+        std::fs::write(
+            &f,
+            "node_id = 2\ndata_dir = \"/from/file\"\ninitial_members = \"1=127.0.0.1:1,2=127.0.0.1:5012\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs { config: Some(f.clone()), data_dir: Some("/from/flag".into()), ..Default::default() };
+        let c = resolve(&args).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/from/flag"));
+        assert_eq!(c.node.id, 2, "the file fills what flags leave open");
+        std::fs::write(&f, "node_id = \"two\"\n").unwrap();
+        let e = resolve(&ServeArgs { config: Some(f.clone()), ..Default::default() }).unwrap_err().to_string();
+        assert!(e.contains("a.toml") && e.contains("node_id"), "{e}");
+        std::fs::write(&f, "nodeid = 2\n").unwrap();
+        let e = resolve(&ServeArgs { config: Some(f), ..Default::default() }).unwrap_err().to_string();
+        assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        for (args, needle) in [
+            (ServeArgs { node_id: Some(0), ..Default::default() }, "node id"),
+            (ServeArgs { api_address: Some("localhost".into()), ..Default::default() }, "API address"),
+            (
+                ServeArgs { initial_members: Some("1=127.0.0.1:5012,1=127.0.0.1:5013".into()), ..Default::default() },
+                "twice",
+            ),
+            (ServeArgs { initial_members: Some("2=127.0.0.1:5012".into()), ..Default::default() }, "not among them"),
+            (ServeArgs { initial_members: Some("x=1".into()), ..Default::default() }, "positive integer"),
+            (ServeArgs { request_timeout_ms: Some(0), ..Default::default() }, "timeout"),
+        ] {
+            let e = resolve(&args).unwrap_err().to_string();
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! The `armada` binary: wiring only. `armada leader` runs a node of a
+//! leader cluster; `armada table|kv|cluster` are clients of a running node.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use armada_core::Engine;
+use armada_net::quic::QuicTransport;
+use armada_server::cli::{self, ClientArgs, ClusterCmd, KvCmd, TableCmd};
+use armada_server::config::{self, LogFormat, ServeArgs};
+use armada_server::flusher::{BatchingFlusher, RealDisk};
+use armada_server::network::RaftHandler;
+use armada_server::node::Node;
+use armada_server::rocks::RocksEngine;
+use armada_server::service::{router, Api};
+use clap::{Parser, Subcommand};
+use tracing::info;
+
+#[derive(Parser)]
+#[command(name = "armada", version, about = "Armada: a geo-replicated key-value store with etcd v3 semantics")]
+struct Cli {
+    /// Log format (log level from RUST_LOG, default `info`).
+    #[arg(long, env = "ARMADA_LOG_FORMAT", value_enum, global = true)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node of the leader cluster. With no options: a single-node
+    /// cluster with its data in ./armada-data, API on 127.0.0.1:8443.
+    ///
+    /// Precedence of settings: flag > ARMADA_* environment > --config file > default.
+    Leader(ServeArgs),
+    /// Create, delete and list tables.
+    Table {
+        #[command(subcommand)]
+        cmd: TableCmd,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Read and write keys.
+    Kv {
+        #[command(subcommand)]
+        cmd: KvCmd,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Cluster state.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGTERM: {e}");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        biased;
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received, shutting down"),
+        _ = term.recv() => info!("SIGTERM received, shutting down"),
+    }
+}
+
+async fn leader(args: ServeArgs, log_format: Option<LogFormat>) -> anyhow::Result<()> {
+    let cfg = config::resolve(&args)?;
+    init_logs(log_format.or(cfg.log_format).unwrap_or_default());
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
+    let engine: Arc<dyn Engine> = Arc::new(
+        RocksEngine::open(&cfg.data_dir.join("db")).with_context(|| format!("opening {}", cfg.data_dir.display()))?,
+    );
+    let flusher = Arc::new(BatchingFlusher::start(engine.clone(), Arc::new(RealDisk)));
+    let transport = QuicTransport::bind(cfg.raft_address)?;
+    let node = Node::start(cfg.node.clone(), engine.clone(), flusher, transport.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("starting node: {e}"))?;
+    let raft_server = tokio::spawn(transport.clone().serve(Arc::new(RaftHandler { node: Arc::downgrade(&node) })));
+    info!(
+        node_id = cfg.node.id,
+        api = %cfg.api_address,
+        raft = %cfg.raft_address,
+        data_dir = %cfg.data_dir.display(),
+        members = cfg.node.members.len(),
+        "armada leader node started"
+    );
+    router(Api::new(node.clone()))
+        .serve_with_shutdown(cfg.api_address, shutdown_signal())
+        .await
+        .with_context(|| format!("serving the API on {}", cfg.api_address))?;
+    // In-flight requests have finished; stop Raft, then make everything durable.
+    node.shutdown().await;
+    raft_server.abort();
+    transport.close();
+    engine.sync().map_err(|e| anyhow::anyhow!("final sync: {e}"))?;
+    info!("shut down cleanly");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Leader(args) => leader(args, cli.log_format).await,
+        Cmd::Table { cmd, client } => cli::table(&client, cmd).await,
+        Cmd::Kv { cmd, client } => cli::kv(&client, cmd).await,
+        Cmd::Cluster { cmd, client } => cli::cluster(&client, cmd).await,
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
