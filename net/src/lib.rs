@@ -48,10 +48,12 @@ pub trait Transport: Send + Sync + 'static {
         -> BoxFuture<'_, Result<Vec<u8>, TransportError>>;
 }
 
-/// The server side: turns a request into a response. Must not panic on any
+/// The server side: turns a request into a response, or into no response
+/// at all (`None`: the caller sees a timeout or an error, as for a lost
+/// packet; used to ignore duplicate deliveries). Must not panic on any
 /// input: bytes from a peer are untrusted.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, request: Vec<u8>) -> BoxFuture<'static, Vec<u8>>;
+    fn handle(&self, request: Vec<u8>) -> BoxFuture<'static, Option<Vec<u8>>>;
 }
 
 impl<T: Transport + ?Sized> Transport for Arc<T> {

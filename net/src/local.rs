@@ -53,7 +53,8 @@ impl Transport for LocalTransport {
                 return Err(TransportError::Unreachable { addr, reason: "no such node".into() });
             };
             match tokio::time::timeout(timeout, h.handle(request)).await {
-                Ok(r) => Ok(r),
+                Ok(Some(r)) => Ok(r),
+                Ok(None) => Err(TransportError::Unreachable { addr, reason: "no response".into() }),
                 Err(_) => Err(TransportError::Timeout { addr, timeout_ms: timeout.as_millis() as u64 }),
             }
         })

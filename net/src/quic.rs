@@ -192,9 +192,16 @@ impl QuicTransport {
                     tokio::spawn(async move {
                         let _permit = permit;
                         let Ok(request) = recv.read_to_end(MESSAGE_BYTES_MAX).await else { return };
-                        let response = handler.handle(request).await;
-                        if send.write_all(&response).await.is_ok() {
-                            let _ = send.finish();
+                        match handler.handle(request).await {
+                            Some(response) => {
+                                if send.write_all(&response).await.is_ok() {
+                                    let _ = send.finish();
+                                }
+                            }
+                            // Refuse the stream: the caller gets an error at once.
+                            None => {
+                                let _ = send.reset(0u32.into());
+                            }
                         }
                     });
                 }
@@ -251,11 +258,11 @@ mod tests {
 
     struct Echo;
     impl Handler for Echo {
-        fn handle(&self, request: Vec<u8>) -> BoxFuture<'static, Vec<u8>> {
+        fn handle(&self, request: Vec<u8>) -> BoxFuture<'static, Option<Vec<u8>>> {
             Box::pin(async move {
                 let mut r = request;
                 r.reverse();
-                r
+                Some(r)
             })
         }
     }

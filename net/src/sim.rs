@@ -18,9 +18,10 @@ use tokio::sync::Semaphore;
 
 use crate::{BoxFuture, Handler, Transport, TransportError, CALLS_IN_FLIGHT_MAX, MESSAGE_BYTES_MAX};
 
-/// Tag of requests; call ids (response tags) start above it.
+/// Tag of requests; call ids (response tags) have the top bit set, so they
+/// never equal it.
 pub const REQUEST_TAG: u64 = 1;
-const CALL_ID_FIRST: u64 = 1 << 32;
+const CALL_ID_BIT: u64 = 1 << 63;
 
 /// Fault knobs that the simulated world sets from its seed.
 #[derive(Debug, Clone, Copy, Default)]
@@ -40,7 +41,13 @@ impl SimTransport {
     /// A client endpoint on the current simulated node.
     pub async fn new(faults: SimFaults) -> std::io::Result<Self> {
         let ep = Endpoint::bind("0.0.0.0:0").await?;
-        Ok(Self { ep, next_call: AtomicU64::new(CALL_ID_FIRST), slots: Semaphore::new(CALLS_IN_FLIGHT_MAX), faults })
+        // Call ids start at a random point (drawn from the seed): a restarted
+        // node may get its old port back, and a late response to one of its
+        // previous incarnation's calls must not match a new call. (Counters
+        // starting at a fixed value did exactly that: crashes-3 seed 1 saw a
+        // write answered with a months-old revision.)
+        let first = madsim::rand::random::<u64>() >> 2;
+        Ok(Self { ep, next_call: AtomicU64::new(first), slots: Semaphore::new(CALLS_IN_FLIGHT_MAX), faults })
     }
 }
 
@@ -80,7 +87,7 @@ impl SimTransport {
             .acquire()
             .await
             .map_err(|_| TransportError::Unreachable { addr: target.clone(), reason: "transport closed".into() })?;
-        let id = self.next_call.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_call.fetch_add(1, Ordering::Relaxed) | CALL_ID_BIT;
         let unreachable =
             |e: std::io::Error| TransportError::Unreachable { addr: target.clone(), reason: e.to_string() };
         let copies = if self.faults.duplicate_rate > 0.0 && madsim::rand::random::<f64>() < self.faults.duplicate_rate {
@@ -118,9 +125,10 @@ pub async fn serve(addr: SocketAddr, handler: Arc<dyn Handler>) -> std::io::Resu
         let ep = ep.clone();
         let handler = handler.clone();
         tokio::spawn(async move {
-            let response = handler.handle(request).await;
-            // A lost response is the caller's timeout, by design.
-            let _ = ep.send_to_raw(from, id, Box::new(response)).await;
+            // No response, or a lost one, is the caller's timeout, by design.
+            if let Some(response) = handler.handle(request).await {
+                let _ = ep.send_to_raw(from, id, Box::new(response)).await;
+            }
         });
     }
 }

@@ -25,8 +25,14 @@ pub enum RaftRequest {
         meta: SnapshotMetaOf<C>,
         data: Vec<u8>,
     },
-    /// A client request forwarded to the node that leads its group.
-    Client(ClientRequest),
+    /// A client request forwarded to the node that leads its group, with an
+    /// id unique to the sending node's incarnation: the receiver executes
+    /// each id at most once, since a transport may deliver a request twice
+    /// and a write is not idempotent.
+    Client {
+        id: (u64, u64),
+        req: ClientRequest,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -130,21 +136,26 @@ pub struct RaftHandler {
 }
 
 impl Handler for RaftHandler {
-    fn handle(&self, request: Vec<u8>) -> BoxFuture<'static, Vec<u8>> {
+    fn handle(&self, request: Vec<u8>) -> BoxFuture<'static, Option<Vec<u8>>> {
         let node = self.node.upgrade();
         Box::pin(async move {
             let Some(node) = node else {
-                return encode(&RaftReply::Refused("node stopping".into()));
+                return Some(encode(&RaftReply::Refused("node stopping".into())));
             };
             let env: Envelope = match postcard::from_bytes(&request) {
                 Ok(e) => e,
-                Err(e) => return encode(&RaftReply::Refused(format!("malformed request: {e}"))),
+                Err(e) => return Some(encode(&RaftReply::Refused(format!("malformed request: {e}")))),
             };
-            if let RaftRequest::Client(req) = env.request {
-                return encode(&RaftReply::Client(node.execute(req).await));
+            if let RaftRequest::Client { id, req } = env.request {
+                // A duplicate delivery gets no answer: the original's answer
+                // is the one the caller waits for.
+                if !node.first_delivery(id) {
+                    return None;
+                }
+                return Some(encode(&RaftReply::Client(node.execute(req).await)));
             }
             let Some(group) = node.group(env.group) else {
-                return encode(&RaftReply::Refused(format!("group {} not hosted here", env.group)));
+                return Some(encode(&RaftReply::Refused(format!("group {} not hosted here", env.group))));
             };
             let reply = match env.request {
                 RaftRequest::Append(r) => {
@@ -157,9 +168,9 @@ impl Handler for RaftHandler {
                     .await
                     .map(RaftReply::Snapshot)
                     .map_err(|e| e.to_string()),
-                RaftRequest::Client(_) => Err("client request reached a group".into()),
+                RaftRequest::Client { .. } => Err("client request reached a group".into()),
             };
-            encode(&reply.unwrap_or_else(RaftReply::Refused))
+            Some(encode(&reply.unwrap_or_else(RaftReply::Refused)))
         })
     }
 }

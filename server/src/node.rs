@@ -33,6 +33,12 @@ pub const CATALOG_SYNC_INTERVAL: Duration = Duration::from_millis(50);
 /// Most forwarding hops a request may take (to the metadata leader, then to
 /// the table's leader).
 pub const FORWARD_HOPS_MAX: u32 = 2;
+/// Time a forwarded request may take beyond the request timeout (its
+/// transit); a leader that does not answer by then is treated as lost.
+pub const FORWARD_MARGIN: Duration = Duration::from_millis(500);
+/// How many forwarded-request ids a node remembers to drop duplicate
+/// deliveries (duplicates arrive within moments of the original).
+pub const FORWARD_DEDUPE_WINDOW: usize = 4096;
 
 /// Raft timing and log retention.
 #[derive(Debug, Clone)]
@@ -180,6 +186,17 @@ pub struct Node {
     flusher: Arc<dyn Flusher>,
     transport: Arc<dyn Transport>,
     groups: RwLock<BTreeMap<GroupId, Arc<Group>>>,
+    /// Random per start, so ids of a restarted node never repeat old ones.
+    incarnation: u64,
+    next_forward: std::sync::atomic::AtomicU64,
+    seen_forwards: std::sync::Mutex<ForwardDedupe>,
+}
+
+/// The ids of recently received forwarded requests, oldest first.
+#[derive(Default)]
+struct ForwardDedupe {
+    seen: std::collections::BTreeSet<(u64, u64)>,
+    order: std::collections::VecDeque<(u64, u64)>,
 }
 
 impl Node {
@@ -206,7 +223,17 @@ impl Node {
         if cfg.me().is_none() {
             return Err(ApiError::Internal(format!("node {} is not among the initial members", cfg.id)));
         }
-        let node = Arc::new(Node { cfg, hooks, engine, flusher, transport, groups: RwLock::new(BTreeMap::new()) });
+        let node = Arc::new(Node {
+            cfg,
+            hooks,
+            engine,
+            flusher,
+            transport,
+            groups: RwLock::new(BTreeMap::new()),
+            incarnation: madsim::rand::random::<u64>(),
+            next_forward: std::sync::atomic::AtomicU64::new(0),
+            seen_forwards: std::sync::Mutex::new(Default::default()),
+        });
         node.open_group(GroupId::META, String::new(), GroupKind::Meta).await?;
         node.sync_groups().await;
         let weak = Arc::downgrade(&node);
@@ -339,9 +366,10 @@ impl Node {
     /// transit may have been applied: its outcome is indeterminate.
     async fn forward(&self, raft_addr: &str, req: ClientRequest) -> Result<ClientReply, ApiError> {
         let is_write = req.is_write();
+        let id = (self.incarnation, self.next_forward.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         let bytes = crate::network::encode(&crate::network::Envelope {
             group: GroupId::META,
-            request: crate::network::RaftRequest::Client(req),
+            request: crate::network::RaftRequest::Client { id, req },
         });
         let failed = |e: String| {
             if is_write {
@@ -352,7 +380,7 @@ impl Node {
         };
         let resp = self
             .transport
-            .call(raft_addr, bytes, self.cfg.request_timeout * (FORWARD_HOPS_MAX + 1))
+            .call(raft_addr, bytes, self.cfg.request_timeout + FORWARD_MARGIN)
             .await
             .map_err(|e| failed(e.to_string()))?;
         match postcard::from_bytes::<crate::network::RaftReply>(&resp) {
@@ -361,6 +389,21 @@ impl Node {
             Ok(_) => Err(failed("mismatched reply".into())),
             Err(e) => Err(failed(format!("malformed reply: {e}"))),
         }
+    }
+
+    /// Records a forwarded request's id; false if it was seen before.
+    pub fn first_delivery(&self, id: (u64, u64)) -> bool {
+        let mut d = self.seen_forwards.lock().unwrap_or_else(|p| p.into_inner());
+        if !d.seen.insert(id) {
+            return false;
+        }
+        d.order.push_back(id);
+        if d.order.len() > FORWARD_DEDUPE_WINDOW {
+            if let Some(old) = d.order.pop_front() {
+                d.seen.remove(&old);
+            }
+        }
+        true
     }
 
     /// Executes a client request here, forwarding it further if another node
