@@ -31,6 +31,8 @@ use crate::{BoxFuture, Handler, Transport, TransportError, CALLS_IN_FLIGHT_MAX, 
 pub const RECONNECT_BACKOFF: Duration = Duration::from_millis(200);
 /// Longest time a dial may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A connection with no traffic (keep-alives included) for this long is dead.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Requests a node serves at once over all connections; more wait.
 pub const SERVE_STREAMS_MAX: usize = 1024;
 const SERVER_NAME: &str = "armada";
@@ -112,6 +114,8 @@ impl QuicTransport {
         let mut transport = quinn::TransportConfig::default();
         transport.max_concurrent_bidi_streams((SERVE_STREAMS_MAX as u32).into());
         transport.keep_alive_interval(Some(Duration::from_secs(1)));
+        // A silent peer's connection dies after this, not quinn's 30 s default.
+        transport.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("a few seconds fit a QUIC idle timeout")));
         let transport = Arc::new(transport);
         server_config.transport_config(transport.clone());
 
@@ -175,7 +179,10 @@ impl QuicTransport {
 
     fn forget(&self, target: &str) {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        peers.insert(target.to_string(), Peer { conn: None, failed_at: Some(Instant::now()) });
+        let old = peers.insert(target.to_string(), Peer { conn: None, failed_at: Some(Instant::now()) });
+        if let Some(Peer { conn: Some(c), .. }) = old {
+            c.close(0u32.into(), b"unresponsive");
+        }
     }
 
     /// Serves `handler` until the endpoint is closed.
@@ -228,25 +235,33 @@ impl Transport for QuicTransport {
                 return Err(TransportError::TooLarge { len: request.len() });
             }
             // The deadline covers the whole call, waiting for a slot included.
+            // Failures on an established connection drop it (`forget`);
+            // failing to get a connection does not, or a peer in backoff
+            // would be kept in backoff forever by its own callers.
             let exchange = async {
                 let _slot = self.slots.acquire().await.map_err(|_| TransportError::Unreachable {
                     addr: target.clone(),
                     reason: "transport closed".into(),
                 })?;
                 let conn = self.connection(&target).await?;
-                let fail = |e: String| TransportError::Unreachable { addr: target.clone(), reason: e };
+                let fail = |e: String| {
+                    self.forget(&target);
+                    TransportError::Unreachable { addr: target.clone(), reason: e }
+                };
                 let (mut send, mut recv) = conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
                 send.write_all(&request).await.map_err(|e| fail(e.to_string()))?;
                 send.finish().map_err(|e| fail(e.to_string()))?;
                 recv.read_to_end(MESSAGE_BYTES_MAX).await.map_err(|e| fail(e.to_string()))
             };
             match tokio::time::timeout(timeout, exchange).await {
-                Ok(Ok(r)) => Ok(r),
-                Ok(Err(e)) => {
+                Ok(r) => r,
+                Err(_) => {
+                    // A peer that restarted (same address, new endpoint)
+                    // never answers on the old connection: drop it and dial
+                    // again next time.
                     self.forget(&target);
-                    Err(e)
+                    Err(TransportError::Timeout { addr: target.clone(), timeout_ms: timeout.as_millis() as u64 })
                 }
-                Err(_) => Err(TransportError::Timeout { addr: target.clone(), timeout_ms: timeout.as_millis() as u64 }),
             }
         })
     }
@@ -286,5 +301,44 @@ mod tests {
         assert!(matches!(dead, Err(TransportError::Unreachable { .. } | TransportError::Timeout { .. })));
         let bad = client.call("not an address", vec![1], Duration::from_secs(1)).await;
         assert!(matches!(bad, Err(TransportError::Unreachable { .. })));
+    }
+
+    /// A peer that restarts on the same address (a new endpoint, as after
+    /// kill -9) is reachable again within a few seconds.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_restarted_peer_on_the_same_address_is_reached_again() {
+        let server = QuicTransport::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = server.local_addr().unwrap();
+        let task = tokio::spawn(server.clone().serve(Arc::new(Echo)));
+        let client = QuicTransport::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert_eq!(client.call(&addr.to_string(), vec![1, 2], Duration::from_secs(5)).await.unwrap(), vec![2, 1]);
+        // The peer goes away; a new one binds the same address.
+        task.abort();
+        server.close();
+        server.endpoint.wait_idle().await;
+        drop(server);
+        let rebind_deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let server = loop {
+            match QuicTransport::bind(addr) {
+                Ok(s) => break s,
+                Err(e) if std::time::Instant::now() > rebind_deadline => panic!("cannot rebind {addr}: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        tokio::spawn(server.clone().serve(Arc::new(Echo)));
+        // Calls come faster than the reconnect backoff, as heartbeats do.
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let mut last = None;
+        while std::time::Instant::now() < deadline {
+            match client.call(&addr.to_string(), vec![3, 4], Duration::from_millis(500)).await {
+                Ok(r) => {
+                    assert_eq!(r, vec![4, 3]);
+                    return;
+                }
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(RECONNECT_BACKOFF / 4).await;
+        }
+        panic!("restarted peer not reached within 15 s: {last:?}");
     }
 }

@@ -1,0 +1,304 @@
+//! Real processes: clusters of the `armada` binary on loopback, with kill -9,
+//! restarts and bad input. Every wait polls a condition against a deadline.
+#![cfg(not(madsim))]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use armada_proto::v1 as pb;
+use tonic::transport::Channel;
+
+const BIN: &str = env!("CARGO_BIN_EXE_armada");
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Node {
+    id: u64,
+    api: String,
+    raft: String,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn start(&mut self, members: &str) {
+        let log = std::fs::File::create(self.dir.with_extension("log")).unwrap();
+        let child = Command::new(BIN)
+            .args(["leader", "--node-id", &self.id.to_string(), "--initial-members", members])
+            .args(["--api-address", &self.api, "--raft-address", &self.raft])
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn armada");
+        self.child = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(status)) = c.try_wait() {
+                    assert!(status.success(), "node {} exited with {status} after SIGTERM", self.id);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            panic!("node {} did not stop within 10 s of SIGTERM", self.id);
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+struct Cluster {
+    nodes: Vec<Node>,
+    members: String,
+    _root: PathBuf,
+}
+
+impl Cluster {
+    fn new(n: u64, name: &str) -> Cluster {
+        let root = std::env::temp_dir().join(format!("armada-proc-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let nodes: Vec<Node> = (1..=n)
+            .map(|id| Node {
+                id,
+                api: format!("127.0.0.1:{}", free_tcp_port()),
+                raft: format!("127.0.0.1:{}", free_udp_port()),
+                dir: root.join(format!("n{id}")),
+                child: None,
+            })
+            .collect();
+        let members = nodes.iter().map(|n| format!("{}={}", n.id, n.raft)).collect::<Vec<_>>().join(",");
+        let mut c = Cluster { nodes, members, _root: root };
+        for i in 0..c.nodes.len() {
+            let m = c.members.clone();
+            c.nodes[i].start(&m);
+        }
+        c
+    }
+}
+
+async fn kv(api: &str) -> Option<pb::kv_client::KvClient<Channel>> {
+    let ep = tonic::transport::Endpoint::from_shared(format!("http://{api}"))
+        .ok()?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(8));
+    ep.connect().await.ok().map(pb::kv_client::KvClient::new)
+}
+
+/// Retries `f` until it succeeds or `within` passes.
+async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + within;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: not within {within:?}; last error: {last}");
+}
+
+async fn create_table(api: &str, name: &str) {
+    eventually(Duration::from_secs(30), "create table", || async {
+        let ep = tonic::transport::Endpoint::from_shared(format!("http://{api}")).map_err(|e| e.to_string())?;
+        let ch = ep.connect().await.map_err(|e| e.to_string())?;
+        let mut t = pb::tables_client::TablesClient::new(ch);
+        match t.create(pb::CreateTableRequest { name: name.into() }).await {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(()),
+            Err(s) => Err(s.to_string()),
+        }
+    })
+    .await
+}
+
+async fn put(api: &str, key: &str, value: &str) -> Result<i64, tonic::Status> {
+    let Some(mut c) = kv(api).await else { return Err(tonic::Status::unavailable("connect")) };
+    let r = c.put(pb::PutRequest { table: "t".into(), key: key.into(), value: value.into(), prev_kv: false }).await?;
+    Ok(r.into_inner().header.map_or(0, |h| h.revision))
+}
+
+async fn read_all(api: &str, serializable: bool) -> Result<BTreeMap<String, String>, String> {
+    let mut c = kv(api).await.ok_or("connect")?;
+    let r = c
+        .range(pb::RangeRequest {
+            table: "t".into(),
+            key: b"k".to_vec(),
+            range_end: b"l".to_vec(),
+            serializable,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| s.to_string())?;
+    Ok(r.into_inner()
+        .kvs
+        .into_iter()
+        .map(|kv| (String::from_utf8_lossy(&kv.key).into_owned(), String::from_utf8_lossy(&kv.value).into_owned()))
+        .collect())
+}
+
+async fn table_leader(api: &str) -> Result<u64, String> {
+    let ep = tonic::transport::Endpoint::from_shared(format!("http://{api}")).map_err(|e| e.to_string())?;
+    let ch = ep.connect().await.map_err(|e| e.to_string())?;
+    let s = pb::cluster_client::ClusterClient::new(ch).status(pb::StatusRequest {}).await.map_err(|e| e.to_string())?;
+    s.into_inner()
+        .groups
+        .iter()
+        .find(|g| g.table == "t" && g.leader_id != 0)
+        .map(|g| g.leader_id)
+        .ok_or("no leader".into())
+}
+
+/// Writes `n` keys starting at `from`, round-robin over `apis`, retrying
+/// each (idempotently: same key, same value) until acknowledged.
+async fn write_keys(apis: &[String], from: usize, n: usize, acked: &mut BTreeMap<String, String>) {
+    for i in from..from + n {
+        let (k, v) = (format!("k{i:04}"), format!("v{i}"));
+        let mut attempt = 0usize;
+        eventually(Duration::from_secs(30), "acknowledged write", || {
+            attempt += 1;
+            let api = apis[(i + attempt) % apis.len()].clone();
+            let (k, v) = (k.clone(), v.clone());
+            async move { put(&api, &k, &v).await.map(|_| ()).map_err(|s| s.to_string()) }
+        })
+        .await;
+        acked.insert(k, v);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_survive_kill9_of_the_leader_and_a_full_restart() {
+    let mut cluster = Cluster::new(3, "kill9");
+    let apis: Vec<String> = cluster.nodes.iter().map(|n| n.api.clone()).collect();
+    create_table(&apis[0], "t").await;
+    let mut acked = BTreeMap::new();
+    write_keys(&apis, 0, 30, &mut acked).await;
+    // Linearizable reads through every node see every acknowledged write.
+    for api in &apis {
+        let got = eventually(Duration::from_secs(10), "read", || read_all(api, false)).await;
+        assert_eq!(got, acked, "linearizable read through {api}");
+    }
+    // kill -9 the table's leader; the others keep accepting writes.
+    let leader = eventually(Duration::from_secs(10), "leader", || table_leader(&apis[0])).await;
+    let idx = (leader - 1) as usize;
+    cluster.nodes[idx].kill9();
+    let survivors: Vec<String> = apis.iter().enumerate().filter(|(i, _)| *i != idx).map(|(_, a)| a.clone()).collect();
+    let killed_at = Instant::now();
+    write_keys(&survivors, 30, 1, &mut acked).await;
+    let failover = killed_at.elapsed();
+    assert!(failover < Duration::from_secs(10), "first write after kill -9 took {failover:?}");
+    write_keys(&survivors, 31, 29, &mut acked).await;
+    // The killed node restarts and catches up (its own applied state).
+    let members = cluster.members.clone();
+    cluster.nodes[idx].start(&members);
+    let api = apis[idx].clone();
+    eventually(Duration::from_secs(30), "restarted node catches up", || {
+        let (api, acked) = (api.clone(), acked.clone());
+        async move {
+            let got = read_all(&api, true).await?;
+            if got == acked {
+                Ok(())
+            } else {
+                Err(format!("{} of {} keys", got.len(), acked.len()))
+            }
+        }
+    })
+    .await;
+    // A full restart keeps every acknowledged write.
+    for n in &mut cluster.nodes {
+        n.terminate();
+    }
+    for i in 0..cluster.nodes.len() {
+        cluster.nodes[i].start(&members);
+    }
+    for api in &apis {
+        let got = eventually(Duration::from_secs(30), "read after full restart", || read_all(api, false)).await;
+        assert_eq!(got, acked, "after full restart, through {api}");
+    }
+    eprintln!("failover after kill -9 of the leader: first acknowledged write after {failover:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors_and_the_server_keeps_serving() {
+    let cluster = Cluster::new(1, "badinput");
+    let api = cluster.nodes[0].api.clone();
+    create_table(&api, "t").await;
+    let mut c = kv(&api).await.expect("connect");
+    let big_key = vec![b'k'; 5000];
+    let e = c.put(pb::PutRequest { table: "t".into(), key: big_key, value: vec![], prev_kv: false }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("key is too large"), "{e}");
+    let big_value = vec![0u8; 2 * 1024 * 1024 + 1];
+    let e = c
+        .put(pb::PutRequest { table: "t".into(), key: b"k".to_vec(), value: big_value, prev_kv: false })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    let e = c
+        .put(pb::PutRequest { table: "nope".into(), key: b"k".to_vec(), value: vec![], prev_kv: false })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    let e = c
+        .range(pb::RangeRequest { table: "t".into(), key: b"k".to_vec(), revision: 99, ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::OutOfRange, "{e}");
+    let e = c.range(pb::RangeRequest { table: "t".into(), key: vec![], ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    let e = c
+        .range(pb::RangeRequest { table: "t".into(), key: b"k".to_vec(), sort_order: 7, ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    // Still serving.
+    let r = put(&api, "k", "v").await.expect("put after bad input");
+    assert!(r > 1);
+}
+
+#[test]
+fn invalid_configuration_fails_fast_with_a_clear_message() {
+    let dir = std::env::temp_dir().join(format!("armada-badcfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("bad.toml");
+    std::fs::write(&cfg, "node_id = \"one\"\n").unwrap();
+    let out = Command::new(BIN).arg("leader").arg("--config").arg(&cfg).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml") && err.contains("invalid type"), "{err}");
+    let out = Command::new(BIN).args(["leader", "--initial-members", "2=127.0.0.1:1"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not among them"));
+}
