@@ -58,3 +58,12 @@ fn transport_deadline_covers_the_whole_call() {
 fn late_responses_never_match_new_calls() {
     assert_passes("crashes-3.toml", 1);
 }
+
+/// partitions-3 seed 3: after forwarding moved onto the cluster transport,
+/// the transport's duplicate delivery executed a forwarded put twice, so an
+/// old value reappeared after a newer write (S1). Forwarded requests now
+/// carry an id the receiver executes at most once.
+#[test]
+fn forwarded_writes_execute_at_most_once() {
+    assert_passes("partitions-3.toml", 3);
+}
