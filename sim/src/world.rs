@@ -191,6 +191,20 @@ fn rand_range(lo: u64, hi: u64) -> u64 {
     lo + madsim::rand::random::<u64>() % (hi - lo + 1)
 }
 
+/// An index drawn with probability proportional to its weight (seeded).
+/// The weights must not all be zero.
+fn weighted_choice(weights: &[u32]) -> usize {
+    let total: u32 = weights.iter().sum();
+    let mut roll = (madsim::rand::random::<u64>() % u64::from(total.max(1))) as u32;
+    for (i, w) in weights.iter().enumerate() {
+        if roll < *w {
+            return i;
+        }
+        roll -= w;
+    }
+    weights.len().saturating_sub(1)
+}
+
 fn pick<T: Copy>(items: &[T]) -> T {
     items[(madsim::rand::random::<u64>() % items.len() as u64) as usize]
 }
@@ -415,7 +429,6 @@ async fn client_main(cid: u32, sc: Scenario, members: BTreeMap<u64, ArmadaNode>,
     let mut conns = Conns { members, kv: BTreeMap::new() };
     let w = &sc.workload;
     let weights = [w.put, w.get, w.serializable_get, w.delete, w.cas, w.range, w.read_at_revision, w.compact];
-    let total: u32 = weights.iter().sum();
     let mut seq = 0u64;
     // Last value and revisions this client saw, to make CAS and reads at a
     // revision meaningful.
@@ -427,16 +440,7 @@ async fn client_main(cid: u32, sc: Scenario, members: BTreeMap<u64, ArmadaNode>,
         let node = rand_range(1, sc.nodes as u64);
         seq += 1;
         let fresh = format!("c{cid}-{seq}");
-        let mut roll = (madsim::rand::random::<u64>() % total as u64) as u32;
-        let mut choice = 0;
-        for (i, wt) in weights.iter().enumerate() {
-            if roll < *wt {
-                choice = i;
-                break;
-            }
-            roll -= wt;
-        }
-        let kind = match choice {
+        let kind = match weighted_choice(&weights) {
             0 => OpKind::Put { key: key.clone(), value: fresh },
             1 => OpKind::Get { key: key.clone(), serializable: false },
             2 => OpKind::Get { key: key.clone(), serializable: true },
@@ -510,15 +514,7 @@ async fn fault_loop(sc: Scenario, handle: Handle, ids: Vec<NodeId>, shared: Arc<
     while total > 0 && shared.now_ns() < until_ns {
         tokio::time::sleep(Duration::from_millis(rand_range(f.interval_ms[0], f.interval_ms[1]))).await;
         heal_net(&net);
-        let mut roll = (madsim::rand::random::<u64>() % total as u64) as u32;
-        let mut choice = 0;
-        for (i, w) in weights.iter().enumerate() {
-            if roll < *w {
-                choice = i;
-                break;
-            }
-            roll -= w;
-        }
+        let choice = weighted_choice(&weights);
         let victim = rand_range(0, n as u64 - 1) as usize;
         shared.trace(&[0xfa17, choice as u64, victim as u64]);
         match choice {
