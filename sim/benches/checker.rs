@@ -8,7 +8,7 @@
 //! operations overlap at any time; 5% of writes lose their response
 //! (indefinite).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use armada_sim::history::{Op, OpKind, OpResult, Outcome};
@@ -16,9 +16,11 @@ use armada_sim::linearizability::check;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-fn generate(seed: u64, clients: u32, keys: u32, ops: u32) -> Vec<Op> {
+/// The history and the values its writes committed.
+fn generate(seed: u64, clients: u32, keys: u32, ops: u32) -> (Vec<Op>, BTreeSet<String>) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut truth: BTreeMap<String, String> = BTreeMap::new();
+    let mut committed = BTreeSet::new();
     let mut out = Vec::new();
     for j in 0..ops {
         let point = u64::from(j) * 10 + 1000;
@@ -29,6 +31,7 @@ fn generate(seed: u64, clients: u32, keys: u32, ops: u32) -> Vec<Op> {
         let (kind, result) = if roll < 40 {
             let value = format!("v{j}");
             truth.insert(key.clone(), value.clone());
+            committed.insert(value.clone());
             (OpKind::Put { key, value }, OpResult::Put { revision: 0 })
         } else if roll < 80 {
             let value = truth.get(&key).map(|v| (v.clone(), 0));
@@ -40,6 +43,7 @@ fn generate(seed: u64, clients: u32, keys: u32, ops: u32) -> Vec<Op> {
             let ok = current.as_deref() == Some(expect.as_str());
             if ok {
                 truth.insert(key.clone(), new.clone());
+                committed.insert(new.clone());
             }
             (OpKind::Cas { key, expect, new }, OpResult::Cas { succeeded: ok, revision: 0 })
         } else {
@@ -51,23 +55,14 @@ fn generate(seed: u64, clients: u32, keys: u32, ops: u32) -> Vec<Op> {
             if write && rng.random_bool(0.05) { Outcome::Indefinite("lost".into()) } else { Outcome::Ok(result) };
         out.push(Op { client: j % clients, table: "t".into(), kind, invoke_ns, complete_ns, outcome });
     }
-    out
+    (out, committed)
 }
 
 fn main() {
     let keys: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
     let mut worst = 0.0f64;
     for seed in 1..=5 {
-        let h = generate(seed, 50, 10, 2000);
-        // The generator's indefinite writes all took effect.
-        let committed: std::collections::BTreeSet<String> = h
-            .iter()
-            .filter_map(|o| match &o.kind {
-                OpKind::Put { value, .. } => Some(value.clone()),
-                OpKind::Cas { new, .. } => Some(new.clone()),
-                _ => None,
-            })
-            .collect();
+        let (h, committed) = generate(seed, 50, 10, 2000);
         let t = Instant::now();
         let r = check(&h, &keys, &committed);
         let secs = t.elapsed().as_secs_f64();
