@@ -16,6 +16,7 @@ use crate::node::{NodeConfig, RaftTuning};
 pub const DEFAULT_DATA_DIR: &str = "./armada-data";
 pub const DEFAULT_API_ADDRESS: &str = "127.0.0.1:8443";
 pub const DEFAULT_RAFT_ADDRESS: &str = "127.0.0.1:5012";
+pub const DEFAULT_REST_ADDRESS: &str = "127.0.0.1:8079";
 pub const DEFAULT_NODE_ID: u64 = 1;
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -53,6 +54,9 @@ pub struct ServeArgs {
     /// Address of Raft traffic between the nodes (QUIC, UDP). [default: 127.0.0.1:5012]
     #[arg(long, env = "ARMADA_RAFT_ADDRESS", value_name = "HOST:PORT")]
     pub raft_address: Option<String>,
+    /// Address of the HTTP endpoints (/metrics, /healthz, /readyz). [default: 127.0.0.1:8079]
+    #[arg(long, env = "ARMADA_REST_ADDRESS", value_name = "HOST:PORT")]
+    pub rest_address: Option<String>,
     /// How long a request may wait for a leader or a commit, in ms. [default: 5000]
     #[arg(long, env = "ARMADA_REQUEST_TIMEOUT_MS", value_name = "MS")]
     pub request_timeout_ms: Option<u64>,
@@ -67,6 +71,7 @@ pub struct FileConfig {
     pub initial_members: Option<String>,
     pub api_address: Option<String>,
     pub raft_address: Option<String>,
+    pub rest_address: Option<String>,
     pub request_timeout_ms: Option<u64>,
     pub log_format: Option<LogFormat>,
 }
@@ -92,6 +97,7 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub api_address: SocketAddr,
     pub raft_address: SocketAddr,
+    pub rest_address: SocketAddr,
     pub node: NodeConfig,
     pub log_format: Option<LogFormat>,
 }
@@ -156,6 +162,10 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         "Raft address",
         &args.raft_address.clone().or(file.raft_address).unwrap_or_else(|| DEFAULT_RAFT_ADDRESS.into()),
     )?;
+    let rest_address = parse_addr(
+        "HTTP address",
+        &args.rest_address.clone().or(file.rest_address).unwrap_or_else(|| DEFAULT_REST_ADDRESS.into()),
+    )?;
     let timeout_ms =
         args.request_timeout_ms.or(file.request_timeout_ms).unwrap_or(DEFAULT_REQUEST_TIMEOUT.as_millis() as u64);
     if timeout_ms == 0 {
@@ -183,6 +193,7 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         data_dir,
         api_address,
         raft_address,
+        rest_address,
         node: NodeConfig {
             id: node_id,
             members,

@@ -10,6 +10,9 @@ pub mod cli;
 pub mod config;
 pub mod convert;
 pub mod flusher;
+#[cfg(not(madsim))]
+pub mod http;
+pub mod metrics;
 pub mod network;
 pub mod node;
 #[cfg(feature = "rocksdb")]

@@ -96,21 +96,33 @@ async fn leader(args: ServeArgs, log_format: Option<LogFormat>) -> anyhow::Resul
         .await
         .map_err(|e| anyhow::anyhow!("starting node: {e}"))?;
     let raft_server = tokio::spawn(transport.clone().serve(Arc::new(RaftHandler { node: Arc::downgrade(&node) })));
+    let metrics = Arc::new(armada_server::metrics::Metrics::default());
+    let rest_listener = std::net::TcpListener::bind(cfg.rest_address)
+        .with_context(|| format!("binding the HTTP address {}", cfg.rest_address))?;
+    drop(rest_listener);
+    let http = tokio::spawn(armada_server::http::serve(
+        cfg.rest_address,
+        node.clone(),
+        metrics.clone(),
+        std::future::pending(),
+    ));
     info!(
         node_id = cfg.node.id,
         api = %cfg.api_address,
         raft = %cfg.raft_address,
+        http = %cfg.rest_address,
         data_dir = %cfg.data_dir.display(),
         members = cfg.node.members.len(),
         "armada leader node started"
     );
-    router(Api::new(node.clone()))
+    router(Api::with_metrics(node.clone(), metrics))
         .serve_with_shutdown(cfg.api_address, shutdown_signal())
         .await
         .with_context(|| format!("serving the API on {}", cfg.api_address))?;
     // In-flight requests have finished; stop Raft, then make everything durable.
     node.shutdown().await;
     raft_server.abort();
+    http.abort();
     transport.close();
     engine.sync().map_err(|e| anyhow::anyhow!("final sync: {e}"))?;
     info!("shut down cleanly");

@@ -24,6 +24,7 @@ struct Node {
     id: u64,
     api: String,
     raft: String,
+    http: String,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -33,7 +34,7 @@ impl Node {
         let log = std::fs::File::create(self.dir.with_extension("log")).unwrap();
         let child = Command::new(BIN)
             .args(["leader", "--node-id", &self.id.to_string(), "--initial-members", members])
-            .args(["--api-address", &self.api, "--raft-address", &self.raft])
+            .args(["--api-address", &self.api, "--raft-address", &self.raft, "--rest-address", &self.http])
             .arg("--data-dir")
             .arg(&self.dir)
             .env("RUST_LOG", "warn")
@@ -90,6 +91,7 @@ impl Cluster {
                 id,
                 api: format!("127.0.0.1:{}", free_tcp_port()),
                 raft: format!("127.0.0.1:{}", free_udp_port()),
+                http: format!("127.0.0.1:{}", free_tcp_port()),
                 dir: root.join(format!("n{id}")),
                 child: None,
             })
@@ -102,6 +104,19 @@ impl Cluster {
         }
         c
     }
+}
+
+/// A plain HTTP/1.0 GET: (status code, body).
+fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or("no status line")?;
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((code, body))
 }
 
 async fn kv(api: &str) -> Option<pb::kv_client::KvClient<Channel>> {
@@ -286,6 +301,26 @@ async fn bad_input_gets_clear_errors_and_the_server_keeps_serving() {
     // Still serving.
     let r = put(&api, "k", "v").await.expect("put after bad input");
     assert!(r > 1);
+    // Operator endpoints.
+    let http = cluster.nodes[0].http.clone();
+    assert_eq!(http_get(&http, "/healthz").unwrap().0, 200);
+    let ready = eventually(Duration::from_secs(10), "readyz", || {
+        let http = http.clone();
+        async move {
+            match http_get(&http, "/readyz")? {
+                (200, body) => Ok(body),
+                (code, body) => Err(format!("{code}: {body}")),
+            }
+        }
+    })
+    .await;
+    assert!(ready.contains("ready"));
+    let (code, metrics) = http_get(&http, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(metrics.contains("armada_grpc_requests_total{method=\"Put\",outcome=\"error\"} 3"), "{metrics}");
+    assert!(metrics.contains("armada_grpc_request_duration_seconds_count{method=\"Put\"} 4"), "{metrics}");
+    assert!(metrics.contains("armada_table_revision{table=\"t\"} 2"), "{metrics}");
+    assert!(metrics.contains("armada_raft_leader_id{table=\"t\"} 1"), "{metrics}");
 }
 
 #[test]

@@ -1,0 +1,122 @@
+//! Request metrics of the gRPC services, rendered in Prometheus' text
+//! format together with each Raft group's state.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::node::Node;
+
+/// Upper bounds (seconds) of the latency histogram buckets.
+pub const LATENCY_BUCKETS_S: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+#[derive(Default)]
+struct MethodStats {
+    ok: AtomicU64,
+    errors: AtomicU64,
+    buckets: [AtomicU64; LATENCY_BUCKETS_S.len()],
+    sum_us: AtomicU64,
+}
+
+/// Counters and latency histograms per gRPC method.
+#[derive(Default)]
+pub struct Metrics {
+    methods: Mutex<BTreeMap<&'static str, std::sync::Arc<MethodStats>>>,
+}
+
+impl Metrics {
+    pub fn observe(&self, method: &'static str, ok: bool, elapsed: Duration) {
+        let stats = self.methods.lock().unwrap_or_else(|p| p.into_inner()).entry(method).or_default().clone();
+        if ok {
+            stats.ok.fetch_add(1, Ordering::Relaxed);
+        } else {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let secs = elapsed.as_secs_f64();
+        for (i, le) in LATENCY_BUCKETS_S.iter().enumerate() {
+            if secs <= *le {
+                stats.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        stats.sum_us.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Prometheus text exposition of the request metrics and `node`'s groups.
+    pub fn render(&self, node: &Node) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP armada_grpc_requests_total gRPC requests by method and outcome.\n");
+        out.push_str("# TYPE armada_grpc_requests_total counter\n");
+        let methods: Vec<(&'static str, std::sync::Arc<MethodStats>)> =
+            self.methods.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (*k, v.clone())).collect();
+        for (m, s) in &methods {
+            let _ = writeln!(
+                out,
+                "armada_grpc_requests_total{{method=\"{m}\",outcome=\"ok\"}} {}",
+                s.ok.load(Ordering::Relaxed)
+            );
+            let _ = writeln!(
+                out,
+                "armada_grpc_requests_total{{method=\"{m}\",outcome=\"error\"}} {}",
+                s.errors.load(Ordering::Relaxed)
+            );
+        }
+        out.push_str("# HELP armada_grpc_request_duration_seconds gRPC request latency by method.\n");
+        out.push_str("# TYPE armada_grpc_request_duration_seconds histogram\n");
+        for (m, s) in &methods {
+            for (i, le) in LATENCY_BUCKETS_S.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "armada_grpc_request_duration_seconds_bucket{{method=\"{m}\",le=\"{le}\"}} {}",
+                    s.buckets[i].load(Ordering::Relaxed)
+                );
+            }
+            let count = s.ok.load(Ordering::Relaxed) + s.errors.load(Ordering::Relaxed);
+            let _ = writeln!(out, "armada_grpc_request_duration_seconds_bucket{{method=\"{m}\",le=\"+Inf\"}} {count}");
+            let _ = writeln!(
+                out,
+                "armada_grpc_request_duration_seconds_sum{{method=\"{m}\"}} {}",
+                s.sum_us.load(Ordering::Relaxed) as f64 / 1e6
+            );
+            let _ = writeln!(out, "armada_grpc_request_duration_seconds_count{{method=\"{m}\"}} {count}");
+        }
+        let groups = node.status();
+        for (name, help, get) in [
+            (
+                "armada_raft_term",
+                "Raft term of the group on this node.",
+                (|g: &crate::node::GroupStatus| g.term) as fn(&crate::node::GroupStatus) -> u64,
+            ),
+            ("armada_raft_leader_id", "Node id of the group's leader as known here (0: none).", |g| g.leader_id),
+            ("armada_raft_commit_index", "Committed log index known here.", |g| g.commit_index),
+            ("armada_raft_applied_index", "Log index applied here.", |g| g.applied_index),
+            ("armada_table_revision", "The table's current revision on this node.", |g| g.revision),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for g in &groups {
+                let table = if g.table.is_empty() { "(catalog)" } else { g.table.as_str() };
+                let _ = writeln!(out, "{name}{{table=\"{table}\"}} {}", get(g));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_cumulative() {
+        let m = Metrics::default();
+        m.observe("Put", true, Duration::from_millis(3));
+        m.observe("Put", false, Duration::from_secs(2));
+        let s = m.methods.lock().unwrap()["Put"].clone();
+        assert_eq!(s.ok.load(Ordering::Relaxed), 1);
+        assert_eq!(s.errors.load(Ordering::Relaxed), 1);
+        // 3 ms falls in every bucket from 5 ms up; 2 s only in the 5 s one.
+        let counts: Vec<u64> = s.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        assert_eq!(counts, vec![0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2]);
+    }
+}
