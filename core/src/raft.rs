@@ -413,6 +413,16 @@ impl<RT: Runtime> StateMachine<RT> {
         self
     }
 
+    /// The table's current revision (`None` for the metadata group).
+    fn table_revision(&self) -> Result<Option<u64>, io::Error> {
+        match self.kind {
+            GroupKind::Table => {
+                Ok(Some(Mvcc::new(&*self.engine, data_ns(self.group)).rev_state().map_err(io_err)?.current))
+            }
+            GroupKind::Meta => Ok(None),
+        }
+    }
+
     fn applied_key(&self) -> Vec<u8> {
         let mut k = group_ns(self.group);
         k.extend_from_slice(b"Sa");
@@ -516,12 +526,7 @@ impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
                 let mut h = crate::mvcc::Fnv64::new();
                 h.write_bytes(&enc(&log_id));
                 h.write_bytes(&enc(&entry.payload));
-                let revision = match self.kind {
-                    GroupKind::Table => {
-                        Some(Mvcc::new(&*self.engine, data_ns(self.group)).rev_state().map_err(io_err)?.current)
-                    }
-                    GroupKind::Meta => None,
-                };
+                let revision = self.table_revision()?;
                 let command = match &entry.payload {
                     EntryPayload::Normal(c) => Some(c),
                     _ => None,
@@ -563,12 +568,7 @@ impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
         self.engine.write(b).map_err(io_err)?;
         flush_and_wait(&*self.flusher, FlushReason::Snapshot).await?;
         if let Some(obs) = &self.observer {
-            let revision = match self.kind {
-                GroupKind::Table => {
-                    Some(Mvcc::new(&*self.engine, data_ns(self.group)).rev_state().map_err(io_err)?.current)
-                }
-                GroupKind::Meta => None,
-            };
+            let revision = self.table_revision()?;
             obs.installed_snapshot(self.group, meta.last_log_id.map_or(0, |l| l.index), revision);
         }
         Ok(())

@@ -42,6 +42,15 @@ pub enum TransportError {
     TooLarge { len: usize },
 }
 
+/// Refuses a request over [`MESSAGE_BYTES_MAX`]; every transport calls it
+/// first.
+pub fn check_message_size(request: &[u8]) -> Result<(), TransportError> {
+    if request.len() > MESSAGE_BYTES_MAX {
+        return Err(TransportError::TooLarge { len: request.len() });
+    }
+    Ok(())
+}
+
 /// The client side: one call, one response, with a deadline.
 pub trait Transport: Send + Sync + 'static {
     fn call(&self, target: &str, request: Vec<u8>, timeout: Duration)

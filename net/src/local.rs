@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::{BoxFuture, Handler, Transport, TransportError, MESSAGE_BYTES_MAX};
+use crate::{BoxFuture, Handler, Transport, TransportError};
 
 /// Address → handler. Cloning shares the routes.
 #[derive(Clone, Default)]
@@ -46,9 +46,7 @@ impl Transport for LocalTransport {
         let handler = self.router.routes.lock().unwrap_or_else(|p| p.into_inner()).get(target).cloned();
         let addr = target.to_string();
         Box::pin(async move {
-            if request.len() > MESSAGE_BYTES_MAX {
-                return Err(TransportError::TooLarge { len: request.len() });
-            }
+            crate::check_message_size(&request)?;
             let Some(h) = handler else {
                 return Err(TransportError::Unreachable { addr, reason: "no such node".into() });
             };

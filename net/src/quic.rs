@@ -231,9 +231,7 @@ impl Transport for QuicTransport {
     ) -> BoxFuture<'_, Result<Vec<u8>, TransportError>> {
         let target = target.to_string();
         Box::pin(async move {
-            if request.len() > MESSAGE_BYTES_MAX {
-                return Err(TransportError::TooLarge { len: request.len() });
-            }
+            crate::check_message_size(&request)?;
             // The deadline covers the whole call, waiting for a slot included.
             // Failures on an established connection drop it (`forget`);
             // failing to get a connection does not, or a peer in backoff

@@ -16,7 +16,7 @@ use std::time::Duration;
 use madsim::net::Endpoint;
 use tokio::sync::Semaphore;
 
-use crate::{BoxFuture, Handler, Transport, TransportError, CALLS_IN_FLIGHT_MAX, MESSAGE_BYTES_MAX};
+use crate::{BoxFuture, Handler, Transport, TransportError, CALLS_IN_FLIGHT_MAX};
 
 /// Tag of requests; call ids (response tags) have the top bit set, so they
 /// never equal it.
@@ -78,9 +78,7 @@ impl Transport for SimTransport {
 
 impl SimTransport {
     async fn exchange(&self, target: String, request: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, TransportError> {
-        if request.len() > MESSAGE_BYTES_MAX {
-            return Err(TransportError::TooLarge { len: request.len() });
-        }
+        crate::check_message_size(&request)?;
         let dst = parse(&target)?;
         let _slot = self
             .slots
