@@ -21,6 +21,10 @@ pub enum Canary {
     LoseLastLogEntry = 5,
     /// Never make the Raft vote durable.
     SkipVoteFsync = 6,
+    /// Accept a replicated batch that does not start at `current + 1`.
+    ReplicateTwice = 7,
+    /// After installing a snapshot at `s`, claim revision `s + 1`.
+    SnapshotSkipFirst = 8,
 }
 
 impl Canary {
@@ -41,6 +45,8 @@ impl Canary {
             Canary::CompareStaleRevision => "compare-stale-revision",
             Canary::LoseLastLogEntry => "lose-last-log-entry",
             Canary::SkipVoteFsync => "skip-vote-fsync",
+            Canary::ReplicateTwice => "replicate-twice",
+            Canary::SnapshotSkipFirst => "snapshot-skip-first",
         }
     }
 

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{Engine, EngineError, WriteBatch};
 use crate::kv::*;
+use crate::mvcc::replication::{ReplicateOutcome, RevisionChanges, SnapshotRefusal};
 use crate::mvcc::{Mvcc, MvccError};
 
 /// Identifies a Raft group on a node: 0 is the metadata group, every table has
@@ -38,6 +39,21 @@ pub enum TableCommand {
     DeleteRange(DeleteRangeRequest),
     Txn(TxnRequest),
     Compact(u64),
+    /// Follower clusters: leader revisions, applied only if the batch starts
+    /// at the table's next revision (see [`crate::mvcc::replication`]).
+    Replicate(Vec<RevisionChanges>),
+    /// Follower clusters: one chunk of a snapshot being installed.
+    SnapshotChunk {
+        revision: u64,
+        first: bool,
+        kvs: Vec<KeyValue>,
+    },
+    /// Follower clusters: swap the staged snapshot in as the table at `revision`.
+    SnapshotCommit {
+        revision: u64,
+        count: u64,
+        digest: u64,
+    },
 }
 
 /// The result of a [`TableCommand`].
@@ -47,6 +63,9 @@ pub enum TableReply {
     DeleteRange(DeleteRangeResponse),
     Txn(TxnResponse),
     Compact(CompactResponse),
+    Replicated(ReplicateOutcome),
+    SnapshotStaged,
+    SnapshotCommitted(Result<u64, SnapshotRefusal>),
 }
 
 impl TableReply {
@@ -57,6 +76,9 @@ impl TableReply {
             TableReply::DeleteRange(r) => r.revision,
             TableReply::Txn(r) => r.revision,
             TableReply::Compact(r) => r.revision,
+            TableReply::Replicated(r) => r.revision,
+            TableReply::SnapshotStaged => 0,
+            TableReply::SnapshotCommitted(r) => r.clone().unwrap_or(0),
         }
     }
 }
@@ -67,7 +89,10 @@ impl TableCommand {
             TableCommand::Put(p) => p.validate(),
             TableCommand::DeleteRange(d) => d.validate(),
             TableCommand::Txn(t) => t.validate(),
-            TableCommand::Compact(_) => Ok(()),
+            TableCommand::Compact(_)
+            | TableCommand::Replicate(_)
+            | TableCommand::SnapshotChunk { .. }
+            | TableCommand::SnapshotCommit { .. } => Ok(()),
         }
     }
 
@@ -80,6 +105,17 @@ impl TableCommand {
             TableCommand::DeleteRange(d) => txn.delete_range(d).map(TableReply::DeleteRange),
             TableCommand::Txn(t) => txn.txn(t).map(TableReply::Txn),
             TableCommand::Compact(rev) => txn.compact(*rev).map(TableReply::Compact),
+            TableCommand::Replicate(batch) => {
+                let (wb, outcome) = store.apply_replicated(batch)?;
+                return Ok((wb, Ok(TableReply::Replicated(outcome))));
+            }
+            TableCommand::SnapshotChunk { first, kvs, .. } => {
+                return Ok((store.stage_snapshot_chunk(*first, kvs)?, Ok(TableReply::SnapshotStaged)));
+            }
+            TableCommand::SnapshotCommit { revision, count, digest } => {
+                let (wb, r) = store.commit_snapshot(*revision, *count, *digest)?;
+                return Ok((wb, Ok(TableReply::SnapshotCommitted(r))));
+            }
         };
         match reply {
             Ok(r) => Ok((txn.finish().0, Ok(r))),
@@ -249,6 +285,14 @@ impl fmt::Display for Command {
             Command::Table(TableCommand::DeleteRange(_)) => write!(f, "delete_range"),
             Command::Table(TableCommand::Txn(t)) => write!(f, "txn({} compares)", t.compare.len()),
             Command::Table(TableCommand::Compact(r)) => write!(f, "compact({r})"),
+            Command::Table(TableCommand::Replicate(b)) => match (b.first(), b.last()) {
+                (Some(a), Some(z)) => write!(f, "replicate({}..={})", a.revision, z.revision),
+                _ => write!(f, "replicate(empty)"),
+            },
+            Command::Table(TableCommand::SnapshotChunk { revision, kvs, .. }) => {
+                write!(f, "snapshot_chunk(@{revision}, {} keys)", kvs.len())
+            }
+            Command::Table(TableCommand::SnapshotCommit { revision, .. }) => write!(f, "snapshot_commit(@{revision})"),
         }
     }
 }

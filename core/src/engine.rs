@@ -95,6 +95,17 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Makes every write that returned before this call durable.
     fn sync(&self) -> Result<(), EngineError>;
+
+    /// Bytes that `[start, end)` takes. The default counts every key and
+    /// value exactly; an engine may answer with an estimate.
+    fn approximate_size(&self, start: &[u8], end: &[u8]) -> Result<u64, EngineError> {
+        let mut total = 0u64;
+        self.scan(start, end, &mut |k, v| {
+            total += (k.len() + v.len()) as u64;
+            true
+        })?;
+        Ok(total)
+    }
 }
 
 /// The durable contents of a simulated disk: what survives a crash. The

@@ -61,6 +61,12 @@ pub struct RangeRequest {
     pub sort_target: SortTarget,
     pub keys_only: bool,
     pub count_only: bool,
+    /// Filters (0: none): only keys whose mod / create revision lies within
+    /// the bounds are returned. As in etcd, `count` is taken before filtering.
+    pub min_mod_revision: u64,
+    pub max_mod_revision: u64,
+    pub min_create_revision: u64,
+    pub max_create_revision: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -124,12 +124,20 @@ fn split_escaped(bytes: &[u8]) -> Result<(Vec<u8>, u64), EngineError> {
 pub struct Mvcc<'e> {
     engine: &'e dyn Engine,
     ns: Vec<u8>,
+    /// Revisions of changelog kept (see [`replication`]).
+    retention: u64,
 }
 
 impl<'e> Mvcc<'e> {
     /// The store whose keys all start with `ns`.
     pub fn new(engine: &'e dyn Engine, ns: Vec<u8>) -> Self {
-        Self { engine, ns }
+        Self { engine, ns, retention: replication::CHANGELOG_RETENTION_DEFAULT }
+    }
+
+    /// Keeps `revisions` (at least 1) revisions of changelog.
+    pub fn with_retention(mut self, revisions: u64) -> Self {
+        self.retention = revisions.max(1);
+        self
     }
 
     fn key_with(&self, tag: u8, rest: &[u8]) -> Vec<u8> {
@@ -378,6 +386,11 @@ pub fn shape_range(req: &RangeRequest, mut kvs: Vec<KeyValue>, current: u64) -> 
     if req.count_only {
         return RangeResponse { revision: current, kvs: Vec::new(), more: false, count };
     }
+    let within = |v: u64, min: u64, max: u64| (min == 0 || v >= min) && (max == 0 || v <= max);
+    kvs.retain(|kv| {
+        within(kv.mod_revision, req.min_mod_revision, req.max_mod_revision)
+            && within(kv.create_revision, req.min_create_revision, req.max_create_revision)
+    });
     let order = match (req.sort_order, req.sort_target) {
         (SortOrder::None, SortTarget::Key) => SortOrder::Ascend,
         (SortOrder::None, _) => SortOrder::Ascend,
@@ -653,6 +666,24 @@ impl WriteTxn<'_, '_> {
         let mut state = self.state;
         if self.changed() {
             state.current = self.write_revision();
+            let mutations: Vec<replication::Mutation> = self
+                .overlay
+                .iter()
+                .map(|(key, latest)| replication::Mutation {
+                    key: key.clone(),
+                    value: latest.as_ref().map(|l| l.value.clone()),
+                    create_revision: latest.as_ref().map_or(0, |l| l.create_revision),
+                    version: latest.as_ref().map_or(0, |l| l.version),
+                })
+                .collect();
+            self.batch.put(self.store.changelog_key(state.current), encode(&mutations));
+            if state.current > self.store.retention {
+                self.batch.delete(self.store.changelog_key(state.current - self.store.retention));
+            }
+        }
+        if self.compacted {
+            // The changelog never reaches below the compacted revision.
+            self.batch.delete_range(self.store.changelog_key(0), self.store.changelog_key(state.compacted + 1));
         }
         if self.changed() || self.compacted {
             self.batch.put(self.store.rev_key(), encode(&state));
@@ -675,6 +706,8 @@ fn compare_one(c: &Compare, kv: &KeyValue) -> bool {
         CompareOp::Less => ord.is_lt(),
     }
 }
+
+pub mod replication;
 
 #[cfg(test)]
 mod tests;

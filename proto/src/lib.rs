@@ -11,3 +11,9 @@
 pub mod v1 {
     tonic::include_proto!("armada.v1");
 }
+
+/// etcd v3's client protocol (package `etcdserverpb`): the subset Armada
+/// serves so that etcd tools and clients work against it.
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}

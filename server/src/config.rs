@@ -17,6 +17,9 @@ pub const DEFAULT_DATA_DIR: &str = "./armada-data";
 pub const DEFAULT_API_ADDRESS: &str = "127.0.0.1:8443";
 pub const DEFAULT_RAFT_ADDRESS: &str = "127.0.0.1:5012";
 pub const DEFAULT_REST_ADDRESS: &str = "127.0.0.1:8079";
+pub const DEFAULT_ETCD_ADDRESS: &str = "127.0.0.1:2379";
+pub const DEFAULT_REPLICATION_ADDRESS: &str = "127.0.0.1:8444";
+pub const DEFAULT_ETCD_TABLE: &str = "default";
 pub const DEFAULT_NODE_ID: u64 = 1;
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -57,6 +60,17 @@ pub struct ServeArgs {
     /// Address of the HTTP endpoints (/metrics, /healthz, /readyz). [default: 127.0.0.1:8079]
     #[arg(long, env = "ARMADA_REST_ADDRESS", value_name = "HOST:PORT")]
     pub rest_address: Option<String>,
+    /// Address of the etcd v3 gRPC API (etcdctl and etcd clients). [default: 127.0.0.1:2379]
+    #[arg(long, env = "ARMADA_ETCD_ADDRESS", value_name = "HOST:PORT")]
+    pub etcd_address: Option<String>,
+    /// Table that the etcd v3 API reads and writes; created on first start.
+    /// [default: default]
+    #[arg(long, env = "ARMADA_ETCD_TABLE", value_name = "TABLE")]
+    pub etcd_table: Option<String>,
+    /// Address of the replication service that follower clusters stream
+    /// tables from. [default: 127.0.0.1:8444]
+    #[arg(long, env = "ARMADA_REPLICATION_ADDRESS", value_name = "HOST:PORT")]
+    pub replication_address: Option<String>,
     /// How long a request may wait for a leader or a commit, in ms. [default: 5000]
     #[arg(long, env = "ARMADA_REQUEST_TIMEOUT_MS", value_name = "MS")]
     pub request_timeout_ms: Option<u64>,
@@ -72,6 +86,9 @@ pub struct FileConfig {
     pub api_address: Option<String>,
     pub raft_address: Option<String>,
     pub rest_address: Option<String>,
+    pub etcd_address: Option<String>,
+    pub etcd_table: Option<String>,
+    pub replication_address: Option<String>,
     pub request_timeout_ms: Option<u64>,
     pub log_format: Option<LogFormat>,
 }
@@ -98,6 +115,9 @@ pub struct ServeConfig {
     pub api_address: SocketAddr,
     pub raft_address: SocketAddr,
     pub rest_address: SocketAddr,
+    pub etcd_address: SocketAddr,
+    pub etcd_table: String,
+    pub replication_address: SocketAddr,
     pub node: NodeConfig,
     pub log_format: Option<LogFormat>,
 }
@@ -166,6 +186,37 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         "HTTP address",
         &args.rest_address.clone().or(file.rest_address).unwrap_or_else(|| DEFAULT_REST_ADDRESS.into()),
     )?;
+    let etcd_address = parse_addr(
+        "etcd address",
+        &args.etcd_address.clone().or(file.etcd_address).unwrap_or_else(|| DEFAULT_ETCD_ADDRESS.into()),
+    )?;
+    let replication_address = parse_addr(
+        "replication address",
+        &args
+            .replication_address
+            .clone()
+            .or(file.replication_address)
+            .unwrap_or_else(|| DEFAULT_REPLICATION_ADDRESS.into()),
+    )?;
+    let etcd_table = args.etcd_table.clone().or(file.etcd_table).unwrap_or_else(|| DEFAULT_ETCD_TABLE.into());
+    armada_core::command::validate_table_name(&etcd_table)
+        .map_err(|e| invalid("etcd table", etcd_table.clone(), e.to_string()))?;
+    let mut seen = BTreeMap::new();
+    for (what, a) in [
+        ("API address", api_address),
+        ("Raft address", raft_address),
+        ("HTTP address", rest_address),
+        ("etcd address", etcd_address),
+        ("replication address", replication_address),
+    ] {
+        // Raft runs over UDP, the others over TCP: only TCP ones may not share a port.
+        if what == "Raft address" {
+            continue;
+        }
+        if let Some(other) = seen.insert(a, what) {
+            return Err(invalid(what, a.to_string(), format!("the {other} is the same")));
+        }
+    }
     let timeout_ms =
         args.request_timeout_ms.or(file.request_timeout_ms).unwrap_or(DEFAULT_REQUEST_TIMEOUT.as_millis() as u64);
     if timeout_ms == 0 {
@@ -194,6 +245,9 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         api_address,
         raft_address,
         rest_address,
+        etcd_address,
+        etcd_table,
+        replication_address,
         node: NodeConfig {
             id: node_id,
             members,
@@ -216,6 +270,9 @@ mod tests {
         assert_eq!(c.node.id, 1);
         assert_eq!(c.node.members.len(), 1);
         assert_eq!(c.node.members[&1].raft_addr, DEFAULT_RAFT_ADDRESS);
+        assert_eq!(c.etcd_address.to_string(), DEFAULT_ETCD_ADDRESS);
+        assert_eq!(c.etcd_table, DEFAULT_ETCD_TABLE);
+        assert_eq!(c.replication_address.to_string(), DEFAULT_REPLICATION_ADDRESS);
     }
 
     #[test]
@@ -252,6 +309,8 @@ mod tests {
             (ServeArgs { initial_members: Some("2=127.0.0.1:5012".into()), ..Default::default() }, "not among them"),
             (ServeArgs { initial_members: Some("x=1".into()), ..Default::default() }, "positive integer"),
             (ServeArgs { request_timeout_ms: Some(0), ..Default::default() }, "timeout"),
+            (ServeArgs { etcd_table: Some("no/slash".into()), ..Default::default() }, "etcd table"),
+            (ServeArgs { etcd_address: Some("127.0.0.1:8443".into()), ..Default::default() }, "is the same"),
         ] {
             let e = resolve(&args).unwrap_err().to_string();
             assert!(e.contains(needle), "{needle}: {e}");

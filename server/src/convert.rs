@@ -76,6 +76,7 @@ pub fn range_in(r: &pb::RangeRequest) -> Result<kv::RangeRequest, Status> {
         sort_target,
         keys_only: r.keys_only,
         count_only: r.count_only,
+        ..Default::default()
     })
 }
 

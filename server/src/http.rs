@@ -38,7 +38,10 @@ async fn readyz(State(ctx): State<Ctx>) -> (StatusCode, String) {
 }
 
 async fn metrics(State(ctx): State<Ctx>) -> String {
-    ctx.metrics.render(&ctx.node)
+    // Rendering reads storage sizes from the engine: keep it off the reactor.
+    tokio::task::spawn_blocking(move || ctx.metrics.render(&ctx.node))
+        .await
+        .unwrap_or_else(|e| format!("# metrics rendering failed: {e}\n"))
 }
 
 /// Serves the endpoints on `addr` until `shutdown` resolves.

@@ -6,9 +6,12 @@
 //! under real tokio and under madsim.
 
 #[cfg(not(madsim))]
+pub mod bench;
+#[cfg(not(madsim))]
 pub mod cli;
 pub mod config;
 pub mod convert;
+pub mod etcd;
 pub mod flusher;
 #[cfg(not(madsim))]
 pub mod http;

@@ -47,6 +47,12 @@ enum Cmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Load generators. `bench put`: durable puts at a fixed concurrency
+    /// over the etcd v3 protocol (works against etcd too).
+    Bench {
+        #[command(subcommand)]
+        cmd: BenchCmd,
+    },
     /// Cluster state.
     Cluster {
         #[command(subcommand)]
@@ -54,6 +60,12 @@ enum Cmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Closed-loop puts: throughput and latency percentiles.
+    Put(armada_server::bench::BenchArgs),
 }
 
 fn init_logs(format: LogFormat) {
@@ -106,9 +118,32 @@ async fn leader(args: ServeArgs, log_format: Option<LogFormat>) -> anyhow::Resul
         metrics.clone(),
         std::future::pending(),
     ));
+    let etcd_listener = tokio::net::TcpListener::bind(cfg.etcd_address)
+        .await
+        .with_context(|| format!("binding the etcd address {}", cfg.etcd_address))?;
+    let etcd_api = armada_server::etcd::EtcdApi::new(
+        node.clone(),
+        cfg.etcd_table.clone(),
+        metrics.clone(),
+        &cfg.etcd_address.to_string(),
+    );
+    let (etcd_stop_tx, etcd_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let etcd = tokio::spawn(armada_server::etcd::router(etcd_api).serve_with_incoming_shutdown(
+        tokio_stream::wrappers::TcpListenerStream::new(etcd_listener),
+        async move {
+            let _ = etcd_stop_rx.await;
+        },
+    ));
+    let ensure = {
+        let node = node.clone();
+        let table = cfg.etcd_table.clone();
+        tokio::spawn(async move { armada_server::etcd::ensure_table(&node, &table).await })
+    };
     info!(
         node_id = cfg.node.id,
         api = %cfg.api_address,
+        etcd = %cfg.etcd_address,
+        etcd_table = %cfg.etcd_table,
         raft = %cfg.raft_address,
         http = %cfg.rest_address,
         data_dir = %cfg.data_dir.display(),
@@ -119,6 +154,13 @@ async fn leader(args: ServeArgs, log_format: Option<LogFormat>) -> anyhow::Resul
         .serve_with_shutdown(cfg.api_address, shutdown_signal())
         .await
         .with_context(|| format!("serving the API on {}", cfg.api_address))?;
+    ensure.abort();
+    let _ = etcd_stop_tx.send(());
+    match etcd.await {
+        Ok(Err(e)) => tracing::warn!("etcd API: {e}"),
+        Err(e) => tracing::warn!("etcd API task: {e}"),
+        Ok(Ok(())) => {}
+    }
     // In-flight requests have finished; stop Raft, then make everything durable.
     node.shutdown().await;
     raft_server.abort();
@@ -137,6 +179,7 @@ async fn main() {
         Cmd::Table { cmd, client } => cli::table(&client, cmd).await,
         Cmd::Kv { cmd, client } => cli::kv(&client, cmd).await,
         Cmd::Cluster { cmd, client } => cli::cluster(&client, cmd).await,
+        Cmd::Bench { cmd: BenchCmd::Put(args) } => armada_server::bench::put(&args).await,
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

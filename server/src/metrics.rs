@@ -99,6 +99,11 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{table=\"{table}\"}} {}", get(g));
             }
         }
+        out.push_str("# HELP armada_table_storage_bytes Bytes the table takes on this node (log, data, history).\n");
+        out.push_str("# TYPE armada_table_storage_bytes gauge\n");
+        for (table, bytes) in node.storage_sizes() {
+            let _ = writeln!(out, "armada_table_storage_bytes{{table=\"{table}\"}} {bytes}");
+        }
         out
     }
 }

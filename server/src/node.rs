@@ -647,6 +647,23 @@ impl Node {
             .collect()
     }
 
+    /// Bytes stored per table on this node (its Raft log, MVCC data and
+    /// snapshots), keyed by table name.
+    pub fn storage_sizes(&self) -> Vec<(String, u64)> {
+        self.groups()
+            .iter()
+            .filter(|g| g.id != GroupId::META)
+            .map(|g| {
+                let lo = armada_core::raft::group_ns(g.id);
+                let size = match armada_core::engine::prefix_end(&lo) {
+                    Some(hi) => self.engine.approximate_size(&lo, &hi).unwrap_or(0),
+                    None => 0,
+                };
+                (g.name.clone(), size)
+            })
+            .collect()
+    }
+
     /// Whether this node leads the group (for checkers and status).
     pub fn is_leader(&self, group: &Group) -> bool {
         let m = group.raft.metrics();

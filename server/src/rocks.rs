@@ -40,7 +40,30 @@ impl RocksEngine {
     }
 }
 
+/// Above this many bytes in SST files, a range's size is RocksDB's estimate
+/// instead of an exact count (which reads the whole range).
+const EXACT_SIZE_BYTES_MAX: u64 = 64 << 20;
+
 impl Engine for RocksEngine {
+    /// Exact (keys plus values, including data not yet flushed from the
+    /// memtable) for ranges up to 64 MiB on disk; RocksDB's SST estimate
+    /// for larger ones, where a count would read too much.
+    fn approximate_size(&self, start: &[u8], end: &[u8]) -> Result<u64, EngineError> {
+        if start >= end {
+            return Ok(0);
+        }
+        let on_disk = self.db.get_approximate_sizes(&[rocksdb::Range::new(start, end)]).first().copied().unwrap_or(0);
+        if on_disk > EXACT_SIZE_BYTES_MAX {
+            return Ok(on_disk);
+        }
+        let mut total = 0u64;
+        self.scan(start, end, &mut |k, v| {
+            total += (k.len() + v.len()) as u64;
+            true
+        })?;
+        Ok(total)
+    }
+
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
         self.db.get(key).map_err(backend)
     }

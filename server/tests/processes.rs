@@ -10,114 +10,8 @@ use std::time::{Duration, Instant};
 use armada_proto::v1 as pb;
 use tonic::transport::Channel;
 
-const BIN: &str = env!("CARGO_BIN_EXE_armada");
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Node {
-    id: u64,
-    api: String,
-    raft: String,
-    http: String,
-    dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl Node {
-    fn start(&mut self, members: &str) {
-        let log = std::fs::File::create(self.dir.with_extension("log")).unwrap();
-        let child = Command::new(BIN)
-            .args(["leader", "--node-id", &self.id.to_string(), "--initial-members", members])
-            .args(["--api-address", &self.api, "--raft-address", &self.raft, "--rest-address", &self.http])
-            .arg("--data-dir")
-            .arg(&self.dir)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn armada");
-        self.child = Some(child);
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn terminate(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(status)) = c.try_wait() {
-                    assert!(status.success(), "node {} exited with {status} after SIGTERM", self.id);
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            panic!("node {} did not stop within 10 s of SIGTERM", self.id);
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-struct Cluster {
-    nodes: Vec<Node>,
-    members: String,
-    _root: PathBuf,
-}
-
-impl Cluster {
-    fn new(n: u64, name: &str) -> Cluster {
-        let root = std::env::temp_dir().join(format!("armada-proc-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root).unwrap();
-        let nodes: Vec<Node> = (1..=n)
-            .map(|id| Node {
-                id,
-                api: format!("127.0.0.1:{}", free_tcp_port()),
-                raft: format!("127.0.0.1:{}", free_udp_port()),
-                http: format!("127.0.0.1:{}", free_tcp_port()),
-                dir: root.join(format!("n{id}")),
-                child: None,
-            })
-            .collect();
-        let members = nodes.iter().map(|n| format!("{}={}", n.id, n.raft)).collect::<Vec<_>>().join(",");
-        let mut c = Cluster { nodes, members, _root: root };
-        for i in 0..c.nodes.len() {
-            let m = c.members.clone();
-            c.nodes[i].start(&m);
-        }
-        c
-    }
-}
-
-/// A plain HTTP/1.0 GET: (status code, body).
-fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
-    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or("no status line")?;
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((code, body))
-}
+mod common;
+use common::*;
 
 async fn kv(api: &str) -> Option<pb::kv_client::KvClient<Channel>> {
     let ep = tonic::transport::Endpoint::from_shared(format!("http://{api}"))
@@ -125,24 +19,6 @@ async fn kv(api: &str) -> Option<pb::kv_client::KvClient<Channel>> {
         .connect_timeout(Duration::from_secs(1))
         .timeout(Duration::from_secs(8));
     ep.connect().await.ok().map(pb::kv_client::KvClient::new)
-}
-
-/// Retries `f` until it succeeds or `within` passes.
-async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + within;
-    let mut last = String::new();
-    while Instant::now() < deadline {
-        match f().await {
-            Ok(v) => return v,
-            Err(e) => last = e,
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what}: not within {within:?}; last error: {last}");
 }
 
 async fn create_table(api: &str, name: &str) {

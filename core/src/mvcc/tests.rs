@@ -51,12 +51,18 @@ impl Model {
         r.validate()?;
         let rev = self.check_rev(r.revision, self.current)?;
         let read_at = if r.revision == 0 && writing { self.current + 1 } else { rev };
-        let kvs = self.live(&r.key, &r.range_end, read_at);
-        let mut sorted = kvs.clone();
+        let mut kvs = self.live(&r.key, &r.range_end, read_at);
         let count = kvs.len() as u64;
         if r.count_only {
             return Ok(RangeResponse { revision: 0, kvs: vec![], more: false, count });
         }
+        kvs.retain(|kv| {
+            (r.min_mod_revision == 0 || kv.mod_revision >= r.min_mod_revision)
+                && (r.max_mod_revision == 0 || kv.mod_revision <= r.max_mod_revision)
+                && (r.min_create_revision == 0 || kv.create_revision >= r.min_create_revision)
+                && (r.max_create_revision == 0 || kv.create_revision <= r.max_create_revision)
+        });
+        let mut sorted = kvs.clone();
         let key_of = |kv: &KeyValue| -> (Vec<u8>, u64) {
             match r.sort_target {
                 SortTarget::Key => (kv.key.clone(), 0),
@@ -254,9 +260,24 @@ fn range_req() -> impl Strategy<Value = RangeRequest> {
         ],
         any::<bool>(),
         prop::bool::weighted(0.1),
+        // Filters: mostly none; otherwise bounds among the first revisions.
+        prop_oneof![3 => Just([0u64; 4]), 1 => [0u64..8, 0u64..8, 0u64..8, 0u64..8]],
     )
-        .prop_map(|(key, range_end, limit, revision, sort_order, sort_target, keys_only, count_only)| {
-            RangeRequest { key, range_end, limit, revision, sort_order, sort_target, keys_only, count_only }
+        .prop_map(|(key, range_end, limit, revision, sort_order, sort_target, keys_only, count_only, f)| {
+            RangeRequest {
+                key,
+                range_end,
+                limit,
+                revision,
+                sort_order,
+                sort_target,
+                keys_only,
+                count_only,
+                min_mod_revision: f[0],
+                max_mod_revision: f[1],
+                min_create_revision: f[2],
+                max_create_revision: f[3],
+            }
         })
 }
 

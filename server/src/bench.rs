@@ -1,0 +1,133 @@
+//! `armada bench put`: a closed-loop put benchmark over etcd's v3 protocol,
+//! so the same client measures Armada and etcd alike. Each client sends one
+//! put at a time and records its latency; throughput and percentiles cover
+//! the measured window only (after a warm-up).
+
+use std::time::{Duration, Instant};
+
+use armada_proto::etcd as pb;
+use serde_json::json;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// etcd v3 endpoint to load (Armada's --etcd-address or an etcd server).
+    #[arg(long, default_value = "http://127.0.0.1:2379")]
+    pub endpoint: String,
+    /// Concurrent clients, each with its own connection and one request in flight.
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// Measured duration in seconds (after the warm-up).
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Warm-up in seconds, not measured.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: u64,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 256)]
+    pub value_size: usize,
+    /// Distinct keys per client (keys are overwritten round-robin).
+    #[arg(long, default_value_t = 1000)]
+    pub keys: usize,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The `q` quantile (0..=1) of sorted latencies.
+pub fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+pub async fn put(args: &BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.clients > 0 && args.seconds > 0 && args.keys > 0,
+        "clients, seconds and keys must be positive"
+    );
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs(args.warmup);
+    let stop_at = measure_from + Duration::from_secs(args.seconds);
+    let mut tasks = Vec::new();
+    for c in 0..args.clients {
+        let ep = tonic::transport::Endpoint::from_shared(args.endpoint.clone())?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(10));
+        let mut client = pb::kv_client::KvClient::new(ep.connect().await?);
+        let value = vec![b'x'; args.value_size];
+        let keys = args.keys;
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            let mut i = 0usize;
+            loop {
+                let t0 = Instant::now();
+                if t0 >= stop_at {
+                    break;
+                }
+                let key = format!("bench/{c:03}/{:06}", i % keys).into_bytes();
+                i += 1;
+                let ok = client.put(pb::PutRequest { key, value: value.clone(), ..Default::default() }).await.is_ok();
+                if t0 >= measure_from {
+                    if ok {
+                        lat.push(t0.elapsed());
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (lat, e) = t.await?;
+        all.extend(lat);
+        errors += e;
+    }
+    all.sort();
+    let ops_per_s = all.len() as f64 / args.seconds as f64;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let (p50, p99, p999, max) =
+        (quantile(&all, 0.5), quantile(&all, 0.99), quantile(&all, 0.999), all.last().copied().unwrap_or_default());
+    if args.json {
+        println!(
+            "{}",
+            json!({"endpoint": args.endpoint, "clients": args.clients, "seconds": args.seconds,
+                   "value_size": args.value_size, "puts": all.len(), "errors": errors,
+                   "puts_per_second": ops_per_s, "p50_ms": ms(p50), "p99_ms": ms(p99),
+                   "p999_ms": ms(p999), "max_ms": ms(max)})
+        );
+    } else {
+        println!(
+            "{} clients, {} s, {} B values: {} puts ({errors} errors), {ops_per_s:.0} puts/s, \
+             p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+            args.clients,
+            args.seconds,
+            args.value_size,
+            all.len(),
+            ms(p50),
+            ms(p99),
+            ms(p999),
+            ms(max)
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_pick_the_nearest_rank() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(quantile(&v, 0.5), Duration::from_millis(51));
+        assert_eq!(quantile(&v, 0.99), Duration::from_millis(99));
+        assert_eq!(quantile(&v, 1.0), Duration::from_millis(100));
+        assert_eq!(quantile(&[], 0.99), Duration::ZERO);
+    }
+}

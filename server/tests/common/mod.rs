@@ -1,0 +1,157 @@
+//! Helpers shared by the real-process tests: starting `armada` nodes on
+//! free loopback ports, plain HTTP, and polling a condition to a deadline.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_armada");
+
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Node {
+    pub id: u64,
+    pub api: String,
+    pub raft: String,
+    pub http: String,
+    pub etcd: String,
+    pub replication: String,
+    pub dir: PathBuf,
+    /// Extra arguments for every start (e.g. `--etcd-table`).
+    pub extra: Vec<String>,
+    pub child: Option<Child>,
+}
+
+impl Node {
+    /// A node with fresh ports whose data lives in `dir`.
+    pub fn new(id: u64, dir: PathBuf) -> Node {
+        Node {
+            id,
+            api: format!("127.0.0.1:{}", free_tcp_port()),
+            raft: format!("127.0.0.1:{}", free_udp_port()),
+            http: format!("127.0.0.1:{}", free_tcp_port()),
+            etcd: format!("127.0.0.1:{}", free_tcp_port()),
+            replication: format!("127.0.0.1:{}", free_tcp_port()),
+            dir,
+            extra: Vec::new(),
+            child: None,
+        }
+    }
+
+    pub fn start(&mut self, members: &str) {
+        let log = std::fs::File::create(self.dir.with_extension("log")).unwrap();
+        let child = Command::new(BIN)
+            .args(["leader", "--node-id", &self.id.to_string(), "--initial-members", members])
+            .args(["--api-address", &self.api, "--raft-address", &self.raft, "--rest-address", &self.http])
+            .args(["--etcd-address", &self.etcd, "--replication-address", &self.replication])
+            .args(&self.extra)
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn armada");
+        self.child = Some(child);
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(status)) = c.try_wait() {
+                    assert!(status.success(), "node {} exited with {status} after SIGTERM", self.id);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            panic!("node {} did not stop within 10 s of SIGTERM", self.id);
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    pub members: String,
+    _root: PathBuf,
+}
+
+impl Cluster {
+    pub fn new(n: u64, name: &str) -> Cluster {
+        Self::with_args(n, name, &[])
+    }
+
+    /// `n` nodes started with `extra` arguments each.
+    pub fn with_args(n: u64, name: &str, extra: &[&str]) -> Cluster {
+        let root = std::env::temp_dir().join(format!("armada-proc-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let nodes: Vec<Node> = (1..=n)
+            .map(|id| {
+                let mut node = Node::new(id, root.join(format!("n{id}")));
+                node.extra = extra.iter().map(|s| s.to_string()).collect();
+                node
+            })
+            .collect();
+        let members = nodes.iter().map(|n| format!("{}={}", n.id, n.raft)).collect::<Vec<_>>().join(",");
+        let mut c = Cluster { nodes, members, _root: root };
+        for i in 0..c.nodes.len() {
+            let m = c.members.clone();
+            c.nodes[i].start(&m);
+        }
+        c
+    }
+}
+
+/// A plain HTTP/1.0 GET: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or("no status line")?;
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((code, body))
+}
+
+/// Retries `f` until it succeeds or `within` passes.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + within;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: not within {within:?}; last error: {last}");
+}
