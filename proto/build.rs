@@ -7,7 +7,7 @@ use prost::Message;
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/armada.proto", "proto/etcd.proto"];
+    let protos = ["proto/armada.proto", "proto/etcd.proto", "proto/replication.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -25,6 +25,10 @@ pub enum Canary {
     ReplicateTwice = 7,
     /// After installing a snapshot at `s`, claim revision `s + 1`.
     SnapshotSkipFirst = 8,
+    /// Serve a follower read at a revision the follower has not applied.
+    FollowerReadAhead = 9,
+    /// Answer a write forwarded by a follower before the follower applied it.
+    AnswerBeforeApply = 10,
 }
 
 impl Canary {
@@ -47,6 +51,8 @@ impl Canary {
             Canary::SkipVoteFsync => "skip-vote-fsync",
             Canary::ReplicateTwice => "replicate-twice",
             Canary::SnapshotSkipFirst => "snapshot-skip-first",
+            Canary::FollowerReadAhead => "follower-read-ahead",
+            Canary::AnswerBeforeApply => "answer-before-apply",
         }
     }
 

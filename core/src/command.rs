@@ -84,6 +84,15 @@ impl TableReply {
 }
 
 impl TableCommand {
+    /// Whether a client may send this command (the others are the
+    /// replication machinery's own).
+    pub fn is_client_write(&self) -> bool {
+        matches!(
+            self,
+            TableCommand::Put(_) | TableCommand::DeleteRange(_) | TableCommand::Txn(_) | TableCommand::Compact(_)
+        )
+    }
+
     pub fn validate(&self) -> Result<(), KvError> {
         match self {
             TableCommand::Put(p) => p.validate(),

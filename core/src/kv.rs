@@ -306,6 +306,14 @@ fn check_branch_writes(ops: &[RequestOp]) -> Result<(), KvError> {
     }
     for op in ops {
         if let RequestOp::DeleteRange(d) = op {
+            // etcd 3.4 checks a delete as the interval [key, range_end) even
+            // when range_end is "\0" ("every key from `key`"), which makes
+            // that interval empty: a put beside a from-key delete passes.
+            // Armada accepts what etcd accepts; the operations still apply in
+            // order, so the put key is deleted by the later delete.
+            if d.range_end == [0] {
+                continue;
+            }
             if put_keys.iter().any(|k| in_interval(k, &d.key, &d.range_end)) {
                 return Err(KvError::DuplicateKey);
             }

@@ -386,6 +386,16 @@ pub fn shape_range(req: &RangeRequest, mut kvs: Vec<KeyValue>, current: u64) -> 
     if req.count_only {
         return RangeResponse { revision: current, kvs: Vec::new(), more: false, count };
     }
+    // etcd 3.4 applies `limit` (plus one, to learn `more`) before sorting
+    // when no sort order is given and no filter is set, so a sort by
+    // another target then orders only the first keys; Armada does the same.
+    let filtered = req.min_mod_revision != 0
+        || req.max_mod_revision != 0
+        || req.min_create_revision != 0
+        || req.max_create_revision != 0;
+    if req.sort_order == SortOrder::None && !filtered && req.limit > 0 {
+        kvs.truncate(req.limit.saturating_add(1) as usize);
+    }
     let within = |v: u64, min: u64, max: u64| (min == 0 || v >= min) && (max == 0 || v <= max);
     kvs.retain(|kv| {
         within(kv.mod_revision, req.min_mod_revision, req.max_mod_revision)
@@ -592,15 +602,9 @@ impl WriteTxn<'_, '_> {
                 RequestOp::DeleteRange(d) => ResponseOp::DeleteRange(self.delete_range(d)?),
             });
         }
-        let revision = self.visible_revision();
-        for r in &mut responses {
-            match r {
-                ResponseOp::Range(x) => x.revision = revision,
-                ResponseOp::Put(x) => x.revision = revision,
-                ResponseOp::DeleteRange(x) => x.revision = revision,
-            }
-        }
-        Ok(TxnResponse { revision, succeeded, responses })
+        // Each response carries the revision visible when it ran (etcd's
+        // rule): a range before the first write sees the old revision.
+        Ok(TxnResponse { revision: self.visible_revision(), succeeded, responses })
     }
 
     /// Compacts history below `revision`: every version older than the newest

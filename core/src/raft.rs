@@ -393,6 +393,7 @@ pub struct StateMachine<RT> {
     kind: GroupKind,
     flusher: Arc<dyn Flusher>,
     observer: Option<Arc<dyn ApplyObserver>>,
+    retention: u64,
     _rt: PhantomData<fn() -> RT>,
 }
 
@@ -404,7 +405,21 @@ struct SnapshotPairs(Vec<(Vec<u8>, Vec<u8>)>);
 
 impl<RT: Runtime> StateMachine<RT> {
     pub fn new(engine: Arc<dyn Engine>, group: GroupId, kind: GroupKind, flusher: Arc<dyn Flusher>) -> Self {
-        Self { engine, group, kind, flusher, observer: None, _rt: PhantomData }
+        Self {
+            engine,
+            group,
+            kind,
+            flusher,
+            observer: None,
+            retention: crate::mvcc::replication::CHANGELOG_RETENTION_DEFAULT,
+            _rt: PhantomData,
+        }
+    }
+
+    /// Revisions of changelog each table keeps (see [`crate::mvcc::replication`]).
+    pub fn with_retention(mut self, revisions: u64) -> Self {
+        self.retention = revisions.max(1);
+        self
     }
 
     /// Reports every applied entry to `observer`.
@@ -440,7 +455,7 @@ impl<RT: Runtime> StateMachine<RT> {
         let ns = data_ns(self.group);
         match (self.kind, cmd) {
             (GroupKind::Table, Command::Table(t)) => {
-                let (b, r) = t.execute(&Mvcc::new(&*self.engine, ns)).map_err(io_err)?;
+                let (b, r) = t.execute(&Mvcc::new(&*self.engine, ns).with_retention(self.retention)).map_err(io_err)?;
                 Ok((b, CommandResponse::Table(r)))
             }
             (GroupKind::Meta, Command::Meta(m)) => {

@@ -17,3 +17,8 @@ pub mod v1 {
 pub mod etcd {
     tonic::include_proto!("etcdserverpb");
 }
+
+/// Cross-cluster replication between Armada clusters (internal).
+pub mod replication {
+    tonic::include_proto!("armada.replication.v1");
+}

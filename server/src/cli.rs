@@ -286,13 +286,20 @@ pub async fn cluster(args: &ClientArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
             let s = c.status(pb::StatusRequest {}).await.map_err(status_err)?.into_inner();
             match args.output {
                 Output::Human => {
-                    println!("member {}", s.member_id);
+                    println!("member {} ({} cluster)", s.member_id, s.role);
                     for g in &s.groups {
                         let name = if g.table.is_empty() { "(catalog)" } else { g.table.as_str() };
-                        println!(
+                        print!(
                             "{name:<24} leader {} term {} commit {} applied {} revision {}",
                             g.leader_id, g.raft_term, g.raft_commit_index, g.raft_applied_index, g.revision
                         );
+                        if s.role == "follower" && !g.table.is_empty() {
+                            print!(
+                                " leader-revision {} lag {} revisions {:.3} s",
+                                g.leader_revision, g.lag_revisions, g.lag_seconds
+                            );
+                        }
+                        println!();
                     }
                 }
                 Output::Json => {
@@ -302,10 +309,12 @@ pub async fn cluster(args: &ClientArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
                         .map(|g| {
                             json!({"table": g.table, "leader_id": g.leader_id, "raft_term": g.raft_term,
                                         "raft_commit_index": g.raft_commit_index,
-                                        "raft_applied_index": g.raft_applied_index, "revision": g.revision})
+                                        "raft_applied_index": g.raft_applied_index, "revision": g.revision,
+                                        "leader_revision": g.leader_revision, "lag_revisions": g.lag_revisions,
+                                        "lag_seconds": g.lag_seconds})
                         })
                         .collect();
-                    println!("{}", json!({"member_id": s.member_id, "groups": groups}))
+                    println!("{}", json!({"member_id": s.member_id, "role": s.role, "groups": groups}))
                 }
             }
         }

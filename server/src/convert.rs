@@ -25,6 +25,8 @@ pub fn status(e: &ApiError) -> Status {
         ApiError::Indeterminate(_) => Status::new(Code::Unknown, e.to_string()),
         ApiError::Forward { .. } => Status::internal(format!("request left unforwarded: {e}")),
         ApiError::Internal(_) => Status::internal(e.to_string()),
+        ApiError::ReadOnly(_) => Status::failed_precondition(e.to_string()),
+        ApiError::Lagging(_) => Status::deadline_exceeded(e.to_string()),
     }
 }
 

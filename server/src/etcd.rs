@@ -45,6 +45,8 @@ pub fn etcd_status(e: &ApiError) -> Status {
         ApiError::Meta(m) => Status::invalid_argument(format!("etcdserver: {m}")),
         ApiError::Unavailable(_) => Status::unavailable("etcdserver: no leader"),
         ApiError::Indeterminate(_) => Status::unavailable("etcdserver: request timed out"),
+        ApiError::ReadOnly(_) => Status::failed_precondition(format!("etcdserver: {e}")),
+        ApiError::Lagging(_) => Status::deadline_exceeded(format!("etcdserver: {e}")),
         ApiError::Forward { .. } | ApiError::Internal(_) => Status::internal(format!("etcdserver: {e}")),
     }
 }

@@ -18,6 +18,7 @@ pub mod http;
 pub mod metrics;
 pub mod network;
 pub mod node;
+pub mod replication;
 #[cfg(feature = "rocksdb")]
 pub mod rocks;
 pub mod rt;

@@ -33,6 +33,10 @@ enum Cmd {
     ///
     /// Precedence of settings: flag > ARMADA_* environment > --config file > default.
     Leader(ServeArgs),
+    /// Run a node of a follower cluster: its own Raft cluster that streams
+    /// every table from the leader cluster, serves reads locally and sends
+    /// writes on to the leader cluster. Takes the same options as `leader`.
+    Follower(FollowerArgs),
     /// Create, delete and list tables.
     Table {
         #[command(subcommand)]
@@ -60,6 +64,16 @@ enum Cmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+}
+
+#[derive(clap::Args)]
+struct FollowerArgs {
+    /// Replication addresses of the leader cluster's nodes (any subset),
+    /// comma-separated, e.g. http://10.0.0.1:8444,http://10.0.0.2:8444.
+    #[arg(long, env = "ARMADA_LEADER_ADDRESS", value_name = "URLS", required = true)]
+    leader_address: String,
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[derive(Subcommand)]
@@ -94,7 +108,23 @@ async fn shutdown_signal() {
     }
 }
 
-async fn leader(args: ServeArgs, log_format: Option<LogFormat>) -> anyhow::Result<()> {
+/// Parses `--leader-address`: comma-separated http(s) URLs.
+fn leader_endpoints(s: &str) -> anyhow::Result<Vec<String>> {
+    let eps: Vec<String> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|e| if e.contains("://") { e.to_string() } else { format!("http://{e}") })
+        .collect();
+    anyhow::ensure!(!eps.is_empty(), "invalid --leader-address {s:?}: no address given");
+    for e in &eps {
+        tonic::transport::Endpoint::from_shared(e.clone())
+            .map_err(|err| anyhow::anyhow!("invalid --leader-address {e:?}: {err}"))?;
+    }
+    Ok(eps)
+}
+
+async fn serve(args: ServeArgs, log_format: Option<LogFormat>, leader: Option<Vec<String>>) -> anyhow::Result<()> {
     let cfg = config::resolve(&args)?;
     init_logs(log_format.or(cfg.log_format).unwrap_or_default());
     std::fs::create_dir_all(&cfg.data_dir)
@@ -134,10 +164,30 @@ async fn leader(args: ServeArgs, log_format: Option<LogFormat>) -> anyhow::Resul
             let _ = etcd_stop_rx.await;
         },
     ));
-    let ensure = {
-        let node = node.clone();
-        let table = cfg.etcd_table.clone();
-        tokio::spawn(async move { armada_server::etcd::ensure_table(&node, &table).await })
+    // A leader cluster creates the etcd table and serves follower clusters;
+    // a follower cluster gets its tables from the leader cluster.
+    let mut _follower = None;
+    let (ensure, replication) = match &leader {
+        None => {
+            let node2 = node.clone();
+            let table = cfg.etcd_table.clone();
+            let ensure = tokio::spawn(async move { armada_server::etcd::ensure_table(&node2, &table).await });
+            let listener = tokio::net::TcpListener::bind(cfg.replication_address)
+                .await
+                .with_context(|| format!("binding the replication address {}", cfg.replication_address))?;
+            let svc = armada_server::replication::ReplicationService::new(node.clone());
+            let server = tokio::spawn(
+                armada_server::replication::router(svc)
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+            (Some(ensure), Some(server))
+        }
+        Some(endpoints) => {
+            let up =
+                Arc::new(armada_server::replication::UpstreamClient::new(endpoints.clone(), cfg.node.request_timeout));
+            _follower = Some(armada_server::replication::Follower::start(node.clone(), up));
+            (None, None)
+        }
     };
     info!(
         node_id = cfg.node.id,
@@ -148,13 +198,20 @@ async fn leader(args: ServeArgs, log_format: Option<LogFormat>) -> anyhow::Resul
         http = %cfg.rest_address,
         data_dir = %cfg.data_dir.display(),
         members = cfg.node.members.len(),
-        "armada leader node started"
+        role = if leader.is_some() { "follower" } else { "leader" },
+        replication = %cfg.replication_address,
+        "armada node started"
     );
     router(Api::with_metrics(node.clone(), metrics))
         .serve_with_shutdown(cfg.api_address, shutdown_signal())
         .await
         .with_context(|| format!("serving the API on {}", cfg.api_address))?;
-    ensure.abort();
+    if let Some(e) = ensure {
+        e.abort();
+    }
+    if let Some(r) = replication {
+        r.abort();
+    }
     let _ = etcd_stop_tx.send(());
     match etcd.await {
         Ok(Err(e)) => tracing::warn!("etcd API: {e}"),
@@ -175,7 +232,11 @@ async fn leader(args: ServeArgs, log_format: Option<LogFormat>) -> anyhow::Resul
 async fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Leader(args) => leader(args, cli.log_format).await,
+        Cmd::Leader(args) => serve(args, cli.log_format, None).await,
+        Cmd::Follower(args) => match leader_endpoints(&args.leader_address) {
+            Ok(eps) => serve(args.serve, cli.log_format, Some(eps)).await,
+            Err(e) => Err(e),
+        },
         Cmd::Table { cmd, client } => cli::table(&client, cmd).await,
         Cmd::Kv { cmd, client } => cli::kv(&client, cmd).await,
         Cmd::Cluster { cmd, client } => cli::cluster(&client, cmd).await,

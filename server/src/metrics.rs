@@ -99,6 +99,26 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{table=\"{table}\"}} {}", get(g));
             }
         }
+        if node.is_follower() {
+            for (name, help, get) in [
+                (
+                    "armada_replication_leader_revision",
+                    "Follower: the leader cluster's latest revision of the table as last heard here.",
+                    (|g: &crate::node::GroupStatus| g.leader_revision as f64) as fn(&crate::node::GroupStatus) -> f64,
+                ),
+                ("armada_replication_lag_revisions", "Follower: revisions this node is behind the leader.", |g| {
+                    g.lag_revisions as f64
+                }),
+                ("armada_replication_lag_seconds", "Follower: how long this node has been behind, in seconds.", |g| {
+                    g.lag_seconds
+                }),
+            ] {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+                for g in groups.iter().filter(|g| !g.table.is_empty()) {
+                    let _ = writeln!(out, "{name}{{table=\"{}\"}} {}", g.table, get(g));
+                }
+            }
+        }
         out.push_str("# HELP armada_table_storage_bytes Bytes the table takes on this node (log, data, history).\n");
         out.push_str("# TYPE armada_table_storage_bytes gauge\n");
         for (table, bytes) in node.storage_sizes() {

@@ -40,6 +40,9 @@ pub const FORWARD_MARGIN: Duration = Duration::from_millis(500);
 /// deliveries (duplicates arrive within moments of the original).
 pub const FORWARD_DEDUPE_WINDOW: usize = 4096;
 
+/// How long a follower read at a revision it has not applied yet waits.
+pub const FOLLOWER_READ_WAIT: Duration = Duration::from_secs(1);
+
 /// Raft timing and log retention.
 #[derive(Debug, Clone)]
 pub struct RaftTuning {
@@ -53,6 +56,9 @@ pub struct RaftTuning {
     pub logs_kept_after_snapshot: u64,
     /// Purge the log in batches of at least this many entries.
     pub purge_batch_entries: u64,
+    /// Revisions of each table's changelog kept for follower clusters; a
+    /// follower further behind installs a snapshot.
+    pub history_retention: u64,
 }
 
 impl Default for RaftTuning {
@@ -66,6 +72,7 @@ impl Default for RaftTuning {
             snapshot_after_logs: 5000,
             logs_kept_after_snapshot: 1000,
             purge_batch_entries: 256,
+            history_retention: armada_core::mvcc::replication::CHANGELOG_RETENTION_DEFAULT,
         }
     }
 }
@@ -109,6 +116,14 @@ pub enum ApiError {
     Forward { leader: u64, raft_addr: String },
     #[error("internal error: {0}")]
     Internal(String),
+    /// The operation is the leader cluster's alone (table creation and
+    /// deletion on a follower cluster).
+    #[error("{0}")]
+    ReadOnly(String),
+    /// A write committed at the leader cluster but this follower did not
+    /// apply it within the request timeout.
+    #[error("{0}")]
+    Lagging(String),
 }
 
 /// A client request as it travels between nodes when forwarded.
@@ -171,6 +186,10 @@ pub struct GroupStatus {
     pub commit_index: u64,
     pub applied_index: u64,
     pub revision: u64,
+    /// Follower clusters: see [`crate::replication::LagStats`].
+    pub leader_revision: u64,
+    pub lag_revisions: u64,
+    pub lag_seconds: f64,
 }
 
 /// Optional observers the simulated world attaches to a node.
@@ -179,9 +198,71 @@ pub struct NodeHooks {
     pub apply_observer: Option<Arc<dyn ApplyObserver>>,
 }
 
+/// Publishes every group's applied revision (the catalog's applied index
+/// for the metadata group) to watchers, and passes applies on to the hooks'
+/// observer.
+struct Notifier {
+    inner: Option<Arc<dyn ApplyObserver>>,
+    revisions: std::sync::Mutex<BTreeMap<GroupId, tokio::sync::watch::Sender<u64>>>,
+}
+
+impl Notifier {
+    fn publish(&self, group: GroupId, value: u64) {
+        let mut m = self.revisions.lock().unwrap_or_else(|p| p.into_inner());
+        match m.get(&group) {
+            Some(tx) => {
+                tx.send_if_modified(|v| {
+                    let changed = *v != value;
+                    *v = value;
+                    changed
+                });
+            }
+            None => {
+                m.insert(group, tokio::sync::watch::channel(value).0);
+            }
+        }
+    }
+}
+
+impl ApplyObserver for Notifier {
+    fn applied(
+        &self,
+        group: GroupId,
+        index: u64,
+        term: u64,
+        digest: u64,
+        revision: Option<u64>,
+        command: Option<&Command>,
+        response: &CommandResponse,
+    ) {
+        if let Some(o) = &self.inner {
+            o.applied(group, index, term, digest, revision, command, response);
+        }
+        self.publish(group, revision.unwrap_or(index));
+    }
+
+    fn installed_snapshot(&self, group: GroupId, index: u64, revision: Option<u64>) {
+        if let Some(o) = &self.inner {
+            o.installed_snapshot(group, index, revision);
+        }
+        self.publish(group, revision.unwrap_or(index));
+    }
+}
+
+/// Where a follower cluster sends what only the leader cluster may do.
+#[tonic::async_trait]
+pub trait Upstream: Send + Sync + 'static {
+    /// Applies a write at the leader cluster; returns its reply there.
+    async fn write(&self, table: &str, cmd: TableCommand) -> Result<TableReply, ApiError>;
+}
+
 pub struct Node {
     cfg: NodeConfig,
-    hooks: NodeHooks,
+    notifier: Arc<Notifier>,
+    /// Set on the nodes of a follower cluster.
+    upstream: std::sync::OnceLock<Arc<dyn Upstream>>,
+    /// A follower cluster node's replication workers (for lag reports).
+    follower: std::sync::OnceLock<std::sync::Weak<crate::replication::Follower>>,
     engine: Arc<dyn Engine>,
     flusher: Arc<dyn Flusher>,
     transport: Arc<dyn Transport>,
@@ -223,9 +304,12 @@ impl Node {
         if cfg.me().is_none() {
             return Err(ApiError::Internal(format!("node {} is not among the initial members", cfg.id)));
         }
+        let notifier = Arc::new(Notifier { inner: hooks.apply_observer.clone(), revisions: Default::default() });
         let node = Arc::new(Node {
             cfg,
-            hooks,
+            notifier,
+            upstream: std::sync::OnceLock::new(),
+            follower: std::sync::OnceLock::new(),
             engine,
             flusher,
             transport,
@@ -283,7 +367,8 @@ impl Node {
     async fn open_group(&self, id: GroupId, name: String, kind: GroupKind) -> Result<Arc<Group>, ApiError> {
         let log = LogStore::new(self.engine.clone(), id, self.flusher.clone());
         let sm = StateMachine::new(self.engine.clone(), id, kind, self.flusher.clone())
-            .with_observer(self.hooks.apply_observer.clone());
+            .with_retention(self.cfg.raft.history_retention)
+            .with_observer(Some(self.notifier.clone() as Arc<dyn ApplyObserver>));
         let network = NetworkFactory { transport: self.transport.clone(), group: id };
         let raft = openraft::Raft::new(self.cfg.id, self.raft_config()?, network, log, sm)
             .await
@@ -521,12 +606,25 @@ impl Node {
     ) -> Result<(RangeResponse, HeaderInfo), ApiError> {
         req.validate()?;
         let group = self.table_group(table, hops).await?;
+        if self.is_follower() && req.revision > self.table_revision(group.id) {
+            // A follower may not have reached a revision the client saw
+            // elsewhere yet: wait briefly; past that, the read fails as a
+            // future revision.
+            self.wait_for_revision(group.id, req.revision, FOLLOWER_READ_WAIT).await;
+        }
         if !serializable && !armada_core::canary::active(armada_core::canary::Canary::StaleRead) {
             self.linearize(&group, hops, &format!("table {table:?}")).await?;
         }
         let store = Mvcc::new(&*self.engine, data_ns(group.id));
         match store.range(req) {
-            Ok(r) => Ok((r, self.header(&group))),
+            Ok(mut r) => {
+                if armada_core::canary::active(armada_core::canary::Canary::FollowerReadAhead) {
+                    // The canary claims the leader's revision as the read's.
+                    let lag = self.follower.get().and_then(|w| w.upgrade()).map(|f| f.lag()).unwrap_or_default();
+                    r.revision = r.revision.max(lag.get(table).map_or(0, |l| l.leader_revision));
+                }
+                Ok((r, self.header(&group)))
+            }
             Err(armada_core::mvcc::MvccError::Kv(e)) => Err(e.into()),
             Err(e) => Err(ApiError::Internal(e.to_string())),
         }
@@ -576,8 +674,36 @@ impl Node {
     }
 
     /// Applies a write to a table through its Raft group (forwarded to the
-    /// group's leader when that is another node).
+    /// group's leader when that is another node). On a follower cluster the
+    /// write goes to the leader cluster, and the answer waits until this node
+    /// has applied the write's revision, so the client reads its own write.
     pub async fn write(&self, table: &str, cmd: TableCommand) -> Result<(TableReply, HeaderInfo), ApiError> {
+        if let Some(up) = self.upstream.get() {
+            if !cmd.is_client_write() {
+                return Err(ApiError::Internal("replication commands are not client writes".into()));
+            }
+            cmd.validate()?;
+            let group = self.table_group(table, 0).await?;
+            let reply = up.write(table, cmd).await?;
+            let want = reply.revision();
+            let ok = armada_core::canary::active(armada_core::canary::Canary::AnswerBeforeApply)
+                || self.wait_for_revision(group.id, want, self.cfg.request_timeout).await;
+            if !ok {
+                return Err(ApiError::Lagging(format!(
+                    "the write committed at the leader cluster at revision {want}, but this follower has applied only \
+                     revision {} after {:?}; retry the read later",
+                    self.table_revision(group.id),
+                    self.cfg.request_timeout
+                )));
+            }
+            return Ok((reply, self.header(&group)));
+        }
+        self.write_internal(table, cmd).await
+    }
+
+    /// A write through this cluster's Raft group, never to the leader
+    /// cluster (replication workers, and every write on a leader cluster).
+    pub async fn write_internal(&self, table: &str, cmd: TableCommand) -> Result<(TableReply, HeaderInfo), ApiError> {
         match self.execute(ClientRequest::Write { table: table.to_string(), cmd, hops: 0 }).await? {
             ClientReply::Write(r, h) => Ok((r, h)),
             other => Err(ApiError::Internal(format!("unexpected reply {other:?}"))),
@@ -602,6 +728,22 @@ impl Node {
     /// Creates a table; returns once its group runs on the node that
     /// applied the creation.
     pub async fn create_table(&self, name: &str) -> Result<TableInfo, ApiError> {
+        self.refuse_on_follower("create")?;
+        self.create_table_internal(name).await
+    }
+
+    fn refuse_on_follower(&self, what: &str) -> Result<(), ApiError> {
+        if self.upstream.get().is_some() {
+            return Err(ApiError::ReadOnly(format!(
+                "this is a follower cluster: {what} tables on the leader cluster; they reach followers by replication"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Creates a table in this cluster's catalog (followers: the catalog
+    /// replication worker).
+    pub async fn create_table_internal(&self, name: &str) -> Result<TableInfo, ApiError> {
         match self.execute(ClientRequest::CreateTable { name: name.to_string(), hops: 0 }).await? {
             ClientReply::Table(t) => Ok(t),
             other => Err(ApiError::Internal(format!("unexpected reply {other:?}"))),
@@ -609,6 +751,11 @@ impl Node {
     }
 
     pub async fn delete_table(&self, name: &str) -> Result<TableInfo, ApiError> {
+        self.refuse_on_follower("delete")?;
+        self.delete_table_internal(name).await
+    }
+
+    pub async fn delete_table_internal(&self, name: &str) -> Result<TableInfo, ApiError> {
         match self.execute(ClientRequest::DeleteTable { name: name.to_string(), hops: 0 }).await? {
             ClientReply::Table(t) => Ok(t),
             other => Err(ApiError::Internal(format!("unexpected reply {other:?}"))),
@@ -625,6 +772,8 @@ impl Node {
 
     /// Raft and revision state of every group hosted here.
     pub fn status(&self) -> Vec<GroupStatus> {
+        let lag = self.follower.get().and_then(|w| w.upgrade()).map(|f| f.lag()).unwrap_or_default();
+        let now = tokio::time::Instant::now();
         self.groups()
             .iter()
             .map(|g| {
@@ -642,6 +791,12 @@ impl Node {
                     commit_index: m.local_committed.as_ref().map_or(0, |l| l.index),
                     applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
                     revision,
+                    leader_revision: lag.get(&g.name).map_or(0, |l| l.leader_revision),
+                    lag_revisions: lag.get(&g.name).map_or(0, |l| l.leader_revision.saturating_sub(revision)),
+                    lag_seconds: lag
+                        .get(&g.name)
+                        .and_then(|l| l.behind_since)
+                        .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64()),
                 }
             })
             .collect()
@@ -662,6 +817,54 @@ impl Node {
                 (g.name.clone(), size)
             })
             .collect()
+    }
+
+    /// Makes this node part of a follower cluster whose writes go to `up`.
+    pub fn set_upstream(&self, up: Arc<dyn Upstream>) {
+        let _ = self.upstream.set(up);
+    }
+
+    pub fn set_follower(&self, f: std::sync::Weak<crate::replication::Follower>) {
+        let _ = self.follower.set(f);
+    }
+
+    pub fn is_follower(&self) -> bool {
+        self.upstream.get().is_some()
+    }
+
+    /// The table's revision as applied on this node (0 for the catalog).
+    pub fn table_revision(&self, group: GroupId) -> u64 {
+        if group == GroupId::META {
+            return 0;
+        }
+        Mvcc::new(&*self.engine, data_ns(group)).rev_state().map(|s| s.current).unwrap_or(0)
+    }
+
+    /// Watches the group's applied revision (for the metadata group: its
+    /// applied log index, which moves on every catalog change).
+    pub fn revision_watch(&self, group: GroupId) -> tokio::sync::watch::Receiver<u64> {
+        let mut m = self.notifier.revisions.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(group).or_insert_with(|| tokio::sync::watch::channel(self.table_revision(group)).0).subscribe()
+    }
+
+    /// Waits until this node has applied `revision` of the group, at most
+    /// `within`. Returns whether it has.
+    pub async fn wait_for_revision(&self, group: GroupId, revision: u64, within: Duration) -> bool {
+        let mut rx = self.revision_watch(group);
+        if self.table_revision(group) >= revision {
+            return true;
+        }
+        let wait = async {
+            loop {
+                if *rx.borrow_and_update() >= revision {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        crate::rt::timeout(within, wait).await.is_ok() || self.table_revision(group) >= revision
     }
 
     /// Whether this node leads the group (for checkers and status).

@@ -200,9 +200,13 @@ impl Cluster for Api {
                     raft_commit_index: g.commit_index,
                     raft_applied_index: g.applied_index,
                     revision: i64::try_from(g.revision).unwrap_or(i64::MAX),
+                    leader_revision: g.leader_revision,
+                    lag_revisions: g.lag_revisions,
+                    lag_seconds: g.lag_seconds,
                 })
                 .collect();
-            Ok(Response::new(pb::StatusResponse { member_id: self.node.id(), groups }))
+            let role = if self.node.is_follower() { "follower" } else { "leader" }.to_string();
+            Ok(Response::new(pb::StatusResponse { member_id: self.node.id(), groups, role }))
         })
         .await
     }

@@ -3,8 +3,7 @@
 #![cfg(not(madsim))]
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use armada_proto::v1 as pb;

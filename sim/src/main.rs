@@ -91,7 +91,7 @@ mod sim_main {
     fn line(path: &Path, sc: &Scenario, r: &Report, canary: Option<Canary>) -> String {
         let ratio = if r.real_secs > 0.0 { r.sim_secs / r.real_secs } else { 0.0 };
         format!(
-            "seed={} scenario={} verdict={} trace={:016x} ops={} ok={} indefinite={} applied={} snapshots={} sim_s={:.1} real_s={:.2} check_s={:.2} ratio={:.1}x{}{}",
+            "seed={} scenario={} verdict={} trace={:016x} ops={} ok={} indefinite={} applied={} snapshots={} sim_s={:.1} real_s={:.2} check_s={:.2} ratio={:.1}x{}{}{}",
             r.seed,
             sc.name,
             r.verdict.name(),
@@ -105,6 +105,12 @@ mod sim_main {
             r.real_secs,
             r.check_secs,
             ratio,
+            r.lag_ms
+                .map(|(p50, p99, n)| format!(
+                    " lag_p50_ms={p50:.1} lag_p99_ms={p99:.1} lag_samples={n} follower_snapshots={}",
+                    r.follower_snapshots
+                ))
+                .unwrap_or_default(),
             canary.map(|c| format!(" canary={}", c.name())).unwrap_or_default(),
             if r.verdict == Verdict::Pass { String::new() } else { format!(" file={}", path.display()) }
         )

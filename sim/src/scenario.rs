@@ -84,6 +84,73 @@ pub struct Faults {
     pub downtime_ms: [u64; 2],
 }
 
+/// Follower clusters and the WAN between them and the leader cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Followers {
+    /// Follower clusters, each streaming every table from the leader cluster.
+    pub clusters: u32,
+    /// Nodes per follower cluster.
+    #[serde(default = "d_three")]
+    pub nodes: u32,
+    /// Clients per follower cluster; each sticks to one follower node.
+    #[serde(default)]
+    pub clients: u32,
+    /// Workload weights of follower clients: forwarded puts, linearizable
+    /// (within the follower cluster) and serializable reads.
+    #[serde(default = "d_one")]
+    pub put: u32,
+    #[serde(default = "d_one")]
+    pub get: u32,
+    #[serde(default = "d_one")]
+    pub serializable_get: u32,
+    /// One-way WAN delay between clusters (ms range, per message).
+    #[serde(default = "d_wan")]
+    pub wan_latency_ms: [u64; 2],
+    /// Relative weights of WAN faults: partition a follower cluster from the
+    /// leader cluster, a delay spike, reset every WAN connection of a follower
+    /// cluster, and crash every node of a follower cluster at once.
+    #[serde(default)]
+    pub partition: u32,
+    #[serde(default)]
+    pub delay: u32,
+    #[serde(default)]
+    pub reset: u32,
+    #[serde(default)]
+    pub cluster_crash: u32,
+    /// Simulated ms between WAN fault steps.
+    #[serde(default = "d_interval")]
+    pub interval_ms: [u64; 2],
+    /// How long a WAN fault lasts (ms range).
+    #[serde(default = "d_downtime")]
+    pub fault_ms: [u64; 2],
+    /// Changelog revisions the leader cluster keeps; small values make
+    /// followers that fall behind install snapshots.
+    #[serde(default = "d_retention")]
+    pub history_retention: u64,
+    /// The last follower cluster starts this many simulated seconds late
+    /// (0: with the others), so it may have to bootstrap from a snapshot.
+    #[serde(default)]
+    pub late_start_s: u64,
+    /// Bound, in simulated seconds, for every follower to reach the leader's
+    /// state after faults heal.
+    #[serde(default = "d_liveness")]
+    pub liveness_s: u64,
+}
+
+fn d_three() -> u32 {
+    3
+}
+fn d_one() -> u32 {
+    1
+}
+fn d_wan() -> [u64; 2] {
+    [20, 20]
+}
+fn d_retention() -> u64 {
+    armada_core::mvcc::replication::CHANGELOG_RETENTION_DEFAULT
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scenario {
@@ -104,6 +171,9 @@ pub struct Scenario {
     /// Raft snapshot threshold (entries); small values exercise snapshots.
     #[serde(default = "d_snapshot")]
     pub snapshot_after_logs: u64,
+    /// Follower clusters (none by default).
+    #[serde(default)]
+    pub followers: Option<Followers>,
 }
 
 fn d_liveness() -> u64 {
@@ -118,6 +188,7 @@ pub const NODES_MAX: u32 = 7;
 pub const CLIENTS_MAX: u32 = 200;
 pub const KEYS_MAX: u32 = 1000;
 pub const TABLES_MAX: u32 = 64;
+pub const FOLLOWER_CLUSTERS_MAX: u32 = 8;
 
 impl Scenario {
     pub fn load(path: &Path) -> anyhow::Result<Scenario> {
@@ -156,6 +227,30 @@ impl Scenario {
         }
         if !(0.0..=1.0).contains(&f.loss_rate) || !(0.0..=1.0).contains(&f.duplicate_rate) {
             return Err("faults rates must be within 0..=1".into());
+        }
+        if let Some(fl) = &self.followers {
+            if !(1..=FOLLOWER_CLUSTERS_MAX).contains(&fl.clusters) {
+                return Err(format!("followers.clusters must be 1..={FOLLOWER_CLUSTERS_MAX}"));
+            }
+            if !(1..=NODES_MAX).contains(&fl.nodes) {
+                return Err(format!("followers.nodes must be 1..={NODES_MAX}"));
+            }
+            if fl.clients > CLIENTS_MAX {
+                return Err(format!("followers.clients must be at most {CLIENTS_MAX}"));
+            }
+            for (name, r) in
+                [("wan_latency_ms", fl.wan_latency_ms), ("interval_ms", fl.interval_ms), ("fault_ms", fl.fault_ms)]
+            {
+                if r[0] > r[1] {
+                    return Err(format!("followers.{name}: lower bound above upper bound"));
+                }
+            }
+            if fl.history_retention == 0 {
+                return Err("followers.history_retention must be positive".into());
+            }
+            if fl.clients > 0 && fl.put + fl.get + fl.serializable_get == 0 {
+                return Err("followers workload weights are all zero".into());
+            }
         }
         let w = &self.workload;
         if w.put + w.get + w.serializable_get + w.delete + w.cas + w.range + w.read_at_revision + w.compact == 0 {

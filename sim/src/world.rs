@@ -27,9 +27,12 @@ use madsim::task::NodeId;
 use tonic::transport::Channel;
 
 use crate::checks::{self, ApplyLog, LeaderLog};
+
+mod followers;
 use crate::history::{Op, OpKind, OpResult, Outcome};
 use crate::linearizability;
 use crate::scenario::Scenario;
+use followers::{cluster_ip, cluster_of, global_group, node_key};
 
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +69,11 @@ pub struct Report {
     pub snapshots: u64,
     /// Wall-clock seconds spent in the checkers (part of `real_secs`).
     pub check_secs: f64,
+    /// Replication lag (leader cluster's first apply to a follower
+    /// cluster's first apply of a revision), simulated ms: p50, p99, samples.
+    pub lag_ms: Option<(f64, f64, usize)>,
+    /// Snapshots installed by follower clusters.
+    pub follower_snapshots: u64,
 }
 
 /// A client request's deadline; past it the outcome is indefinite.
@@ -83,6 +91,8 @@ struct Shared {
     registry: Mutex<BTreeMap<u64, Weak<Node>>>,
     trace: Mutex<Fnv64>,
     liveness: Mutex<Vec<String>>,
+    repl: Mutex<followers::ReplLog>,
+    follower_ops: Mutex<Vec<followers::FOp>>,
 }
 
 impl Shared {
@@ -120,6 +130,7 @@ impl Shared {
 struct Observer {
     node: u64,
     shared: Arc<Shared>,
+    repl: followers::ReplObserver,
 }
 
 impl ApplyObserver for Observer {
@@ -134,6 +145,8 @@ impl ApplyObserver for Observer {
         response: &CommandResponse,
     ) {
         self.shared.trace(&[self.node, group.0, index, digest]);
+        self.repl.applied(&self.shared, group, command, response);
+        let group = global_group(self.repl.cluster, group);
         let mut log = self.shared.apply.lock().unwrap_or_else(|p| p.into_inner());
         if log.record(self.node, group, index, term, digest, revision) {
             // First application of this index: note the values it wrote.
@@ -244,6 +257,8 @@ fn canary_on_restart(disk: &DurableImage) {
 #[allow(clippy::too_many_arguments)]
 async fn node_main(
     id: u64,
+    cluster: u64,
+    leader_nodes: u64,
     cfg: NodeConfig,
     disk: DurableImage,
     starts: Arc<AtomicU32>,
@@ -260,10 +275,27 @@ async fn node_main(
             .await
             .expect("binding a simulated endpoint"),
     );
-    let hooks = NodeHooks { apply_observer: Some(Arc::new(Observer { node: id, shared: shared.clone() })) };
+    let key = node_key(cluster, id);
+    let observer =
+        Observer { node: key, shared: shared.clone(), repl: followers::ReplObserver::new(cluster, engine.clone()) };
+    let hooks = NodeHooks { apply_observer: Some(Arc::new(observer)) };
     let me = cfg.me().cloned().expect("the node is a member");
     let node = Node::start_with(cfg, engine, flusher, transport, hooks).await.expect("node starts on its own disk");
-    shared.registry.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Arc::downgrade(&node));
+    shared.registry.lock().unwrap_or_else(|p| p.into_inner()).insert(key, Arc::downgrade(&node));
+    // Leader cluster nodes serve follower clusters; follower nodes stream.
+    let _follower = if cluster == 0 {
+        let svc = armada_server::replication::ReplicationService::new(node.clone());
+        let addr: SocketAddr =
+            format!("{}:{}", cluster_ip(0, id), followers::REPLICATION_PORT).parse().expect("valid address");
+        tokio::spawn(async move {
+            if let Err(e) = armada_server::replication::router(svc).serve(addr).await {
+                tracing::warn!("replication server stopped: {e}");
+            }
+        });
+        None
+    } else {
+        Some(followers::start_follower(node.clone(), cluster, leader_nodes))
+    };
     let raft_addr: SocketAddr = me.raft_addr.parse().expect("simulated addresses are well-formed");
     let handler = Arc::new(RaftHandler { node: Arc::downgrade(&node) });
     tokio::spawn(async move {
@@ -600,7 +632,8 @@ async fn leader_sampler(shared: Arc<Shared>, until_ns: u64) {
             for g in node.groups() {
                 if node.is_leader(&g) {
                     let term = node.header(&g).term;
-                    shared.leaders.lock().unwrap_or_else(|p| p.into_inner()).record(g.id, term, id);
+                    let group = global_group(cluster_of(id), g.id);
+                    shared.leaders.lock().unwrap_or_else(|p| p.into_inner()).record(group, term, id);
                 }
             }
         }
@@ -713,21 +746,27 @@ async fn liveness_and_final_reads(sc: Scenario, members: BTreeMap<u64, ArmadaNod
     }
 }
 
-async fn world(sc: Scenario, shared: Arc<Shared>) {
-    let handle = Handle::current();
-    let members: BTreeMap<u64, ArmadaNode> = (1..=sc.nodes as u64)
+/// Creates the madsim nodes of one cluster (0: the leader cluster) and
+/// returns their ids.
+fn build_cluster(handle: &Handle, sc: &Scenario, cluster: u64, nodes: u64, shared: &Arc<Shared>) -> Vec<NodeId> {
+    let members: BTreeMap<u64, ArmadaNode> = (1..=nodes)
         .map(|i| {
-            (i, ArmadaNode { raft_addr: format!("{}:5012", node_ip(i)), api_addr: format!("{}:8443", node_ip(i)) })
+            let ip = cluster_ip(cluster, i);
+            (i, ArmadaNode { raft_addr: format!("{ip}:5012"), api_addr: format!("{ip}:8443") })
         })
         .collect();
     let tuning = RaftTuning {
         snapshot_after_logs: sc.snapshot_after_logs,
         logs_kept_after_snapshot: sc.snapshot_after_logs / 2,
         purge_batch_entries: (sc.snapshot_after_logs / 4).max(1),
+        history_retention: sc
+            .followers
+            .as_ref()
+            .map_or(RaftTuning::default().history_retention, |f| f.history_retention),
         ..RaftTuning::default()
     };
     let mut ids = Vec::new();
-    for i in 1..=sc.nodes as u64 {
+    for i in 1..=nodes {
         let cfg = NodeConfig {
             id: i,
             members: members.clone(),
@@ -737,14 +776,37 @@ async fn world(sc: Scenario, shared: Arc<Shared>) {
         let disk = DurableImage::new();
         let starts = Arc::new(AtomicU32::new(0));
         let (sc2, shared2) = (sc.clone(), shared.clone());
+        let leader_nodes = sc.nodes as u64;
         let node = handle
             .create_node()
-            .name(format!("node-{i}"))
-            .ip(node_ip(i).parse().expect("valid ip"))
-            .init(move || node_main(i, cfg.clone(), disk.clone(), starts.clone(), sc2.clone(), shared2.clone()))
+            .name(if cluster == 0 { format!("node-{i}") } else { format!("f{cluster}-node-{i}") })
+            .ip(cluster_ip(cluster, i).parse().expect("valid ip"))
+            .init(move || {
+                node_main(
+                    i,
+                    cluster,
+                    leader_nodes,
+                    cfg.clone(),
+                    disk.clone(),
+                    starts.clone(),
+                    sc2.clone(),
+                    shared2.clone(),
+                )
+            })
             .build();
         ids.push(node.id());
     }
+    ids
+}
+
+async fn world(sc: Scenario, shared: Arc<Shared>) {
+    let handle = Handle::current();
+    let members: BTreeMap<u64, ArmadaNode> = (1..=sc.nodes as u64)
+        .map(|i| {
+            (i, ArmadaNode { raft_addr: format!("{}:5012", node_ip(i)), api_addr: format!("{}:8443", node_ip(i)) })
+        })
+        .collect();
+    let ids = build_cluster(&handle, &sc, 0, sc.nodes as u64, &shared);
     // Setup: create the tables (retrying until the cluster has a leader).
     let setup = handle.create_node().name("setup").ip("10.1.0.1".parse().expect("valid ip")).build();
     let (sc2, members2) = (sc.clone(), members.clone());
@@ -782,6 +844,64 @@ async fn world(sc: Scenario, shared: Arc<Shared>) {
     let until_ns = shared.now_ns() + sc.duration_s * 1_000_000_000;
     let sampler = tokio::spawn(leader_sampler(shared.clone(), u64::MAX));
     let faults = tokio::spawn(fault_loop(sc.clone(), handle.clone(), ids.clone(), shared.clone(), until_ns));
+    // Follower clusters, each behind its own WAN proxy; the last one may
+    // start late.
+    let mut side_tasks = Vec::new();
+    if let Some(fl) = sc.followers.clone() {
+        let mut wans = Vec::new();
+        let clusters: Arc<Mutex<Vec<Vec<NodeId>>>> = Arc::new(Mutex::new(Vec::new()));
+        for c in 1..=fl.clusters as u64 {
+            let wan = Arc::new(followers::Wan::new(fl.wan_latency_ms));
+            wans.push(wan.clone());
+            let proxy = handle
+                .create_node()
+                .name(format!("wan-{c}"))
+                .ip(followers::proxy_ip(c).parse().expect("valid ip"))
+                .build();
+            proxy.spawn(followers::proxy_main(sc.nodes as u64, wan));
+        }
+        for c in 1..=fl.clusters as u64 {
+            let late = c == fl.clusters as u64 && fl.late_start_s > 0;
+            let (handle2, sc2, shared2, clusters2) = (handle.clone(), sc.clone(), shared.clone(), clusters.clone());
+            let start = async move {
+                let ids = build_cluster(&handle2, &sc2, c, fl.nodes as u64, &shared2);
+                clusters2.lock().unwrap_or_else(|p| p.into_inner()).push(ids.clone());
+                // Faults inside the follower cluster, as inside the leader's.
+                fault_loop(sc2, handle2, ids, shared2, until_ns).await;
+            };
+            if late {
+                let late_s = fl.late_start_s;
+                side_tasks.push(tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(late_s)).await;
+                    start.await;
+                }));
+            } else {
+                side_tasks.push(tokio::spawn(start));
+            }
+            for k in 0..fl.clients {
+                let cid = 1000 * c as u32 + k;
+                let home = u64::from(k % fl.nodes) + 1;
+                let ip = format!("10.{}.{}.{}", 30 + c, k / 200, k % 200 + 1);
+                let client =
+                    handle.create_node().name(format!("f{c}-client-{k}")).ip(ip.parse().expect("valid ip")).build();
+                side_tasks.push(client.spawn(followers::follower_client(
+                    cid,
+                    c,
+                    home,
+                    sc.clone(),
+                    shared.clone(),
+                    until_ns,
+                )));
+            }
+        }
+        // WAN faults need every cluster's node ids: start once all exist.
+        let (sc2, handle2, shared2) = (sc.clone(), handle.clone(), shared.clone());
+        side_tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(fl.late_start_s)).await;
+            let ids = clusters.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            followers::wan_fault_loop(sc2, handle2, wans, ids, shared2, until_ns).await;
+        }));
+    }
     let mut clients = Vec::new();
     for c in 0..sc.clients {
         let ip = format!("10.2.{}.{}", c / 200, c % 200 + 1);
@@ -792,8 +912,14 @@ async fn world(sc: Scenario, shared: Arc<Shared>) {
         let _ = c.await;
     }
     let _ = faults.await;
+    for t in side_tasks {
+        let _ = t.await;
+    }
     let checker = handle.create_node().name("checker").ip("10.1.0.2".parse().expect("valid ip")).build();
     let _ = checker.spawn(liveness_and_final_reads(sc.clone(), members.clone(), shared.clone())).await;
+    if sc.followers.is_some() {
+        let _ = checker.spawn(followers::follower_liveness(sc.clone(), shared.clone())).await;
+    }
     sampler.abort();
 }
 
@@ -816,6 +942,8 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
                 registry: Mutex::new(BTreeMap::new()),
                 trace: Mutex::new(Fnv64::new()),
                 liveness: Mutex::new(Vec::new()),
+                repl: Mutex::new(Default::default()),
+                follower_ops: Mutex::new(Vec::new()),
             });
             shared.trace_str(&sc2.name);
             world(sc2, shared.clone()).await;
@@ -847,6 +975,8 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
                 applied: 0,
                 snapshots: 0,
                 check_secs: 0.0,
+                lag_ms: None,
+                follower_snapshots: 0,
             };
         }
     };
@@ -869,6 +999,12 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
     if let Err(e) = linearizability::check(&history, &keys, &committed) {
         safety.push(e.to_string());
     }
+    let (repl_failures, mut lag) = followers::check(&shared);
+    safety.extend(repl_failures);
+    lag.sort_by(f64::total_cmp);
+    let pct = |q: f64| lag[((lag.len() as f64 - 1.0) * q).round() as usize];
+    let lag_ms = if lag.is_empty() { None } else { Some((pct(0.5), pct(0.99), lag.len())) };
+    let follower_snapshots = shared.repl.lock().unwrap_or_else(|p| p.into_inner()).snapshots;
     let liveness = shared.liveness.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let verdict = if !safety.is_empty() {
         Verdict::Safety
@@ -898,5 +1034,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
         applied,
         snapshots,
         check_secs,
+        lag_ms,
+        follower_snapshots,
     }
 }

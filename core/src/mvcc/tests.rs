@@ -56,6 +56,13 @@ impl Model {
         if r.count_only {
             return Ok(RangeResponse { revision: 0, kvs: vec![], more: false, count });
         }
+        let filtered = r.min_mod_revision != 0
+            || r.max_mod_revision != 0
+            || r.min_create_revision != 0
+            || r.max_create_revision != 0;
+        if r.sort_order == SortOrder::None && !filtered && r.limit > 0 {
+            kvs.truncate(r.limit as usize + 1);
+        }
         kvs.retain(|kv| {
             (r.min_mod_revision == 0 || kv.mod_revision >= r.min_mod_revision)
                 && (r.max_mod_revision == 0 || kv.mod_revision <= r.max_mod_revision)
@@ -146,13 +153,20 @@ impl Model {
                 let mut responses = vec![];
                 for o in ops {
                     responses.push(match o {
-                        RequestOp::Range(r) => ResponseOp::Range(scratch.range_in(r, changed)?),
+                        RequestOp::Range(r) => {
+                            let mut resp = scratch.range_in(r, changed)?;
+                            resp.revision = scratch.current + u64::from(changed);
+                            ResponseOp::Range(resp)
+                        }
                         RequestOp::Put(p) => {
                             p.validate()?;
                             let prev = scratch.get_at(&p.key, scratch.current + 1);
                             scratch.write(&p.key, Some(p.value.clone()));
                             changed = true;
-                            ResponseOp::Put(PutResponse { revision: 0, prev_kv: if p.prev_kv { prev } else { None } })
+                            ResponseOp::Put(PutResponse {
+                                revision: scratch.current + 1,
+                                prev_kv: if p.prev_kv { prev } else { None },
+                            })
                         }
                         RequestOp::DeleteRange(d) => {
                             d.validate()?;
@@ -162,7 +176,7 @@ impl Model {
                                 changed = true;
                             }
                             ResponseOp::DeleteRange(DeleteRangeResponse {
-                                revision: 0,
+                                revision: scratch.current + u64::from(changed),
                                 deleted: doomed.len() as u64,
                                 prev_kvs: if d.prev_kv { doomed } else { vec![] },
                             })
@@ -173,13 +187,6 @@ impl Model {
                     scratch.current += 1;
                 }
                 let revision = scratch.current;
-                for r in &mut responses {
-                    match r {
-                        ResponseOp::Range(x) => x.revision = revision,
-                        ResponseOp::Put(x) => x.revision = revision,
-                        ResponseOp::DeleteRange(x) => x.revision = revision,
-                    }
-                }
                 *self = scratch;
                 Ok(Resp::Txn(TxnResponse { revision, succeeded, responses }))
             }

@@ -1,0 +1,627 @@
+//! Cross-cluster replication (hub and spoke).
+//!
+//! Leader side: [`ReplicationService`] serves the `armada.replication.v1`
+//! API from any node of the leader cluster: the catalog, each table's change
+//! stream (pushed as revisions apply on the serving node, batched, with
+//! heartbeats), snapshots, and writes sent on by followers.
+//!
+//! Follower side: [`Follower::start`] makes a node part of a follower
+//! cluster. Writes go upstream ([`UpstreamClient`]); a catalog worker (on the
+//! follower's metadata leader) mirrors table creation and deletion; a table
+//! worker per table (on the follower's leader of that table) tails the change
+//! stream and proposes what arrives as `Replicate` commands into the local
+//! group, or installs a snapshot when the leader no longer has the history.
+//! Applying is idempotent and ordered by the state machine itself (a batch
+//! applies only at `applied_revision + 1`), so a deposed worker or a
+//! duplicated message can never apply twice.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use armada_core::command::{TableInfo, TableReply};
+use armada_core::kv::KeyValue;
+use armada_core::mvcc::replication::{kvs_digest, ChangesFrom, Mutation, RevisionChanges, SnapshotRefusal};
+use armada_core::mvcc::Mvcc;
+use armada_core::raft::data_ns;
+use armada_core::{GroupId, TableCommand};
+use armada_proto::replication as pb;
+use futures::Stream;
+use tokio::time::Instant;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+
+use crate::node::{ApiError, Node, Upstream};
+
+/// Most revisions in one change-stream message.
+pub const BATCH_REVISIONS_MAX: usize = 256;
+/// About the most bytes of mutations in one change-stream message.
+pub const BATCH_BYTES_MAX: usize = 1 << 20;
+/// Heartbeat interval of an idle change stream or catalog stream.
+pub const HEARTBEAT: Duration = Duration::from_millis(250);
+/// Keys per snapshot chunk (and about the most bytes, below).
+pub const SNAPSHOT_CHUNK_KEYS: usize = 1000;
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+/// Reconnect backoff of follower workers.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How often follower workers check whether they should run.
+pub const WORKER_POLL: Duration = Duration::from_millis(100);
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn api_status(e: &ApiError) -> Status {
+    crate::convert::status(e)
+}
+
+fn changes_out(c: RevisionChanges) -> pb::Revision {
+    pb::Revision {
+        revision: c.revision,
+        mutations: c
+            .mutations
+            .into_iter()
+            .map(|m| pb::Mutation {
+                deleted: m.value.is_none(),
+                value: m.value.unwrap_or_default(),
+                key: m.key,
+                create_revision: m.create_revision,
+                version: m.version,
+            })
+            .collect(),
+    }
+}
+
+fn changes_in(r: pb::Revision) -> RevisionChanges {
+    RevisionChanges {
+        revision: r.revision,
+        mutations: r
+            .mutations
+            .into_iter()
+            .map(|m| Mutation {
+                key: m.key,
+                value: if m.deleted { None } else { Some(m.value) },
+                create_revision: m.create_revision,
+                version: m.version,
+            })
+            .collect(),
+    }
+}
+
+/// The leader cluster's replication API.
+#[derive(Clone)]
+pub struct ReplicationService {
+    node: Arc<Node>,
+}
+
+impl ReplicationService {
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+
+    fn catalog(node: &Node) -> Result<pb::CatalogUpdate, Status> {
+        let tables = armada_core::command::Catalog::new(&**node.engine(), data_ns(GroupId::META))
+            .list()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(pb::CatalogUpdate {
+            tables: tables.into_iter().map(|t| pb::TableRef { name: t.name, id: t.id.0 }).collect(),
+        })
+    }
+}
+
+/// Waits until `rx` changes or `within` passes.
+async fn changed_or_timeout(rx: &mut tokio::sync::watch::Receiver<u64>, within: Duration) {
+    let _ = crate::rt::timeout(within, rx.changed()).await;
+}
+
+struct ChangesState {
+    node: Arc<Node>,
+    group: GroupId,
+    next: u64,
+    rx: tokio::sync::watch::Receiver<u64>,
+    done: bool,
+}
+
+impl ChangesState {
+    async fn next_message(&mut self) -> Option<Result<pb::ChangesResponse, Status>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            if self.node.group(self.group).is_none() {
+                self.done = true;
+                return Some(Err(Status::not_found("the table was deleted")));
+            }
+            self.rx.borrow_and_update();
+            let store = Mvcc::new(&**self.node.engine(), data_ns(self.group))
+                .with_retention(self.node.config().raft.history_retention);
+            let leader_revision = self.node.table_revision(self.group);
+            let msg = |revisions, snapshot_needed| pb::ChangesResponse {
+                leader_revision,
+                revisions,
+                snapshot_needed,
+                table_id: self.group.0,
+            };
+            match store.changes_from(self.next, BATCH_REVISIONS_MAX, BATCH_BYTES_MAX) {
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(Status::internal(e.to_string())));
+                }
+                Ok(ChangesFrom::NeedSnapshot { first_retained }) => {
+                    self.done = true;
+                    return Some(Ok(msg(Vec::new(), first_retained)));
+                }
+                Ok(ChangesFrom::Changes(c)) if !c.is_empty() => {
+                    self.next = c.last().map_or(self.next, |l| l.revision + 1);
+                    return Some(Ok(msg(c.into_iter().map(changes_out).collect(), 0)));
+                }
+                Ok(ChangesFrom::Changes(_)) => {
+                    let before = *self.rx.borrow();
+                    changed_or_timeout(&mut self.rx, HEARTBEAT).await;
+                    if *self.rx.borrow() == before {
+                        return Some(Ok(msg(Vec::new(), 0)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::replication_server::Replication for ReplicationService {
+    type CatalogStream = BoxStream<pb::CatalogUpdate>;
+    type ChangesStream = BoxStream<pb::ChangesResponse>;
+    type SnapshotStream = BoxStream<pb::SnapshotResponse>;
+
+    async fn catalog(&self, _request: Request<pb::CatalogRequest>) -> Result<Response<Self::CatalogStream>, Status> {
+        let node = self.node.clone();
+        let rx = node.revision_watch(GroupId::META);
+        let stream = futures::stream::unfold((node, rx, true), |(node, mut rx, first)| async move {
+            if !first {
+                changed_or_timeout(&mut rx, HEARTBEAT).await;
+            }
+            rx.borrow_and_update();
+            let update = ReplicationService::catalog(&node);
+            Some((update, (node, rx, false)))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn changes(&self, request: Request<pb::ChangesRequest>) -> Result<Response<Self::ChangesStream>, Status> {
+        let r = request.into_inner();
+        let group = self.node.table_group(&r.table, 0).await.map_err(|e| api_status(&e))?;
+        let state = ChangesState {
+            node: self.node.clone(),
+            group: group.id,
+            next: r.from_revision.max(1),
+            rx: self.node.revision_watch(group.id),
+            done: false,
+        };
+        let stream = futures::stream::unfold(state, |mut st| async move { st.next_message().await.map(|m| (m, st)) });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn snapshot(&self, request: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        let r = request.into_inner();
+        let group = self.node.table_group(&r.table, 0).await.map_err(|e| api_status(&e))?;
+        let store = Mvcc::new(&**self.node.engine(), data_ns(group.id));
+        let revision = store.rev_state().map_err(|e| Status::internal(e.to_string()))?.current;
+        let kvs = store.snapshot_at(revision).map_err(|e| Status::internal(e.to_string()))?;
+        let (count, digest) = (kvs.len() as u64, kvs_digest(&kvs));
+        let mut chunks: Vec<pb::SnapshotResponse> = Vec::new();
+        let mut cur: Vec<pb::SnapshotKeyValue> = Vec::new();
+        let mut bytes = 0usize;
+        for kv in kvs {
+            bytes += kv.key.len() + kv.value.len() + 32;
+            cur.push(pb::SnapshotKeyValue {
+                key: kv.key,
+                create_revision: kv.create_revision,
+                mod_revision: kv.mod_revision,
+                version: kv.version,
+                value: kv.value,
+            });
+            if cur.len() >= SNAPSHOT_CHUNK_KEYS || bytes >= SNAPSHOT_CHUNK_BYTES {
+                chunks.push(pb::SnapshotResponse {
+                    revision,
+                    count,
+                    digest,
+                    kvs: std::mem::take(&mut cur),
+                    last: false,
+                });
+                bytes = 0;
+            }
+        }
+        chunks.push(pb::SnapshotResponse { revision, count, digest, kvs: cur, last: true });
+        info!(table = %r.table, revision, keys = count, chunks = chunks.len(), "serving a snapshot");
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks.into_iter().map(Ok)))))
+    }
+
+    async fn write(&self, request: Request<pb::WriteRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+        let r = request.into_inner();
+        let cmd: TableCommand = match postcard::from_bytes(&r.command) {
+            Ok(c) => c,
+            Err(e) => return Err(Status::invalid_argument(format!("malformed command: {e}"))),
+        };
+        if !cmd.is_client_write() {
+            return Err(Status::invalid_argument("only client writes can be sent on"));
+        }
+        let resp = match self.node.write(&r.table, cmd).await {
+            Ok((reply, _)) => pb::WriteResponse { reply: encode(&reply), error: Vec::new() },
+            Err(e) => pb::WriteResponse { reply: Vec::new(), error: encode(&e) },
+        };
+        Ok(Response::new(resp))
+    }
+}
+
+/// Postcard encoding of plain owned data (cannot fail; empty if it did).
+fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_stdvec(v).unwrap_or_default()
+}
+
+/// A router serving the replication API.
+pub fn router(svc: ReplicationService) -> tonic::transport::server::Router {
+    tonic::transport::Server::builder().add_service(pb::replication_server::ReplicationServer::new(svc))
+}
+
+/// The leader cluster as a follower reaches it: a list of replication
+/// endpoints (`http://host:port`), tried in turn.
+pub struct UpstreamClient {
+    endpoints: Vec<String>,
+    next: Mutex<usize>,
+    timeout: Duration,
+}
+
+impl UpstreamClient {
+    pub fn new(endpoints: Vec<String>, timeout: Duration) -> Self {
+        Self { endpoints, next: Mutex::new(0), timeout }
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// A client for the current endpoint; `rotate` moves to the next first.
+    async fn client(
+        &self,
+        rotate: bool,
+    ) -> Result<pb::replication_client::ReplicationClient<tonic::transport::Channel>, String> {
+        let ep = {
+            let mut n = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            if rotate {
+                *n = (*n + 1) % self.endpoints.len().max(1);
+            }
+            self.endpoints.get(*n).cloned().ok_or("no leader cluster address configured")?
+        };
+        let endpoint = tonic::transport::Endpoint::from_shared(ep.clone())
+            .map_err(|e| format!("{ep}: {e}"))?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(self.timeout);
+        let ch = endpoint.connect().await.map_err(|e| format!("{ep}: {e}"))?;
+        Ok(pb::replication_client::ReplicationClient::new(ch))
+    }
+}
+
+#[tonic::async_trait]
+impl Upstream for UpstreamClient {
+    async fn write(&self, table: &str, cmd: TableCommand) -> Result<TableReply, ApiError> {
+        let command = postcard::to_stdvec(&cmd).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let mut last = String::new();
+        for attempt in 0..self.endpoints.len().max(1) {
+            let mut c = match self.client(attempt > 0).await {
+                Ok(c) => c,
+                // Not connected: nothing was sent, another endpoint may do.
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            let resp = c
+                .write(pb::WriteRequest { table: table.to_string(), command: command.clone() })
+                .await
+                .map_err(|s| ApiError::Indeterminate(format!("write sent to the leader cluster: {}", s.message())))?
+                .into_inner();
+            if !resp.error.is_empty() {
+                let e: ApiError = postcard::from_bytes(&resp.error)
+                    .map_err(|e| ApiError::Internal(format!("malformed error from the leader cluster: {e}")))?;
+                return Err(e);
+            }
+            return postcard::from_bytes(&resp.reply)
+                .map_err(|e| ApiError::Internal(format!("malformed reply from the leader cluster: {e}")));
+        }
+        Err(ApiError::Unavailable(format!("cannot reach the leader cluster: {last}")))
+    }
+}
+
+/// What a follower node knows about one table's replication.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LagStats {
+    /// The leader cluster's latest revision, as last heard.
+    pub leader_revision: u64,
+    /// Since when this follower has been behind a revision it knew of.
+    pub behind_since: Option<Instant>,
+    /// Snapshots installed by this node's worker.
+    pub snapshots: u64,
+}
+
+/// A follower cluster node's replication workers.
+pub struct Follower {
+    node: Arc<Node>,
+    upstream: Arc<UpstreamClient>,
+    lag: Mutex<BTreeMap<String, LagStats>>,
+    workers: Mutex<BTreeMap<GroupId, tokio::task::JoinHandle<()>>>,
+}
+
+impl Follower {
+    /// Makes `node` a follower of the leader cluster at `upstream`, and
+    /// starts the catalog worker and the table workers' supervisor.
+    pub fn start(node: Arc<Node>, upstream: Arc<UpstreamClient>) -> Arc<Follower> {
+        node.set_upstream(upstream.clone());
+        let f = Arc::new(Follower {
+            node,
+            upstream,
+            lag: Mutex::new(BTreeMap::new()),
+            workers: Mutex::new(BTreeMap::new()),
+        });
+        f.node.set_follower(Arc::downgrade(&f));
+        let weak = Arc::downgrade(&f);
+        tokio::spawn(async move {
+            loop {
+                let Some(f) = weak.upgrade() else { return };
+                f.clone().supervise();
+                drop(f);
+                tokio::time::sleep(WORKER_POLL).await;
+            }
+        });
+        let weak = Arc::downgrade(&f);
+        tokio::spawn(async move { catalog_worker(weak).await });
+        f
+    }
+
+    /// Lag of every table known here, by table name.
+    pub fn lag(&self) -> BTreeMap<String, LagStats> {
+        self.lag.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn note_leader_revision(&self, table: &str, leader_revision: u64, applied: u64) {
+        let mut m = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+        let s = m.entry(table.to_string()).or_default();
+        s.leader_revision = s.leader_revision.max(leader_revision);
+        if applied >= s.leader_revision {
+            s.behind_since = None;
+        } else if s.behind_since.is_none() {
+            s.behind_since = Some(Instant::now());
+        }
+    }
+
+    /// Starts a worker for every table group hosted here; forgets workers
+    /// of deleted tables.
+    fn supervise(self: Arc<Self>) {
+        let groups = self.node.groups();
+        let mut w = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        w.retain(|id, h| !h.is_finished() && groups.iter().any(|g| g.id == *id));
+        for g in groups {
+            if g.id == GroupId::META || w.contains_key(&g.id) {
+                continue;
+            }
+            let weak = Arc::downgrade(&self);
+            let (id, name) = (g.id, g.name.clone());
+            w.insert(id, tokio::spawn(async move { table_worker(weak, id, name).await }));
+        }
+    }
+}
+
+/// Mirrors the leader cluster's catalog while this node leads the
+/// follower's metadata group.
+async fn catalog_worker(f: std::sync::Weak<Follower>) {
+    let mut backoff = BACKOFF_MIN;
+    let mut rotate = false;
+    // Leader table ids of the tables created here, to notice re-creation.
+    let mut known: BTreeMap<String, u64> = BTreeMap::new();
+    loop {
+        tokio::time::sleep(WORKER_POLL).await;
+        let Some(this) = f.upgrade() else { return };
+        let Some(meta) = this.node.group(GroupId::META) else { continue };
+        if !this.node.is_leader(&meta) {
+            continue;
+        }
+        let mut client = match this.upstream.client(rotate).await {
+            Ok(c) => c,
+            Err(e) => {
+                debug!("catalog: {e}");
+                rotate = true;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        let mut stream = match client.catalog(pb::CatalogRequest {}).await {
+            Ok(s) => s.into_inner(),
+            Err(e) => {
+                debug!("catalog: {e}");
+                rotate = true;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        drop(this);
+        loop {
+            let msg = match crate::rt::timeout(HEARTBEAT * 8, stream.message()).await {
+                Ok(Ok(Some(m))) => m,
+                _ => break,
+            };
+            backoff = BACKOFF_MIN;
+            let Some(this) = f.upgrade() else { return };
+            if !this.node.is_leader(&meta) {
+                break;
+            }
+            reconcile_catalog(&this.node, &msg, &mut known).await;
+        }
+        rotate = true;
+    }
+}
+
+async fn reconcile_catalog(node: &Node, update: &pb::CatalogUpdate, known: &mut BTreeMap<String, u64>) {
+    let local: Vec<TableInfo> =
+        match armada_core::command::Catalog::new(&**node.engine(), data_ns(GroupId::META)).list() {
+            Ok(t) => t,
+            Err(e) => {
+                warn!("reading the local catalog: {e}");
+                return;
+            }
+        };
+    let upstream: BTreeMap<&str, u64> = update.tables.iter().map(|t| (t.name.as_str(), t.id)).collect();
+    for t in &local {
+        let recreated = matches!((known.get(&t.name), upstream.get(t.name.as_str())), (Some(a), Some(b)) if a != b);
+        if !upstream.contains_key(t.name.as_str()) || recreated {
+            info!(table = %t.name, "table deleted on the leader cluster; deleting it here");
+            match node.delete_table_internal(&t.name).await {
+                Ok(_) => {
+                    known.remove(&t.name);
+                }
+                Err(e) => debug!(table = %t.name, "delete: {e}"),
+            }
+        }
+    }
+    for (name, id) in upstream {
+        if !local.iter().any(|t| t.name == name) {
+            info!(table = %name, "table created on the leader cluster; creating it here");
+            match node.create_table_internal(name).await {
+                Ok(_) => {
+                    known.insert(name.to_string(), id);
+                }
+                Err(ApiError::Meta(armada_core::command::MetaError::TableExists(_))) => {}
+                Err(e) => debug!(table = %name, "create: {e}"),
+            }
+        } else {
+            known.entry(name.to_string()).or_insert(id);
+        }
+    }
+}
+
+/// Tails one table's change stream while this node leads the follower's
+/// group of the table.
+async fn table_worker(f: std::sync::Weak<Follower>, group: GroupId, table: String) {
+    let mut backoff = BACKOFF_MIN;
+    let mut rotate = false;
+    loop {
+        tokio::time::sleep(WORKER_POLL).await;
+        let Some(this) = f.upgrade() else { return };
+        let Some(g) = this.node.group(group) else { return };
+        if !this.node.is_leader(&g) {
+            continue;
+        }
+        match tail(&this, group, &table, rotate).await {
+            Ok(()) => {
+                backoff = BACKOFF_MIN;
+                rotate = false;
+            }
+            Err(e) => {
+                debug!(table = %table, "replication: {e}");
+                rotate = true;
+                drop(this);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// One subscription: tails until the stream ends, leadership is lost, or
+/// the leader asks for a snapshot (which is then installed).
+async fn tail(f: &Follower, group: GroupId, table: &str, rotate: bool) -> Result<(), String> {
+    let from = f.node.table_revision(group) + 1;
+    let mut client = f.upstream.client(rotate).await?;
+    let mut stream = client
+        .changes(pb::ChangesRequest { table: table.to_string(), from_revision: from })
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    loop {
+        let msg = match crate::rt::timeout(HEARTBEAT * 8, stream.message()).await {
+            Err(_) => return Err("change stream silent".into()),
+            Ok(Err(s)) => return Err(s.message().to_string()),
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(Some(m))) => m,
+        };
+        let g = f.node.group(group).ok_or("table gone")?;
+        if !f.node.is_leader(&g) {
+            return Ok(());
+        }
+        f.note_leader_revision(table, msg.leader_revision, f.node.table_revision(group));
+        if msg.snapshot_needed != 0 {
+            info!(table, first_retained = msg.snapshot_needed, "behind the leader's history: installing a snapshot");
+            install_snapshot(f, table, &mut client).await?;
+            return Ok(());
+        }
+        if msg.revisions.is_empty() {
+            continue;
+        }
+        let batch: Vec<RevisionChanges> = msg.revisions.into_iter().map(changes_in).collect();
+        match f.node.write_internal(table, TableCommand::Replicate(batch)).await {
+            Ok((TableReply::Replicated(o), _)) => {
+                f.note_leader_revision(table, msg.leader_revision, o.revision);
+                if !o.applied {
+                    // A gap or a duplicate: start over from what is applied.
+                    return Ok(());
+                }
+            }
+            Ok((other, _)) => return Err(format!("unexpected reply {other:?}")),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+async fn install_snapshot(
+    f: &Follower,
+    table: &str,
+    client: &mut pb::replication_client::ReplicationClient<tonic::transport::Channel>,
+) -> Result<(), String> {
+    let mut stream = client
+        .snapshot(pb::SnapshotRequest { table: table.to_string() })
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    let mut first = true;
+    let (revision, count, digest) = loop {
+        let chunk = match crate::rt::timeout(HEARTBEAT * 40, stream.message()).await {
+            Err(_) => return Err("snapshot stream silent".into()),
+            Ok(Err(s)) => return Err(s.message().to_string()),
+            Ok(Ok(None)) => return Err("snapshot stream ended early".into()),
+            Ok(Ok(Some(c))) => c,
+        };
+        let kvs: Vec<KeyValue> = chunk
+            .kvs
+            .into_iter()
+            .map(|k| KeyValue {
+                key: k.key,
+                create_revision: k.create_revision,
+                mod_revision: k.mod_revision,
+                version: k.version,
+                value: k.value,
+            })
+            .collect();
+        let header = (chunk.revision, chunk.count, chunk.digest);
+        let cmd = TableCommand::SnapshotChunk { revision: chunk.revision, first, kvs };
+        f.node.write_internal(table, cmd).await.map_err(|e| e.to_string())?;
+        first = false;
+        if chunk.last {
+            break header;
+        }
+    };
+    match f.node.write_internal(table, TableCommand::SnapshotCommit { revision, count, digest }).await {
+        Ok((TableReply::SnapshotCommitted(Ok(rev)), _)) => {
+            info!(table, revision = rev, keys = count, "snapshot installed");
+            let mut m = f.lag.lock().unwrap_or_else(|p| p.into_inner());
+            m.entry(table.to_string()).or_default().snapshots += 1;
+            Ok(())
+        }
+        Ok((TableReply::SnapshotCommitted(Err(SnapshotRefusal::Behind { current })), _)) => {
+            debug!(table, current, "snapshot not needed any more");
+            Ok(())
+        }
+        Ok((TableReply::SnapshotCommitted(Err(r)), _)) => Err(format!("snapshot refused: {r:?}")),
+        Ok((other, _)) => Err(format!("unexpected reply {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
