@@ -17,6 +17,7 @@ use armada_core::raft::{
 };
 use armada_core::{Command, CommandResponse, Engine, GroupId, MetaCommand, TableCommand};
 use armada_net::Transport;
+use openraft::async_runtime::watch::{Watch, WatchReceiver, WatchSender};
 use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
 use openraft::{Config, ReadPolicy, ServerState, SnapshotPolicy};
 use tracing::{debug, info, warn};
@@ -203,7 +204,7 @@ pub struct NodeHooks {
 /// observer.
 struct Notifier {
     inner: Option<Arc<dyn ApplyObserver>>,
-    revisions: std::sync::Mutex<BTreeMap<GroupId, tokio::sync::watch::Sender<u64>>>,
+    revisions: std::sync::Mutex<BTreeMap<GroupId, crate::rt::DetSender<u64>>>,
 }
 
 impl Notifier {
@@ -218,7 +219,7 @@ impl Notifier {
                 });
             }
             None => {
-                m.insert(group, tokio::sync::watch::channel(value).0);
+                m.insert(group, <crate::rt::DetWatch as Watch>::channel(value).0);
             }
         }
     }
@@ -842,9 +843,11 @@ impl Node {
 
     /// Watches the group's applied revision (for the metadata group: its
     /// applied log index, which moves on every catalog change).
-    pub fn revision_watch(&self, group: GroupId) -> tokio::sync::watch::Receiver<u64> {
+    pub fn revision_watch(&self, group: GroupId) -> crate::rt::DetReceiver<u64> {
         let mut m = self.notifier.revisions.lock().unwrap_or_else(|p| p.into_inner());
-        m.entry(group).or_insert_with(|| tokio::sync::watch::channel(self.table_revision(group)).0).subscribe()
+        m.entry(group)
+            .or_insert_with(|| <crate::rt::DetWatch as Watch>::channel(self.table_revision(group)).0)
+            .subscribe()
     }
 
     /// Waits until this node has applied `revision` of the group, at most

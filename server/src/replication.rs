@@ -33,6 +33,8 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::node::{ApiError, Node, Upstream};
+use crate::rt::DetReceiver;
+use openraft::async_runtime::watch::WatchReceiver;
 
 /// Most revisions in one change-stream message.
 pub const BATCH_REVISIONS_MAX: usize = 256;
@@ -110,7 +112,7 @@ impl ReplicationService {
 }
 
 /// Waits until `rx` changes or `within` passes.
-async fn changed_or_timeout(rx: &mut tokio::sync::watch::Receiver<u64>, within: Duration) {
+async fn changed_or_timeout(rx: &mut DetReceiver<u64>, within: Duration) {
     let _ = crate::rt::timeout(within, rx.changed()).await;
 }
 
@@ -118,7 +120,7 @@ struct ChangesState {
     node: Arc<Node>,
     group: GroupId,
     next: u64,
-    rx: tokio::sync::watch::Receiver<u64>,
+    rx: DetReceiver<u64>,
     done: bool,
 }
 
@@ -132,7 +134,7 @@ impl ChangesState {
                 self.done = true;
                 return Some(Err(Status::not_found("the table was deleted")));
             }
-            self.rx.borrow_and_update();
+            drop(self.rx.borrow_and_update());
             let store = Mvcc::new(&**self.node.engine(), data_ns(self.group))
                 .with_retention(self.node.config().raft.history_retention);
             let leader_revision = self.node.table_revision(self.group);
@@ -156,9 +158,9 @@ impl ChangesState {
                     return Some(Ok(msg(c.into_iter().map(changes_out).collect(), 0)));
                 }
                 Ok(ChangesFrom::Changes(_)) => {
-                    let before = *self.rx.borrow();
+                    let before = *self.rx.borrow_watched();
                     changed_or_timeout(&mut self.rx, HEARTBEAT).await;
-                    if *self.rx.borrow() == before {
+                    if *self.rx.borrow_watched() == before {
                         return Some(Ok(msg(Vec::new(), 0)));
                     }
                 }
@@ -180,7 +182,7 @@ impl pb::replication_server::Replication for ReplicationService {
             if !first {
                 changed_or_timeout(&mut rx, HEARTBEAT).await;
             }
-            rx.borrow_and_update();
+            drop(rx.borrow_and_update());
             let update = ReplicationService::catalog(&node);
             Some((update, (node, rx, false)))
         });

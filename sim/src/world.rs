@@ -148,7 +148,7 @@ impl ApplyObserver for Observer {
         self.repl.applied(&self.shared, group, command, response);
         let group = global_group(self.repl.cluster, group);
         let mut log = self.shared.apply.lock().unwrap_or_else(|p| p.into_inner());
-        if log.record(self.node, group, index, term, digest, revision) {
+        if log.record(self.node, group, index, term, digest, revision, self.repl.cluster != 0) {
             // First application of this index: note the values it wrote.
             for v in written_values(command, response) {
                 log.committed_values.insert(v);
@@ -305,7 +305,7 @@ async fn node_main(
     });
     let api_addr: SocketAddr = me.api_addr.parse().expect("simulated addresses are well-formed");
     if let Err(e) = router(Api::new(node)).serve(api_addr).await {
-        tracing::warn!("api server stopped: {e}");
+        tracing::warn!("api server stopped: {e:?}");
     }
 }
 
@@ -569,7 +569,7 @@ async fn fault_loop(sc: Scenario, handle: Handle, ids: Vec<NodeId>, shared: Arc<
                     tokio::time::sleep(downtime).await;
                     let k = down.lock().unwrap_or_else(|p| p.into_inner()).remove(&victim);
                     match k {
-                        Some(Down::Crashed) => handle.restart(id),
+                        Some(Down::Crashed) => restart(&handle, id),
                         Some(Down::Paused) => handle.resume(id),
                         None => {}
                     }
@@ -619,10 +619,18 @@ async fn fault_loop(sc: Scenario, handle: Handle, ids: Vec<NodeId>, shared: Arc<
         std::mem::take(&mut *down.lock().unwrap_or_else(|p| p.into_inner())).into_iter().collect();
     for (i, k) in pending {
         match k {
-            Down::Crashed => handle.restart(ids[i]),
+            Down::Crashed => restart(&handle, ids[i]),
             Down::Paused => handle.resume(ids[i]),
         }
     }
+}
+
+/// Restarts a crashed node. Killing first resets its sockets: another fault
+/// loop (a follower cluster crash) may have restarted it already, and
+/// madsim's restart of a running node keeps the old incarnation's sockets.
+fn restart(handle: &Handle, id: NodeId) {
+    handle.kill(id);
+    handle.restart(id);
 }
 
 /// Samples which node leads each group, for election safety.
