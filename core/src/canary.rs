@@ -32,13 +32,17 @@ pub enum Canary {
 }
 
 impl Canary {
-    pub const ALL: [Canary; 6] = [
+    pub const ALL: [Canary; 10] = [
         Canary::AckBeforeFsync,
         Canary::StaleRead,
         Canary::ReuseRevision,
         Canary::CompareStaleRevision,
         Canary::LoseLastLogEntry,
         Canary::SkipVoteFsync,
+        Canary::ReplicateTwice,
+        Canary::SnapshotSkipFirst,
+        Canary::FollowerReadAhead,
+        Canary::AnswerBeforeApply,
     ];
 
     pub fn name(self) -> &'static str {
