@@ -74,6 +74,11 @@ pub struct ServeArgs {
     /// How long a request may wait for a leader or a commit, in ms. [default: 5000]
     #[arg(long, env = "ARMADA_REQUEST_TIMEOUT_MS", value_name = "MS")]
     pub request_timeout_ms: Option<u64>,
+    /// Revisions of each table's change history kept for follower clusters;
+    /// a follower further behind (or behind a compaction) bootstraps from a
+    /// snapshot. [default: 10000]
+    #[arg(long, env = "ARMADA_HISTORY_RETENTION", value_name = "REVISIONS")]
+    pub history_retention: Option<u64>,
 }
 
 /// The configuration file. Unknown keys and wrong types are errors.
@@ -90,6 +95,7 @@ pub struct FileConfig {
     pub etcd_table: Option<String>,
     pub replication_address: Option<String>,
     pub request_timeout_ms: Option<u64>,
+    pub history_retention: Option<u64>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -217,6 +223,13 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
             return Err(invalid(what, a.to_string(), format!("the {other} is the same")));
         }
     }
+    let history_retention = args
+        .history_retention
+        .or(file.history_retention)
+        .unwrap_or(armada_core::mvcc::replication::CHANGELOG_RETENTION_DEFAULT);
+    if history_retention == 0 {
+        return Err(invalid("history retention", "0", "must be at least 1 revision"));
+    }
     let timeout_ms =
         args.request_timeout_ms.or(file.request_timeout_ms).unwrap_or(DEFAULT_REQUEST_TIMEOUT.as_millis() as u64);
     if timeout_ms == 0 {
@@ -251,7 +264,7 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         node: NodeConfig {
             id: node_id,
             members,
-            raft: RaftTuning::default(),
+            raft: RaftTuning { history_retention, ..RaftTuning::default() },
             request_timeout: Duration::from_millis(timeout_ms),
         },
         log_format: file.log_format,

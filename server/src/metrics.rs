@@ -112,6 +112,11 @@ impl Metrics {
                 ("armada_replication_lag_seconds", "Follower: how long this node has been behind, in seconds.", |g| {
                     g.lag_seconds
                 }),
+                (
+                    "armada_replication_snapshots_installed",
+                    "Follower: snapshots this node's replication worker installed.",
+                    |g| g.snapshots_installed as f64,
+                ),
             ] {
                 let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
                 for g in groups.iter().filter(|g| !g.table.is_empty()) {

@@ -191,6 +191,8 @@ pub struct GroupStatus {
     pub leader_revision: u64,
     pub lag_revisions: u64,
     pub lag_seconds: f64,
+    /// Snapshots this node's replication worker installed.
+    pub snapshots_installed: u64,
 }
 
 /// Optional observers the simulated world attaches to a node.
@@ -798,6 +800,7 @@ impl Node {
                         .get(&g.name)
                         .and_then(|l| l.behind_since)
                         .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64()),
+                    snapshots_installed: lag.get(&g.name).map_or(0, |l| l.snapshots),
                 }
             })
             .collect()

@@ -200,7 +200,10 @@ impl Mvcc<'_> {
             restamped = batch
                 .iter()
                 .enumerate()
-                .map(|(i, c)| RevisionChanges { revision: state.current + 1 + i as u64, mutations: c.mutations.clone() })
+                .map(|(i, c)| RevisionChanges {
+                    revision: state.current + 1 + i as u64,
+                    mutations: c.mutations.clone(),
+                })
                 .collect();
             &restamped[..]
         } else {

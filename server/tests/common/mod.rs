@@ -26,6 +26,8 @@ pub struct Node {
     pub dir: PathBuf,
     /// Extra arguments for every start (e.g. `--etcd-table`).
     pub extra: Vec<String>,
+    /// Set: a follower-cluster node of the leader cluster at this address.
+    pub leader_address: Option<String>,
     pub child: Option<Child>,
 }
 
@@ -41,14 +43,20 @@ impl Node {
             replication: format!("127.0.0.1:{}", free_tcp_port()),
             dir,
             extra: Vec::new(),
+            leader_address: None,
             child: None,
         }
     }
 
     pub fn start(&mut self, members: &str) {
-        let log = std::fs::File::create(self.dir.with_extension("log")).unwrap();
-        let child = Command::new(BIN)
-            .args(["leader", "--node-id", &self.id.to_string(), "--initial-members", members])
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.with_extension("log")).unwrap();
+        let mut cmd = Command::new(BIN);
+        match &self.leader_address {
+            None => cmd.arg("leader"),
+            Some(a) => cmd.args(["follower", "--leader-address", a]),
+        };
+        let child = cmd
+            .args(["--node-id", &self.id.to_string(), "--initial-members", members])
             .args(["--api-address", &self.api, "--raft-address", &self.raft, "--rest-address", &self.http])
             .args(["--etcd-address", &self.etcd, "--replication-address", &self.replication])
             .args(&self.extra)
@@ -99,6 +107,21 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// A cluster of already configured nodes, not started.
+    pub fn from_nodes(nodes: Vec<Node>, members: String, root: PathBuf) -> Cluster {
+        Cluster { nodes, members, _root: root }
+    }
+
+    /// Starts every node that is not running.
+    pub fn start_all(&mut self) {
+        let m = self.members.clone();
+        for n in &mut self.nodes {
+            if n.child.is_none() {
+                n.start(&m);
+            }
+        }
+    }
+
     pub fn new(n: u64, name: &str) -> Cluster {
         Self::with_args(n, name, &[])
     }

@@ -1,0 +1,178 @@
+//! Real processes: a leader cluster and follower clusters started from the
+//! binary on loopback. Writes at the leader reach the follower; a write sent
+//! to the follower is readable there as soon as it returns; a killed follower
+//! catches up; a follower started after the leader compacted its history
+//! bootstraps from a snapshot and ends with the leader's exact state.
+//!
+//! `ARMADA_BOOTSTRAP_KEYS` sets how many keys the snapshot bootstrap copies
+//! (default 3000); the time it takes is printed.
+#![cfg(not(madsim))]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use armada_proto::v1 as pb;
+use tonic::transport::Channel;
+
+mod common;
+use common::*;
+
+type State = BTreeMap<Vec<u8>, (i64, i64, i64, Vec<u8>)>;
+
+async fn channel(api: &str) -> Result<Channel, String> {
+    tonic::transport::Endpoint::from_shared(format!("http://{api}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(15))
+        .connect()
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn kv(api: &str) -> Result<pb::kv_client::KvClient<Channel>, String> {
+    Ok(pb::kv_client::KvClient::new(channel(api).await?).max_decoding_message_size(64 << 20))
+}
+
+/// The whole table (every key with its revisions and version) and its revision.
+async fn scan(api: &str, serializable: bool) -> Result<(i64, State), String> {
+    let r = kv(api)
+        .await?
+        .range(pb::RangeRequest {
+            table: "t".into(),
+            key: vec![0],
+            range_end: vec![0],
+            serializable,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| s.to_string())?
+        .into_inner();
+    let state = r.kvs.into_iter().map(|k| (k.key, (k.create_revision, k.mod_revision, k.version, k.value))).collect();
+    Ok((r.header.map_or(0, |h| h.revision), state))
+}
+
+/// Writes keys `prefix{from..to}` in transactions of 100 puts.
+async fn fill(api: &str, prefix: &str, from: usize, to: usize) {
+    let mut c = kv(api).await.expect("connect");
+    let mut i = from;
+    while i < to {
+        let end = (i + 100).min(to);
+        let success = (i..end)
+            .map(|n| pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                    key: format!("{prefix}{n:07}").into_bytes(),
+                    value: format!("value-{n}-{}", "x".repeat(64)).into_bytes(),
+                    ..Default::default()
+                })),
+            })
+            .collect();
+        c.txn(pb::TxnRequest { table: "t".into(), success, ..Default::default() }).await.expect("fill txn");
+        i = end;
+    }
+}
+
+/// Waits until the follower serves exactly the leader's state.
+async fn converged(leader: &str, follower: &str, within: Duration) -> (i64, usize) {
+    eventually(within, "follower reaches the leader's state", || async {
+        let (lrev, l) = scan(leader, false).await?;
+        let (frev, f) = scan(follower, true).await?;
+        if lrev == frev && l == f {
+            Ok((frev, f.len()))
+        } else {
+            Err(format!("leader at {lrev} with {} keys, follower at {frev} with {} keys", l.len(), f.len()))
+        }
+    })
+    .await
+}
+
+fn start_follower(root: &std::path::Path, name: &str, leader_replication: &str) -> Cluster {
+    let mut node = Node::new(1, root.join(name));
+    node.leader_address = Some(format!("http://{leader_replication}"));
+    let members = format!("1={}", node.raft);
+    let mut c = Cluster::from_nodes(vec![node], members, root.join(format!("{name}-root")));
+    c.start_all();
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_cluster_streams_forwards_catches_up_and_bootstraps_from_a_snapshot() {
+    let leader = Cluster::with_args(1, "repl-leader", &["--history-retention", "500"]);
+    let lapi = leader.nodes[0].api.clone();
+    let lrepl = leader.nodes[0].replication.clone();
+    eventually(Duration::from_secs(30), "create table", || async {
+        let mut t = pb::tables_client::TablesClient::new(channel(&lapi).await?);
+        t.create(pb::CreateTableRequest { name: "t".into() }).await.map(|_| ()).map_err(|s| s.to_string())
+    })
+    .await;
+    fill(&lapi, "a", 0, 300).await;
+
+    // A follower cluster attaches without any change to the leader.
+    let root = std::env::temp_dir().join(format!("armada-proc-followers-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let mut f1 = start_follower(&root, "f1", &lrepl);
+    let fapi = f1.nodes[0].api.clone();
+    let (rev, keys) = converged(&lapi, &fapi, Duration::from_secs(60)).await;
+    assert_eq!(keys, 300);
+    eprintln!("follower caught up: revision {rev}, {keys} keys");
+
+    // A write sent to the follower is readable there as soon as it returns.
+    let mut fc = kv(&fapi).await.unwrap();
+    for i in 0..20 {
+        let key = format!("rw{i}").into_bytes();
+        let put = fc
+            .put(pb::PutRequest { table: "t".into(), key: key.clone(), value: b"mine".to_vec(), prev_kv: false })
+            .await
+            .expect("write through the follower")
+            .into_inner();
+        let wrote = put.header.unwrap().revision;
+        for serializable in [true, false] {
+            let r = fc
+                .range(pb::RangeRequest { table: "t".into(), key: key.clone(), serializable, ..Default::default() })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(r.header.unwrap().revision >= wrote, "read below the client's own write");
+            assert_eq!(r.kvs.first().map(|k| k.value.as_slice()), Some(b"mine".as_slice()), "read your writes");
+        }
+    }
+    // Table management belongs to the leader cluster.
+    let e = pb::tables_client::TablesClient::new(channel(&fapi).await.unwrap())
+        .create(pb::CreateTableRequest { name: "other".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("follower cluster"), "{e}");
+    // Lag is visible.
+    let status = pb::cluster_client::ClusterClient::new(channel(&fapi).await.unwrap())
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.role, "follower");
+    let g = status.groups.iter().find(|g| g.table == "t").expect("table t on the follower");
+    assert!(g.leader_revision > 0, "{g:?}");
+    let (_, metrics) = http_get(&f1.nodes[0].http, "/metrics").unwrap();
+    assert!(metrics.contains("armada_replication_lag_revisions{table=\"t\"}"), "{metrics}");
+
+    // kill -9 of the follower, writes meanwhile, restart: it catches up.
+    f1.nodes[0].kill9();
+    fill(&lapi, "b", 0, 200).await;
+    f1.start_all();
+    converged(&lapi, &fapi, Duration::from_secs(60)).await;
+
+    // The leader moves past its retained history and compacts: a new
+    // follower must bootstrap from a snapshot.
+    let n: usize = std::env::var("ARMADA_BOOTSTRAP_KEYS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
+    fill(&lapi, "c", 0, n).await;
+    let (now, _) = scan(&lapi, false).await.unwrap();
+    kv(&lapi).await.unwrap().compact(pb::CompactionRequest { table: "t".into(), revision: now }).await.unwrap();
+    let started = Instant::now();
+    let f2 = start_follower(&root, "f2", &lrepl);
+    let (rev, keys) = converged(&lapi, &f2.nodes[0].api, Duration::from_secs(300)).await;
+    eprintln!("fresh follower bootstrapped {keys} keys (revision {rev}) from a snapshot in {:.2?}", started.elapsed());
+    let (_, metrics) = http_get(&f2.nodes[0].http, "/metrics").unwrap();
+    assert!(metrics.contains("armada_replication_snapshots_installed{table=\"t\"} 1"), "{metrics}");
+    // The first follower is still in step, and both answer like the leader.
+    converged(&lapi, &fapi, Duration::from_secs(60)).await;
+}
