@@ -358,7 +358,7 @@ async fn armada_answers_like_etcd_3_4() {
             _ => {
                 // Mostly valid compactions, some at or below the last one.
                 let r = pb::CompactionRequest { revision: 1 + g.below(current as u64 + 1) as i64, physical: false };
-                let (a, b) = (normalize(theirs.compact(r.clone()).await), normalize(ours.compact(r.clone()).await));
+                let (a, b) = (normalize(theirs.compact(r).await), normalize(ours.compact(r).await));
                 ("compact", format!("{r:?}"), a, b)
             }
         };

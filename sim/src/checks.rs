@@ -157,6 +157,7 @@ impl ApplyLog {
     /// same revision at each index, and each entry moves the revision by 0
     /// or 1 from the entry before it.
     /// Returns whether this is the first application of `(group, index)`.
+    #[allow(clippy::too_many_arguments)]
     pub fn record(
         &mut self,
         node: u64,
