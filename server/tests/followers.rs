@@ -136,6 +136,29 @@ async fn a_follower_cluster_streams_forwards_catches_up_and_bootstraps_from_a_sn
             assert_eq!(r.kvs.first().map(|k| k.value.as_slice()), Some(b"mine".as_slice()), "read your writes");
         }
     }
+    // The etcd v3 API works on the follower the same way (its table,
+    // `default`, was created on the leader cluster and replicated).
+    let fetcd = f1.nodes[0].etcd.clone();
+    let mut ec = eventually(Duration::from_secs(30), "etcd table on the follower", || async {
+        let ch = channel(&fetcd).await?;
+        let mut c = armada_proto::etcd::kv_client::KvClient::new(ch);
+        c.range(armada_proto::etcd::RangeRequest { key: b"probe".to_vec(), ..Default::default() })
+            .await
+            .map_err(|s| s.to_string())?;
+        Ok(c)
+    })
+    .await;
+    let put = ec
+        .put(armada_proto::etcd::PutRequest { key: b"via-etcd".to_vec(), value: b"1".to_vec(), ..Default::default() })
+        .await
+        .expect("etcd put through the follower")
+        .into_inner();
+    let got = ec
+        .range(armada_proto::etcd::RangeRequest { key: b"via-etcd".to_vec(), serializable: true, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.kvs.first().map(|k| k.mod_revision), put.header.map(|h| h.revision), "read your etcd write");
     // Table management belongs to the leader cluster.
     let e = pb::tables_client::TablesClient::new(channel(&fapi).await.unwrap())
         .create(pb::CreateTableRequest { name: "other".into() })
