@@ -41,7 +41,12 @@ pub enum TableCommand {
     Compact(u64),
     /// Follower clusters: leader revisions, applied only if the batch starts
     /// at the table's next revision (see [`crate::mvcc::replication`]).
-    Replicate(Vec<RevisionChanges>),
+    Replicate {
+        batch: Vec<RevisionChanges>,
+        /// The leader cluster's latest revision when the batch was sent, so
+        /// every follower replica knows how far behind it is.
+        leader_revision: u64,
+    },
     /// Follower clusters: one chunk of a snapshot being installed.
     SnapshotChunk {
         revision: u64,
@@ -99,7 +104,7 @@ impl TableCommand {
             TableCommand::DeleteRange(d) => d.validate(),
             TableCommand::Txn(t) => t.validate(),
             TableCommand::Compact(_)
-            | TableCommand::Replicate(_)
+            | TableCommand::Replicate { .. }
             | TableCommand::SnapshotChunk { .. }
             | TableCommand::SnapshotCommit { .. } => Ok(()),
         }
@@ -114,7 +119,7 @@ impl TableCommand {
             TableCommand::DeleteRange(d) => txn.delete_range(d).map(TableReply::DeleteRange),
             TableCommand::Txn(t) => txn.txn(t).map(TableReply::Txn),
             TableCommand::Compact(rev) => txn.compact(*rev).map(TableReply::Compact),
-            TableCommand::Replicate(batch) => {
+            TableCommand::Replicate { batch, .. } => {
                 let (wb, outcome) = store.apply_replicated(batch)?;
                 return Ok((wb, Ok(TableReply::Replicated(outcome))));
             }
@@ -294,7 +299,7 @@ impl fmt::Display for Command {
             Command::Table(TableCommand::DeleteRange(_)) => write!(f, "delete_range"),
             Command::Table(TableCommand::Txn(t)) => write!(f, "txn({} compares)", t.compare.len()),
             Command::Table(TableCommand::Compact(r)) => write!(f, "compact({r})"),
-            Command::Table(TableCommand::Replicate(b)) => match (b.first(), b.last()) {
+            Command::Table(TableCommand::Replicate { batch: b, .. }) => match (b.first(), b.last()) {
                 (Some(a), Some(z)) => write!(f, "replicate({}..={})", a.revision, z.revision),
                 _ => write!(f, "replicate(empty)"),
             },

@@ -206,6 +206,9 @@ pub struct NodeHooks {
 /// observer.
 struct Notifier {
     inner: Option<Arc<dyn ApplyObserver>>,
+    /// Follower clusters: the leader cluster's revision carried by the last
+    /// replicated batch applied, per group.
+    leader_revisions: std::sync::Mutex<BTreeMap<GroupId, u64>>,
     revisions: std::sync::Mutex<BTreeMap<GroupId, crate::rt::DetSender<u64>>>,
 }
 
@@ -240,6 +243,11 @@ impl ApplyObserver for Notifier {
     ) {
         if let Some(o) = &self.inner {
             o.applied(group, index, term, digest, revision, command, response);
+        }
+        if let Some(Command::Table(TableCommand::Replicate { leader_revision, .. })) = command {
+            let mut m = self.leader_revisions.lock().unwrap_or_else(|p| p.into_inner());
+            let e = m.entry(group).or_insert(0);
+            *e = (*e).max(*leader_revision);
         }
         self.publish(group, revision.unwrap_or(index));
     }
@@ -307,7 +315,11 @@ impl Node {
         if cfg.me().is_none() {
             return Err(ApiError::Internal(format!("node {} is not among the initial members", cfg.id)));
         }
-        let notifier = Arc::new(Notifier { inner: hooks.apply_observer.clone(), revisions: Default::default() });
+        let notifier = Arc::new(Notifier {
+            inner: hooks.apply_observer.clone(),
+            leader_revisions: Default::default(),
+            revisions: Default::default(),
+        });
         let node = Arc::new(Node {
             cfg,
             notifier,
@@ -787,6 +799,17 @@ impl Node {
                 } else {
                     Mvcc::new(&*self.engine, data_ns(g.id)).rev_state().map(|s| s.current).unwrap_or(0)
                 };
+                // The worker's node hears every heartbeat; the others know
+                // what the last replicated batch they applied carried.
+                let applied_leader_rev = self
+                    .notifier
+                    .leader_revisions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&g.id)
+                    .copied()
+                    .unwrap_or(0);
+                let leader_revision = lag.get(&g.name).map_or(0, |l| l.leader_revision).max(applied_leader_rev);
                 GroupStatus {
                     table: g.name.clone(),
                     leader_id: m.current_leader.unwrap_or(0),
@@ -794,8 +817,8 @@ impl Node {
                     commit_index: m.local_committed.as_ref().map_or(0, |l| l.index),
                     applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
                     revision,
-                    leader_revision: lag.get(&g.name).map_or(0, |l| l.leader_revision),
-                    lag_revisions: lag.get(&g.name).map_or(0, |l| l.leader_revision.saturating_sub(revision)),
+                    leader_revision,
+                    lag_revisions: leader_revision.saturating_sub(revision),
                     lag_seconds: lag
                         .get(&g.name)
                         .and_then(|l| l.behind_since)

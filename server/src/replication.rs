@@ -560,7 +560,8 @@ async fn tail(f: &Follower, group: GroupId, table: &str, rotate: bool) -> Result
             continue;
         }
         let batch: Vec<RevisionChanges> = msg.revisions.into_iter().map(changes_in).collect();
-        match f.node.write_internal(table, TableCommand::Replicate(batch)).await {
+        let cmd = TableCommand::Replicate { batch, leader_revision: msg.leader_revision };
+        match f.node.write_internal(table, cmd).await {
             Ok((TableReply::Replicated(o), _)) => {
                 f.note_leader_revision(table, msg.leader_revision, o.revision);
                 if !o.applied {

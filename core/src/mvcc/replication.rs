@@ -385,11 +385,11 @@ mod tests {
                 if replays[i % replays.len()] {
                     if let Some(old) = sent.last() {
                         let before = digest(&follower);
-                        run(&follower, 1000, &TableCommand::Replicate(old.clone()));
+                        run(&follower, 1000, &TableCommand::Replicate { batch: old.clone(), leader_revision: 0 });
                         prop_assert_eq!(digest(&follower), before);
                     }
                 }
-                run(&follower, 1000, &TableCommand::Replicate(batch.clone()));
+                run(&follower, 1000, &TableCommand::Replicate { batch: batch.clone(), leader_revision: 0 });
                 let d = digest(&follower);
                 prop_assert_eq!(Some(&d), states.get(&d.0), "follower at {} differs from the leader", d.0);
                 sent.push(batch);
@@ -475,7 +475,7 @@ mod tests {
         let lstore = Mvcc::new(&leader, b"t".to_vec()).with_retention(3);
         let ChangesFrom::Changes(batch) = lstore.changes_from(s + 1, 100, usize::MAX).unwrap() else { panic!() };
         assert_eq!(batch.first().map(|c| c.revision), Some(s + 1));
-        run(&follower, 3, &TableCommand::Replicate(batch));
+        run(&follower, 3, &TableCommand::Replicate { batch, leader_revision: 0 });
         assert_eq!(digest(&follower), digest(&leader));
         // A second commit of the same snapshot is refused: the follower is past it.
         let (_, r) = Mvcc::new(&follower, b"t".to_vec()).commit_snapshot(s, 0, 0).unwrap();

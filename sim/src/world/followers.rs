@@ -128,7 +128,7 @@ impl ReplObserver {
         let now = shared.now_ns();
         let mut log = shared.repl.lock().unwrap_or_else(|p| p.into_inner());
         match (cmd, reply) {
-            (TableCommand::Replicate(batch), TableReply::Replicated(o)) if o.applied => {
+            (TableCommand::Replicate { batch, .. }, TableReply::Replicated(o)) if o.applied => {
                 for c in batch {
                     log.record(self.cluster, &table, c.revision, Some(c.digest()), None, now);
                 }
