@@ -70,8 +70,12 @@ impl Default for RaftTuning {
             heartbeat_ms: 100,
             election_timeout_min_ms: 500,
             election_timeout_max_ms: 1000,
-            snapshot_after_logs: 5000,
-            logs_kept_after_snapshot: 1000,
+            // A Raft snapshot copies the whole group (history included) on the
+            // state machine's task: taking one every 5,000 entries pushed the
+            // p99 of durable puts at 64 clients (armada bench put) from about
+            // 20 ms to 145-330 ms.
+            snapshot_after_logs: 50_000,
+            logs_kept_after_snapshot: 5_000,
             purge_batch_entries: 256,
             history_retention: armada_core::mvcc::replication::CHANGELOG_RETENTION_DEFAULT,
         }
