@@ -178,6 +178,39 @@ async fn a_follower_cluster_streams_forwards_catches_up_and_bootstraps_from_a_sn
     let (_, metrics) = http_get(&f1.nodes[0].http, "/metrics").unwrap();
     assert!(metrics.contains("armada_replication_lag_revisions{table=\"t\"}"), "{metrics}");
 
+    // Tables created and deleted on the leader appear and disappear here.
+    let tables = |api: String| async move {
+        let mut t = pb::tables_client::TablesClient::new(channel(&api).await?);
+        let list = t.list(pb::ListTablesRequest {}).await.map_err(|s| s.to_string())?.into_inner();
+        Ok::<Vec<String>, String>(list.tables.into_iter().map(|t| t.name).collect())
+    };
+    pb::tables_client::TablesClient::new(channel(&lapi).await.unwrap())
+        .create(pb::CreateTableRequest { name: "t2".into() })
+        .await
+        .expect("create t2 on the leader");
+    eventually(Duration::from_secs(30), "t2 appears on the follower", || async {
+        let t = tables(fapi.clone()).await?;
+        if t.contains(&"t2".to_string()) {
+            Ok(())
+        } else {
+            Err(format!("{t:?}"))
+        }
+    })
+    .await;
+    pb::tables_client::TablesClient::new(channel(&lapi).await.unwrap())
+        .delete(pb::DeleteTableRequest { name: "t2".into() })
+        .await
+        .expect("delete t2 on the leader");
+    eventually(Duration::from_secs(30), "t2 disappears from the follower", || async {
+        let t = tables(fapi.clone()).await?;
+        if t.contains(&"t2".to_string()) {
+            Err(format!("{t:?}"))
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+
     // kill -9 of the follower, writes meanwhile, restart: it catches up.
     f1.nodes[0].kill9();
     fill(&lapi, "b", 0, 200).await;
