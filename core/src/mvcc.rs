@@ -685,10 +685,6 @@ impl WriteTxn<'_, '_> {
                 self.batch.delete(self.store.changelog_key(state.current - self.store.retention));
             }
         }
-        if self.compacted {
-            // The changelog never reaches below the compacted revision.
-            self.batch.delete_range(self.store.changelog_key(0), self.store.changelog_key(state.compacted + 1));
-        }
         if self.changed() || self.compacted {
             self.batch.put(self.store.rev_key(), encode(&state));
         }

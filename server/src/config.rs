@@ -74,9 +74,9 @@ pub struct ServeArgs {
     /// How long a request may wait for a leader or a commit, in ms. [default: 5000]
     #[arg(long, env = "ARMADA_REQUEST_TIMEOUT_MS", value_name = "MS")]
     pub request_timeout_ms: Option<u64>,
-    /// Revisions of each table's change history kept for follower clusters;
-    /// a follower further behind (or behind a compaction) bootstraps from a
-    /// snapshot. [default: 10000]
+    /// Revisions of each table's change history kept for follower clusters
+    /// (compaction does not shorten it); a follower further behind bootstraps
+    /// from a snapshot. [default: 10000]
     #[arg(long, env = "ARMADA_HISTORY_RETENTION", value_name = "REVISIONS")]
     pub history_retention: Option<u64>,
 }

@@ -1,8 +1,9 @@
 //! Real processes: a leader cluster and follower clusters started from the
 //! binary on loopback. Writes at the leader reach the follower; a write sent
 //! to the follower is readable there as soon as it returns; a killed follower
-//! catches up; a follower started after the leader compacted its history
-//! bootstraps from a snapshot and ends with the leader's exact state.
+//! catches up; a follower started after the leader moved past its retained
+//! history and compacted bootstraps from a snapshot and ends with the
+//! leader's exact state.
 //!
 //! `ARMADA_BOOTSTRAP_KEYS` sets how many keys the snapshot bootstrap copies
 //! (default 3000); the time it takes is printed.
@@ -96,7 +97,7 @@ fn start_follower(root: &std::path::Path, name: &str, leader_replication: &str) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_cluster_streams_forwards_catches_up_and_bootstraps_from_a_snapshot() {
-    let leader = Cluster::with_args(1, "repl-leader", &["--history-retention", "500"]);
+    let leader = Cluster::with_args(1, "repl-leader", &["--history-retention", "20"]);
     let lapi = leader.nodes[0].api.clone();
     let lrepl = leader.nodes[0].replication.clone();
     eventually(Duration::from_secs(30), "create table", || async {
@@ -217,8 +218,9 @@ async fn a_follower_cluster_streams_forwards_catches_up_and_bootstraps_from_a_sn
     f1.start_all();
     converged(&lapi, &fapi, Duration::from_secs(60)).await;
 
-    // The leader moves past its retained history and compacts: a new
-    // follower must bootstrap from a snapshot.
+    // The leader moves past its retained history (20 revisions) and
+    // compacts: a new follower must bootstrap from a snapshot, while the
+    // running one keeps tailing.
     let n: usize = std::env::var("ARMADA_BOOTSTRAP_KEYS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
     fill(&lapi, "c", 0, n).await;
     let (now, _) = scan(&lapi, false).await.unwrap();

@@ -3,7 +3,8 @@
 //! - The **changelog**: every write transaction that takes a revision also
 //!   records its mutations under `c + revision`, in the same batch. A leader
 //!   serves its change stream from it. The changelog keeps the last
-//!   `retention` revisions and nothing at or below the compacted revision.
+//!   `retention` revisions. Compaction (of the readable history) leaves it
+//!   alone: it respects the retention that followers rely on.
 //! - **Replicated apply** on a follower: a batch of revisions is applied
 //!   only if it starts exactly at `current + 1` and is contiguous; anything
 //!   else (a duplicate, a gap) is ignored, so a deposed or retrying worker can
@@ -116,7 +117,7 @@ impl Mvcc<'_> {
 
     /// The oldest revision whose changes the changelog still holds.
     pub fn first_retained(&self, state: RevState) -> u64 {
-        state.compacted.max(state.current.saturating_sub(self.retention)) + 1
+        state.current.saturating_sub(self.retention) + 1
     }
 
     /// Changelog entries from `from` on: at most `max_revisions` and about
@@ -406,7 +407,7 @@ mod tests {
     }
 
     #[test]
-    fn retention_and_compaction_trim_the_changelog() {
+    fn retention_trims_the_changelog_and_compaction_respects_it() {
         let leader = MemEngine::new();
         for v in 0..20u8 {
             run(&leader, 5, &TableCommand::Put(PutRequest { key: vec![b'k', v % 3], value: vec![v], prev_kv: false }));
@@ -421,17 +422,24 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(store.changes_from(22, 100, usize::MAX).unwrap(), ChangesFrom::Changes(vec![]));
-        run(&leader, 5, &TableCommand::Compact(19));
+        // Compaction respects the retention: a follower can still tail from
+        // a revision below the compacted one.
+        run(&leader, 5, &TableCommand::Compact(21));
         let store = Mvcc::new(&leader, b"t".to_vec()).with_retention(5);
-        assert_eq!(store.changes_from(19, 100, usize::MAX).unwrap(), ChangesFrom::NeedSnapshot { first_retained: 20 });
-        let mut trimmed = 0;
+        match store.changes_from(18, 100, usize::MAX).unwrap() {
+            ChangesFrom::Changes(c) => {
+                assert_eq!(c.iter().map(|c| c.revision).collect::<Vec<_>>(), vec![18, 19, 20, 21])
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut kept = 0;
         leader
-            .scan(&store.changelog_key(0), &store.changelog_key(20), &mut |_, _| {
-                trimmed += 1;
+            .scan(&store.changelog_key(0), &store.changelog_key(22), &mut |_, _| {
+                kept += 1;
                 true
             })
             .unwrap();
-        assert_eq!(trimmed, 0, "nothing at or below the compacted revision is kept");
+        assert_eq!(kept, 5, "exactly the retained revisions are kept");
     }
 
     #[test]
