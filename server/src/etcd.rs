@@ -350,7 +350,17 @@ impl pb::maintenance_server::Maintenance for EtcdApi {
     async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         self.timed("etcd.Status", async move {
             let table = &self.table;
-            let (groups, sizes) = (self.node.status(), self.node.storage_sizes());
+            let groups = self.node.status();
+            // Storage sizes read the engine: off the async workers.
+            #[cfg(not(madsim))]
+            let sizes = {
+                let node = self.node.clone();
+                tokio::task::spawn_blocking(move || node.storage_sizes())
+                    .await
+                    .map_err(|e| Status::internal(format!("etcdserver: {e}")))?
+            };
+            #[cfg(madsim)]
+            let sizes = self.node.storage_sizes();
             let g = groups
                 .into_iter()
                 .find(|g| g.table == self.table)

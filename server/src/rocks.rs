@@ -42,11 +42,11 @@ impl RocksEngine {
 
 /// Above this many bytes in SST files, a range's size is RocksDB's estimate
 /// instead of an exact count (which reads the whole range).
-const EXACT_SIZE_BYTES_MAX: u64 = 64 << 20;
+const EXACT_SIZE_BYTES_MAX: u64 = 8 << 20;
 
 impl Engine for RocksEngine {
     /// Exact (keys plus values, including data not yet flushed from the
-    /// memtable) for ranges up to 64 MiB on disk; RocksDB's SST estimate
+    /// memtable) for ranges up to 8 MiB on disk; RocksDB's SST estimate
     /// for larger ones, where a count would read too much.
     fn approximate_size(&self, start: &[u8], end: &[u8]) -> Result<u64, EngineError> {
         if start >= end {
