@@ -137,6 +137,43 @@ async fn a_follower_cluster_streams_forwards_catches_up_and_bootstraps_from_a_sn
             assert_eq!(r.kvs.first().map(|k| k.value.as_slice()), Some(b"mine".as_slice()), "read your writes");
         }
     }
+    // A read at a revision the follower has not reached waits briefly for
+    // it: a revision just written at the leader is served...
+    let at = kv(&lapi)
+        .await
+        .unwrap()
+        .put(pb::PutRequest { table: "t".into(), key: b"fresh".to_vec(), value: b"1".to_vec(), prev_kv: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision;
+    let r = fc
+        .range(pb::RangeRequest {
+            table: "t".into(),
+            key: b"fresh".to_vec(),
+            revision: at,
+            serializable: true,
+            ..Default::default()
+        })
+        .await
+        .expect("a read at the leader's new revision waits for it")
+        .into_inner();
+    assert_eq!(r.kvs.len(), 1);
+    // ...one that does not exist yet fails clearly.
+    let e = fc
+        .range(pb::RangeRequest {
+            table: "t".into(),
+            key: b"fresh".to_vec(),
+            revision: at + 1000,
+            serializable: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::OutOfRange, "{e}");
+    assert!(e.message().contains("future revision"), "{e}");
     // The etcd v3 API works on the follower the same way (its table,
     // `default`, was created on the leader cluster and replicated).
     let fetcd = f1.nodes[0].etcd.clone();
