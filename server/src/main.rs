@@ -29,7 +29,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a node of the leader cluster. With no options: a single-node
-    /// cluster with its data in ./armada-data, API on 127.0.0.1:8443.
+    /// cluster with its data in ./armada-data, armada.v1 API on
+    /// 127.0.0.1:8443, etcd v3 API on 127.0.0.1:2379, HTTP on 127.0.0.1:8079,
+    /// replication (for follower clusters) on 127.0.0.1:8444.
     ///
     /// Precedence of settings: flag > ARMADA_* environment > --config file > default.
     Leader(ServeArgs),
