@@ -211,4 +211,13 @@ fn invalid_configuration_fails_fast_with_a_clear_message() {
     let out = Command::new(BIN).args(["leader", "--initial-members", "2=127.0.0.1:1"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not among them"));
+    for bad in [" , ", "http://[::1"] {
+        let out = Command::new(BIN).args(["follower", "--leader-address", bad]).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("invalid --leader-address"), "{bad:?}: {err}");
+    }
+    let out = Command::new(BIN).args(["leader", "--history-retention", "0"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("history retention"));
 }
