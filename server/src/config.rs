@@ -63,7 +63,7 @@ pub struct ServeArgs {
     /// Address of the etcd v3 gRPC API (etcdctl and etcd clients). [default: 127.0.0.1:2379]
     #[arg(long, env = "ARMADA_ETCD_ADDRESS", value_name = "HOST:PORT")]
     pub etcd_address: Option<String>,
-    /// Table that the etcd v3 API reads and writes; created on first start.
+    /// Table that the etcd v3 API reads and writes; created by a leader cluster when missing at start.
     /// [default: default]
     #[arg(long, env = "ARMADA_ETCD_TABLE", value_name = "TABLE")]
     pub etcd_table: Option<String>,
