@@ -163,6 +163,26 @@ impl<'e> Mvcc<'e> {
         k
     }
 
+    /// The live version of `key` at `rev` (its newest version at or below
+    /// `rev`, unless that is a deletion).
+    fn key_at(&self, key: &[u8], rev: u64) -> Result<Option<KeyValue>, EngineError> {
+        let lo = self.history_key(key, 0);
+        let hi = self.history_key(key, rev.saturating_add(1));
+        let Some(pair) = self.engine.last(&lo, &hi)? else { return Ok(None) };
+        let (k, v) = (pair.0, pair.1);
+        let at: [u8; 8] = k[k.len().saturating_sub(8)..]
+            .try_into()
+            .map_err(|_| EngineError::Corrupt("history key: bad revision".into()))?;
+        let version: Version = decode(&v, "history record")?;
+        Ok(version.value.map(|value| KeyValue {
+            key: key.to_vec(),
+            create_revision: version.create_revision,
+            mod_revision: u64::from_be_bytes(at),
+            version: version.version,
+            value,
+        }))
+    }
+
     /// Engine bounds of the history of keys in `[start, end)` (`None`: to the end).
     fn history_bounds(&self, start: &[u8], end: Option<&[u8]>) -> (Vec<u8>, Vec<u8>) {
         let mut lo = self.key_with(b'h', &[]);
@@ -227,6 +247,13 @@ impl<'e> Mvcc<'e> {
 
     /// Live key-values of `[start, end)` as of revision `rev`, ascending.
     fn live_at(&self, start: &[u8], end: Option<&[u8]>, rev: u64) -> Result<Vec<KeyValue>, EngineError> {
+        // One key: seek its newest version at or below `rev` instead of
+        // scanning its whole history.
+        if let Some(e) = end {
+            if e.len() == start.len() + 1 && e.starts_with(start) && e[start.len()] == 0 {
+                return self.key_at(start, rev).map(|kv| kv.into_iter().collect());
+            }
+        }
         let (lo, hi) = self.history_bounds(start, end);
         let prefix_len = self.ns.len() + 1;
         let mut out: Vec<KeyValue> = Vec::new();

@@ -276,8 +276,11 @@ async fn node_main(
             .expect("binding a simulated endpoint"),
     );
     let key = node_key(cluster, id);
-    let observer =
-        Observer { node: key, shared: shared.clone(), repl: followers::ReplObserver::new(cluster, engine.clone()) };
+    let observer = Observer {
+        node: key,
+        shared: shared.clone(),
+        repl: followers::ReplObserver::new(cluster, engine.clone(), sc.followers.is_some()),
+    };
     let hooks = NodeHooks { apply_observer: Some(Arc::new(observer)) };
     let me = cfg.me().cloned().expect("the node is a member");
     let node = Node::start_with(cfg, engine, flusher, transport, hooks).await.expect("node starts on its own disk");

@@ -98,12 +98,14 @@ impl ReplLog {
 pub(super) struct ReplObserver {
     pub cluster: u64,
     pub engine: Arc<dyn Engine>,
+    /// Only worlds with follower clusters keep replication records.
+    enabled: bool,
     names: Mutex<BTreeMap<GroupId, String>>,
 }
 
 impl ReplObserver {
-    pub fn new(cluster: u64, engine: Arc<dyn Engine>) -> Self {
-        Self { cluster, engine, names: Mutex::new(BTreeMap::new()) }
+    pub fn new(cluster: u64, engine: Arc<dyn Engine>, enabled: bool) -> Self {
+        Self { cluster, engine, enabled, names: Mutex::new(BTreeMap::new()) }
     }
 
     fn table_name(&self, group: GroupId) -> Option<String> {
@@ -120,6 +122,9 @@ impl ReplObserver {
 
     /// Records what an applied table command did to the table's revisions.
     pub fn applied(&self, shared: &Shared, group: GroupId, command: Option<&Command>, response: &CommandResponse) {
+        if !self.enabled {
+            return;
+        }
         let Some(Command::Table(cmd)) = command else { return };
         let CommandResponse::Table(Ok(reply)) = response else { return };
         let Some(table) = self.table_name(group) else { return };
