@@ -254,9 +254,25 @@ impl<'e> Mvcc<'e> {
                 return self.key_at(start, rev).map(|kv| kv.into_iter().collect());
             }
         }
+        Ok(self.live_at_limited(start, end, rev, usize::MAX, usize::MAX)?.0)
+    }
+
+    /// [`Self::live_at`] over a full history scan, stopping once `max_keys`
+    /// key-values or `max_bytes` of keys and values are collected (at least
+    /// one). The flag tells whether the scan stopped early.
+    fn live_at_limited(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        rev: u64,
+        max_keys: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<KeyValue>, bool), EngineError> {
         let (lo, hi) = self.history_bounds(start, end);
         let prefix_len = self.ns.len() + 1;
         let mut out: Vec<KeyValue> = Vec::new();
+        let mut bytes = 0usize;
+        let mut more = false;
         // The newest version at or below `rev` of the key being scanned.
         let mut pending: Option<(Vec<u8>, u64, Version)> = None;
         let mut err = None;
@@ -282,7 +298,15 @@ impl<'e> Mvcc<'e> {
                 }
             };
             if pending.as_ref().is_some_and(|(pk, _, _)| *pk != key) {
+                let before = out.len();
                 flush(pending.take(), &mut out);
+                if let Some(kv) = out.get(before) {
+                    bytes += kv.key.len() + kv.value.len();
+                }
+                if out.len() >= max_keys || bytes >= max_bytes {
+                    more = true;
+                    return false;
+                }
             }
             if at <= rev {
                 match decode::<Version>(v, "history record") {
@@ -299,7 +323,7 @@ impl<'e> Mvcc<'e> {
             return Err(e);
         }
         flush(pending, &mut out);
-        Ok(out)
+        Ok((out, more))
     }
 
     /// Checks that `requested` (0 = current) can be read, and resolves it.

@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use armada_core::command::{TableInfo, TableReply};
 use armada_core::kv::KeyValue;
-use armada_core::mvcc::replication::{kvs_digest, ChangesFrom, Mutation, RevisionChanges, SnapshotRefusal};
-use armada_core::mvcc::Mvcc;
+use armada_core::mvcc::replication::{digest_kv, ChangesFrom, Mutation, RevisionChanges, SnapshotRefusal};
+use armada_core::mvcc::{Fnv64, Mvcc};
 use armada_core::raft::data_ns;
 use armada_core::{GroupId, TableCommand};
 use armada_proto::replication as pb;
@@ -206,36 +206,25 @@ impl pb::replication_server::Replication for ReplicationService {
     async fn snapshot(&self, request: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
         let r = request.into_inner();
         let group = self.node.table_group(&r.table, 0).await.map_err(|e| api_status(&e))?;
-        let store = Mvcc::new(&**self.node.engine(), data_ns(group.id));
-        let revision = store.rev_state().map_err(|e| Status::internal(e.to_string()))?.current;
-        let kvs = store.snapshot_at(revision).map_err(|e| Status::internal(e.to_string()))?;
-        let (count, digest) = (kvs.len() as u64, kvs_digest(&kvs));
-        let mut chunks: Vec<pb::SnapshotResponse> = Vec::new();
-        let mut cur: Vec<pb::SnapshotKeyValue> = Vec::new();
-        let mut bytes = 0usize;
-        for kv in kvs {
-            bytes += kv.key.len() + kv.value.len() + 32;
-            cur.push(pb::SnapshotKeyValue {
-                key: kv.key,
-                create_revision: kv.create_revision,
-                mod_revision: kv.mod_revision,
-                version: kv.version,
-                value: kv.value,
-            });
-            if cur.len() >= SNAPSHOT_CHUNK_KEYS || bytes >= SNAPSHOT_CHUNK_BYTES {
-                chunks.push(pb::SnapshotResponse {
-                    revision,
-                    count,
-                    digest,
-                    kvs: std::mem::take(&mut cur),
-                    last: false,
-                });
-                bytes = 0;
-            }
-        }
-        chunks.push(pb::SnapshotResponse { revision, count, digest, kvs: cur, last: true });
-        info!(table = %r.table, revision, keys = count, chunks = chunks.len(), "serving a snapshot");
-        Ok(Response::new(Box::pin(futures::stream::iter(chunks.into_iter().map(Ok)))))
+        let revision = Mvcc::new(&**self.node.engine(), data_ns(group.id))
+            .rev_state()
+            .map_err(|e| Status::internal(e.to_string()))?
+            .current;
+        info!(table = %r.table, revision, "serving a snapshot");
+        // Pages are read at `revision` as the stream is pulled, so memory
+        // stays at one chunk however large the table is; the count and the
+        // digest go out with the last chunk.
+        let state = SnapshotState {
+            node: self.node.clone(),
+            group: group.id,
+            revision,
+            after: None,
+            digest: Fnv64::new(),
+            count: 0,
+            done: false,
+        };
+        let stream = futures::stream::unfold(state, |mut st| async move { st.next_chunk().map(|c| (c, st)) });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn write(&self, request: Request<pb::WriteRequest>) -> Result<Response<pb::WriteResponse>, Status> {
@@ -252,6 +241,69 @@ impl pb::replication_server::Replication for ReplicationService {
             Err(e) => pb::WriteResponse { reply: Vec::new(), error: encode(&e) },
         };
         Ok(Response::new(resp))
+    }
+}
+
+/// A snapshot being streamed: the next page starts after `after`.
+struct SnapshotState {
+    node: Arc<Node>,
+    group: GroupId,
+    revision: u64,
+    after: Option<Vec<u8>>,
+    digest: Fnv64,
+    count: u64,
+    done: bool,
+}
+
+impl SnapshotState {
+    fn next_chunk(&mut self) -> Option<Result<pb::SnapshotResponse, Status>> {
+        if self.done {
+            return None;
+        }
+        if self.node.group(self.group).is_none() {
+            self.done = true;
+            return Some(Err(Status::not_found("the table was deleted")));
+        }
+        let store = Mvcc::new(&**self.node.engine(), data_ns(self.group));
+        let (kvs, more) = match store.snapshot_page(
+            self.revision,
+            self.after.as_deref(),
+            SNAPSHOT_CHUNK_KEYS,
+            SNAPSHOT_CHUNK_BYTES,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                // Compacted past the snapshot's revision while streaming:
+                // the follower starts over.
+                self.done = true;
+                return Some(Err(Status::aborted(format!("snapshot at revision {}: {e}", self.revision))));
+            }
+        };
+        for kv in &kvs {
+            digest_kv(&mut self.digest, kv);
+        }
+        self.count += kvs.len() as u64;
+        if let Some(last) = kvs.last() {
+            self.after = Some(last.key.clone());
+        }
+        let last = !more;
+        self.done = last;
+        Some(Ok(pb::SnapshotResponse {
+            revision: self.revision,
+            count: if last { self.count } else { 0 },
+            digest: if last { self.digest.finish() } else { 0 },
+            kvs: kvs
+                .into_iter()
+                .map(|kv| pb::SnapshotKeyValue {
+                    key: kv.key,
+                    create_revision: kv.create_revision,
+                    mod_revision: kv.mod_revision,
+                    version: kv.version,
+                    value: kv.value,
+                })
+                .collect(),
+            last,
+        }))
     }
 }
 

@@ -97,13 +97,18 @@ pub enum SnapshotRefusal {
 pub fn kvs_digest<'a>(kvs: impl IntoIterator<Item = &'a KeyValue>) -> u64 {
     let mut h = Fnv64::new();
     for kv in kvs {
-        h.write_bytes(&kv.key);
-        h.write_u64(kv.create_revision);
-        h.write_u64(kv.mod_revision);
-        h.write_u64(kv.version);
-        h.write_bytes(&kv.value);
+        digest_kv(&mut h, kv);
     }
     h.finish()
+}
+
+/// Adds one key-value to a running [`kvs_digest`].
+pub fn digest_kv(h: &mut Fnv64, kv: &KeyValue) {
+    h.write_bytes(&kv.key);
+    h.write_u64(kv.create_revision);
+    h.write_u64(kv.mod_revision);
+    h.write_u64(kv.version);
+    h.write_bytes(&kv.value);
 }
 
 impl Mvcc<'_> {
@@ -183,6 +188,31 @@ impl Mvcc<'_> {
         } else {
             Ok(self.live_at(&[], None, rev)?)
         }
+    }
+
+    /// One page of the table at `revision` for a snapshot: live key-values
+    /// with keys after `after` (from the first key when `None`), at most
+    /// `max_keys` or about `max_bytes`, in key order, and whether more may
+    /// follow. Pages read at one revision fit together as long as the table
+    /// is not compacted past it (that read fails as compacted).
+    pub fn snapshot_page(
+        &self,
+        revision: u64,
+        after: Option<&[u8]>,
+        max_keys: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<KeyValue>, bool), super::MvccError> {
+        let state = self.rev_state()?;
+        let rev = self.resolve_read_revision(state, revision)?;
+        let start = match after {
+            Some(a) => {
+                let mut s = a.to_vec();
+                s.push(0);
+                s
+            }
+            None => Vec::new(),
+        };
+        Ok(self.live_at_limited(&start, None, rev, max_keys.max(1), max_bytes.max(1))?)
     }
 
     /// Applies a replicated batch (see the module docs).
@@ -456,6 +486,17 @@ mod tests {
         let lstore = Mvcc::new(&leader, b"t".to_vec()).with_retention(3);
         let s = lstore.rev_state().unwrap().current;
         let kvs = lstore.snapshot_at(s).unwrap();
+        // Paged reads at s (as the leader streams them) give the same keys.
+        let mut paged: Vec<KeyValue> = Vec::new();
+        loop {
+            let after = paged.last().map(|kv| kv.key.clone());
+            let (page, more) = lstore.snapshot_page(s, after.as_deref(), 1, usize::MAX).unwrap();
+            paged.extend(page);
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(paged, kvs);
         let follower = MemEngine::new();
         // Stale staging from an abandoned attempt is discarded by `first`.
         run(&follower, 3, &TableCommand::SnapshotChunk { revision: s, first: true, kvs: kvs[..1].to_vec() });
