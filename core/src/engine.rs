@@ -97,15 +97,20 @@ pub trait Engine: Send + Sync + 'static {
     fn sync(&self) -> Result<(), EngineError>;
 
     /// Bytes that `[start, end)` takes. The default counts every key and
-    /// value exactly; an engine may answer with an estimate.
+    /// value exactly ([`exact_size`]); an engine may answer with an estimate.
     fn approximate_size(&self, start: &[u8], end: &[u8]) -> Result<u64, EngineError> {
-        let mut total = 0u64;
-        self.scan(start, end, &mut |k, v| {
-            total += (k.len() + v.len()) as u64;
-            true
-        })?;
-        Ok(total)
+        exact_size(self, start, end)
     }
+}
+
+/// The bytes of every key and value in `[start, end)`, counted by a scan.
+pub fn exact_size<E: Engine + ?Sized>(engine: &E, start: &[u8], end: &[u8]) -> Result<u64, EngineError> {
+    let mut total = 0u64;
+    engine.scan(start, end, &mut |k, v| {
+        total += (k.len() + v.len()) as u64;
+        true
+    })?;
+    Ok(total)
 }
 
 /// The durable contents of a simulated disk: what survives a crash. The

@@ -256,17 +256,6 @@ impl EtcdApi {
         }
     }
 
-    async fn timed<T>(
-        &self,
-        method: &'static str,
-        f: impl std::future::Future<Output = Result<T, Status>>,
-    ) -> Result<T, Status> {
-        let start = std::time::Instant::now();
-        let r = f.await;
-        self.metrics.observe(method, r.is_ok(), start.elapsed());
-        r
-    }
-
     async fn write(&self, cmd: TableCommand) -> Result<(TableReply, HeaderInfo), Status> {
         self.node.write(&self.table, cmd).await.map_err(|e| etcd_status(&e))
     }
@@ -279,113 +268,120 @@ fn unexpected(r: &TableReply) -> Status {
 #[tonic::async_trait]
 impl pb::kv_server::Kv for EtcdApi {
     async fn range(&self, request: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
-        self.timed("etcd.Range", async move {
-            let r = request.into_inner();
-            check_size(&r)?;
-            let req = range_in(&r)?;
-            let (resp, h) = self.node.range(&self.table, &req, r.serializable).await.map_err(|e| etcd_status(&e))?;
-            Ok(Response::new(self.range_out(resp, h)))
-        })
-        .await
+        self.metrics
+            .timed("etcd.Range", async move {
+                let r = request.into_inner();
+                check_size(&r)?;
+                let req = range_in(&r)?;
+                let (resp, h) =
+                    self.node.range(&self.table, &req, r.serializable).await.map_err(|e| etcd_status(&e))?;
+                Ok(Response::new(self.range_out(resp, h)))
+            })
+            .await
     }
 
     async fn put(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
-        self.timed("etcd.Put", async move {
-            let r = request.into_inner();
-            check_size(&r)?;
-            match self.write(TableCommand::Put(put_in(&r)?)).await? {
-                (TableReply::Put(p), h) => Ok(Response::new(self.put_out(p, h))),
-                (other, _) => Err(unexpected(&other)),
-            }
-        })
-        .await
+        self.metrics
+            .timed("etcd.Put", async move {
+                let r = request.into_inner();
+                check_size(&r)?;
+                match self.write(TableCommand::Put(put_in(&r)?)).await? {
+                    (TableReply::Put(p), h) => Ok(Response::new(self.put_out(p, h))),
+                    (other, _) => Err(unexpected(&other)),
+                }
+            })
+            .await
     }
 
     async fn delete_range(
         &self,
         request: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
-        self.timed("etcd.DeleteRange", async move {
-            let r = request.into_inner();
-            check_size(&r)?;
-            match self.write(TableCommand::DeleteRange(delete_in(&r))).await? {
-                (TableReply::DeleteRange(d), h) => Ok(Response::new(self.delete_out(d, h))),
-                (other, _) => Err(unexpected(&other)),
-            }
-        })
-        .await
+        self.metrics
+            .timed("etcd.DeleteRange", async move {
+                let r = request.into_inner();
+                check_size(&r)?;
+                match self.write(TableCommand::DeleteRange(delete_in(&r))).await? {
+                    (TableReply::DeleteRange(d), h) => Ok(Response::new(self.delete_out(d, h))),
+                    (other, _) => Err(unexpected(&other)),
+                }
+            })
+            .await
     }
 
     async fn txn(&self, request: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
-        self.timed("etcd.Txn", async move {
-            let r = request.into_inner();
-            check_size(&r)?;
-            match self.write(TableCommand::Txn(txn_in(&r)?)).await? {
-                (TableReply::Txn(t), h) => Ok(Response::new(self.txn_out(t, h))),
-                (other, _) => Err(unexpected(&other)),
-            }
-        })
-        .await
+        self.metrics
+            .timed("etcd.Txn", async move {
+                let r = request.into_inner();
+                check_size(&r)?;
+                match self.write(TableCommand::Txn(txn_in(&r)?)).await? {
+                    (TableReply::Txn(t), h) => Ok(Response::new(self.txn_out(t, h))),
+                    (other, _) => Err(unexpected(&other)),
+                }
+            })
+            .await
     }
 
     async fn compact(
         &self,
         request: Request<pb::CompactionRequest>,
     ) -> Result<Response<pb::CompactionResponse>, Status> {
-        self.timed("etcd.Compact", async move {
-            let r = request.into_inner();
-            // etcd answers a compaction at or below the compacted revision,
-            // negative ones included, with "compacted".
-            let rev = u64::try_from(r.revision)
-                .map_err(|_| etcd_status(&ApiError::Kv(KvError::Compacted { requested: 0, compacted: 0 })))?;
-            let (reply, h) = self.write(TableCommand::Compact(rev)).await?;
-            Ok(Response::new(pb::CompactionResponse { header: self.header(h, reply.revision()) }))
-        })
-        .await
+        self.metrics
+            .timed("etcd.Compact", async move {
+                let r = request.into_inner();
+                // etcd answers a compaction at or below the compacted revision,
+                // negative ones included, with "compacted".
+                let rev = u64::try_from(r.revision)
+                    .map_err(|_| etcd_status(&ApiError::Kv(KvError::Compacted { requested: 0, compacted: 0 })))?;
+                let (reply, h) = self.write(TableCommand::Compact(rev)).await?;
+                Ok(Response::new(pb::CompactionResponse { header: self.header(h, reply.revision()) }))
+            })
+            .await
     }
 }
 
 #[tonic::async_trait]
 impl pb::maintenance_server::Maintenance for EtcdApi {
     async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
-        self.timed("etcd.Status", async move {
-            let table = &self.table;
-            let groups = self.node.status();
-            // Storage sizes read the engine: off the async workers.
-            #[cfg(not(madsim))]
-            let sizes = {
-                let node = self.node.clone();
-                tokio::task::spawn_blocking(move || node.storage_sizes())
-                    .await
-                    .map_err(|e| Status::internal(format!("etcdserver: {e}")))?
-            };
-            #[cfg(madsim)]
-            let sizes = self.node.storage_sizes();
-            let g = groups
-                .into_iter()
-                .find(|g| g.table == self.table)
-                .ok_or_else(|| etcd_status(&ApiError::TableNotFound(self.table.clone())))?;
-            let db_size: u64 = sizes.iter().map(|(_, s)| s).sum();
-            let in_use = sizes.iter().find(|(t, _)| t == table).map_or(0, |(_, s)| *s);
-            let h = HeaderInfo { term: g.term, member_id: self.node.id() };
-            let mut errors = Vec::new();
-            if g.leader_id == 0 {
-                errors.push("etcdserver: no leader".to_string());
-            }
-            Ok(Response::new(pb::StatusResponse {
-                header: self.header(h, g.revision),
-                version: ETCD_API_VERSION.to_string(),
-                db_size: to_i64(db_size),
-                leader: g.leader_id,
-                raft_index: g.commit_index,
-                raft_term: g.term,
-                raft_applied_index: g.applied_index,
-                errors,
-                db_size_in_use: to_i64(in_use),
-                is_learner: false,
-            }))
-        })
-        .await
+        self.metrics
+            .timed("etcd.Status", async move {
+                let table = &self.table;
+                let groups = self.node.status();
+                // Storage sizes read the engine: off the async workers.
+                #[cfg(not(madsim))]
+                let sizes = {
+                    let node = self.node.clone();
+                    tokio::task::spawn_blocking(move || node.storage_sizes())
+                        .await
+                        .map_err(|e| Status::internal(format!("etcdserver: {e}")))?
+                };
+                #[cfg(madsim)]
+                let sizes = self.node.storage_sizes();
+                let g = groups
+                    .into_iter()
+                    .find(|g| g.table == self.table)
+                    .ok_or_else(|| etcd_status(&ApiError::TableNotFound(self.table.clone())))?;
+                let db_size: u64 = sizes.iter().map(|(_, s)| s).sum();
+                let in_use = sizes.iter().find(|(t, _)| t == table).map_or(0, |(_, s)| *s);
+                let h = HeaderInfo { term: g.term, member_id: self.node.id() };
+                let mut errors = Vec::new();
+                if g.leader_id == 0 {
+                    errors.push("etcdserver: no leader".to_string());
+                }
+                Ok(Response::new(pb::StatusResponse {
+                    header: self.header(h, g.revision),
+                    version: ETCD_API_VERSION.to_string(),
+                    db_size: to_i64(db_size),
+                    leader: g.leader_id,
+                    raft_index: g.commit_index,
+                    raft_term: g.term,
+                    raft_applied_index: g.applied_index,
+                    errors,
+                    db_size_in_use: to_i64(in_use),
+                    is_learner: false,
+                }))
+            })
+            .await
     }
 }
 
@@ -395,29 +391,30 @@ impl pb::cluster_server::Cluster for EtcdApi {
         &self,
         _request: Request<pb::MemberListRequest>,
     ) -> Result<Response<pb::MemberListResponse>, Status> {
-        self.timed("etcd.MemberList", async move {
-            let me = self.node.id();
-            let members = self
-                .node
-                .config()
-                .members
-                .iter()
-                .map(|(id, n)| pb::Member {
-                    id: *id,
-                    name: format!("node-{id}"),
-                    peer_ur_ls: vec![format!("quic://{}", n.raft_addr)],
-                    // Other members' etcd addresses are not configured here.
-                    client_ur_ls: if *id == me { vec![self.client_url.clone()] } else { Vec::new() },
-                    is_learner: false,
-                })
-                .collect();
-            let term = self.node.status().iter().find(|g| g.table == self.table).map_or(0, |g| g.term);
-            Ok(Response::new(pb::MemberListResponse {
-                header: self.header(HeaderInfo { term, member_id: me }, 0),
-                members,
-            }))
-        })
-        .await
+        self.metrics
+            .timed("etcd.MemberList", async move {
+                let me = self.node.id();
+                let members = self
+                    .node
+                    .config()
+                    .members
+                    .iter()
+                    .map(|(id, n)| pb::Member {
+                        id: *id,
+                        name: format!("node-{id}"),
+                        peer_ur_ls: vec![format!("quic://{}", n.raft_addr)],
+                        // Other members' etcd addresses are not configured here.
+                        client_ur_ls: if *id == me { vec![self.client_url.clone()] } else { Vec::new() },
+                        is_learner: false,
+                    })
+                    .collect();
+                let term = self.node.status().iter().find(|g| g.table == self.table).map_or(0, |g| g.term);
+                Ok(Response::new(pb::MemberListResponse {
+                    header: self.header(HeaderInfo { term, member_id: me }, 0),
+                    members,
+                }))
+            })
+            .await
     }
 }
 

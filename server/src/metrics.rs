@@ -27,6 +27,18 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Runs one request, recording its outcome and latency under `method`.
+    pub async fn timed<T, E>(
+        &self,
+        method: &'static str,
+        f: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let start = std::time::Instant::now();
+        let r = f.await;
+        self.observe(method, r.is_ok(), start.elapsed());
+        r
+    }
+
     pub fn observe(&self, method: &'static str, ok: bool, elapsed: Duration) {
         let stats = self.methods.lock().unwrap_or_else(|p| p.into_inner()).entry(method).or_default().clone();
         if ok {

@@ -56,12 +56,7 @@ impl Engine for RocksEngine {
         if on_disk > EXACT_SIZE_BYTES_MAX {
             return Ok(on_disk);
         }
-        let mut total = 0u64;
-        self.scan(start, end, &mut |k, v| {
-            total += (k.len() + v.len()) as u64;
-            true
-        })?;
-        Ok(total)
+        armada_core::engine::exact_size(self, start, end)
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {

@@ -41,18 +41,6 @@ impl Api {
         Self { node, metrics }
     }
 
-    /// Runs one request, recording its outcome and latency under `method`.
-    async fn timed<T>(
-        &self,
-        method: &'static str,
-        f: impl std::future::Future<Output = Result<T, Status>>,
-    ) -> Result<T, Status> {
-        let start = std::time::Instant::now();
-        let r = f.await;
-        self.metrics.observe(method, r.is_ok(), start.elapsed());
-        r
-    }
-
     pub fn node(&self) -> &Arc<Node> {
         &self.node
     }
@@ -65,68 +53,74 @@ impl Api {
 #[tonic::async_trait]
 impl Kv for Api {
     async fn range(&self, request: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
-        self.timed("Range", async move {
-            let r = request.into_inner();
-            check_size(&r)?;
-            let req = range_in(&r)?;
-            let (resp, h) = self.node.range(&r.table, &req, r.serializable).await.map_err(|e| status(&e))?;
-            Ok(Response::new(range_out(resp, h)))
-        })
-        .await
+        self.metrics
+            .timed("Range", async move {
+                let r = request.into_inner();
+                check_size(&r)?;
+                let req = range_in(&r)?;
+                let (resp, h) = self.node.range(&r.table, &req, r.serializable).await.map_err(|e| status(&e))?;
+                Ok(Response::new(range_out(resp, h)))
+            })
+            .await
     }
 
     async fn put(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
-        self.timed("Put", async move {
-            let r = request.into_inner();
-            check_size(&r)?;
-            match self.write(&r.table, TableCommand::Put(put_in(&r))).await? {
-                (TableReply::Put(p), h) => Ok(Response::new(put_out(p, h))),
-                (other, _) => Err(Status::internal(format!("unexpected reply {other:?}"))),
-            }
-        })
-        .await
+        self.metrics
+            .timed("Put", async move {
+                let r = request.into_inner();
+                check_size(&r)?;
+                match self.write(&r.table, TableCommand::Put(put_in(&r))).await? {
+                    (TableReply::Put(p), h) => Ok(Response::new(put_out(p, h))),
+                    (other, _) => Err(Status::internal(format!("unexpected reply {other:?}"))),
+                }
+            })
+            .await
     }
 
     async fn delete_range(
         &self,
         request: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
-        self.timed("DeleteRange", async move {
-            let r = request.into_inner();
-            check_size(&r)?;
-            match self.write(&r.table, TableCommand::DeleteRange(delete_in(&r))).await? {
-                (TableReply::DeleteRange(d), h) => Ok(Response::new(delete_out(d, h))),
-                (other, _) => Err(Status::internal(format!("unexpected reply {other:?}"))),
-            }
-        })
-        .await
+        self.metrics
+            .timed("DeleteRange", async move {
+                let r = request.into_inner();
+                check_size(&r)?;
+                match self.write(&r.table, TableCommand::DeleteRange(delete_in(&r))).await? {
+                    (TableReply::DeleteRange(d), h) => Ok(Response::new(delete_out(d, h))),
+                    (other, _) => Err(Status::internal(format!("unexpected reply {other:?}"))),
+                }
+            })
+            .await
     }
 
     async fn txn(&self, request: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
-        self.timed("Txn", async move {
-            let r = request.into_inner();
-            check_size(&r)?;
-            let txn = txn_in(&r)?;
-            match self.write(&r.table, TableCommand::Txn(txn)).await? {
-                (TableReply::Txn(t), h) => Ok(Response::new(txn_out(t, h))),
-                (other, _) => Err(Status::internal(format!("unexpected reply {other:?}"))),
-            }
-        })
-        .await
+        self.metrics
+            .timed("Txn", async move {
+                let r = request.into_inner();
+                check_size(&r)?;
+                let txn = txn_in(&r)?;
+                match self.write(&r.table, TableCommand::Txn(txn)).await? {
+                    (TableReply::Txn(t), h) => Ok(Response::new(txn_out(t, h))),
+                    (other, _) => Err(Status::internal(format!("unexpected reply {other:?}"))),
+                }
+            })
+            .await
     }
 
     async fn compact(
         &self,
         request: Request<pb::CompactionRequest>,
     ) -> Result<Response<pb::CompactionResponse>, Status> {
-        self.timed("Compact", async move {
-            let r = request.into_inner();
-            let rev = u64::try_from(r.revision)
-                .map_err(|_| Status::invalid_argument(format!("revision must not be negative, got {}", r.revision)))?;
-            let (reply, h) = self.write(&r.table, TableCommand::Compact(rev)).await?;
-            Ok(Response::new(pb::CompactionResponse { header: header(h, reply_revision(&reply)) }))
-        })
-        .await
+        self.metrics
+            .timed("Compact", async move {
+                let r = request.into_inner();
+                let rev = u64::try_from(r.revision).map_err(|_| {
+                    Status::invalid_argument(format!("revision must not be negative, got {}", r.revision))
+                })?;
+                let (reply, h) = self.write(&r.table, TableCommand::Compact(rev)).await?;
+                Ok(Response::new(pb::CompactionResponse { header: header(h, reply_revision(&reply)) }))
+            })
+            .await
     }
 }
 
@@ -136,30 +130,33 @@ impl Tables for Api {
         &self,
         request: Request<pb::CreateTableRequest>,
     ) -> Result<Response<pb::CreateTableResponse>, Status> {
-        self.timed("TablesCreate", async move {
-            let t = self.node.create_table(&request.into_inner().name).await.map_err(|e| status(&e))?;
-            Ok(Response::new(pb::CreateTableResponse { table: Some(table_out(t)) }))
-        })
-        .await
+        self.metrics
+            .timed("TablesCreate", async move {
+                let t = self.node.create_table(&request.into_inner().name).await.map_err(|e| status(&e))?;
+                Ok(Response::new(pb::CreateTableResponse { table: Some(table_out(t)) }))
+            })
+            .await
     }
 
     async fn delete(
         &self,
         request: Request<pb::DeleteTableRequest>,
     ) -> Result<Response<pb::DeleteTableResponse>, Status> {
-        self.timed("TablesDelete", async move {
-            self.node.delete_table(&request.into_inner().name).await.map_err(|e| status(&e))?;
-            Ok(Response::new(pb::DeleteTableResponse {}))
-        })
-        .await
+        self.metrics
+            .timed("TablesDelete", async move {
+                self.node.delete_table(&request.into_inner().name).await.map_err(|e| status(&e))?;
+                Ok(Response::new(pb::DeleteTableResponse {}))
+            })
+            .await
     }
 
     async fn list(&self, _request: Request<pb::ListTablesRequest>) -> Result<Response<pb::ListTablesResponse>, Status> {
-        self.timed("TablesList", async move {
-            let t = self.node.list_tables().await.map_err(|e| status(&e))?;
-            Ok(Response::new(pb::ListTablesResponse { tables: t.into_iter().map(table_out).collect() }))
-        })
-        .await
+        self.metrics
+            .timed("TablesList", async move {
+                let t = self.node.list_tables().await.map_err(|e| status(&e))?;
+                Ok(Response::new(pb::ListTablesResponse { tables: t.into_iter().map(table_out).collect() }))
+            })
+            .await
     }
 }
 
@@ -169,46 +166,48 @@ impl Cluster for Api {
         &self,
         _request: Request<pb::MemberListRequest>,
     ) -> Result<Response<pb::MemberListResponse>, Status> {
-        self.timed("MemberList", async move {
-            let members = self
-                .node
-                .config()
-                .members
-                .iter()
-                .map(|(id, n)| pb::Member {
-                    id: *id,
-                    name: format!("node-{id}"),
-                    raft_address: n.raft_addr.clone(),
-                    api_address: n.api_addr.clone(),
-                })
-                .collect();
-            Ok(Response::new(pb::MemberListResponse { members }))
-        })
-        .await
+        self.metrics
+            .timed("MemberList", async move {
+                let members = self
+                    .node
+                    .config()
+                    .members
+                    .iter()
+                    .map(|(id, n)| pb::Member {
+                        id: *id,
+                        name: format!("node-{id}"),
+                        raft_address: n.raft_addr.clone(),
+                        api_address: n.api_addr.clone(),
+                    })
+                    .collect();
+                Ok(Response::new(pb::MemberListResponse { members }))
+            })
+            .await
     }
 
     async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
-        self.timed("Status", async move {
-            let groups = self
-                .node
-                .status()
-                .into_iter()
-                .map(|g| pb::GroupStatus {
-                    table: g.table,
-                    leader_id: g.leader_id,
-                    raft_term: g.term,
-                    raft_commit_index: g.commit_index,
-                    raft_applied_index: g.applied_index,
-                    revision: i64::try_from(g.revision).unwrap_or(i64::MAX),
-                    leader_revision: g.leader_revision,
-                    lag_revisions: g.lag_revisions,
-                    lag_seconds: g.lag_seconds,
-                })
-                .collect();
-            let role = if self.node.is_follower() { "follower" } else { "leader" }.to_string();
-            Ok(Response::new(pb::StatusResponse { member_id: self.node.id(), groups, role }))
-        })
-        .await
+        self.metrics
+            .timed("Status", async move {
+                let groups = self
+                    .node
+                    .status()
+                    .into_iter()
+                    .map(|g| pb::GroupStatus {
+                        table: g.table,
+                        leader_id: g.leader_id,
+                        raft_term: g.term,
+                        raft_commit_index: g.commit_index,
+                        raft_applied_index: g.applied_index,
+                        revision: i64::try_from(g.revision).unwrap_or(i64::MAX),
+                        leader_revision: g.leader_revision,
+                        lag_revisions: g.lag_revisions,
+                        lag_seconds: g.lag_seconds,
+                    })
+                    .collect();
+                let role = if self.node.is_follower() { "follower" } else { "leader" }.to_string();
+                Ok(Response::new(pb::StatusResponse { member_id: self.node.id(), groups, role }))
+            })
+            .await
     }
 }
 
