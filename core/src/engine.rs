@@ -154,14 +154,36 @@ fn apply_batch(map: &mut BTreeMap<Vec<u8>, Vec<u8>>, batch: &WriteBatch) {
             BatchOp::Delete { key } => {
                 map.remove(key);
             }
-            BatchOp::DeleteRange { start, end } => {
-                if start < end {
-                    let doomed: Vec<Vec<u8>> = map.range(start.clone()..end.clone()).map(|(k, _)| k.clone()).collect();
-                    for k in doomed {
-                        map.remove(&k);
-                    }
-                }
+            BatchOp::DeleteRange { start, end } => delete_range(map, start, end),
+        }
+    }
+}
+
+/// [`apply_batch`] for a batch that is no longer needed: keys and values
+/// move into the map instead of being copied (the sync path, which would
+/// otherwise copy every write a second time).
+fn apply_batch_owned(map: &mut BTreeMap<Vec<u8>, Vec<u8>>, batch: WriteBatch) {
+    for op in batch.ops {
+        match op {
+            BatchOp::Put { key, value } => {
+                map.insert(key, value);
             }
+            BatchOp::Delete { key } => {
+                map.remove(&key);
+            }
+            BatchOp::DeleteRange { start, end } => delete_range(map, &start, &end),
+        }
+    }
+}
+
+fn delete_range(map: &mut BTreeMap<Vec<u8>, Vec<u8>>, start: &[u8], end: &[u8]) {
+    if start < end {
+        let doomed: Vec<Vec<u8>> = map
+            .range::<[u8], _>((std::ops::Bound::Included(start), std::ops::Bound::Excluded(end)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in doomed {
+            map.remove(&k);
         }
     }
 }
@@ -263,8 +285,8 @@ impl Engine for MemEngine {
     fn sync(&self) -> Result<(), EngineError> {
         let pending = std::mem::take(&mut self.lock().pending);
         let mut disk = self.disk.lock();
-        for batch in &pending {
-            apply_batch(&mut disk, batch);
+        for batch in pending {
+            apply_batch_owned(&mut disk, batch);
         }
         Ok(())
     }

@@ -19,6 +19,7 @@ pub mod local;
 pub mod quic;
 #[cfg(madsim)]
 pub mod sim;
+pub mod time;
 
 /// A boxed, sendable future.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -50,7 +50,7 @@ impl Transport for LocalTransport {
             let Some(h) = handler else {
                 return Err(TransportError::Unreachable { addr, reason: "no such node".into() });
             };
-            match tokio::time::timeout(timeout, h.handle(request)).await {
+            match crate::time::timeout(timeout, h.handle(request)).await {
                 Ok(Some(r)) => Ok(r),
                 Ok(None) => Err(TransportError::Unreachable { addr, reason: "no response".into() }),
                 Err(_) => Err(TransportError::Timeout { addr, timeout_ms: timeout.as_millis() as u64 }),

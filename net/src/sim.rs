@@ -68,7 +68,7 @@ impl Transport for SimTransport {
         // receiving), so no step of it can hold a caller forever.
         Box::pin(async move {
             let addr = target.clone();
-            match tokio::time::timeout(timeout, self.exchange(target, request, timeout)).await {
+            match crate::time::timeout(timeout, self.exchange(target, request)).await {
                 Ok(r) => r,
                 Err(_) => Err(TransportError::Timeout { addr, timeout_ms: timeout.as_millis() as u64 }),
             }
@@ -77,7 +77,7 @@ impl Transport for SimTransport {
 }
 
 impl SimTransport {
-    async fn exchange(&self, target: String, request: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, TransportError> {
+    async fn exchange(&self, target: String, request: Vec<u8>) -> Result<Vec<u8>, TransportError> {
         crate::check_message_size(&request)?;
         let dst = parse(&target)?;
         let _slot = self
@@ -96,10 +96,12 @@ impl SimTransport {
         for _ in 0..copies {
             self.ep.send_to_raw(dst, REQUEST_TAG, Box::new((id, request.clone()))).await.map_err(unreachable)?;
         }
-        match tokio::time::timeout(timeout, self.ep.recv_from_raw(id)).await {
-            Err(_) => Err(TransportError::Timeout { addr: target.clone(), timeout_ms: timeout.as_millis() as u64 }),
-            Ok(Err(e)) => Err(unreachable(e)),
-            Ok(Ok((payload, _))) => match payload.downcast::<Vec<u8>>() {
+        // No deadline of its own: the caller's covers the whole exchange
+        // (one timer per call; every timer stays in the simulator's queue
+        // until it fires, so a second one was pure cost).
+        match self.ep.recv_from_raw(id).await {
+            Err(e) => Err(unreachable(e)),
+            Ok((payload, _)) => match payload.downcast::<Vec<u8>>() {
                 Ok(bytes) => Ok(*bytes),
                 Err(_) => {
                     Err(TransportError::Unreachable { addr: target.clone(), reason: "malformed response".into() })

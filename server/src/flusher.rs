@@ -37,23 +37,18 @@ impl DiskModel for RealDisk {}
 
 pub struct BatchingFlusher {
     tx: mpsc::Sender<(FlushReason, FlushDone)>,
+    disk: Arc<dyn DiskModel>,
 }
 
 impl BatchingFlusher {
     /// Starts the sync task on the current runtime.
     pub fn start(engine: Arc<dyn Engine>, disk: Arc<dyn DiskModel>) -> Self {
         let (tx, mut rx) = mpsc::channel::<(FlushReason, FlushDone)>(FLUSH_QUEUE_MAX);
+        let model = disk.clone();
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(FLUSH_BATCH_MAX);
             while rx.recv_many(&mut batch, FLUSH_BATCH_MAX).await > 0 {
-                let mut waiting = Vec::with_capacity(batch.len());
-                for (reason, done) in batch.drain(..) {
-                    if disk.ack_before_sync(reason) {
-                        done.done(Ok(()));
-                    } else {
-                        waiting.push(done);
-                    }
-                }
+                let waiting: Vec<FlushDone> = batch.drain(..).map(|(_, done)| done).collect();
                 let delay = disk.sync_delay();
                 if !delay.is_zero() {
                     tokio::time::sleep(delay).await;
@@ -64,12 +59,20 @@ impl BatchingFlusher {
                 }
             }
         });
-        Self { tx }
+        Self { tx, disk: model }
     }
 }
 
 impl Flusher for BatchingFlusher {
     fn flush(&self, reason: FlushReason, done: FlushDone) {
+        let done = if self.disk.ack_before_sync(reason) {
+            // The lying disk (canaries only): reports the write durable at
+            // once, while the sync is still to come.
+            done.done(Ok(()));
+            FlushDone::new(|_| {})
+        } else {
+            done
+        };
         if let Err(e) = self.tx.try_send((reason, done)) {
             let (_, done) = e.into_inner();
             done.done(Err(EngineError::Backend(format!("flush queue full ({FLUSH_QUEUE_MAX}) or stopped"))));

@@ -11,10 +11,8 @@
 //!   which the simulation forbids.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use openraft::async_runtime::watch::{RecvError, SendError, Watch, WatchReceiver, WatchSender};
@@ -25,47 +23,7 @@ use rand_chacha::rand_core::SeedableRng;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ArmadaRt;
 
-/// A timeout elapsed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Elapsed;
-
-impl std::fmt::Display for Elapsed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "deadline elapsed")
-    }
-}
-
-impl std::error::Error for Elapsed {}
-
-pin_project_lite::pin_project! {
-    /// A future with a deadline; polls the inner future first, so a result
-    /// that is ready at the deadline wins (deterministic either way).
-    pub struct Timeout<F> {
-        #[pin]
-        fut: F,
-        #[pin]
-        sleep: tokio::time::Sleep,
-    }
-}
-
-impl<F: Future> Future for Timeout<F> {
-    type Output = Result<F::Output, Elapsed>;
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        if let Poll::Ready(v) = this.fut.poll(cx) {
-            return Poll::Ready(Ok(v));
-        }
-        match this.sleep.poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(Elapsed)),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-/// Runs `fut` with a deadline of `d` from now.
-pub fn timeout<F: Future>(d: Duration, fut: F) -> Timeout<F> {
-    Timeout { fut, sleep: tokio::time::sleep(d) }
-}
+pub use armada_net::time::{timeout, Elapsed, Sleep, Timeout};
 
 fn until(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
@@ -74,7 +32,7 @@ fn until(deadline: Instant) -> Duration {
 impl AsyncRuntime for ArmadaRt {
     type JoinError = tokio::task::JoinError;
     type JoinHandle<T: OptionalSend + 'static> = tokio::task::JoinHandle<T>;
-    type Sleep = tokio::time::Sleep;
+    type Sleep = Sleep;
     // Under madsim `std::time::Instant::now()` is simulated time.
     type Instant = Instant;
     type TimeoutError = Elapsed;
@@ -90,11 +48,11 @@ impl AsyncRuntime for ArmadaRt {
     }
 
     fn sleep(duration: Duration) -> Self::Sleep {
-        tokio::time::sleep(duration)
+        armada_net::time::sleep(duration)
     }
 
     fn sleep_until(deadline: Self::Instant) -> Self::Sleep {
-        tokio::time::sleep(until(deadline))
+        armada_net::time::sleep(until(deadline))
     }
 
     fn timeout<R, F: Future<Output = R> + OptionalSend>(duration: Duration, future: F) -> Self::Timeout<R, F> {

@@ -132,6 +132,11 @@ pub struct Followers {
     /// (0: with the others), so it may have to bootstrap from a snapshot.
     #[serde(default)]
     pub late_start_s: u64,
+    /// Extra time each fsync takes on follower-cluster nodes (ms range);
+    /// unset: as `faults.fsync_ms`. Slow follower disks make the table
+    /// workers' proposals time out while they still commit.
+    #[serde(default)]
+    pub fsync_ms: Option<[u64; 2]>,
     /// Bound, in simulated seconds, for every follower to reach the leader's
     /// state after faults heal.
     #[serde(default = "d_liveness")]
@@ -238,9 +243,12 @@ impl Scenario {
             if fl.clients > CLIENTS_MAX {
                 return Err(format!("followers.clients must be at most {CLIENTS_MAX}"));
             }
-            for (name, r) in
-                [("wan_latency_ms", fl.wan_latency_ms), ("interval_ms", fl.interval_ms), ("fault_ms", fl.fault_ms)]
-            {
+            for (name, r) in [
+                ("wan_latency_ms", fl.wan_latency_ms),
+                ("interval_ms", fl.interval_ms),
+                ("fault_ms", fl.fault_ms),
+                ("fsync_ms", fl.fsync_ms.unwrap_or(self.faults.fsync_ms)),
+            ] {
                 if r[0] > r[1] {
                     return Err(format!("followers.{name}: lower bound above upper bound"));
                 }

@@ -269,7 +269,11 @@ async fn node_main(
         canary_on_restart(&disk);
     }
     let engine: Arc<dyn Engine> = Arc::new(MemEngine::open(disk));
-    let flusher = Arc::new(BatchingFlusher::start(engine.clone(), Arc::new(SimDisk { fsync_ms: sc.faults.fsync_ms })));
+    let fsync_ms = match (&sc.followers, cluster) {
+        (Some(fl), c) if c > 0 => fl.fsync_ms.unwrap_or(sc.faults.fsync_ms),
+        _ => sc.faults.fsync_ms,
+    };
+    let flusher = Arc::new(BatchingFlusher::start(engine.clone(), Arc::new(SimDisk { fsync_ms })));
     let transport = Arc::new(
         SimTransport::new(SimFaults { duplicate_rate: sc.faults.duplicate_rate })
             .await
@@ -437,7 +441,7 @@ async fn perform(conns: &mut Conns, node: u64, table: &str, kind: &OpKind) -> Ou
                 }),
         }
     };
-    match tokio::time::timeout(CLIENT_TIMEOUT, fut).await {
+    match armada_net::time::timeout(CLIENT_TIMEOUT, fut).await {
         Ok(Ok(r)) => Outcome::Ok(r),
         Ok(Err(s)) => {
             if !definite(s.code()) {
