@@ -113,98 +113,95 @@ pub fn exact_size<E: Engine + ?Sized>(engine: &E, start: &[u8], end: &[u8]) -> R
     Ok(total)
 }
 
-/// The durable contents of a simulated disk: what survives a crash. The
-/// simulated world keeps this handle outside the node so that a restarted
-/// node opens what was fsynced and nothing else.
+/// A simulated disk: what survives a crash. The simulated world keeps this
+/// handle outside the node so that a restarted node opens what was fsynced
+/// and nothing else.
+///
+/// It holds one ordered map with every write of the engine open on it, and
+/// an undo record (key, value before) for each write since the last sync. A
+/// crash rolls the undo records back, newest first, which leaves exactly the
+/// synced writes. (It used to hold a second copy of the map that every sync
+/// replayed the batches into: a tenth of the simulator's time.)
 #[derive(Debug, Clone, Default)]
 pub struct DurableImage {
-    inner: Arc<Mutex<BTreeMap<Vec<u8>, Vec<u8>>>>,
+    inner: Arc<Mutex<Disk>>,
+}
+
+#[derive(Debug, Default)]
+struct Disk {
+    map: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Writes since the last sync, oldest first: each key and its value
+    /// before the write (`None`: it did not exist).
+    undo: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Incarnation of the engine that may use the disk; an engine opened
+    /// before the latest crash is fenced off.
+    owner: u64,
+}
+
+impl Disk {
+    /// What a crash does: unsynced writes vanish, and the engine that made
+    /// them can no longer touch the disk.
+    fn crash(&mut self) {
+        while let Some((key, before)) = self.undo.pop() {
+            match before {
+                Some(v) => {
+                    self.map.insert(key, v);
+                }
+                None => {
+                    self.map.remove(&key);
+                }
+            }
+        }
+        self.owner += 1;
+    }
 }
 
 impl DurableImage {
     pub fn new() -> Self {
         Self::default()
     }
-    /// Number of durable keys (diagnostics and tests).
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// Changes the durable contents directly: for simulating disk faults
-    /// (and, in canary runs, deliberate data loss) between a crash and a
-    /// restart. Never used by a running engine.
+    /// Crashes the disk (see [`Disk::crash`]), then changes the durable
+    /// contents directly: for simulating disk faults (and, in canary runs,
+    /// deliberate data loss) between a crash and a restart. Never used by a
+    /// running engine, which it fences off.
     pub fn mutate(&self, f: impl FnOnce(&mut BTreeMap<Vec<u8>, Vec<u8>>)) {
-        f(&mut self.lock())
+        let mut d = self.lock();
+        d.crash();
+        f(&mut d.map)
     }
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Vec<u8>, Vec<u8>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Disk> {
         // A poisoned lock means a thread panicked while applying a batch;
         // the map itself is still a consistent BTreeMap, so keep using it.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-fn apply_batch(map: &mut BTreeMap<Vec<u8>, Vec<u8>>, batch: &WriteBatch) {
-    for op in &batch.ops {
-        match op {
-            BatchOp::Put { key, value } => {
-                map.insert(key.clone(), value.clone());
-            }
-            BatchOp::Delete { key } => {
-                map.remove(key);
-            }
-            BatchOp::DeleteRange { start, end } => delete_range(map, start, end),
-        }
-    }
-}
-
-/// [`apply_batch`] for a batch that is no longer needed: keys and values
-/// move into the map instead of being copied (the sync path, which would
-/// otherwise copy every write a second time).
-fn apply_batch_owned(map: &mut BTreeMap<Vec<u8>, Vec<u8>>, batch: WriteBatch) {
-    for op in batch.ops {
-        match op {
-            BatchOp::Put { key, value } => {
-                map.insert(key, value);
-            }
-            BatchOp::Delete { key } => {
-                map.remove(&key);
-            }
-            BatchOp::DeleteRange { start, end } => delete_range(map, &start, &end),
-        }
-    }
-}
-
-fn delete_range(map: &mut BTreeMap<Vec<u8>, Vec<u8>>, start: &[u8], end: &[u8]) {
+fn delete_range_logged(d: &mut Disk, start: &[u8], end: &[u8]) {
     if start < end {
-        let doomed: Vec<Vec<u8>> = map
+        let doomed: Vec<Vec<u8>> = d
+            .map
             .range::<[u8], _>((std::ops::Bound::Included(start), std::ops::Bound::Excluded(end)))
             .map(|(k, _)| k.clone())
             .collect();
         for k in doomed {
-            map.remove(&k);
+            if let Some(v) = d.map.remove(&k) {
+                d.undo.push((k, Some(v)));
+            }
         }
     }
 }
 
-/// Upper bound on batches waiting for `sync` in a [`MemEngine`]; a driver
+/// Upper bound on writes waiting for `sync` in a [`MemEngine`]; a driver
 /// that never syncs is a bug, and this makes it loud instead of a slow leak.
-pub const MEM_ENGINE_PENDING_BATCHES_MAX: usize = 1 << 20;
+pub const MEM_ENGINE_UNSYNCED_WRITES_MAX: usize = 1 << 22;
 
-#[derive(Debug, Default)]
-struct MemInner {
-    visible: BTreeMap<Vec<u8>, Vec<u8>>,
-    pending: Vec<WriteBatch>,
-}
-
-/// In-memory engine. Writes are visible at once; they reach the
-/// [`DurableImage`] only at `sync`, so dropping the engine (a simulated crash)
-/// loses exactly the writes that were never synced.
+/// In-memory engine over a [`DurableImage`]. Writes are visible at once;
+/// they become durable at `sync`, so a simulated crash (the disk reopened by
+/// a new engine) loses exactly the writes that were never synced.
 #[derive(Debug)]
 pub struct MemEngine {
-    inner: Mutex<MemInner>,
     disk: DurableImage,
+    incarnation: u64,
 }
 
 impl MemEngine {
@@ -214,10 +211,15 @@ impl MemEngine {
     }
 
     /// Opens the engine over an existing disk, as a node restarting after a
-    /// crash would: it sees the durable writes and nothing else.
+    /// crash would: it sees the durable writes and nothing else. An engine
+    /// still open on the disk is fenced: its every later call fails.
     pub fn open(disk: DurableImage) -> Self {
-        let visible = disk.lock().clone();
-        Self { inner: Mutex::new(MemInner { visible, pending: Vec::new() }), disk }
+        let incarnation = {
+            let mut d = disk.lock();
+            d.crash();
+            d.owner
+        };
+        Self { disk, incarnation }
     }
 
     /// The disk this engine syncs to.
@@ -225,13 +227,17 @@ impl MemEngine {
         &self.disk
     }
 
-    /// Number of batches written but not yet synced.
-    pub fn pending_batches(&self) -> usize {
-        self.lock().pending.len()
+    /// Number of writes (keys changed) not yet synced.
+    pub fn unsynced_writes(&self) -> usize {
+        self.disk.lock().undo.len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, MemInner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Disk>, EngineError> {
+        let d = self.disk.lock();
+        if d.owner != self.incarnation {
+            return Err(EngineError::Backend("engine closed: its disk was reopened after a crash".into()));
+        }
+        Ok(d)
     }
 }
 
@@ -243,16 +249,15 @@ impl Default for MemEngine {
 
 impl Engine for MemEngine {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
-        Ok(self.lock().visible.get(key).cloned())
+        Ok(self.lock()?.map.get(key).cloned())
     }
 
     fn scan(&self, start: &[u8], end: &[u8], visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), EngineError> {
         if start >= end {
             return Ok(());
         }
-        let inner = self.lock();
-        for (k, v) in inner.visible.range::<[u8], _>((std::ops::Bound::Included(start), std::ops::Bound::Excluded(end)))
-        {
+        let d = self.lock()?;
+        for (k, v) in d.map.range::<[u8], _>((std::ops::Bound::Included(start), std::ops::Bound::Excluded(end))) {
             if !visit(k, v) {
                 break;
             }
@@ -264,30 +269,38 @@ impl Engine for MemEngine {
         if start >= end {
             return Ok(None);
         }
-        let inner = self.lock();
-        Ok(inner
-            .visible
+        let d = self.lock()?;
+        Ok(d.map
             .range::<[u8], _>((std::ops::Bound::Included(start), std::ops::Bound::Excluded(end)))
             .next_back()
             .map(|(k, v)| (k.clone(), v.clone())))
     }
 
     fn write(&self, batch: WriteBatch) -> Result<(), EngineError> {
-        let mut inner = self.lock();
-        if inner.pending.len() >= MEM_ENGINE_PENDING_BATCHES_MAX {
-            return Err(EngineError::Backend(format!("more than {MEM_ENGINE_PENDING_BATCHES_MAX} unsynced batches")));
+        let mut d = self.lock()?;
+        if d.undo.len().saturating_add(batch.ops.len()) > MEM_ENGINE_UNSYNCED_WRITES_MAX {
+            return Err(EngineError::Backend(format!("more than {MEM_ENGINE_UNSYNCED_WRITES_MAX} unsynced writes")));
         }
-        apply_batch(&mut inner.visible, &batch);
-        inner.pending.push(batch);
+        let d = &mut *d;
+        for op in batch.ops {
+            match op {
+                BatchOp::Put { key, value } => {
+                    let before = d.map.insert(key.clone(), value);
+                    d.undo.push((key, before));
+                }
+                BatchOp::Delete { key } => {
+                    if let Some(v) = d.map.remove(&key) {
+                        d.undo.push((key, Some(v)));
+                    }
+                }
+                BatchOp::DeleteRange { start, end } => delete_range_logged(d, &start, &end),
+            }
+        }
         Ok(())
     }
 
     fn sync(&self) -> Result<(), EngineError> {
-        let pending = std::mem::take(&mut self.lock().pending);
-        let mut disk = self.disk.lock();
-        for batch in pending {
-            apply_batch_owned(&mut disk, batch);
-        }
+        self.lock()?.undo.clear();
         Ok(())
     }
 }
@@ -424,6 +437,21 @@ pub mod conformance {
 mod tests {
     use super::*;
 
+    /// The plain model of a batch: every op in order, on a map.
+    fn model_apply(map: &mut BTreeMap<Vec<u8>, Vec<u8>>, batch: &WriteBatch) {
+        for op in &batch.ops {
+            match op {
+                BatchOp::Put { key, value } => {
+                    map.insert(key.clone(), value.clone());
+                }
+                BatchOp::Delete { key } => {
+                    map.remove(key);
+                }
+                BatchOp::DeleteRange { start, end } => map.retain(|k, _| !(k >= start && k < end)),
+            }
+        }
+    }
+
     #[test]
     fn mem_engine_conforms() {
         conformance::run_all(&mut || Box::new(MemEngine::new()));
@@ -440,11 +468,49 @@ mod tests {
         let mut b = WriteBatch::new();
         b.put(b"lost".to_vec(), b"2".to_vec());
         e.write(b).unwrap();
-        assert_eq!(e.pending_batches(), 1);
+        assert_eq!(e.unsynced_writes(), 1);
         drop(e);
         let e = MemEngine::open(disk);
         assert_eq!(e.get(b"synced").unwrap(), Some(b"1".to_vec()));
         assert_eq!(e.get(b"lost").unwrap(), None);
+    }
+
+    /// Random batches (puts, overwrites, deletes, range deletes) with syncs
+    /// at random points, then a crash: the reopened engine holds exactly
+    /// the state after the last synced batch, and a stale engine is fenced.
+    #[test]
+    fn crash_rolls_back_to_the_last_sync_exactly() {
+        use proptest::prelude::*;
+        let op = prop_oneof![
+            (0u8..8, 0u8..4).prop_map(|(k, v)| BatchOp::Put { key: vec![k], value: vec![v] }),
+            (0u8..8).prop_map(|k| BatchOp::Delete { key: vec![k] }),
+            (0u8..8, 0u8..8).prop_map(|(a, b)| BatchOp::DeleteRange { start: vec![a], end: vec![b] }),
+        ];
+        let batches = proptest::collection::vec((proptest::collection::vec(op, 0..5), any::<bool>()), 0..30);
+        proptest!(|(batches in batches)| {
+            let disk = DurableImage::new();
+            let e = MemEngine::open(disk.clone());
+            let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+            let mut durable = model.clone();
+            for (ops, sync) in batches {
+                let batch = WriteBatch { ops };
+                model_apply(&mut model, &batch);
+                e.write(batch).unwrap();
+                if sync {
+                    e.sync().unwrap();
+                    durable = model.clone();
+                }
+                let mut seen = BTreeMap::new();
+                e.scan(&[], &[0xff], &mut |k, v| { seen.insert(k.to_vec(), v.to_vec()); true }).unwrap();
+                prop_assert_eq!(&seen, &model);
+            }
+            let reopened = MemEngine::open(disk.clone());
+            let mut seen = BTreeMap::new();
+            reopened.scan(&[], &[0xff], &mut |k, v| { seen.insert(k.to_vec(), v.to_vec()); true }).unwrap();
+            prop_assert_eq!(&seen, &durable);
+            prop_assert!(e.get(&[0]).is_err(), "the engine from before the crash is fenced");
+            prop_assert!(e.write(WriteBatch::new()).is_err());
+        });
     }
 
     #[test]
