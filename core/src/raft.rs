@@ -376,6 +376,12 @@ pub trait ApplyObserver: Send + Sync + 'static {
     /// The state machine replaced its state with a snapshot taken at
     /// `index`, after which the table is at `revision`.
     fn installed_snapshot(&self, _group: GroupId, _index: u64, _revision: Option<u64>) {}
+
+    /// Whether [`ApplyObserver::applied`] needs the entry's `digest` (it
+    /// costs a second encoding of every entry); without it the digest is 0.
+    fn wants_digest(&self) -> bool {
+        true
+    }
 }
 
 /// What a group's state machine holds.
@@ -573,15 +579,20 @@ impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
             batch.put(self.applied_key(), enc(&(Some(log_id), membership.clone())));
             self.engine.write(batch).map_err(io_err)?;
             if let Some(obs) = &self.observer {
-                let mut h = crate::mvcc::Fnv64::new();
-                h.write_bytes(&enc(&log_id));
-                h.write_bytes(&enc(&entry.payload));
+                let digest = if obs.wants_digest() {
+                    let mut h = crate::mvcc::Fnv64::new();
+                    h.write_bytes(&enc(&log_id));
+                    h.write_bytes(&enc(&entry.payload));
+                    h.finish()
+                } else {
+                    0
+                };
                 let revision = self.table_revision()?;
                 let command = match &entry.payload {
                     EntryPayload::Normal(c) => Some(c),
                     _ => None,
                 };
-                obs.applied(self.group, log_id.index, log_id.leader_id.term, h.finish(), revision, command, &response);
+                obs.applied(self.group, log_id.index, log_id.leader_id.term, digest, revision, command, &response);
             }
             if let Some(r) = responder {
                 r.send(response);

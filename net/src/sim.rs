@@ -93,9 +93,10 @@ impl SimTransport {
         } else {
             1
         };
-        for _ in 0..copies {
+        if copies == 2 {
             self.ep.send_to_raw(dst, REQUEST_TAG, Box::new((id, request.clone()))).await.map_err(unreachable)?;
         }
+        self.ep.send_to_raw(dst, REQUEST_TAG, Box::new((id, request))).await.map_err(unreachable)?;
         // No deadline of its own: the caller's covers the whole exchange
         // (one timer per call; every timer stays in the simulator's queue
         // until it fires, so a second one was pure cost).

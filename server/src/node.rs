@@ -262,6 +262,12 @@ impl ApplyObserver for Notifier {
         }
         self.publish(group, revision.unwrap_or(index));
     }
+
+    fn wants_digest(&self) -> bool {
+        // Only an outside observer (the simulator's checkers) compares
+        // digests; the node itself needs revisions.
+        self.inner.as_ref().is_some_and(|o| o.wants_digest())
+    }
 }
 
 /// Where a follower cluster sends what only the leader cluster may do.
@@ -520,13 +526,17 @@ impl Node {
             ClientRequest::Range { table, req: r, serializable, hops } => {
                 self.range_local(table, r, *serializable, *hops).await.map(|(r, h)| ClientReply::Range(r, h))
             }
+            // Catalog requests are rare: boxed, so that their futures do not
+            // enlarge the future of every read and write.
             ClientRequest::CreateTable { name, hops } => {
-                self.create_table_local(name, *hops).await.map(ClientReply::Table)
+                Box::pin(self.create_table_local(name, *hops)).await.map(ClientReply::Table)
             }
             ClientRequest::DeleteTable { name, hops } => {
-                self.delete_table_local(name, *hops).await.map(ClientReply::Table)
+                Box::pin(self.delete_table_local(name, *hops)).await.map(ClientReply::Table)
             }
-            ClientRequest::ListTables { hops } => self.list_tables_local(*hops).await.map(ClientReply::Tables),
+            ClientRequest::ListTables { hops } => {
+                Box::pin(self.list_tables_local(*hops)).await.map(ClientReply::Tables)
+            }
         };
         match local {
             Err(ApiError::Forward { raft_addr, .. }) => self.forward(&raft_addr, req.next_hop()).await,
@@ -548,7 +558,10 @@ impl Node {
             Some(info) => info,
             None => {
                 let meta = self.group(GroupId::META).ok_or_else(|| ApiError::Internal("no metadata group".into()))?;
-                self.linearize(&meta, hops, "the catalog").await?;
+                // Boxed, like `sync_groups` below: these rare paths would
+                // otherwise be inlined into the future of every request
+                // (kilobytes copied each time one is created or moved).
+                Box::pin(self.linearize(&meta, hops, "the catalog")).await?;
                 self.catalog()
                     .get(name)
                     .map_err(|e| ApiError::Internal(e.to_string()))?
@@ -558,7 +571,7 @@ impl Node {
         match self.group(info.id) {
             Some(g) => Ok(g),
             None => {
-                self.sync_groups().await;
+                Box::pin(self.sync_groups()).await;
                 self.group(info.id).ok_or_else(|| ApiError::Unavailable(format!("table {name:?} is starting")))
             }
         }
