@@ -154,6 +154,31 @@ impl Disk {
         }
         self.owner += 1;
     }
+
+    /// Applies one operation and records how to undo it.
+    fn apply(&mut self, op: BatchOp) {
+        match op {
+            BatchOp::Put { key, value } => {
+                let before = self.map.insert(key.clone(), value);
+                self.undo.push((key, before));
+            }
+            BatchOp::Delete { key } => {
+                if let Some(v) = self.map.remove(&key) {
+                    self.undo.push((key, Some(v)));
+                }
+            }
+            BatchOp::DeleteRange { start, end } => {
+                if start < end {
+                    let doomed: Vec<Vec<u8>> = self.map.range(start..end).map(|(k, _)| k.clone()).collect();
+                    for k in doomed {
+                        if let Some(v) = self.map.remove(&k) {
+                            self.undo.push((k, Some(v)));
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl DurableImage {
@@ -173,21 +198,6 @@ impl DurableImage {
         // A poisoned lock means a thread panicked while applying a batch;
         // the map itself is still a consistent BTreeMap, so keep using it.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-fn delete_range_logged(d: &mut Disk, start: &[u8], end: &[u8]) {
-    if start < end {
-        let doomed: Vec<Vec<u8>> = d
-            .map
-            .range::<[u8], _>((std::ops::Bound::Included(start), std::ops::Bound::Excluded(end)))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in doomed {
-            if let Some(v) = d.map.remove(&k) {
-                d.undo.push((k, Some(v)));
-            }
-        }
     }
 }
 
@@ -281,20 +291,8 @@ impl Engine for MemEngine {
         if d.undo.len().saturating_add(batch.ops.len()) > MEM_ENGINE_UNSYNCED_WRITES_MAX {
             return Err(EngineError::Backend(format!("more than {MEM_ENGINE_UNSYNCED_WRITES_MAX} unsynced writes")));
         }
-        let d = &mut *d;
         for op in batch.ops {
-            match op {
-                BatchOp::Put { key, value } => {
-                    let before = d.map.insert(key.clone(), value);
-                    d.undo.push((key, before));
-                }
-                BatchOp::Delete { key } => {
-                    if let Some(v) = d.map.remove(&key) {
-                        d.undo.push((key, Some(v)));
-                    }
-                }
-                BatchOp::DeleteRange { start, end } => delete_range_logged(d, &start, &end),
-            }
+            d.apply(op);
         }
         Ok(())
     }

@@ -44,8 +44,9 @@ impl BatchingFlusher {
     /// Starts the sync task on the current runtime.
     pub fn start(engine: Arc<dyn Engine>, disk: Arc<dyn DiskModel>) -> Self {
         let (tx, mut rx) = mpsc::channel::<(FlushReason, FlushDone)>(FLUSH_QUEUE_MAX);
-        let model = disk.clone();
+        let for_task = disk.clone();
         tokio::spawn(async move {
+            let disk = for_task;
             let mut batch = Vec::with_capacity(FLUSH_BATCH_MAX);
             while rx.recv_many(&mut batch, FLUSH_BATCH_MAX).await > 0 {
                 let waiting: Vec<FlushDone> = batch.drain(..).map(|(_, done)| done).collect();
@@ -59,7 +60,7 @@ impl BatchingFlusher {
                 }
             }
         });
-        Self { tx, disk: model }
+        Self { tx, disk }
     }
 }
 

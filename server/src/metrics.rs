@@ -144,24 +144,6 @@ impl Metrics {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn buckets_are_cumulative() {
-        let m = Metrics::default();
-        m.observe("Put", true, Duration::from_millis(3));
-        m.observe("Put", false, Duration::from_secs(2));
-        let s = m.methods.lock().unwrap()["Put"].clone();
-        assert_eq!(s.ok.load(Ordering::Relaxed), 1);
-        assert_eq!(s.errors.load(Ordering::Relaxed), 1);
-        // 3 ms falls in every bucket from 5 ms up; 2 s only in the 5 s one.
-        let counts: Vec<u64> = s.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
-        assert_eq!(counts, vec![0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2]);
-    }
-}
-
 pin_project_lite::pin_project! {
     /// The future of [`Metrics::timed`].
     pub struct Timed<'a, F> {
@@ -183,5 +165,23 @@ where
         let r = std::task::ready!(this.fut.poll(cx));
         this.metrics.observe(this.method, r.is_ok(), this.start.elapsed());
         std::task::Poll::Ready(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_cumulative() {
+        let m = Metrics::default();
+        m.observe("Put", true, Duration::from_millis(3));
+        m.observe("Put", false, Duration::from_secs(2));
+        let s = m.methods.lock().unwrap()["Put"].clone();
+        assert_eq!(s.ok.load(Ordering::Relaxed), 1);
+        assert_eq!(s.errors.load(Ordering::Relaxed), 1);
+        // 3 ms falls in every bucket from 5 ms up; 2 s only in the 5 s one.
+        let counts: Vec<u64> = s.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        assert_eq!(counts, vec![0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2]);
     }
 }

@@ -133,8 +133,7 @@ pub struct Followers {
     #[serde(default)]
     pub late_start_s: u64,
     /// Extra time each fsync takes on follower-cluster nodes (ms range);
-    /// unset: as `faults.fsync_ms`. Slow follower disks make the table
-    /// workers' proposals time out while they still commit.
+    /// unset: as `faults.fsync_ms` (see [`Scenario::fsync_ms`]).
     #[serde(default)]
     pub fsync_ms: Option<[u64; 2]>,
     /// Bound, in simulated seconds, for every follower to reach the leader's
@@ -196,6 +195,15 @@ pub const TABLES_MAX: u32 = 64;
 pub const FOLLOWER_CLUSTERS_MAX: u32 = 8;
 
 impl Scenario {
+    /// The fsync delay range of the nodes of `cluster` (0: the leader
+    /// cluster; follower clusters may have their own).
+    pub fn fsync_ms(&self, cluster: u64) -> [u64; 2] {
+        match &self.followers {
+            Some(fl) if cluster > 0 => fl.fsync_ms.unwrap_or(self.faults.fsync_ms),
+            _ => self.faults.fsync_ms,
+        }
+    }
+
     pub fn load(path: &Path) -> anyhow::Result<Scenario> {
         let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
         let s: Scenario = toml::from_str(&text).map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))?;
@@ -247,7 +255,7 @@ impl Scenario {
                 ("wan_latency_ms", fl.wan_latency_ms),
                 ("interval_ms", fl.interval_ms),
                 ("fault_ms", fl.fault_ms),
-                ("fsync_ms", fl.fsync_ms.unwrap_or(self.faults.fsync_ms)),
+                ("fsync_ms", self.fsync_ms(1)),
             ] {
                 if r[0] > r[1] {
                     return Err(format!("followers.{name}: lower bound above upper bound"));

@@ -269,11 +269,8 @@ async fn node_main(
         canary_on_restart(&disk);
     }
     let engine: Arc<dyn Engine> = Arc::new(MemEngine::open(disk));
-    let fsync_ms = match (&sc.followers, cluster) {
-        (Some(fl), c) if c > 0 => fl.fsync_ms.unwrap_or(sc.faults.fsync_ms),
-        _ => sc.faults.fsync_ms,
-    };
-    let flusher = Arc::new(BatchingFlusher::start(engine.clone(), Arc::new(SimDisk { fsync_ms })));
+    let flusher =
+        Arc::new(BatchingFlusher::start(engine.clone(), Arc::new(SimDisk { fsync_ms: sc.fsync_ms(cluster) })));
     let transport = Arc::new(
         SimTransport::new(SimFaults { duplicate_rate: sc.faults.duplicate_rate })
             .await
