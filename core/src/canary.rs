@@ -29,10 +29,12 @@ pub enum Canary {
     FollowerReadAhead = 9,
     /// Answer a write forwarded by a follower before the follower applied it.
     AnswerBeforeApply = 10,
+    /// Run Raft elections without pre-vote.
+    NoPreVote = 11,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 10] = [
+    pub const ALL: [Canary; 11] = [
         Canary::AckBeforeFsync,
         Canary::StaleRead,
         Canary::ReuseRevision,
@@ -43,6 +45,7 @@ impl Canary {
         Canary::SnapshotSkipFirst,
         Canary::FollowerReadAhead,
         Canary::AnswerBeforeApply,
+        Canary::NoPreVote,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,6 +60,7 @@ impl Canary {
             Canary::SnapshotSkipFirst => "snapshot-skip-first",
             Canary::FollowerReadAhead => "follower-read-ahead",
             Canary::AnswerBeforeApply => "answer-before-apply",
+            Canary::NoPreVote => "no-pre-vote",
         }
     }
 

@@ -1,7 +1,7 @@
-//! `armada bench put`: a closed-loop put benchmark over etcd's v3 protocol,
+//! `armada bench put|get`: closed-loop benchmarks over etcd's v3 protocol,
 //! so the same client measures Armada and etcd alike. Each client sends one
-//! put at a time and records its latency; throughput and percentiles cover
-//! the measured window only (after a warm-up).
+//! request at a time and records its latency; throughput and percentiles
+//! cover the measured window only (after a warm-up).
 
 use std::time::{Duration, Instant};
 
@@ -42,7 +42,31 @@ pub fn quantile(sorted: &[Duration], q: f64) -> Duration {
     sorted[idx.min(sorted.len() - 1)]
 }
 
+/// What each benchmark request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// A durable put of a `value_size` value.
+    Put,
+    /// A single-key get: serializable (local state) or linearizable.
+    Get { serializable: bool },
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Put => "puts",
+            Op::Get { serializable: true } => "serializable gets",
+            Op::Get { serializable: false } => "linearizable gets",
+        }
+    }
+}
+
 pub async fn put(args: &BenchArgs) -> anyhow::Result<()> {
+    run(args, Op::Put).await
+}
+
+/// Runs the closed loop of `op` and prints the result.
+pub async fn run(args: &BenchArgs, op: Op) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.clients > 0 && args.seconds > 0 && args.keys > 0,
         "clients, seconds and keys must be positive"
@@ -52,7 +76,8 @@ pub async fn put(args: &BenchArgs) -> anyhow::Result<()> {
     let stop_at = measure_from + Duration::from_secs(args.seconds);
     let mut tasks = Vec::new();
     for c in 0..args.clients {
-        let ep = tonic::transport::Endpoint::from_shared(args.endpoint.clone())?
+        let ep = crate::listen::endpoint(&args.endpoint)
+            .map_err(|e| anyhow::anyhow!("invalid endpoint: {e}"))?
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(10));
         let mut client = pb::kv_client::KvClient::new(ep.connect().await?);
@@ -69,7 +94,14 @@ pub async fn put(args: &BenchArgs) -> anyhow::Result<()> {
                 }
                 let key = format!("bench/{c:03}/{:06}", i % keys).into_bytes();
                 i += 1;
-                let ok = client.put(pb::PutRequest { key, value: value.clone(), ..Default::default() }).await.is_ok();
+                let ok = match op {
+                    Op::Put => {
+                        client.put(pb::PutRequest { key, value: value.clone(), ..Default::default() }).await.is_ok()
+                    }
+                    Op::Get { serializable } => {
+                        client.range(pb::RangeRequest { key, serializable, ..Default::default() }).await.is_ok()
+                    }
+                };
                 if t0 >= measure_from {
                     if ok {
                         lat.push(t0.elapsed());
@@ -96,19 +128,20 @@ pub async fn put(args: &BenchArgs) -> anyhow::Result<()> {
     if args.json {
         println!(
             "{}",
-            json!({"endpoint": args.endpoint, "clients": args.clients, "seconds": args.seconds,
-                   "value_size": args.value_size, "puts": all.len(), "errors": errors,
-                   "puts_per_second": ops_per_s, "p50_ms": ms(p50), "p99_ms": ms(p99),
+            json!({"endpoint": args.endpoint, "op": op.name(), "clients": args.clients, "seconds": args.seconds,
+                   "value_size": args.value_size, "ops": all.len(), "errors": errors,
+                   "ops_per_second": ops_per_s, "p50_ms": ms(p50), "p99_ms": ms(p99),
                    "p999_ms": ms(p999), "max_ms": ms(max)})
         );
     } else {
         println!(
-            "{} clients, {} s, {} B values: {} puts ({errors} errors), {ops_per_s:.0} puts/s, \
+            "{} clients, {} s, {} B values: {} {} ({errors} errors), {ops_per_s:.0}/s, \
              p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
             args.clients,
             args.seconds,
             args.value_size,
             all.len(),
+            op.name(),
             ms(p50),
             ms(p99),
             ms(p999),

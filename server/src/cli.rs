@@ -85,7 +85,7 @@ pub enum ClusterCmd {
 }
 
 async fn channel(endpoint: &str) -> anyhow::Result<Channel> {
-    let ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+    let ep = crate::listen::endpoint(endpoint)
         .map_err(|e| anyhow::anyhow!("invalid endpoint {endpoint:?}: {e}"))?
         .connect_timeout(std::time::Duration::from_secs(3));
     ep.connect().await.map_err(|e| anyhow::anyhow!("cannot connect to {endpoint}: {e}"))
@@ -298,6 +298,12 @@ pub async fn cluster(args: &ClientArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
                                 " leader-revision {} lag {} revisions {:.3} s",
                                 g.leader_revision, g.lag_revisions, g.lag_seconds
                             );
+                            if !g.replication_state.is_empty() {
+                                print!(" replication {}", g.replication_state);
+                            }
+                            if !g.replication_error.is_empty() {
+                                print!(" ({})", g.replication_error);
+                            }
                         }
                         println!();
                     }
@@ -311,7 +317,9 @@ pub async fn cluster(args: &ClientArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
                                         "raft_commit_index": g.raft_commit_index,
                                         "raft_applied_index": g.raft_applied_index, "revision": g.revision,
                                         "leader_revision": g.leader_revision, "lag_revisions": g.lag_revisions,
-                                        "lag_seconds": g.lag_seconds})
+                                        "lag_seconds": g.lag_seconds,
+                                        "replication_state": g.replication_state,
+                                        "replication_error": g.replication_error})
                         })
                         .collect();
                     println!("{}", json!({"member_id": s.member_id, "role": s.role, "groups": groups}))

@@ -15,9 +15,14 @@ pub mod etcd;
 pub mod flusher;
 #[cfg(not(madsim))]
 pub mod http;
+#[cfg(all(not(madsim), feature = "rocksdb"))]
+pub mod launch;
+#[cfg(not(madsim))]
+pub mod listen;
 pub mod metrics;
 pub mod network;
 pub mod node;
+pub mod ready;
 pub mod replication;
 #[cfg(feature = "rocksdb")]
 pub mod rocks;

@@ -1,18 +1,9 @@
 //! The `armada` binary: wiring only. `armada leader` runs a node of a
 //! leader cluster; `armada table|kv|cluster` are clients of a running node.
 
-use std::sync::Arc;
-
-use anyhow::Context;
-use armada_core::Engine;
-use armada_net::quic::QuicTransport;
 use armada_server::cli::{self, ClientArgs, ClusterCmd, KvCmd, TableCmd};
 use armada_server::config::{self, LogFormat, ServeArgs};
-use armada_server::flusher::{BatchingFlusher, RealDisk};
-use armada_server::network::RaftHandler;
-use armada_server::node::Node;
-use armada_server::rocks::RocksEngine;
-use armada_server::service::{router, Api};
+use armada_server::launch::{launch, Role};
 use clap::{Parser, Subcommand};
 use tracing::info;
 
@@ -53,8 +44,8 @@ enum Cmd {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Load generators. `bench put`: durable puts at a fixed concurrency
-    /// over the etcd v3 protocol (works against etcd too).
+    /// Load generators over the etcd v3 protocol (work against etcd too):
+    /// `bench put` (durable puts), `bench get` (single-key reads).
     Bench {
         #[command(subcommand)]
         cmd: BenchCmd,
@@ -82,6 +73,14 @@ struct FollowerArgs {
 enum BenchCmd {
     /// Closed-loop puts: throughput and latency percentiles.
     Put(armada_server::bench::BenchArgs),
+    /// Closed-loop single-key gets (linearizable unless --serializable).
+    Get {
+        #[command(flatten)]
+        args: armada_server::bench::BenchArgs,
+        /// Serve from the contacted node's state, without a read index.
+        #[arg(long)]
+        serializable: bool,
+    },
 }
 
 fn init_logs(format: LogFormat) {
@@ -129,104 +128,12 @@ fn leader_endpoints(s: &str) -> anyhow::Result<Vec<String>> {
 async fn serve(args: ServeArgs, log_format: Option<LogFormat>, leader: Option<Vec<String>>) -> anyhow::Result<()> {
     let cfg = config::resolve(&args)?;
     init_logs(log_format.or(cfg.log_format).unwrap_or_default());
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
-    let engine: Arc<dyn Engine> = Arc::new(
-        RocksEngine::open(&cfg.data_dir.join("db")).with_context(|| format!("opening {}", cfg.data_dir.display()))?,
-    );
-    let flusher = Arc::new(BatchingFlusher::start(engine.clone(), Arc::new(RealDisk)));
-    let transport = QuicTransport::bind(cfg.raft_address)?;
-    let node = Node::start(cfg.node.clone(), engine.clone(), flusher, transport.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("starting node: {e}"))?;
-    let raft_server = tokio::spawn(transport.clone().serve(Arc::new(RaftHandler { node: Arc::downgrade(&node) })));
-    let metrics = Arc::new(armada_server::metrics::Metrics::default());
-    let rest_listener = std::net::TcpListener::bind(cfg.rest_address)
-        .with_context(|| format!("binding the HTTP address {}", cfg.rest_address))?;
-    drop(rest_listener);
-    let http = tokio::spawn(armada_server::http::serve(
-        cfg.rest_address,
-        node.clone(),
-        metrics.clone(),
-        std::future::pending(),
-    ));
-    let etcd_listener = tokio::net::TcpListener::bind(cfg.etcd_address)
-        .await
-        .with_context(|| format!("binding the etcd address {}", cfg.etcd_address))?;
-    let etcd_api = armada_server::etcd::EtcdApi::new(
-        node.clone(),
-        cfg.etcd_table.clone(),
-        metrics.clone(),
-        &cfg.etcd_address.to_string(),
-    );
-    let (etcd_stop_tx, etcd_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let etcd = tokio::spawn(armada_server::etcd::router(etcd_api).serve_with_incoming_shutdown(
-        tokio_stream::wrappers::TcpListenerStream::new(etcd_listener),
-        async move {
-            let _ = etcd_stop_rx.await;
-        },
-    ));
-    // A leader cluster creates the etcd table and serves follower clusters;
-    // a follower cluster gets its tables from the leader cluster.
-    let mut _follower = None;
-    let (ensure, replication) = match &leader {
-        None => {
-            let node2 = node.clone();
-            let table = cfg.etcd_table.clone();
-            let ensure = tokio::spawn(async move { armada_server::etcd::ensure_table(&node2, &table).await });
-            let listener = tokio::net::TcpListener::bind(cfg.replication_address)
-                .await
-                .with_context(|| format!("binding the replication address {}", cfg.replication_address))?;
-            let svc = armada_server::replication::ReplicationService::new(node.clone());
-            let server = tokio::spawn(
-                armada_server::replication::router(svc)
-                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-            );
-            (Some(ensure), Some(server))
-        }
-        Some(endpoints) => {
-            let up =
-                Arc::new(armada_server::replication::UpstreamClient::new(endpoints.clone(), cfg.node.request_timeout));
-            _follower = Some(armada_server::replication::Follower::start(node.clone(), up));
-            (None, None)
-        }
+    let role = match leader {
+        None => Role::Leader,
+        Some(leader_endpoints) => Role::Follower { leader_endpoints },
     };
-    info!(
-        node_id = cfg.node.id,
-        api = %cfg.api_address,
-        etcd = %cfg.etcd_address,
-        etcd_table = %cfg.etcd_table,
-        raft = %cfg.raft_address,
-        http = %cfg.rest_address,
-        data_dir = %cfg.data_dir.display(),
-        members = cfg.node.members.len(),
-        role = if leader.is_some() { "follower" } else { "leader" },
-        replication = %cfg.replication_address,
-        "armada node started"
-    );
-    router(Api::with_metrics(node.clone(), metrics))
-        .serve_with_shutdown(cfg.api_address, shutdown_signal())
-        .await
-        .with_context(|| format!("serving the API on {}", cfg.api_address))?;
-    if let Some(e) = ensure {
-        e.abort();
-    }
-    if let Some(r) = replication {
-        r.abort();
-    }
-    let _ = etcd_stop_tx.send(());
-    match etcd.await {
-        Ok(Err(e)) => tracing::warn!("etcd API: {e}"),
-        Err(e) => tracing::warn!("etcd API task: {e}"),
-        Ok(Ok(())) => {}
-    }
-    // In-flight requests have finished; stop Raft, then make everything durable.
-    node.shutdown().await;
-    raft_server.abort();
-    http.abort();
-    transport.close();
-    engine.sync().map_err(|e| anyhow::anyhow!("final sync: {e}"))?;
-    info!("shut down cleanly");
+    let node = launch(&cfg, role).await?;
+    node.run_until(shutdown_signal()).await?;
     Ok(())
 }
 
@@ -243,6 +150,9 @@ async fn main() {
         Cmd::Kv { cmd, client } => cli::kv(&client, cmd).await,
         Cmd::Cluster { cmd, client } => cli::cluster(&client, cmd).await,
         Cmd::Bench { cmd: BenchCmd::Put(args) } => armada_server::bench::put(&args).await,
+        Cmd::Bench { cmd: BenchCmd::Get { args, serializable } } => {
+            armada_server::bench::run(&args, armada_server::bench::Op::Get { serializable }).await
+        }
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -128,6 +128,11 @@ impl Metrics {
                     "Follower: snapshots this node's replication worker installed.",
                     |g| g.snapshots_installed as f64,
                 ),
+                (
+                    "armada_replication_stalled",
+                    "Follower: 1 while this node's replication worker has heard nothing from the leader for 5 s.",
+                    |g| if g.replication_state == "stalled" { 1.0 } else { 0.0 },
+                ),
             ] {
                 let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
                 for g in groups.iter().filter(|g| !g.table.is_empty()) {

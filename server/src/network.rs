@@ -33,6 +33,9 @@ pub enum RaftRequest {
         id: (u64, u64),
         req: ClientRequest,
     },
+    /// Raft's pre-vote: would the receiver grant a vote at the next term?
+    /// Appended last, so earlier variants keep their wire tags.
+    PreVote(VoteRequest<C>),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -50,6 +53,7 @@ pub enum RaftReply {
     /// The receiver could not handle the request (unknown group, stopping,
     /// malformed bytes); the sender backs off and retries.
     Refused(String),
+    PreVote(VoteResponse<C>),
 }
 
 pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -113,6 +117,15 @@ impl RaftNetworkV2<C> for GroupNetwork {
         }
     }
 
+    async fn pre_vote(&mut self, rpc: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
+        match self.call(RaftRequest::PreVote(rpc), &option).await {
+            Ok(RaftReply::PreVote(r)) => Ok(r),
+            Ok(RaftReply::Refused(m)) => Err(RPCError::Unreachable(unreachable(m))),
+            Ok(_) => Err(RPCError::Unreachable(unreachable("mismatched reply"))),
+            Err(e) => Err(RPCError::Unreachable(unreachable(e))),
+        }
+    }
+
     async fn full_snapshot(
         &mut self,
         vote: VoteOf<C>,
@@ -162,6 +175,9 @@ impl Handler for RaftHandler {
                     group.raft.append_entries(r).await.map(RaftReply::Append).map_err(|e| e.to_string())
                 }
                 RaftRequest::Vote(r) => group.raft.vote(r).await.map(RaftReply::Vote).map_err(|e| e.to_string()),
+                RaftRequest::PreVote(r) => {
+                    group.raft.pre_vote(r).await.map(RaftReply::PreVote).map_err(|e| e.to_string())
+                }
                 RaftRequest::Snapshot { vote, meta, data } => group
                     .raft
                     .install_full_snapshot(vote, openraft::Snapshot { meta, snapshot: data })

@@ -197,6 +197,11 @@ pub struct GroupStatus {
     pub lag_seconds: f64,
     /// Snapshots this node's replication worker installed.
     pub snapshots_installed: u64,
+    /// Follower clusters, on the node running the table's replication
+    /// worker: "connecting", "streaming" or "stalled" ("" elsewhere).
+    pub replication_state: String,
+    /// Why replication is stalled ("" unless stalled).
+    pub replication_error: String,
 }
 
 /// Optional observers the simulated world attaches to a node.
@@ -384,6 +389,14 @@ impl Node {
             // entries at indices its followers already hold for that term,
             // breaking log matching. Found by the simulator: crashes-3 seed 2.
             enable_leader_restore: Some(false),
+            // Pre-vote: a node whose election timer fires first asks whether
+            // a quorum would vote for it, and only then raises its term. A
+            // node cut off from the others (partition, pause) otherwise raises
+            // its term on every timeout, and on its return the leader sees the
+            // higher term in a reply and steps down: a real 3-node cluster
+            // stopped serving for 1.9 s that way after a heal. Checked by
+            // scenarios/isolate-heal-3.toml (R5) and its canary no-pre-vote.
+            enable_pre_vote: Some(!armada_core::canary::active(armada_core::canary::Canary::NoPreVote)),
             ..Default::default()
         };
         c.validate().map(Arc::new).map_err(|e| ApiError::Internal(format!("raft config: {e}")))
@@ -554,6 +567,9 @@ impl Node {
     /// looked up at the metadata leader, so a table created through another
     /// node is never reported missing.
     pub async fn table_group(&self, name: &str, hops: u32) -> Result<Arc<Group>, ApiError> {
+        // A name no table can have is the client's mistake (INVALID_ARGUMENT),
+        // not a missing table.
+        armada_core::command::validate_table_name(name)?;
         let info = match self.catalog().get(name).map_err(|e| ApiError::Internal(e.to_string()))? {
             Some(info) => info,
             None => {
@@ -674,20 +690,29 @@ impl Node {
             other => return Err(ApiError::Internal(format!("unexpected response {other:?}"))),
         };
         let deadline = tokio::time::Instant::now() + self.cfg.request_timeout;
-        while tokio::time::Instant::now() < deadline {
+        loop {
             if let Some(g) = self.group(info.id) {
                 if g.raft.current_leader().await.is_some() {
-                    break;
+                    return Ok(info);
                 }
             } else {
                 self.sync_groups().await;
             }
+            if tokio::time::Instant::now() >= deadline {
+                // The creation committed (a retry gets "already exists"), but
+                // the table cannot serve yet: say so rather than succeed.
+                return Err(ApiError::Lagging(format!(
+                    "table {name:?} was created, but its Raft group had no leader on node {} after {:?}; it will \
+                     serve once the group elects one",
+                    self.cfg.id, self.cfg.request_timeout
+                )));
+            }
             tokio::time::sleep(CATALOG_SYNC_INTERVAL).await;
         }
-        Ok(info)
     }
 
     async fn delete_table_local(&self, name: &str, hops: u32) -> Result<TableInfo, ApiError> {
+        armada_core::command::validate_table_name(name)?;
         let meta = self.group(GroupId::META).ok_or_else(|| ApiError::Internal("no metadata group".into()))?;
         let resp =
             self.propose(&meta, Command::Meta(MetaCommand::DeleteTable { name: name.to_string() }), hops).await?;
@@ -827,6 +852,20 @@ impl Node {
                     .copied()
                     .unwrap_or(0);
                 let leader_revision = lag.get(&g.name).map_or(0, |l| l.leader_revision).max(applied_leader_rev);
+                let state = lag.get(&g.name).map(|l| l.state(now));
+                let behind_s = lag
+                    .get(&g.name)
+                    .and_then(|l| l.behind_since)
+                    .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
+                // A stalled stream carries no news of the leader's revision,
+                // so the revision lag can read 0: report the silence as lag.
+                let stalled_s = match (&state, lag.get(&g.name)) {
+                    (Some(crate::replication::ReplicationState::Stalled(_)), Some(l)) => l
+                        .last_contact
+                        .or(l.active_since)
+                        .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64()),
+                    _ => 0.0,
+                };
                 GroupStatus {
                     table: g.name.clone(),
                     leader_id: m.current_leader.unwrap_or(0),
@@ -836,11 +875,13 @@ impl Node {
                     revision,
                     leader_revision,
                     lag_revisions: leader_revision.saturating_sub(revision),
-                    lag_seconds: lag
-                        .get(&g.name)
-                        .and_then(|l| l.behind_since)
-                        .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64()),
+                    lag_seconds: behind_s.max(stalled_s),
                     snapshots_installed: lag.get(&g.name).map_or(0, |l| l.snapshots),
+                    replication_state: state.as_ref().map_or("", |s| s.name()).to_string(),
+                    replication_error: match state {
+                        Some(crate::replication::ReplicationState::Stalled(why)) => why,
+                        _ => String::new(),
+                    },
                 }
             })
             .collect()

@@ -50,6 +50,20 @@ pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How often follower workers check whether they should run.
 pub const WORKER_POLL: Duration = Duration::from_millis(100);
+/// Largest replication message either end accepts (decoding) or sends
+/// (encoding). gRPC's default of 4 MiB is below what one revision can
+/// carry: a DeleteRange over 6,000 keys of 1 KiB is about 6 MiB, and with
+/// the default the follower refused that message on every retry and
+/// replication of the table stopped for good.
+pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
+/// A revision larger than this is not sent on the change stream: the
+/// follower is told to install a snapshot instead (snapshots stream in
+/// bounded pages), so no single revision can stop replication. Half of
+/// [`MESSAGE_BYTES_MAX`] leaves room for protobuf's framing overhead.
+pub const STREAM_REVISION_BYTES_MAX: usize = MESSAGE_BYTES_MAX / 2;
+/// A worker that has heard nothing from the leader cluster for this long
+/// reports its table as stalled (status, metrics, readiness, a warning).
+pub const STALLED_AFTER: Duration = Duration::from_secs(5);
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -153,7 +167,25 @@ impl ChangesState {
                     self.done = true;
                     return Some(Ok(msg(Vec::new(), first_retained)));
                 }
-                Ok(ChangesFrom::Changes(c)) if !c.is_empty() => {
+                Ok(ChangesFrom::Changes(mut c)) if !c.is_empty() => {
+                    // A batch stops after the revision that crossed the byte
+                    // budget, so a huge revision may close a batch: send it
+                    // alone in the next message.
+                    let mut bytes: usize = c.iter().map(|r| r.size_bytes()).sum();
+                    while c.len() > 1 && bytes > STREAM_REVISION_BYTES_MAX {
+                        bytes -= c.pop().map_or(0, |r| r.size_bytes());
+                    }
+                    if bytes > STREAM_REVISION_BYTES_MAX {
+                        let rev = c[0].revision;
+                        warn!(
+                            table_id = self.group.0,
+                            revision = rev,
+                            bytes,
+                            "revision too large for the change stream: the follower installs a snapshot"
+                        );
+                        self.done = true;
+                        return Some(Ok(msg(Vec::new(), rev + 1)));
+                    }
                     self.next = c.last().map_or(self.next, |l| l.revision + 1);
                     return Some(Ok(msg(c.into_iter().map(changes_out).collect(), 0)));
                 }
@@ -314,7 +346,11 @@ fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
 
 /// A router serving the replication API.
 pub fn router(svc: ReplicationService) -> tonic::transport::server::Router {
-    tonic::transport::Server::builder().add_service(pb::replication_server::ReplicationServer::new(svc))
+    tonic::transport::Server::builder().add_service(
+        pb::replication_server::ReplicationServer::new(svc)
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX),
+    )
 }
 
 /// The leader cluster as a follower reaches it: a list of replication
@@ -346,12 +382,18 @@ impl UpstreamClient {
             }
             self.endpoints.get(*n).cloned().ok_or("no leader cluster address configured")?
         };
+        #[cfg(not(madsim))]
+        let endpoint = crate::listen::endpoint(&ep)?;
+        // The simulated network has no socket options.
+        #[cfg(madsim)]
         let endpoint = tonic::transport::Endpoint::from_shared(ep.clone())
             .map_err(|e| format!("{ep}: {e}"))?
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(self.timeout);
+            .connect_timeout(Duration::from_secs(1));
+        let endpoint = endpoint.timeout(self.timeout);
         let ch = endpoint.connect().await.map_err(|e| format!("{ep}: {e}"))?;
-        Ok(pb::replication_client::ReplicationClient::new(ch))
+        Ok(pb::replication_client::ReplicationClient::new(ch)
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX))
     }
 }
 
@@ -387,7 +429,7 @@ impl Upstream for UpstreamClient {
 }
 
 /// What a follower node knows about one table's replication.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct LagStats {
     /// The leader cluster's latest revision, as last heard.
     pub leader_revision: u64,
@@ -395,6 +437,58 @@ pub struct LagStats {
     pub behind_since: Option<Instant>,
     /// Snapshots installed by this node's worker.
     pub snapshots: u64,
+    /// When this node's worker last heard from the leader cluster (any
+    /// change-stream message, heartbeats included).
+    pub last_contact: Option<Instant>,
+    /// Since when this node's worker has been trying to stream (it leads
+    /// the table's group here); `None` while another node runs it.
+    pub active_since: Option<Instant>,
+    /// The worker's last failure, cleared by the next message.
+    pub last_error: Option<String>,
+    /// Whether a stall has been logged (once per stall).
+    pub stall_logged: bool,
+}
+
+/// Replication health of one table on the node that runs its worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicationState {
+    /// Another node of this cluster runs the table's worker.
+    Elsewhere,
+    /// The worker started and has not heard from the leader cluster yet.
+    Connecting,
+    /// Messages arrive.
+    Streaming,
+    /// Nothing heard for [`STALLED_AFTER`]; the reason if one is known.
+    Stalled(String),
+}
+
+impl ReplicationState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ReplicationState::Elsewhere => "",
+            ReplicationState::Connecting => "connecting",
+            ReplicationState::Streaming => "streaming",
+            ReplicationState::Stalled(_) => "stalled",
+        }
+    }
+}
+
+impl LagStats {
+    /// The worker's health at `now`.
+    pub fn state(&self, now: Instant) -> ReplicationState {
+        let Some(active) = self.active_since else { return ReplicationState::Elsewhere };
+        let heard = self.last_contact.filter(|t| *t >= active);
+        let since = heard.unwrap_or(active);
+        if now.saturating_duration_since(since) >= STALLED_AFTER {
+            let why = self.last_error.clone().unwrap_or_else(|| "no message from the leader cluster".into());
+            return ReplicationState::Stalled(why);
+        }
+        if heard.is_some() {
+            ReplicationState::Streaming
+        } else {
+            ReplicationState::Connecting
+        }
+    }
 }
 
 /// A follower cluster node's replication workers.
@@ -436,9 +530,48 @@ impl Follower {
         self.lag.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The worker of `table` runs here from now on (`true`), or stopped.
+    fn note_active(&self, table: &str, active: bool) {
+        let mut m = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+        let s = m.entry(table.to_string()).or_default();
+        match (active, s.active_since) {
+            (true, None) => {
+                s.active_since = Some(Instant::now());
+                s.stall_logged = false;
+            }
+            (false, Some(_)) => {
+                s.active_since = None;
+                s.last_error = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// A worker's failure: logged at warn when it is new, and once more if
+    /// the table stalls.
+    fn note_error(&self, table: &str, error: &str) {
+        let mut m = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+        let s = m.entry(table.to_string()).or_default();
+        if s.last_error.as_deref() != Some(error) {
+            warn!(table, "replication from the leader cluster failed (retrying): {error}");
+            s.last_error = Some(error.to_string());
+        }
+        if let ReplicationState::Stalled(why) = s.state(Instant::now()) {
+            if !s.stall_logged {
+                s.stall_logged = true;
+                warn!(table, "replication stalled: nothing from the leader cluster for {STALLED_AFTER:?}: {why}");
+            }
+        }
+    }
+
     fn note_leader_revision(&self, table: &str, leader_revision: u64, applied: u64) {
         let mut m = self.lag.lock().unwrap_or_else(|p| p.into_inner());
         let s = m.entry(table.to_string()).or_default();
+        s.last_contact = Some(Instant::now());
+        if s.last_error.take().is_some() || s.stall_logged {
+            info!(table, "replication from the leader cluster resumed");
+            s.stall_logged = false;
+        }
         s.leader_revision = s.leader_revision.max(leader_revision);
         if applied >= s.leader_revision {
             s.behind_since = None;
@@ -471,6 +604,7 @@ async fn catalog_worker(f: std::sync::Weak<Follower>) {
     let mut rotate = false;
     // Leader table ids of the tables created here, to notice re-creation.
     let mut known: BTreeMap<String, u64> = BTreeMap::new();
+    let mut last_error: Option<String> = None;
     loop {
         tokio::time::sleep(WORKER_POLL).await;
         let Some(this) = f.upgrade() else { return };
@@ -481,7 +615,7 @@ async fn catalog_worker(f: std::sync::Weak<Follower>) {
         let mut client = match this.upstream.client(rotate).await {
             Ok(c) => c,
             Err(e) => {
-                debug!("catalog: {e}");
+                note_catalog_error(&mut last_error, e);
                 rotate = true;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -491,7 +625,7 @@ async fn catalog_worker(f: std::sync::Weak<Follower>) {
         let mut stream = match client.catalog(pb::CatalogRequest {}).await {
             Ok(s) => s.into_inner(),
             Err(e) => {
-                debug!("catalog: {e}");
+                note_catalog_error(&mut last_error, e.message().to_string());
                 rotate = true;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -502,8 +636,19 @@ async fn catalog_worker(f: std::sync::Weak<Follower>) {
         loop {
             let msg = match crate::rt::timeout(HEARTBEAT * 8, stream.message()).await {
                 Ok(Ok(Some(m))) => m,
-                _ => break,
+                Ok(Ok(None)) => break,
+                Ok(Err(e)) => {
+                    note_catalog_error(&mut last_error, e.message().to_string());
+                    break;
+                }
+                Err(_) => {
+                    note_catalog_error(&mut last_error, "catalog stream silent".into());
+                    break;
+                }
             };
+            if last_error.take().is_some() {
+                info!("catalog replication from the leader cluster resumed");
+            }
             backoff = BACKOFF_MIN;
             let Some(this) = f.upgrade() else { return };
             if !this.node.is_leader(&meta) {
@@ -513,6 +658,16 @@ async fn catalog_worker(f: std::sync::Weak<Follower>) {
         }
         rotate = true;
     }
+}
+
+/// Logs a catalog worker failure at warn the first time it is seen.
+fn note_catalog_error(last: &mut Option<String>, error: String) {
+    if last.as_deref() != Some(error.as_str()) {
+        warn!("catalog replication from the leader cluster failed (retrying): {error}");
+    } else {
+        debug!("catalog: {error}");
+    }
+    *last = Some(error);
 }
 
 async fn reconcile_catalog(node: &Node, update: &pb::CatalogUpdate, known: &mut BTreeMap<String, u64>) {
@@ -561,17 +716,22 @@ async fn table_worker(f: std::sync::Weak<Follower>, group: GroupId, table: Strin
     loop {
         tokio::time::sleep(WORKER_POLL).await;
         let Some(this) = f.upgrade() else { return };
-        let Some(g) = this.node.group(group) else { return };
+        let Some(g) = this.node.group(group) else {
+            this.note_active(&table, false);
+            return;
+        };
         if !this.node.is_leader(&g) {
+            this.note_active(&table, false);
             continue;
         }
+        this.note_active(&table, true);
         match tail(&this, group, &table, rotate).await {
             Ok(()) => {
                 backoff = BACKOFF_MIN;
                 rotate = false;
             }
             Err(e) => {
-                debug!(table = %table, "replication: {e}");
+                this.note_error(&table, &e);
                 rotate = true;
                 drop(this);
                 tokio::time::sleep(backoff).await;

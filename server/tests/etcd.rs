@@ -62,10 +62,16 @@ async fn etcd_kv(endpoint: &str) -> Result<pb::kv_client::KvClient<Channel>, Str
     Ok(pb::kv_client::KvClient::new(ep.connect().await.map_err(|e| e.to_string())?))
 }
 
-/// Waits until the etcd endpoint answers a read (and, for Armada, the etcd
-/// table exists).
-async fn wait_ready(endpoint: &str) -> pb::kv_client::KvClient<Channel> {
-    eventually(Duration::from_secs(30), "etcd endpoint ready", || async {
+/// Waits until the node reports ready, then connects: readiness promises
+/// the etcd table exists, so the first request must not need a retry.
+async fn wait_ready_node(node: &common::Node) -> pb::kv_client::KvClient<Channel> {
+    wait_ready(&node.http, Duration::from_secs(30)).await;
+    etcd_kv(&node.etcd).await.expect("connect to a ready node")
+}
+
+/// Waits until a real etcd answers a read.
+async fn wait_etcd(endpoint: &str) -> pb::kv_client::KvClient<Channel> {
+    eventually(Duration::from_secs(30), "etcd answers", || async {
         let mut c = etcd_kv(endpoint).await?;
         c.range(pb::RangeRequest { key: b"probe".to_vec(), ..Default::default() }).await.map_err(|e| e.to_string())?;
         Ok(c)
@@ -82,7 +88,7 @@ async fn etcdctl_works_against_armada_unchanged() {
     require("etcdctl", "etcd-client");
     let cluster = single_node("etcdctl");
     let ep = cluster.nodes[0].etcd.clone();
-    wait_ready(&ep).await;
+    wait_ready_node(&cluster.nodes[0]).await;
     let mut transcript = String::new();
     let mut run = |args: &[&str], stdin: Option<&str>| {
         let (ok, out, err) = etcdctl(&ep, args, stdin);
@@ -328,8 +334,8 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 async fn armada_answers_like_etcd_3_4() {
     let etcd = Etcd::start();
     let cluster = single_node("etcd-diff");
-    let mut theirs = wait_ready(&etcd.client).await;
-    let mut ours = wait_ready(&cluster.nodes[0].etcd).await;
+    let mut theirs = wait_etcd(&etcd.client).await;
+    let mut ours = wait_ready_node(&cluster.nodes[0]).await;
     let (ops, seed) = (env_or("ARMADA_DIFF_OPS", DIFF_OPS), env_or("ARMADA_DIFF_SEED", DIFF_SEED));
     let mut g = Gen(seed);
     let mut current = 1i64;
@@ -414,7 +420,7 @@ async fn armada_answers_like_etcd_3_4() {
 async fn malformed_etcd_requests_get_clear_errors() {
     let cluster = single_node("etcd-bad");
     let ep = cluster.nodes[0].etcd.clone();
-    let mut c = wait_ready(&ep).await;
+    let mut c = wait_ready_node(&cluster.nodes[0]).await;
     let e = c
         .txn(pb::TxnRequest {
             success: vec![pb::RequestOp {
@@ -507,7 +513,7 @@ impl tonic::codec::Decoder for RawCodec {
 async fn maintenance_status_and_member_list_answer() {
     let cluster = single_node("etcd-status");
     let ep = cluster.nodes[0].etcd.clone();
-    wait_ready(&ep).await;
+    wait_ready_node(&cluster.nodes[0]).await;
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{ep}")).unwrap().connect().await.unwrap();
     let s = pb::maintenance_client::MaintenanceClient::new(ch.clone())
         .status(pb::StatusRequest {})

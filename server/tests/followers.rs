@@ -271,3 +271,85 @@ async fn a_follower_cluster_streams_forwards_catches_up_and_bootstraps_from_a_sn
     // The first follower is still in step, and both answer like the leader.
     converged(&lapi, &fapi, Duration::from_secs(60)).await;
 }
+
+/// One revision larger than gRPC's default 4 MiB message limit (a
+/// DeleteRange over 6,000 keys of 1 KiB, about 6 MiB on the change stream)
+/// reaches the follower, and replication goes on after it. Before, the
+/// follower refused that message on every retry: it stayed at the revision
+/// before the delete for good, while its status said lag 0 and nothing was
+/// logged above debug. When the leader cluster goes away, the follower says
+/// so: status and metrics report the table as stalled, and it is not ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_above_the_grpc_default_limit_replicates_and_a_stall_is_reported() {
+    let mut leader = Cluster::new(1, "repl-big");
+    leader.wait_ready(Duration::from_secs(30)).await;
+    let lapi = leader.nodes[0].api.clone();
+    pb::tables_client::TablesClient::new(channel(&lapi).await.unwrap())
+        .create(pb::CreateTableRequest { name: "t".into() })
+        .await
+        .expect("create table on a ready leader");
+    let root = std::env::temp_dir().join(format!("armada-proc-big-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let f = start_follower(&root, "f", &leader.nodes[0].replication);
+    let fapi = f.nodes[0].api.clone();
+    f.wait_ready(Duration::from_secs(30)).await;
+
+    let prefix = "k".repeat(1016);
+    fill(&lapi, &prefix, 0, 6000).await;
+    converged(&lapi, &fapi, Duration::from_secs(120)).await;
+    let del = kv(&lapi)
+        .await
+        .unwrap()
+        .delete_range(pb::DeleteRangeRequest {
+            table: "t".into(),
+            key: vec![0],
+            range_end: vec![0],
+            ..Default::default()
+        })
+        .await
+        .expect("delete everything")
+        .into_inner();
+    assert_eq!(del.deleted, 6000);
+    kv(&lapi)
+        .await
+        .unwrap()
+        .put(pb::PutRequest { table: "t".into(), key: b"after".to_vec(), value: b"1".to_vec(), prev_kv: false })
+        .await
+        .unwrap();
+    let (_, keys) = converged(&lapi, &fapi, Duration::from_secs(60)).await;
+    assert_eq!(keys, 1, "only the key written after the delete remains");
+    let status = pb::cluster_client::ClusterClient::new(channel(&fapi).await.unwrap())
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let g = status.groups.iter().find(|g| g.table == "t").expect("table t");
+    assert_eq!(g.replication_state, "streaming", "{g:?}");
+
+    // The leader cluster goes away: the follower reports the stall.
+    leader.nodes[0].kill9();
+    let g = eventually(Duration::from_secs(30), "the follower reports the stall", || async {
+        let s = pb::cluster_client::ClusterClient::new(channel(&fapi).await?)
+            .status(pb::StatusRequest {})
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
+        let g = s.groups.into_iter().find(|g| g.table == "t").ok_or("no table t")?;
+        if g.replication_state == "stalled" {
+            Ok(g)
+        } else {
+            Err(format!("{g:?}"))
+        }
+    })
+    .await;
+    assert!(!g.replication_error.is_empty(), "{g:?}");
+    assert!(g.lag_seconds >= 5.0, "the silence counts as lag: {g:?}");
+    let (code, body) = http_get(&f.nodes[0].http, "/readyz").unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("replication stalled"), "{body}");
+    let (_, metrics) = http_get(&f.nodes[0].http, "/metrics").unwrap();
+    assert!(metrics.contains("armada_replication_stalled{table=\"t\"} 1"), "{metrics}");
+    let log = std::fs::read_to_string(root.join("f.log")).unwrap_or_default();
+    assert!(log.contains("WARN") && log.contains("replication"), "no warning logged:\n{log}");
+}

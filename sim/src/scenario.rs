@@ -82,6 +82,13 @@ pub struct Faults {
     /// How long a crashed or paused node stays down (ms range).
     #[serde(default = "d_downtime")]
     pub downtime_ms: [u64; 2],
+    /// R5 (heal disruption): when non-zero, after an isolated node is let
+    /// back in (and nothing else is down), the fault loop waits this many
+    /// simulated ms before its next fault and checks that every group that
+    /// had a leader among the other nodes still has that leader in the same
+    /// term. 0: off.
+    #[serde(default)]
+    pub heal_watch_ms: u64,
 }
 
 /// Follower clusters and the WAN between them and the leader cluster.

@@ -528,7 +528,51 @@ enum Down {
 }
 
 /// Injects faults until `until_ns`, then heals everything.
-async fn fault_loop(sc: Scenario, handle: Handle, ids: Vec<NodeId>, shared: Arc<Shared>, until_ns: u64) {
+/// The leader (node key, term) of every group, among the live nodes of
+/// `cluster` other than the one at index `except`; a group with two
+/// claimants (an old leader that has not heard of the new term yet) counts
+/// the one with the higher term.
+fn leaders_without(shared: &Shared, cluster: u64, except: Option<usize>) -> BTreeMap<GroupId, (u64, u64)> {
+    let skip = except.map(|i| node_key(cluster, i as u64 + 1));
+    let mut out: BTreeMap<GroupId, (u64, u64)> = BTreeMap::new();
+    for (key, node) in shared.nodes() {
+        if cluster_of(key) != cluster || Some(key) == skip {
+            continue;
+        }
+        for g in node.groups() {
+            if node.is_leader(&g) {
+                let term = node.header(&g).term;
+                let e = out.entry(g.id).or_insert((key, term));
+                if term > e.1 {
+                    *e = (key, term);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// R5: after the isolation of node index `isolated` healed, every leader
+/// recorded in `before` still leads its group in the same term. A node that
+/// could not win an election while cut off must not depose a healthy leader
+/// when it returns (Raft pre-vote).
+fn check_heal(shared: &Shared, cluster: u64, isolated: usize, before: &BTreeMap<GroupId, (u64, u64)>) {
+    let now = leaders_without(shared, cluster, None);
+    for (group, (key, term)) in before {
+        let still = now.get(group).is_some_and(|(k, t)| k == key && t == term);
+        if !still {
+            let after = now.get(group).map_or("no leader".to_string(), |(k, t)| format!("node {k} in term {t}"));
+            shared.liveness.lock().unwrap_or_else(|p| p.into_inner()).push(format!(
+                "R5 heal disruption: at {:.3}s, letting isolated node {} back in deposed node {key}, leader of group \
+                 {group} in term {term}; now {after}",
+                shared.now_ns() as f64 / 1e9,
+                node_key(cluster, isolated as u64 + 1),
+            ));
+        }
+    }
+}
+
+async fn fault_loop(sc: Scenario, cluster: u64, handle: Handle, ids: Vec<NodeId>, shared: Arc<Shared>, until_ns: u64) {
     let f = &sc.faults;
     let weights = [f.crash, f.pause, f.partition, f.one_way, f.isolate, f.loss, f.swizzle];
     let total: u32 = weights.iter().sum();
@@ -547,9 +591,21 @@ async fn fault_loop(sc: Scenario, handle: Handle, ids: Vec<NodeId>, shared: Arc<
         }
         net.update_config(|c| c.packet_loss_rate = 0.0);
     };
+    let mut isolated: Option<usize> = None;
     while total > 0 && shared.now_ns() < until_ns {
         tokio::time::sleep(Duration::from_millis(rand_range(f.interval_ms[0], f.interval_ms[1]))).await;
+        // R5 watches a heal only when the isolation was the one fault in
+        // place: a crashed or paused node coming back may legitimately
+        // change leaders.
+        let watched = isolated
+            .take()
+            .filter(|_| f.heal_watch_ms > 0 && down.lock().unwrap_or_else(|p| p.into_inner()).is_empty())
+            .map(|v| (v, leaders_without(&shared, cluster, Some(v))));
         heal_net(&net);
+        if let Some((v, before)) = watched {
+            tokio::time::sleep(Duration::from_millis(f.heal_watch_ms)).await;
+            check_heal(&shared, cluster, v, &before);
+        }
         let choice = weighted_choice(&weights);
         let victim = rand_range(0, n as u64 - 1) as usize;
         shared.trace(&[0xfa17, choice as u64, victim as u64]);
@@ -595,7 +651,10 @@ async fn fault_loop(sc: Scenario, handle: Handle, ids: Vec<NodeId>, shared: Arc<
                     net.clog_link(ids[victim], ids[other]);
                 }
             }
-            4 => net.clog_node(ids[victim]),
+            4 => {
+                net.clog_node(ids[victim]);
+                isolated = Some(victim);
+            }
             5 => {
                 let rate = f.loss_rate;
                 net.update_config(|c| c.packet_loss_rate = rate);
@@ -855,7 +914,7 @@ async fn world(sc: Scenario, shared: Arc<Shared>) {
     }
     let until_ns = shared.now_ns() + sc.duration_s * 1_000_000_000;
     let sampler = tokio::spawn(leader_sampler(shared.clone(), u64::MAX));
-    let faults = tokio::spawn(fault_loop(sc.clone(), handle.clone(), ids.clone(), shared.clone(), until_ns));
+    let faults = tokio::spawn(fault_loop(sc.clone(), 0, handle.clone(), ids.clone(), shared.clone(), until_ns));
     // Follower clusters, each behind its own WAN proxy; the last one may
     // start late.
     let mut side_tasks = Vec::new();
@@ -879,7 +938,7 @@ async fn world(sc: Scenario, shared: Arc<Shared>) {
                 let ids = build_cluster(&handle2, &sc2, c, fl.nodes as u64, &shared2);
                 clusters2.lock().unwrap_or_else(|p| p.into_inner()).push(ids.clone());
                 // Faults inside the follower cluster, as inside the leader's.
-                fault_loop(sc2, handle2, ids, shared2, until_ns).await;
+                fault_loop(sc2, c, handle2, ids, shared2, until_ns).await;
             };
             if late {
                 let late_s = fl.late_start_s;

@@ -178,3 +178,26 @@ where
     }
     panic!("{what}: not within {within:?}; last error: {last}");
 }
+
+/// Waits until `GET /readyz` on `http` answers 200: the node serves its
+/// APIs (listeners bound, groups led and applied, the etcd table present,
+/// on followers replication streaming). Requests sent after this must not
+/// need retries.
+pub async fn wait_ready(http: &str, within: Duration) {
+    eventually(within, &format!("{http}/readyz"), || async {
+        match http_get(http, "/readyz")? {
+            (200, _) => Ok(()),
+            (code, body) => Err(format!("{code}: {body}")),
+        }
+    })
+    .await
+}
+
+impl Cluster {
+    /// Waits until every running node reports ready.
+    pub async fn wait_ready(&self, within: Duration) {
+        for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+            wait_ready(&n.http, within).await;
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! Starting and stopping a production node: storage, the Raft transport,
+//! every listener, the node runtime and its services, in one place. The
+//! `armada` binary calls [`launch`] and [`Launched::run_until`]; tests call
+//! the same functions in-process, so what they check is what ships.
+//!
+//! Order of start: open storage, bind the Raft transport and every TCP
+//! listener (any bind failure stops the start with a clear error, before
+//! the node joins its cluster), start the node, serve, and only then tell
+//! readiness that the listeners are bound.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use armada_core::Engine;
+use armada_net::quic::QuicTransport;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::config::ServeConfig;
+use crate::flusher::{BatchingFlusher, RealDisk};
+use crate::listen::{self, ListenerKind, ListenerStats};
+use crate::metrics::Metrics;
+use crate::network::RaftHandler;
+use crate::node::Node;
+use crate::ready::Readiness;
+use crate::rocks::RocksEngine;
+use crate::service::{router, Api};
+
+/// How long a stopping node lets in-flight requests and open streams
+/// finish before it closes their connections.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Which kind of cluster the node belongs to.
+#[derive(Debug, Clone)]
+pub enum Role {
+    /// A leader cluster node: creates the etcd table, serves follower
+    /// clusters on the replication listener.
+    Leader,
+    /// A follower cluster node streaming from these replication endpoints
+    /// of the leader cluster.
+    Follower { leader_endpoints: Vec<String> },
+}
+
+/// A node could not start, or a server failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LaunchError {
+    #[error("creating data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("opening storage in {path}: {message}")]
+    Storage { path: String, message: String },
+    #[error("binding the Raft address {addr}: {message}")]
+    Raft { addr: SocketAddr, message: String },
+    #[error(transparent)]
+    Bind(#[from] listen::BindError),
+    #[error("starting the node: {0}")]
+    Node(String),
+    #[error("the {0} server failed: {1}")]
+    Server(&'static str, String),
+    #[error("final sync of storage: {0}")]
+    Sync(String),
+}
+
+/// A running node and everything that serves it.
+pub struct Launched {
+    pub node: Arc<Node>,
+    pub readiness: Arc<Readiness>,
+    listeners: BTreeMap<ListenerKind, (SocketAddr, Arc<ListenerStats>)>,
+    engine: Arc<dyn Engine>,
+    transport: Arc<QuicTransport>,
+    raft_server: JoinHandle<()>,
+    /// gRPC and HTTP servers, each stopping gracefully when `stop` is set.
+    servers: Vec<(&'static str, JoinHandle<Result<(), String>>)>,
+    stop: watch::Sender<bool>,
+    ensure_table: Option<JoinHandle<()>>,
+    _follower: Option<Arc<crate::replication::Follower>>,
+}
+
+/// Starts a node as `cfg` says. Returns once every listener serves; the
+/// node may still be electing leaders (see [`Readiness`]).
+pub async fn launch(cfg: &ServeConfig, role: Role) -> Result<Launched, LaunchError> {
+    let dir = cfg.data_dir.display().to_string();
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| LaunchError::DataDir { path: dir.clone(), source })?;
+    let engine: Arc<dyn Engine> = Arc::new(
+        RocksEngine::open(&cfg.data_dir.join("db"))
+            .map_err(|e| LaunchError::Storage { path: dir.clone(), message: e.to_string() })?,
+    );
+    let flusher = Arc::new(BatchingFlusher::start(engine.clone(), Arc::new(RealDisk)));
+    let transport = QuicTransport::bind(cfg.raft_address)
+        .map_err(|e| LaunchError::Raft { addr: cfg.raft_address, message: e.to_string() })?;
+    let api_l = listen::bind(ListenerKind::Api, cfg.api_address).await?;
+    let etcd_l = listen::bind(ListenerKind::Etcd, cfg.etcd_address).await?;
+    let http_l = listen::bind(ListenerKind::Http, cfg.rest_address).await?;
+    let repl_l = match role {
+        Role::Leader => Some(listen::bind(ListenerKind::Replication, cfg.replication_address).await?),
+        Role::Follower { .. } => None,
+    };
+    let mut listeners = BTreeMap::new();
+    for l in [Some(&api_l), Some(&etcd_l), Some(&http_l), repl_l.as_ref()].into_iter().flatten() {
+        listeners.insert(l.kind(), (l.local_addr(), l.stats()));
+    }
+
+    let node = Node::start(cfg.node.clone(), engine.clone(), flusher, transport.clone())
+        .await
+        .map_err(|e| LaunchError::Node(e.to_string()))?;
+    let raft_server = tokio::spawn(transport.clone().serve(Arc::new(RaftHandler { node: Arc::downgrade(&node) })));
+    let metrics = Arc::new(Metrics::default());
+    let readiness = Arc::new(Readiness::new(Some(cfg.etcd_table.clone())));
+    let (stop, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let mut servers: Vec<(&'static str, JoinHandle<Result<(), String>>)> = Vec::new();
+    let api = router(Api::with_metrics(node.clone(), metrics.clone()));
+    let incoming = api_l.into_incoming();
+    let until = stopped();
+    servers.push((
+        "armada.v1 API",
+        tokio::spawn(async move { api.serve_with_incoming_shutdown(incoming, until).await.map_err(|e| e.to_string()) }),
+    ));
+    let etcd_addr = etcd_l.local_addr().to_string();
+    let etcd = crate::etcd::router(crate::etcd::EtcdApi::new(
+        node.clone(),
+        cfg.etcd_table.clone(),
+        metrics.clone(),
+        &etcd_addr,
+    ));
+    let incoming = etcd_l.into_incoming();
+    let until = stopped();
+    servers.push((
+        "etcd API",
+        tokio::spawn(
+            async move { etcd.serve_with_incoming_shutdown(incoming, until).await.map_err(|e| e.to_string()) },
+        ),
+    ));
+    let http = crate::http::serve(http_l, node.clone(), metrics.clone(), readiness.clone(), stopped());
+    servers.push(("HTTP", tokio::spawn(async move { http.await.map_err(|e| e.to_string()) })));
+
+    let (ensure_table, follower) = match &role {
+        Role::Leader => {
+            let node2 = node.clone();
+            let table = cfg.etcd_table.clone();
+            let ensure = tokio::spawn(async move { crate::etcd::ensure_table(&node2, &table).await });
+            let repl = crate::replication::router(crate::replication::ReplicationService::new(node.clone()));
+            let incoming = repl_l.expect("a leader binds its replication listener above").into_incoming();
+            let until = stopped();
+            servers.push((
+                "replication",
+                tokio::spawn(async move {
+                    repl.serve_with_incoming_shutdown(incoming, until).await.map_err(|e| e.to_string())
+                }),
+            ));
+            (Some(ensure), None)
+        }
+        Role::Follower { leader_endpoints } => {
+            let up =
+                Arc::new(crate::replication::UpstreamClient::new(leader_endpoints.clone(), cfg.node.request_timeout));
+            (None, Some(crate::replication::Follower::start(node.clone(), up)))
+        }
+    };
+    readiness.set_listeners_bound();
+    info!(
+        node_id = cfg.node.id,
+        api = %cfg.api_address,
+        etcd = %cfg.etcd_address,
+        etcd_table = %cfg.etcd_table,
+        raft = %cfg.raft_address,
+        http = %cfg.rest_address,
+        data_dir = %cfg.data_dir.display(),
+        members = cfg.node.members.len(),
+        role = if follower.is_some() { "follower" } else { "leader" },
+        replication = %cfg.replication_address,
+        "armada node started"
+    );
+    Ok(Launched {
+        node,
+        readiness,
+        listeners,
+        engine,
+        transport,
+        raft_server,
+        servers,
+        stop,
+        ensure_table,
+        _follower: follower,
+    })
+}
+
+impl Launched {
+    /// The bound address of a listener (a configured port 0 is resolved).
+    pub fn address(&self, kind: ListenerKind) -> Option<SocketAddr> {
+        self.listeners.get(&kind).map(|(a, _)| *a)
+    }
+
+    /// Counters of every listener.
+    pub fn listener_stats(&self) -> Vec<(ListenerKind, Arc<ListenerStats>)> {
+        self.listeners.iter().map(|(k, (_, s))| (*k, s.clone())).collect()
+    }
+
+    /// Serves until `shutdown` resolves or a server fails, then stops
+    /// gracefully: servers finish in-flight requests, Raft stops, storage
+    /// is synced.
+    pub async fn run_until(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), LaunchError> {
+        let failed = {
+            let servers = &mut self.servers;
+            let first_exit = futures::future::select_all(servers.iter_mut().map(|(_, h)| h));
+            tokio::select! {
+                biased;
+                _ = shutdown => None,
+                (res, i, _) = first_exit => Some((i, res)),
+            }
+        };
+        let _ = self.stop.send(true);
+        if let Some(e) = self.ensure_table.take() {
+            e.abort();
+        }
+        let mut error = None;
+        if let Some((i, res)) = failed {
+            let (name, _) = self.servers.remove(i);
+            let msg = match res {
+                Ok(Ok(())) => "stopped unexpectedly".to_string(),
+                Ok(Err(e)) => e,
+                Err(e) => e.to_string(),
+            };
+            error = Some(LaunchError::Server(name, msg));
+        }
+        // Streams (a follower's change stream, say) never end by themselves:
+        // give in-flight requests a bounded grace, then cut what is left.
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        for (name, mut h) in self.servers.drain(..) {
+            match tokio::time::timeout_at(deadline, &mut h).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => warn!("{name} server: {e}"),
+                Ok(Err(e)) => warn!("{name} server task: {e}"),
+                Err(_) => {
+                    warn!("{name} server: connections still open after {SHUTDOWN_GRACE:?}; closing them");
+                    h.abort();
+                }
+            }
+        }
+        // In-flight requests have finished; stop Raft, then make everything durable.
+        self.node.shutdown().await;
+        self.raft_server.abort();
+        self.transport.close();
+        self.engine.sync().map_err(|e| LaunchError::Sync(e.to_string()))?;
+        match error {
+            Some(e) => Err(e),
+            None => {
+                info!("shut down cleanly");
+                Ok(())
+            }
+        }
+    }
+}

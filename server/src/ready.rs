@@ -1,0 +1,106 @@
+//! Readiness: whether a node serves its APIs, as `/readyz` reports it.
+//!
+//! A node is ready when all of these hold:
+//!
+//! 1. every listener is bound (the launcher says so once it has bound them
+//!    all, before it serves any);
+//! 2. the metadata group and every table group of the node's catalog run
+//!    here, know a leader, and have applied everything known to be
+//!    committed;
+//! 3. the etcd table (`--etcd-table`) exists in the node's catalog, so an
+//!    etcd request sent right after readiness does not fail with NotFound
+//!    (a leader cluster creates it at first start; a follower cluster gets it
+//!    from the leader cluster, so a follower whose etcd table the leader
+//!    cluster does not have never becomes ready);
+//! 4. on a follower cluster node, every table whose replication worker runs
+//!    here (the node leads the table's group) has heard from the leader
+//!    cluster: not "connecting", not "stalled" (nothing heard for
+//!    [`crate::replication::STALLED_AFTER`]).
+//!
+//! `/healthz` is only liveness (the process answers) and never looks at any
+//! of this.
+//!
+//! What this does not promise: that a quorum is reachable at the moment of
+//! the next request (a partition can start right after the check), or that a
+//! follower is within any given lag of the leader cluster.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use armada_core::command::Catalog;
+use armada_core::raft::data_ns;
+use armada_core::GroupId;
+
+use crate::node::Node;
+
+/// What the readiness check needs beyond the node's own state.
+#[derive(Debug)]
+pub struct Readiness {
+    listeners_bound: AtomicBool,
+    etcd_table: Option<String>,
+}
+
+impl Readiness {
+    /// `etcd_table`: the table the node's etcd API serves (`None`: no etcd
+    /// API, as in the simulator).
+    pub fn new(etcd_table: Option<String>) -> Self {
+        Self { listeners_bound: AtomicBool::new(false), etcd_table }
+    }
+
+    /// Every listener is bound.
+    pub fn set_listeners_bound(&self) {
+        self.listeners_bound.store(true, Ordering::SeqCst);
+    }
+
+    /// `Ok` when the node serves its APIs; otherwise every reason it does
+    /// not, one per line of `/readyz`.
+    pub fn check(&self, node: &Node) -> Result<(), Vec<String>> {
+        let mut waiting = Vec::new();
+        if !self.listeners_bound.load(Ordering::SeqCst) {
+            waiting.push("listeners are not bound yet".to_string());
+        }
+        let groups = node.status();
+        let name = |t: &str| if t.is_empty() { "(catalog)".to_string() } else { format!("table {t:?}") };
+        if !groups.iter().any(|g| g.table.is_empty()) {
+            waiting.push("the metadata group has not started".to_string());
+        }
+        for g in &groups {
+            if g.leader_id == 0 {
+                waiting.push(format!("{}: no Raft leader known", name(&g.table)));
+            } else if g.applied_index < g.commit_index {
+                waiting.push(format!(
+                    "{}: applying the log ({} of {} applied)",
+                    name(&g.table),
+                    g.applied_index,
+                    g.commit_index
+                ));
+            }
+            match g.replication_state.as_str() {
+                "connecting" => {
+                    waiting.push(format!("{}: replication has not heard from the leader cluster yet", name(&g.table)))
+                }
+                "stalled" => waiting.push(format!("{}: replication stalled: {}", name(&g.table), g.replication_error)),
+                _ => {}
+            }
+        }
+        match Catalog::new(&**node.engine(), data_ns(GroupId::META)).list() {
+            Err(e) => waiting.push(format!("reading the catalog: {e}")),
+            Ok(tables) => {
+                for t in &tables {
+                    if !groups.iter().any(|g| g.table == t.name) {
+                        waiting.push(format!("table {:?}: its group has not started here", t.name));
+                    }
+                }
+                if let Some(etcd) = &self.etcd_table {
+                    if !tables.iter().any(|t| &t.name == etcd) {
+                        waiting.push(format!("the etcd table {etcd:?} does not exist yet"));
+                    }
+                }
+            }
+        }
+        if waiting.is_empty() {
+            Ok(())
+        } else {
+            Err(waiting)
+        }
+    }
+}
