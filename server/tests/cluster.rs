@@ -16,18 +16,17 @@ use armada_server::network::RaftHandler;
 use armada_server::node::{ApiError, Node, NodeConfig, RaftTuning};
 
 async fn cluster(n: u64) -> Vec<Arc<Node>> {
+    cluster_with(n, RaftTuning::default(), Duration::from_secs(5)).await
+}
+
+async fn cluster_with(n: u64, raft: RaftTuning, request_timeout: Duration) -> Vec<Arc<Node>> {
     let router = LocalRouter::new();
     let members: BTreeMap<u64, ArmadaNode> =
         (1..=n).map(|i| (i, ArmadaNode { raft_addr: format!("raft-{i}"), api_addr: format!("api-{i}") })).collect();
     let mut nodes = Vec::new();
     for i in 1..=n {
         let engine: Arc<dyn Engine> = Arc::new(MemEngine::new());
-        let cfg = NodeConfig {
-            id: i,
-            members: members.clone(),
-            raft: RaftTuning::default(),
-            request_timeout: Duration::from_secs(5),
-        };
+        let cfg = NodeConfig { id: i, members: members.clone(), raft: raft.clone(), request_timeout };
         let node = Node::start(cfg, engine.clone(), Arc::new(InlineFlusher(engine)), Arc::new(router.transport()))
             .await
             .expect("node starts");
@@ -77,6 +76,36 @@ async fn three_nodes_replicate_writes_and_serve_linearizable_reads() {
     assert_eq!(missing.err(), Some(ApiError::TableNotFound("nope".into())));
     let bad = retry(|| nodes[1].write("t", TableCommand::Put(PutRequest::default()))).await;
     assert_eq!(bad.err(), Some(ApiError::Kv(KvError::EmptyKey)));
+}
+
+/// A table whose Raft group has not elected a leader when the creation's
+/// wait ends is reported as such, not as a plain success: the creation
+/// committed (a retry says it exists) and the table serves once the group
+/// elects. Before, `Tables.Create` returned success after the wait timed out.
+#[tokio::test(flavor = "current_thread")]
+async fn a_create_whose_group_has_no_leader_in_time_says_so() {
+    // Three nodes (a single voter elects itself at once) whose elections
+    // take 3 s or more; a request may wait 1 s.
+    let raft = RaftTuning {
+        heartbeat_ms: 500,
+        election_timeout_min_ms: 3000,
+        election_timeout_max_ms: 3500,
+        ..RaftTuning::default()
+    };
+    let nodes = cluster_with(3, raft, Duration::from_secs(1)).await;
+    let node = &nodes[0];
+    retry(|| node.list_tables()).await.expect("the metadata group elects");
+    match node.create_table("t").await {
+        Err(ApiError::Lagging(m)) => assert!(m.contains("was created") && m.contains("no leader"), "{m}"),
+        other => panic!("expected a report that the group has no leader yet, got {other:?}"),
+    }
+    let again = node.create_table("t").await;
+    assert!(
+        matches!(again, Err(ApiError::Meta(armada_core::command::MetaError::TableExists(_)))),
+        "{again:?}"
+    );
+    let put = TableCommand::Put(PutRequest { key: b"k".to_vec(), value: b"v".to_vec(), prev_kv: false });
+    retry(|| node.write("t", put.clone())).await.expect("the table serves once its group elects");
 }
 
 mod storage_suite {
