@@ -151,6 +151,82 @@ pub async fn run(args: &BenchArgs, op: Op) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Debug, Clone, clap::Args)]
+pub struct LagArgs {
+    /// etcd v3 endpoint of a leader cluster node (writes go here).
+    #[arg(long, default_value = "http://127.0.0.1:2379")]
+    pub leader: String,
+    /// etcd v3 endpoint of a follower cluster node (reads poll here).
+    #[arg(long)]
+    pub follower: String,
+    /// Writes to time, one at a time.
+    #[arg(long, default_value_t = 200)]
+    pub samples: usize,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Most polls of the follower for one write before it counts as lost.
+const LAG_POLLS_MAX: usize = 100_000;
+
+/// `armada bench lag`: replication lag as a client sees it. Each sample
+/// puts a key at the leader cluster, then polls the follower (serializable
+/// reads, back to back) until the key appears at the put's revision; the
+/// time from the put's answer to that read is the sample (one read's round
+/// trip is the resolution).
+pub async fn lag(args: &LagArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.samples > 0, "samples must be positive");
+    let connect = |url: &str| {
+        let ep = crate::listen::endpoint(url).map_err(|e| anyhow::anyhow!("invalid endpoint: {e}"));
+        async move { anyhow::Ok(pb::kv_client::KvClient::new(ep?.timeout(Duration::from_secs(10)).connect().await?)) }
+    };
+    let mut leader = connect(&args.leader).await?;
+    let mut follower = connect(&args.follower).await?;
+    let mut lat = Vec::with_capacity(args.samples);
+    let mut polls_total = 0usize;
+    for i in 0..args.samples {
+        let key = format!("bench/lag/{i:06}").into_bytes();
+        let put = leader.put(pb::PutRequest { key: key.clone(), value: b"x".to_vec(), ..Default::default() }).await?;
+        let rev = put.into_inner().header.map_or(0, |h| h.revision);
+        let t0 = Instant::now();
+        let mut seen = false;
+        for _ in 0..LAG_POLLS_MAX {
+            polls_total += 1;
+            let r = follower
+                .range(pb::RangeRequest { key: key.clone(), serializable: true, ..Default::default() })
+                .await?
+                .into_inner();
+            if r.kvs.first().is_some_and(|kv| kv.mod_revision >= rev) {
+                seen = true;
+                break;
+            }
+        }
+        anyhow::ensure!(seen, "revision {rev} did not reach the follower within {LAG_POLLS_MAX} reads");
+        lat.push(t0.elapsed());
+    }
+    lat.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let (p50, p99, max) = (quantile(&lat, 0.5), quantile(&lat, 0.99), lat.last().copied().unwrap_or_default());
+    let polls = polls_total as f64 / args.samples as f64;
+    if args.json {
+        println!(
+            "{}",
+            json!({"leader": args.leader, "follower": args.follower, "samples": args.samples,
+                   "p50_ms": ms(p50), "p99_ms": ms(p99), "max_ms": ms(max), "polls_per_sample": polls})
+        );
+    } else {
+        println!(
+            "{} writes: lag p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms ({polls:.1} follower reads per write)",
+            args.samples,
+            ms(p50),
+            ms(p99),
+            ms(max)
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -81,6 +81,9 @@ enum BenchCmd {
         #[arg(long)]
         serializable: bool,
     },
+    /// Replication lag as a client sees it: put at the leader cluster, poll
+    /// a follower node until the write is there.
+    Lag(armada_server::bench::LagArgs),
 }
 
 fn init_logs(format: LogFormat) {
@@ -150,6 +153,7 @@ async fn main() {
         Cmd::Kv { cmd, client } => cli::kv(&client, cmd).await,
         Cmd::Cluster { cmd, client } => cli::cluster(&client, cmd).await,
         Cmd::Bench { cmd: BenchCmd::Put(args) } => armada_server::bench::put(&args).await,
+        Cmd::Bench { cmd: BenchCmd::Lag(args) } => armada_server::bench::lag(&args).await,
         Cmd::Bench { cmd: BenchCmd::Get { args, serializable } } => {
             armada_server::bench::run(&args, armada_server::bench::Op::Get { serializable }).await
         }

@@ -100,10 +100,7 @@ async fn a_create_whose_group_has_no_leader_in_time_says_so() {
         other => panic!("expected a report that the group has no leader yet, got {other:?}"),
     }
     let again = node.create_table("t").await;
-    assert!(
-        matches!(again, Err(ApiError::Meta(armada_core::command::MetaError::TableExists(_)))),
-        "{again:?}"
-    );
+    assert!(matches!(again, Err(ApiError::Meta(armada_core::command::MetaError::TableExists(_)))), "{again:?}");
     let put = TableCommand::Put(PutRequest { key: b"k".to_vec(), value: b"v".to_vec(), prev_kv: false });
     retry(|| node.write("t", put.clone())).await.expect("the table serves once its group elects");
 }
