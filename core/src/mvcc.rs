@@ -245,6 +245,42 @@ impl<'e> Mvcc<'e> {
         }
     }
 
+    /// The first `keep` live key-values of `[start, end)` now, ascending,
+    /// and how many live keys the interval holds: keys past the first `keep`
+    /// are counted without decoding their records.
+    fn live_now_bounded(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        keep: usize,
+    ) -> Result<(Vec<KeyValue>, u64), EngineError> {
+        let (lo, hi) = self.latest_bounds(start, end);
+        let prefix_len = self.ns.len() + 1;
+        let mut out = Vec::with_capacity(keep.min(RANGE_PREALLOCATE_MAX));
+        let mut count = 0u64;
+        let mut err = None;
+        self.engine.scan(&lo, &hi, &mut |k, v| {
+            count += 1;
+            if out.len() >= keep {
+                return true;
+            }
+            match decode::<Latest>(v, "latest record") {
+                Ok(l) => {
+                    out.push(l.to_kv(&k[prefix_len..]));
+                    true
+                }
+                Err(e) => {
+                    err = Some(e);
+                    false
+                }
+            }
+        })?;
+        match err {
+            Some(e) => Err(e),
+            None => Ok((out, count)),
+        }
+    }
+
     /// Live key-values of `[start, end)` as of revision `rev`, ascending.
     fn live_at(&self, start: &[u8], end: Option<&[u8]>, rev: u64) -> Result<Vec<KeyValue>, EngineError> {
         // One key: seek its newest version at or below `rev` instead of
@@ -346,12 +382,15 @@ impl<'e> Mvcc<'e> {
         let state = self.rev_state()?;
         let rev = self.resolve_read_revision(state, req.revision)?;
         let (start, end) = interval(&req.key, &req.range_end);
-        let kvs = if rev == state.current {
-            self.live_now(&start, end.as_deref())?
-        } else {
-            self.live_at(&start, end.as_deref(), rev)?
+        let (kvs, count) = match (rev == state.current, keys_needed(req)) {
+            // Only the first keys can reach the answer: decode those and
+            // merely count the rest (`limit = 1` or `count_only` over a large
+            // table copies no other value).
+            (true, Some(keep)) => self.live_now_bounded(&start, end.as_deref(), keep)?,
+            (true, None) => counted(self.live_now(&start, end.as_deref())?),
+            (false, _) => counted(self.live_at(&start, end.as_deref(), rev)?),
         };
-        Ok(shape_range(req, kvs, state.current))
+        Ok(shape_range(req, kvs, count, state.current))
     }
 
     /// A write transaction at the table's next revision. Nothing reaches the
@@ -430,10 +469,41 @@ fn sort_key_cmp(target: SortTarget, a: &KeyValue, b: &KeyValue) -> std::cmp::Ord
     }
 }
 
-/// Applies sort, limit, keys-only and count-only to the live key-values of a
-/// range (given in ascending key order). Ties keep ascending key order.
-pub fn shape_range(req: &RangeRequest, mut kvs: Vec<KeyValue>, current: u64) -> RangeResponse {
+/// Most key-values a bounded range reserves room for up front (a large
+/// `limit` grows the vector as keys arrive instead).
+const RANGE_PREALLOCATE_MAX: usize = 1024;
+
+/// How many live keys, in ascending key order, a range needs to see to
+/// answer (`None`: all of them). With no filter and key order (no sort
+/// order, or ascending by key), only the first `limit + 1` can matter
+/// (the extra one tells `more`); `count_only` needs none.
+fn keys_needed(req: &RangeRequest) -> Option<usize> {
+    if req.count_only {
+        return Some(0);
+    }
+    let filtered = req.min_mod_revision != 0
+        || req.max_mod_revision != 0
+        || req.min_create_revision != 0
+        || req.max_create_revision != 0;
+    let key_order = req.sort_order == SortOrder::None
+        || (req.sort_order == SortOrder::Ascend && req.sort_target == SortTarget::Key);
+    if filtered || !key_order || req.limit == 0 {
+        return None;
+    }
+    usize::try_from(req.limit.saturating_add(1)).ok()
+}
+
+/// Key-values with their count.
+fn counted(kvs: Vec<KeyValue>) -> (Vec<KeyValue>, u64) {
     let count = kvs.len() as u64;
+    (kvs, count)
+}
+
+/// Applies sort, limit, keys-only and count-only to the live key-values of a
+/// range (given in ascending key order). `kvs` may hold only the first keys
+/// of the range when [`keys_needed`] says the rest cannot matter; `count` is
+/// the number of live keys in the whole range. Ties keep ascending key order.
+pub fn shape_range(req: &RangeRequest, mut kvs: Vec<KeyValue>, count: u64, current: u64) -> RangeResponse {
     if req.count_only {
         return RangeResponse { revision: current, kvs: Vec::new(), more: false, count };
     }
@@ -559,7 +629,8 @@ impl WriteTxn<'_, '_> {
         } else {
             self.store.live_at(&start, end.as_deref(), rev)?
         };
-        Ok(shape_range(req, kvs, self.visible_revision()))
+        let count = kvs.len() as u64;
+        Ok(shape_range(req, kvs, count, self.visible_revision()))
     }
 
     fn record(&mut self, key: &[u8], latest: Option<Latest>) {

@@ -403,3 +403,40 @@ fn history_key_encoding_round_trips_and_orders() {
     assert!(split_escaped(&[0, 7]).is_err(), "bad escapes are errors, not panics");
     assert!(split_escaped(&[1, 2]).is_err());
 }
+
+/// A range with a small `limit`, or `count_only`, decodes only the keys it
+/// can answer with: a damaged record past them is never read, while a range
+/// that does reach it reports the damage. (Before, every range loaded every
+/// matching key and value, then applied `limit`.)
+#[test]
+fn bounded_ranges_read_only_the_keys_they_answer_with() {
+    let engine = MemEngine::new();
+    let store = Mvcc::new(&engine, b"t1/".to_vec());
+    let mut txn = store.begin().unwrap();
+    let success = (0..100u32)
+        .map(|i| {
+            RequestOp::Put(PutRequest { key: format!("k{i:03}").into_bytes(), value: vec![7; 64], prev_kv: false })
+        })
+        .collect();
+    txn.txn(&TxnRequest { success, ..Default::default() }).unwrap();
+    engine.write(txn.finish().0).unwrap();
+    // Damage the latest record of k050.
+    let mut batch = WriteBatch::new();
+    batch.put(store.latest_key(b"k050"), vec![0xff; 3]);
+    engine.write(batch).unwrap();
+
+    let all = RangeRequest { key: b"k".to_vec(), range_end: b"l".to_vec(), ..Default::default() };
+    let r = store.range(&RangeRequest { limit: 1, ..all.clone() }).unwrap();
+    assert_eq!((r.kvs.len(), r.count, r.more), (1, 100, true));
+    assert_eq!(r.kvs[0].key, b"k000");
+    // `limit + 1` keys are read (the extra one tells `more`): k000..k049.
+    let r = store.range(&RangeRequest { limit: 49, ..all.clone() }).unwrap();
+    assert_eq!((r.kvs.len(), r.count, r.more), (49, 100, true), "k050 counted, never decoded");
+    assert!(store.range(&RangeRequest { limit: 50, ..all.clone() }).is_err(), "limit 50 reads k050");
+    let r = store.range(&RangeRequest { count_only: true, ..all.clone() }).unwrap();
+    assert_eq!((r.kvs.len(), r.count), (0, 100));
+    // Ranges that must see k050 find the damage.
+    assert!(matches!(store.range(&all), Err(MvccError::Engine(_))));
+    let by_value = RangeRequest { limit: 1, sort_order: SortOrder::Descend, ..all };
+    assert!(matches!(store.range(&by_value), Err(MvccError::Engine(_))));
+}
