@@ -225,24 +225,7 @@ impl<'e> Mvcc<'e> {
 
     /// Live key-values of `[start, end)` at the current revision, ascending.
     fn live_now(&self, start: &[u8], end: Option<&[u8]>) -> Result<Vec<KeyValue>, EngineError> {
-        let (lo, hi) = self.latest_bounds(start, end);
-        let prefix_len = self.ns.len() + 1;
-        let mut out = Vec::new();
-        let mut err = None;
-        self.engine.scan(&lo, &hi, &mut |k, v| match decode::<Latest>(v, "latest record") {
-            Ok(l) => {
-                out.push(l.to_kv(&k[prefix_len..]));
-                true
-            }
-            Err(e) => {
-                err = Some(e);
-                false
-            }
-        })?;
-        match err {
-            Some(e) => Err(e),
-            None => Ok(out),
-        }
+        Ok(self.live_now_bounded(start, end, usize::MAX)?.0)
     }
 
     /// The first `keep` live key-values of `[start, end)` now, ascending,
@@ -256,7 +239,7 @@ impl<'e> Mvcc<'e> {
     ) -> Result<(Vec<KeyValue>, u64), EngineError> {
         let (lo, hi) = self.latest_bounds(start, end);
         let prefix_len = self.ns.len() + 1;
-        let mut out = Vec::with_capacity(keep.min(RANGE_PREALLOCATE_MAX));
+        let mut out = Vec::new();
         let mut count = 0u64;
         let mut err = None;
         self.engine.scan(&lo, &hi, &mut |k, v| {
@@ -468,10 +451,6 @@ fn sort_key_cmp(target: SortTarget, a: &KeyValue, b: &KeyValue) -> std::cmp::Ord
         SortTarget::Value => a.value.cmp(&b.value),
     }
 }
-
-/// Most key-values a bounded range reserves room for up front (a large
-/// `limit` grows the vector as keys arrive instead).
-const RANGE_PREALLOCATE_MAX: usize = 1024;
 
 /// How many live keys, in ascending key order, a range needs to see to
 /// answer (`None`: all of them). With no filter and key order (no sort
