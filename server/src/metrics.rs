@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::node::Node;
+use crate::replication::ReplicationState;
 
 /// Upper bounds (seconds) of the latency histogram buckets.
 pub const LATENCY_BUCKETS_S: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
@@ -131,7 +132,7 @@ impl Metrics {
                 (
                     "armada_replication_stalled",
                     "Follower: 1 while this node's replication worker has heard nothing from the leader for 5 s.",
-                    |g| if g.replication_state == "stalled" { 1.0 } else { 0.0 },
+                    |g| f64::from(u8::from(matches!(g.replication, ReplicationState::Stalled(_)))),
                 ),
             ] {
                 let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");

@@ -197,11 +197,9 @@ pub struct GroupStatus {
     pub lag_seconds: f64,
     /// Snapshots this node's replication worker installed.
     pub snapshots_installed: u64,
-    /// Follower clusters, on the node running the table's replication
-    /// worker: "connecting", "streaming" or "stalled" ("" elsewhere).
-    pub replication_state: String,
-    /// Why replication is stalled ("" unless stalled).
-    pub replication_error: String,
+    /// Follower clusters: the health of the table's replication worker, on
+    /// the node running it.
+    pub replication: crate::replication::ReplicationState,
 }
 
 /// Optional observers the simulated world attaches to a node.
@@ -852,18 +850,16 @@ impl Node {
                     .copied()
                     .unwrap_or(0);
                 let leader_revision = lag.get(&g.name).map_or(0, |l| l.leader_revision).max(applied_leader_rev);
-                let state = lag.get(&g.name).map(|l| l.state(now));
-                let behind_s = lag
-                    .get(&g.name)
-                    .and_then(|l| l.behind_since)
-                    .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
+                let l = lag.get(&g.name);
+                let replication = l.map(|l| l.state(now)).unwrap_or_default();
+                let behind_s =
+                    l.and_then(|l| l.behind_since).map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
                 // A stalled stream carries no news of the leader's revision,
                 // so the revision lag can read 0: report the silence as lag.
-                let stalled_s = match (&state, lag.get(&g.name)) {
-                    (Some(crate::replication::ReplicationState::Stalled(_)), Some(l)) => l
-                        .last_contact
-                        .or(l.active_since)
-                        .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64()),
+                let stalled_s = match &replication {
+                    crate::replication::ReplicationState::Stalled(_) => {
+                        l.and_then(|l| l.silent_for(now)).map_or(0.0, |d| d.as_secs_f64())
+                    }
                     _ => 0.0,
                 };
                 GroupStatus {
@@ -876,12 +872,8 @@ impl Node {
                     leader_revision,
                     lag_revisions: leader_revision.saturating_sub(revision),
                     lag_seconds: behind_s.max(stalled_s),
-                    snapshots_installed: lag.get(&g.name).map_or(0, |l| l.snapshots),
-                    replication_state: state.as_ref().map_or("", |s| s.name()).to_string(),
-                    replication_error: match state {
-                        Some(crate::replication::ReplicationState::Stalled(why)) => why,
-                        _ => String::new(),
-                    },
+                    snapshots_installed: l.map_or(0, |l| l.snapshots),
+                    replication,
                 }
             })
             .collect()

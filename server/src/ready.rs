@@ -31,6 +31,7 @@ use armada_core::raft::data_ns;
 use armada_core::GroupId;
 
 use crate::node::Node;
+use crate::replication::ReplicationState;
 
 /// What the readiness check needs beyond the node's own state.
 #[derive(Debug)]
@@ -74,12 +75,14 @@ impl Readiness {
                     g.commit_index
                 ));
             }
-            match g.replication_state.as_str() {
-                "connecting" => {
+            match &g.replication {
+                ReplicationState::Connecting => {
                     waiting.push(format!("{}: replication has not heard from the leader cluster yet", name(&g.table)))
                 }
-                "stalled" => waiting.push(format!("{}: replication stalled: {}", name(&g.table), g.replication_error)),
-                _ => {}
+                ReplicationState::Stalled(why) => {
+                    waiting.push(format!("{}: replication stalled: {why}", name(&g.table)))
+                }
+                ReplicationState::Elsewhere | ReplicationState::Streaming => {}
             }
         }
         match Catalog::new(&**node.engine(), data_ns(GroupId::META)).list() {

@@ -450,9 +450,11 @@ pub struct LagStats {
 }
 
 /// Replication health of one table on the node that runs its worker.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum ReplicationState {
-    /// Another node of this cluster runs the table's worker.
+    /// Another node of this cluster runs the table's worker (or this is not
+    /// a follower cluster).
+    #[default]
     Elsewhere,
     /// The worker started and has not heard from the leader cluster yet.
     Connecting,
@@ -471,19 +473,35 @@ impl ReplicationState {
             ReplicationState::Stalled(_) => "stalled",
         }
     }
+
+    /// Why replication is stalled ("" unless it is).
+    pub fn error(&self) -> &str {
+        match self {
+            ReplicationState::Stalled(why) => why,
+            _ => "",
+        }
+    }
 }
 
 impl LagStats {
+    /// How long the worker running here has heard nothing from the leader
+    /// cluster (since it started here, if it never has); `None` while it
+    /// runs elsewhere.
+    pub fn silent_for(&self, now: Instant) -> Option<Duration> {
+        let active = self.active_since?;
+        let since = self.last_contact.filter(|t| *t >= active).unwrap_or(active);
+        Some(now.saturating_duration_since(since))
+    }
+
     /// The worker's health at `now`.
     pub fn state(&self, now: Instant) -> ReplicationState {
-        let Some(active) = self.active_since else { return ReplicationState::Elsewhere };
-        let heard = self.last_contact.filter(|t| *t >= active);
-        let since = heard.unwrap_or(active);
-        if now.saturating_duration_since(since) >= STALLED_AFTER {
+        let Some(silent) = self.silent_for(now) else { return ReplicationState::Elsewhere };
+        if silent >= STALLED_AFTER {
             let why = self.last_error.clone().unwrap_or_else(|| "no message from the leader cluster".into());
             return ReplicationState::Stalled(why);
         }
-        if heard.is_some() {
+        let active = self.active_since.expect("silent_for is Some only while active");
+        if self.last_contact.is_some_and(|t| t >= active) {
             ReplicationState::Streaming
         } else {
             ReplicationState::Connecting

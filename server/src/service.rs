@@ -202,8 +202,8 @@ impl Cluster for Api {
                         leader_revision: g.leader_revision,
                         lag_revisions: g.lag_revisions,
                         lag_seconds: g.lag_seconds,
-                        replication_state: g.replication_state,
-                        replication_error: g.replication_error,
+                        replication_state: g.replication.name().to_string(),
+                        replication_error: g.replication.error().to_string(),
                     })
                     .collect();
                 let role = if self.node.is_follower() { "follower" } else { "leader" }.to_string();
