@@ -168,23 +168,27 @@ impl ChangesState {
                     return Some(Ok(msg(Vec::new(), first_retained)));
                 }
                 Ok(ChangesFrom::Changes(mut c)) if !c.is_empty() => {
-                    // A batch stops after the revision that crossed the byte
-                    // budget, so a huge revision may close a batch: send it
-                    // alone in the next message.
-                    let mut bytes: usize = c.iter().map(|r| r.size_bytes()).sum();
-                    while c.len() > 1 && bytes > STREAM_REVISION_BYTES_MAX {
-                        bytes -= c.pop().map_or(0, |r| r.size_bytes());
+                    // `changes_from` stops a batch after the revision that
+                    // crossed its byte budget (`BATCH_BYTES_MAX`), so only the
+                    // last revision can be large: a huge one goes alone in
+                    // the next message, and alone it is checked below.
+                    let too_large = |r: &RevisionChanges| r.size_bytes() > STREAM_REVISION_BYTES_MAX;
+                    if c.len() > 1 && c.last().is_some_and(too_large) {
+                        c.pop();
                     }
-                    if bytes > STREAM_REVISION_BYTES_MAX {
-                        let rev = c[0].revision;
-                        warn!(
-                            table_id = self.group.0,
-                            revision = rev,
-                            bytes,
-                            "revision too large for the change stream: the follower installs a snapshot"
-                        );
-                        self.done = true;
-                        return Some(Ok(msg(Vec::new(), rev + 1)));
+                    if let [only] = c.as_slice() {
+                        let bytes = only.size_bytes();
+                        if bytes > STREAM_REVISION_BYTES_MAX {
+                            let rev = only.revision;
+                            warn!(
+                                table_id = self.group.0,
+                                revision = rev,
+                                bytes,
+                                "revision too large for the change stream: the follower installs a snapshot"
+                            );
+                            self.done = true;
+                            return Some(Ok(msg(Vec::new(), rev + 1)));
+                        }
                     }
                     self.next = c.last().map_or(self.next, |l| l.revision + 1);
                     return Some(Ok(msg(c.into_iter().map(changes_out).collect(), 0)));
