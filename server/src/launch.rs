@@ -118,12 +118,7 @@ pub async fn launch(cfg: &ServeConfig, role: Role) -> Result<Launched, LaunchErr
 
     let mut servers: Vec<(&'static str, JoinHandle<Result<(), String>>)> = Vec::new();
     let api = router(Api::with_metrics(node.clone(), metrics.clone()));
-    let incoming = api_l.into_incoming();
-    let until = stopped();
-    servers.push((
-        "armada.v1 API",
-        tokio::spawn(async move { api.serve_with_incoming_shutdown(incoming, until).await.map_err(|e| e.to_string()) }),
-    ));
+    servers.push(spawn_grpc("armada.v1 API", api, api_l, stopped()));
     let etcd_addr = etcd_l.local_addr().to_string();
     let etcd = crate::etcd::router(crate::etcd::EtcdApi::new(
         node.clone(),
@@ -131,14 +126,7 @@ pub async fn launch(cfg: &ServeConfig, role: Role) -> Result<Launched, LaunchErr
         metrics.clone(),
         &etcd_addr,
     ));
-    let incoming = etcd_l.into_incoming();
-    let until = stopped();
-    servers.push((
-        "etcd API",
-        tokio::spawn(
-            async move { etcd.serve_with_incoming_shutdown(incoming, until).await.map_err(|e| e.to_string()) },
-        ),
-    ));
+    servers.push(spawn_grpc("etcd API", etcd, etcd_l, stopped()));
     let http = crate::http::serve(http_l, node.clone(), metrics.clone(), readiness.clone(), stopped());
     servers.push(("HTTP", tokio::spawn(async move { http.await.map_err(|e| e.to_string()) })));
 
@@ -148,14 +136,8 @@ pub async fn launch(cfg: &ServeConfig, role: Role) -> Result<Launched, LaunchErr
             let table = cfg.etcd_table.clone();
             let ensure = tokio::spawn(async move { crate::etcd::ensure_table(&node2, &table).await });
             let repl = crate::replication::router(crate::replication::ReplicationService::new(node.clone()));
-            let incoming = repl_l.expect("a leader binds its replication listener above").into_incoming();
-            let until = stopped();
-            servers.push((
-                "replication",
-                tokio::spawn(async move {
-                    repl.serve_with_incoming_shutdown(incoming, until).await.map_err(|e| e.to_string())
-                }),
-            ));
+            let listener = repl_l.expect("a leader binds its replication listener above");
+            servers.push(spawn_grpc("replication", repl, listener, stopped()));
             (Some(ensure), None)
         }
         Role::Follower { leader_endpoints } => {
@@ -190,6 +172,22 @@ pub async fn launch(cfg: &ServeConfig, role: Role) -> Result<Launched, LaunchErr
         ensure_table,
         _follower: follower,
     })
+}
+
+/// Serves `router` on `listener` in a task until `until` resolves.
+fn spawn_grpc(
+    name: &'static str,
+    router: tonic::transport::server::Router,
+    listener: listen::Listener,
+    until: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (&'static str, JoinHandle<Result<(), String>>) {
+    let incoming = listener.into_incoming();
+    (
+        name,
+        tokio::spawn(
+            async move { router.serve_with_incoming_shutdown(incoming, until).await.map_err(|e| e.to_string()) },
+        ),
+    )
 }
 
 impl Launched {
