@@ -31,10 +31,14 @@ pub enum Canary {
     AnswerBeforeApply = 10,
     /// Run Raft elections without pre-vote.
     NoPreVote = 11,
+    /// A streamed Raft snapshot leaves out its second chunk: the cursor
+    /// moves past it, but its pairs are never sent (nor counted in the
+    /// checksum, so the receiver cannot tell).
+    SnapshotChunkSkipped = 12,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 11] = [
+    pub const ALL: [Canary; 12] = [
         Canary::AckBeforeFsync,
         Canary::StaleRead,
         Canary::ReuseRevision,
@@ -46,6 +50,7 @@ impl Canary {
         Canary::FollowerReadAhead,
         Canary::AnswerBeforeApply,
         Canary::NoPreVote,
+        Canary::SnapshotChunkSkipped,
     ];
 
     pub fn name(self) -> &'static str {
@@ -61,6 +66,7 @@ impl Canary {
             Canary::FollowerReadAhead => "follower-read-ahead",
             Canary::AnswerBeforeApply => "answer-before-apply",
             Canary::NoPreVote => "no-pre-vote",
+            Canary::SnapshotChunkSkipped => "snapshot-chunk-skipped",
         }
     }
 

@@ -19,6 +19,7 @@ pub mod engine;
 pub mod kv;
 pub mod mvcc;
 pub mod raft;
+pub mod snapshot;
 
 pub use command::{Command, CommandResponse, GroupId, MetaCommand, TableCommand};
 pub use engine::{Engine, EngineError, MemEngine, WriteBatch};

@@ -10,7 +10,9 @@
 //! Key layout under a group's namespace `g ++ id(8, big-endian)`:
 //! `L ++ index(8)` log entries, `V` vote, `C` committed log id, `P` last purged
 //! log id, `Sa` applied state, `Sd ++ …` the state machine's data (an MVCC
-//! table, or the catalog for the metadata group).
+//! table, or the catalog for the metadata group), `T ++ …` snapshots being
+//! received and `I` the marker of a snapshot install in progress (see
+//! [`crate::snapshot`]).
 
 use std::fmt::Debug;
 use std::future::Future;
@@ -30,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::command::{Catalog, Command, CommandResponse, GroupId};
 use crate::engine::{prefix_end, Engine, EngineError, WriteBatch};
 use crate::mvcc::Mvcc;
+use crate::snapshot::{begin_install, GroupView, InstallGate, SnapshotData, SNAPSHOT_CHUNK_BYTES};
 
 /// A cluster member as Raft knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -400,14 +403,12 @@ pub struct StateMachine<RT> {
     flusher: Arc<dyn Flusher>,
     observer: Option<Arc<dyn ApplyObserver>>,
     retention: u64,
+    gate: Arc<InstallGate>,
+    chunk_bytes: usize,
     _rt: PhantomData<fn() -> RT>,
 }
 
 type AppliedState<RT> = (Option<LogIdOf<ArmadaRaft<RT>>>, StoredMembershipOf<ArmadaRaft<RT>>);
-
-/// Snapshot payload: the group's data pairs, namespace stripped.
-#[derive(Serialize, Deserialize)]
-struct SnapshotPairs(Vec<(Vec<u8>, Vec<u8>)>);
 
 impl<RT: Runtime> StateMachine<RT> {
     pub fn new(engine: Arc<dyn Engine>, group: GroupId, kind: GroupKind, flusher: Arc<dyn Flusher>) -> Self {
@@ -418,8 +419,23 @@ impl<RT: Runtime> StateMachine<RT> {
             flusher,
             observer: None,
             retention: crate::mvcc::replication::CHANGELOG_RETENTION_DEFAULT,
+            gate: Arc::default(),
+            chunk_bytes: SNAPSHOT_CHUNK_BYTES,
             _rt: PhantomData,
         }
+    }
+
+    /// The gate readers of this group pass (closed while a snapshot is
+    /// being installed).
+    pub fn with_gate(mut self, gate: Arc<InstallGate>) -> Self {
+        self.gate = gate;
+        self
+    }
+
+    /// Bytes per batch when a snapshot is copied into place.
+    pub fn with_chunk_bytes(mut self, bytes: usize) -> Self {
+        self.chunk_bytes = bytes.max(1);
+        self
     }
 
     /// Revisions of changelog each table keeps (see [`crate::mvcc::replication`]).
@@ -445,9 +461,7 @@ impl<RT: Runtime> StateMachine<RT> {
     }
 
     fn applied_key(&self) -> Vec<u8> {
-        let mut k = group_ns(self.group);
-        k.extend_from_slice(b"Sa");
-        k
+        crate::snapshot::applied_key(self.group)
     }
 
     fn read_applied(&self) -> Result<AppliedState<RT>, io::Error> {
@@ -472,86 +486,36 @@ impl<RT: Runtime> StateMachine<RT> {
         }
     }
 
-    /// The current state as a snapshot (data pairs and applied state read in
-    /// one engine scan, so they are consistent).
-    fn snapshot_now(&self) -> Result<SnapshotOf<ArmadaRaft<RT>, Vec<u8>>, io::Error> {
-        let mut lo = group_ns(self.group);
-        lo.push(b'S');
-        let hi = prefix_end(&lo).expect("a group namespace is never all 0xff");
-        let data_prefix = data_ns(self.group);
-        let applied_key = self.applied_key();
-        let mut pairs = SnapshotEncoder::default();
-        let mut applied = None;
-        self.engine
-            .scan(&lo, &hi, &mut |k, v| {
-                if k == applied_key.as_slice() {
-                    applied = Some(v.to_vec());
-                } else if let Some(rest) = k.strip_prefix(data_prefix.as_slice()) {
-                    pairs.push(rest, v);
-                }
-                true
-            })
-            .map_err(io_err)?;
-        let (last_log_id, last_membership): AppliedState<RT> = match applied {
-            Some(b) => dec(&b, "applied state")?,
+    /// The current state as a snapshot: a view of the group, taken here on
+    /// the state machine's task so that its applied state matches its data.
+    /// Costs no copy; the data is read only as the snapshot is sent.
+    fn snapshot_now(&self) -> Result<SnapshotOf<ArmadaRaft<RT>, SnapshotData>, io::Error> {
+        let view = GroupView::take(&*self.engine, self.group).map_err(io_err)?;
+        let (last_log_id, last_membership): AppliedState<RT> = match view.applied_state() {
+            Some(b) => dec(b, "applied state")?,
             None => (None, Default::default()),
         };
         Ok(openraft::Snapshot {
             meta: openraft::SnapshotMeta { last_log_id, last_membership },
-            snapshot: pairs.finish(),
+            snapshot: SnapshotData::View(view),
         })
-    }
-}
-
-/// Encodes [`SnapshotPairs`] pair by pair as the scan visits them, exactly
-/// as `enc(&SnapshotPairs(pairs))` would (postcard's stable wire format: a
-/// varint count, then each byte string as a varint length and its bytes),
-/// without first copying every pair into its own allocation.
-#[derive(Default)]
-struct SnapshotEncoder {
-    count: u64,
-    body: Vec<u8>,
-}
-
-fn put_varint(out: &mut Vec<u8>, mut n: u64) {
-    while n >= 0x80 {
-        out.push((n as u8) | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
-}
-
-impl SnapshotEncoder {
-    fn push(&mut self, key: &[u8], value: &[u8]) {
-        put_varint(&mut self.body, key.len() as u64);
-        self.body.extend_from_slice(key);
-        put_varint(&mut self.body, value.len() as u64);
-        self.body.extend_from_slice(value);
-        self.count += 1;
-    }
-
-    fn finish(self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.body.len() + 10);
-        put_varint(&mut out, self.count);
-        out.extend_from_slice(&self.body);
-        out
     }
 }
 
 /// Builds a snapshot captured when the builder was created.
 pub struct SnapshotBuilder<RT: Runtime> {
-    snapshot: Option<SnapshotOf<ArmadaRaft<RT>, Vec<u8>>>,
+    snapshot: Option<SnapshotOf<ArmadaRaft<RT>, SnapshotData>>,
 }
 
 impl<RT: Runtime> RaftSnapshotBuilder<ArmadaRaft<RT>> for SnapshotBuilder<RT> {
-    type SnapshotData = Vec<u8>;
-    async fn build_snapshot(&mut self) -> Result<SnapshotOf<ArmadaRaft<RT>, Vec<u8>>, io::Error> {
+    type SnapshotData = SnapshotData;
+    async fn build_snapshot(&mut self) -> Result<SnapshotOf<ArmadaRaft<RT>, SnapshotData>, io::Error> {
         self.snapshot.take().ok_or_else(|| io::Error::other("snapshot builder used twice"))
     }
 }
 
 impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = SnapshotData;
     type SnapshotBuilder = SnapshotBuilder<RT>;
 
     async fn applied_state(
@@ -611,22 +575,22 @@ impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMetaOf<ArmadaRaft<RT>>,
-        snapshot: Vec<u8>,
+        snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
-        let pairs: SnapshotPairs = dec(&snapshot, "snapshot")?;
-        let mut lo = group_ns(self.group);
-        lo.push(b'S');
-        let hi = prefix_end(&lo).expect("a group namespace is never all 0xff");
-        let mut b = WriteBatch::new();
-        b.delete_range(lo, hi);
-        let prefix = data_ns(self.group);
-        for (k, v) in pairs.0 {
-            let mut key = prefix.clone();
-            key.extend_from_slice(&k);
-            b.put(key, v);
+        let staged = match snapshot {
+            SnapshotData::Staged(s) => s,
+            SnapshotData::View(v) => crate::snapshot::stage_view(self.engine.clone(), &v, self.chunk_bytes)
+                .map_err(|e| io::Error::other(e.to_string()))?,
+        };
+        let applied = enc(&(meta.last_log_id, meta.last_membership.clone()));
+        let mut installer = begin_install(self.engine.clone(), self.gate.clone(), staged, applied).map_err(io_err)?;
+        // The marker and the cleared data are made durable first, so a
+        // crash from here on finishes the install when the group reopens.
+        flush_and_wait(&*self.flusher, FlushReason::Snapshot).await?;
+        while !installer.step(self.chunk_bytes).map_err(io_err)? {
+            crate::snapshot::yield_now().await;
         }
-        b.put(self.applied_key(), enc(&(meta.last_log_id, meta.last_membership.clone())));
-        self.engine.write(b).map_err(io_err)?;
+        installer.finish().map_err(io_err)?;
         flush_and_wait(&*self.flusher, FlushReason::Snapshot).await?;
         if let Some(obs) = &self.observer {
             let revision = self.table_revision()?;
@@ -635,39 +599,11 @@ impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<ArmadaRaft<RT>, Vec<u8>>>, io::Error> {
+    async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<ArmadaRaft<RT>, SnapshotData>>, io::Error> {
         let s = self.snapshot_now()?;
         if s.meta.last_log_id.is_none() {
             return Ok(None);
         }
         Ok(Some(s))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        /// The pair-by-pair snapshot encoder writes exactly what postcard
-        /// writes for the whole list, so `install_snapshot` decodes it (and
-        /// snapshots from nodes built either way are interchangeable).
-        #[test]
-        fn snapshot_encoder_matches_postcard(
-            pairs in proptest::collection::vec(
-                (proptest::collection::vec(any::<u8>(), 0..300), proptest::collection::vec(any::<u8>(), 0..20_000)),
-                0..40,
-            )
-        ) {
-            let mut e = SnapshotEncoder::default();
-            for (k, v) in &pairs {
-                e.push(k, v);
-            }
-            let ours = e.finish();
-            prop_assert_eq!(&ours, &enc(&SnapshotPairs(pairs.clone())));
-            let back: SnapshotPairs = dec(&ours, "snapshot").expect("decodes");
-            prop_assert_eq!(back.0, pairs);
-        }
     }
 }

@@ -22,6 +22,8 @@ pub const DEFAULT_REPLICATION_ADDRESS: &str = "127.0.0.1:8444";
 pub const DEFAULT_ETCD_TABLE: &str = "default";
 pub const DEFAULT_NODE_ID: u64 = 1;
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest snapshot chunk: well inside the Raft transport's message cap.
+pub const SNAPSHOT_CHUNK_BYTES_MAX: usize = 64 << 20;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
@@ -79,6 +81,17 @@ pub struct ServeArgs {
     /// from a snapshot. [default: 10000]
     #[arg(long, env = "ARMADA_HISTORY_RETENTION", value_name = "REVISIONS")]
     pub history_retention: Option<u64>,
+    /// Take a Raft snapshot of a group (and purge its log) after this many
+    /// applied entries. Snapshots are cheap views; a smaller value keeps
+    /// less log on disk, and replicas further behind catch up by snapshot.
+    /// [default: 50000]
+    #[arg(long, env = "ARMADA_SNAPSHOT_AFTER_LOGS", value_name = "ENTRIES")]
+    pub snapshot_after_logs: Option<u64>,
+    /// Bytes per chunk of a streamed Raft snapshot: what one snapshot
+    /// transfer holds in memory on the sender and on the receiver.
+    /// [default: 1048576]
+    #[arg(long, env = "ARMADA_SNAPSHOT_CHUNK_BYTES", value_name = "BYTES")]
+    pub snapshot_chunk_bytes: Option<usize>,
 }
 
 /// The configuration file. Unknown keys and wrong types are errors.
@@ -96,6 +109,8 @@ pub struct FileConfig {
     pub replication_address: Option<String>,
     pub request_timeout_ms: Option<u64>,
     pub history_retention: Option<u64>,
+    pub snapshot_after_logs: Option<u64>,
+    pub snapshot_chunk_bytes: Option<usize>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -230,6 +245,21 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
     if history_retention == 0 {
         return Err(invalid("history retention", "0", "must be at least 1 revision"));
     }
+    let defaults = RaftTuning::default();
+    let snapshot_after_logs =
+        args.snapshot_after_logs.or(file.snapshot_after_logs).unwrap_or(defaults.snapshot_after_logs);
+    if snapshot_after_logs < 2 {
+        return Err(invalid("snapshot interval", snapshot_after_logs.to_string(), "must be at least 2 entries"));
+    }
+    let snapshot_chunk_bytes =
+        args.snapshot_chunk_bytes.or(file.snapshot_chunk_bytes).unwrap_or(defaults.snapshot_chunk_bytes);
+    if !(1024..=SNAPSHOT_CHUNK_BYTES_MAX).contains(&snapshot_chunk_bytes) {
+        return Err(invalid(
+            "snapshot chunk size",
+            snapshot_chunk_bytes.to_string(),
+            format!("must be between 1024 and {SNAPSHOT_CHUNK_BYTES_MAX} bytes"),
+        ));
+    }
     let timeout_ms =
         args.request_timeout_ms.or(file.request_timeout_ms).unwrap_or(DEFAULT_REQUEST_TIMEOUT.as_millis() as u64);
     if timeout_ms == 0 {
@@ -264,7 +294,14 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         node: NodeConfig {
             id: node_id,
             members,
-            raft: RaftTuning { history_retention, ..RaftTuning::default() },
+            raft: RaftTuning {
+                history_retention,
+                snapshot_after_logs,
+                // Entries kept behind a snapshot, for peers slightly behind.
+                logs_kept_after_snapshot: defaults.logs_kept_after_snapshot.min(snapshot_after_logs / 2),
+                snapshot_chunk_bytes,
+                ..defaults
+            },
             request_timeout: Duration::from_millis(timeout_ms),
         },
         log_format: file.log_format,

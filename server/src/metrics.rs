@@ -103,7 +103,13 @@ impl Metrics {
             ("armada_raft_leader_id", "Node id of the group's leader as known here (0: none).", |g| g.leader_id),
             ("armada_raft_commit_index", "Committed log index known here.", |g| g.commit_index),
             ("armada_raft_applied_index", "Log index applied here.", |g| g.applied_index),
+            ("armada_raft_purged_index", "Last log index purged here (covered by a snapshot).", |g| g.purged_index),
             ("armada_table_revision", "The table's current revision on this node.", |g| g.revision),
+            (
+                "armada_raft_snapshots_installed",
+                "Raft snapshots this replica installed since it started (it was behind the purged log).",
+                |g| g.raft_snapshots_installed,
+            ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
             for g in &groups {

@@ -2,17 +2,22 @@
 //! carries every group, each message tagged with its [`GroupId`].
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use armada_core::raft::ArmadaNode;
+use armada_core::snapshot::{SnapshotChunk, SnapshotData, SnapshotReceiver};
 use armada_core::GroupId;
 use armada_net::{BoxFuture, Handler, Transport};
+use futures::FutureExt;
 use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
 use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use openraft::RaftNetworkV2;
 use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
 
 use crate::node::{ApiError, ClientReply, ClientRequest, Node, C};
 
@@ -20,6 +25,8 @@ use crate::node::{ApiError, ClientReply, ClientRequest, Node, C};
 pub enum RaftRequest {
     Append(AppendEntriesRequest<C>),
     Vote(VoteRequest<C>),
+    /// A whole snapshot in one message (nodes before streamed snapshots
+    /// sent these; still accepted, never sent).
     Snapshot {
         vote: VoteOf<C>,
         meta: SnapshotMetaOf<C>,
@@ -36,6 +43,15 @@ pub enum RaftRequest {
     /// Raft's pre-vote: would the receiver grant a vote at the next term?
     /// Appended last, so earlier variants keep their wire tags.
     PreVote(VoteRequest<C>),
+    /// One chunk of a streamed snapshot. `stream` is the sender's id for
+    /// the transfer; chunk 0 starts a new one (replacing any transfer in
+    /// progress). The last chunk carries the vote and metadata, and its
+    /// reply is the install's.
+    SnapshotChunk {
+        stream: u64,
+        chunk: SnapshotChunk,
+        install: Option<(VoteOf<C>, SnapshotMetaOf<C>)>,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -54,6 +70,8 @@ pub enum RaftReply {
     /// malformed bytes); the sender backs off and retries.
     Refused(String),
     PreVote(VoteResponse<C>),
+    /// A snapshot chunk other than the last was staged.
+    ChunkStaged,
 }
 
 pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -64,26 +82,50 @@ pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 pub struct NetworkFactory {
     pub transport: Arc<dyn Transport>,
     pub group: GroupId,
+    /// This node's id (part of every snapshot stream id it sends).
+    pub sender: u64,
+    /// Counts snapshot streams sent, for their ids.
+    pub streams: Arc<AtomicU64>,
+    pub chunk_bytes: usize,
+    pub install_bytes_per_sec: u64,
 }
 
 pub struct GroupNetwork {
     transport: Arc<dyn Transport>,
     group: GroupId,
+    target: u64,
     target_addr: String,
+    sender: u64,
+    streams: Arc<AtomicU64>,
+    chunk_bytes: usize,
+    install_bytes_per_sec: u64,
 }
 
 impl RaftNetworkFactory<C> for NetworkFactory {
     type Network = GroupNetwork;
 
-    async fn new_client(&mut self, _target: u64, node: &ArmadaNode) -> Self::Network {
-        GroupNetwork { transport: self.transport.clone(), group: self.group, target_addr: node.raft_addr.clone() }
+    async fn new_client(&mut self, target: u64, node: &ArmadaNode) -> Self::Network {
+        GroupNetwork {
+            transport: self.transport.clone(),
+            group: self.group,
+            target,
+            target_addr: node.raft_addr.clone(),
+            sender: self.sender,
+            streams: self.streams.clone(),
+            chunk_bytes: self.chunk_bytes,
+            install_bytes_per_sec: self.install_bytes_per_sec,
+        }
     }
 }
 
 impl GroupNetwork {
     async fn call(&self, request: RaftRequest, option: &RPCOption) -> Result<RaftReply, String> {
+        self.call_within(request, option.soft_ttl()).await
+    }
+
+    async fn call_within(&self, request: RaftRequest, timeout: Duration) -> Result<RaftReply, String> {
         let bytes = encode(&Envelope { group: self.group, request });
-        let resp = self.transport.call(&self.target_addr, bytes, option.soft_ttl()).await.map_err(|e| e.to_string())?;
+        let resp = self.transport.call(&self.target_addr, bytes, timeout).await.map_err(|e| e.to_string())?;
         postcard::from_bytes(&resp).map_err(|e| format!("malformed reply: {e}"))
     }
 }
@@ -93,7 +135,7 @@ fn unreachable(msg: impl ToString) -> Unreachable<C> {
 }
 
 impl RaftNetworkV2<C> for GroupNetwork {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = SnapshotData;
 
     async fn append_entries(
         &mut self,
@@ -126,21 +168,105 @@ impl RaftNetworkV2<C> for GroupNetwork {
         }
     }
 
+    /// Streams the snapshot chunk by chunk (each about `chunk_bytes`), read
+    /// from the view as it goes: memory stays at one chunk whatever the
+    /// size of the group, and the state machine keeps applying meanwhile.
     async fn full_snapshot(
         &mut self,
         vote: VoteOf<C>,
-        snapshot: SnapshotOf<C, Vec<u8>>,
-        _cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        snapshot: SnapshotOf<C, SnapshotData>,
+        cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
-        let req = RaftRequest::Snapshot { vote, meta: snapshot.meta, data: snapshot.snapshot };
-        match self.call(req, &option).await {
-            Ok(RaftReply::Snapshot(r)) => Ok(r),
-            Ok(RaftReply::Refused(m)) => Err(StreamingError::Unreachable(unreachable(m))),
-            Ok(_) => Err(StreamingError::Unreachable(unreachable("mismatched reply"))),
-            Err(e) => Err(StreamingError::Unreachable(unreachable(e))),
+        let SnapshotData::View(view) = snapshot.snapshot else {
+            return Err(StreamingError::Unreachable(unreachable("a received snapshot cannot be sent on")));
+        };
+        let stream = (self.sender << 40) | (self.streams.fetch_add(1, Ordering::Relaxed) & ((1 << 40) - 1));
+        let mut reader = view.reader(self.chunk_bytes);
+        let mut cancel = std::pin::pin!(cancel);
+        let (mut chunks, mut bytes) = (0u64, 0u64);
+        loop {
+            if let Some(closed) = cancel.as_mut().now_or_never() {
+                return Err(StreamingError::Closed(closed));
+            }
+            let chunk = match reader.next_chunk() {
+                Ok(Some(c)) => c,
+                Ok(None) => {
+                    return Err(StreamingError::Unreachable(unreachable("snapshot ended without a last chunk")))
+                }
+                Err(e) => return Err(StreamingError::Unreachable(unreachable(format!("reading the snapshot: {e}")))),
+            };
+            chunks += 1;
+            bytes += chunk.pairs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum::<u64>();
+            let last = chunk.end.is_some();
+            let install = last.then(|| (vote, snapshot.meta.clone()));
+            let timeout = if last {
+                option.soft_ttl() + Duration::from_secs_f64(bytes as f64 / self.install_bytes_per_sec.max(1) as f64)
+            } else {
+                option.soft_ttl()
+            };
+            let reply = self.call_within(RaftRequest::SnapshotChunk { stream, chunk, install }, timeout).await;
+            match reply {
+                Ok(RaftReply::ChunkStaged) if !last => {}
+                Ok(RaftReply::Snapshot(r)) if last => {
+                    info!(group = %self.group, target = self.target, chunks, bytes, "sent a snapshot");
+                    return Ok(r);
+                }
+                Ok(RaftReply::Refused(m)) => {
+                    warn!(group = %self.group, target = self.target, "snapshot refused at chunk {chunks}: {m}");
+                    return Err(StreamingError::Unreachable(unreachable(m)));
+                }
+                Ok(_) => return Err(StreamingError::Unreachable(unreachable("mismatched reply"))),
+                Err(e) => return Err(StreamingError::Unreachable(unreachable(e))),
+            }
         }
     }
+}
+
+/// Stages one chunk of a snapshot stream for `group`; after the last,
+/// hands the snapshot to openraft, which installs it.
+async fn receive_chunk(
+    node: &Node,
+    group: &crate::node::Group,
+    stream: u64,
+    chunk: SnapshotChunk,
+    install: Option<(VoteOf<C>, SnapshotMetaOf<C>)>,
+) -> Result<RaftReply, String> {
+    let staged = {
+        let mut slot = group.receiving.lock().unwrap_or_else(|p| p.into_inner());
+        if chunk.seq == 0 {
+            // A new transfer replaces one in progress (a new leader, or a
+            // retry); dropping the old receiver deletes what it staged.
+            *slot = Some((stream, SnapshotReceiver::new(node.engine().clone(), group.id, node.next_staging_id())));
+        }
+        let Some((current, receiver)) = slot.as_mut() else {
+            return Err(format!("snapshot chunk {} of a transfer that is not in progress", chunk.seq));
+        };
+        if *current != stream {
+            return Err(format!("snapshot chunk {} of a transfer replaced by another", chunk.seq));
+        }
+        match receiver.accept(chunk) {
+            Ok(None) => return Ok(RaftReply::ChunkStaged),
+            Ok(Some(staged)) => {
+                *slot = None;
+                staged
+            }
+            Err(e) => {
+                *slot = None;
+                warn!(group = %group.id, "snapshot transfer refused: {e}");
+                return Err(e.to_string());
+            }
+        }
+    };
+    let Some((vote, meta)) = install else {
+        return Err("the last snapshot chunk came without its metadata".into());
+    };
+    group
+        .raft
+        .install_full_snapshot(vote, openraft::Snapshot { meta, snapshot: SnapshotData::Staged(staged) })
+        .await
+        .map(RaftReply::Snapshot)
+        .map_err(|e| e.to_string())
 }
 
 /// Serves Raft RPCs for every group of a node.
@@ -178,12 +304,19 @@ impl Handler for RaftHandler {
                 RaftRequest::PreVote(r) => {
                     group.raft.pre_vote(r).await.map(RaftReply::PreVote).map_err(|e| e.to_string())
                 }
-                RaftRequest::Snapshot { vote, meta, data } => group
-                    .raft
-                    .install_full_snapshot(vote, openraft::Snapshot { meta, snapshot: data })
-                    .await
-                    .map(RaftReply::Snapshot)
-                    .map_err(|e| e.to_string()),
+                RaftRequest::Snapshot { vote, meta, data } => {
+                    // The old format: the group's data pairs, postcard-encoded.
+                    match postcard::from_bytes::<Vec<(Vec<u8>, Vec<u8>)>>(&data) {
+                        Ok(pairs) => {
+                            let stream = u64::MAX - node.next_staging_id();
+                            receive_chunk(&node, &group, stream, SnapshotChunk::whole(pairs), Some((vote, meta))).await
+                        }
+                        Err(e) => Err(format!("malformed snapshot: {e}")),
+                    }
+                }
+                RaftRequest::SnapshotChunk { stream, chunk, install } => {
+                    receive_chunk(&node, &group, stream, chunk, install).await
+                }
                 RaftRequest::Client { .. } => Err("client request reached a group".into()),
             };
             Some(encode(&reply.unwrap_or_else(RaftReply::Refused)))

@@ -5,11 +5,16 @@
 //!   write durable; the flusher calls it once for many writers (group commit);
 //! - after a crash RocksDB recovers the WAL to a consistent point in time,
 //!   which is the prefix durability the engine contract asks for;
-//! - scans run on an iterator, which reads one consistent snapshot.
+//! - scans run on an iterator, which reads one consistent snapshot;
+//! - a view ([`Engine::view`]) is a RocksDB snapshot, held by a thread of
+//!   its own for as long as the view lives (RocksDB keeps the versions it
+//!   needs; memory does not grow with the data).
 
 use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 
-use armada_core::engine::{BatchOp, Engine, EngineError, Pair, WriteBatch};
+use armada_core::engine::{BatchOp, Engine, EngineError, EngineView, Pair, WriteBatch};
 use rocksdb::{Direction, IteratorMode, Options, ReadOptions, WriteOptions, DB};
 
 fn backend(e: rocksdb::Error) -> EngineError {
@@ -17,7 +22,7 @@ fn backend(e: rocksdb::Error) -> EngineError {
 }
 
 pub struct RocksEngine {
-    db: DB,
+    db: Arc<DB>,
 }
 
 impl RocksEngine {
@@ -29,7 +34,7 @@ impl RocksEngine {
         opts.set_manual_wal_flush(false);
         opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
         let db = DB::open(&opts, dir).map_err(backend)?;
-        Ok(Self { db })
+        Ok(Self { db: Arc::new(db) })
     }
 
     fn bounded(start: &[u8], end: &[u8]) -> ReadOptions {
@@ -111,6 +116,107 @@ impl Engine for RocksEngine {
 
     fn sync(&self) -> Result<(), EngineError> {
         self.db.flush_wal(true).map_err(backend)
+    }
+
+    fn view(&self, start: &[u8], end: &[u8]) -> Result<Arc<dyn EngineView>, EngineError> {
+        RocksView::open(self.db.clone(), start, end).map(|v| Arc::new(v) as Arc<dyn EngineView>)
+    }
+}
+
+type Reply<T> = mpsc::SyncSender<Result<T, EngineError>>;
+
+enum ViewRequest {
+    Get(Vec<u8>, Reply<Option<Vec<u8>>>),
+    Chunk { start: Vec<u8>, end: Vec<u8>, max_bytes: usize, reply: Reply<Vec<Pair>> },
+}
+
+/// A RocksDB snapshot. The rocksdb crate's snapshot borrows the database,
+/// so it cannot be stored next to it without `unsafe`; instead a thread
+/// owns a handle to the database and the snapshot, and answers reads sent
+/// over a channel. Dropping the view ends the thread and releases the
+/// snapshot.
+struct RocksView {
+    start: Vec<u8>,
+    end: Vec<u8>,
+    requests: Mutex<mpsc::Sender<ViewRequest>>,
+}
+
+impl RocksView {
+    fn open(db: Arc<DB>, start: &[u8], end: &[u8]) -> Result<Self, EngineError> {
+        let (tx, rx) = mpsc::channel::<ViewRequest>();
+        let (taken_tx, taken_rx) = mpsc::sync_channel::<()>(1);
+        std::thread::Builder::new()
+            .name("armada-view".into())
+            .spawn(move || {
+                let snapshot = db.snapshot();
+                // The view is taken before `open` returns: writes after it
+                // do not show.
+                let _ = taken_tx.send(());
+                for request in rx {
+                    match request {
+                        ViewRequest::Get(key, reply) => {
+                            let _ = reply.send(snapshot.get(&key).map_err(backend));
+                        }
+                        ViewRequest::Chunk { start, end, max_bytes, reply } => {
+                            let it = snapshot.iterator_opt(
+                                IteratorMode::From(&start, Direction::Forward),
+                                RocksEngine::bounded(&start, &end),
+                            );
+                            let mut pairs: Vec<Pair> = Vec::new();
+                            let mut bytes = 0usize;
+                            let mut out = Ok(());
+                            for item in it {
+                                match item {
+                                    Ok((k, v)) => {
+                                        bytes += k.len() + v.len();
+                                        pairs.push((k.into_vec(), v.into_vec()));
+                                    }
+                                    Err(e) => {
+                                        out = Err(backend(e));
+                                        break;
+                                    }
+                                }
+                                if bytes >= max_bytes {
+                                    break;
+                                }
+                            }
+                            let out = out.map(|()| pairs);
+                            let _ = reply.send(out);
+                        }
+                    }
+                }
+            })
+            .map_err(|e| EngineError::Backend(format!("cannot start a snapshot reader thread: {e}")))?;
+        taken_rx.recv().map_err(|_| EngineError::Backend("the snapshot reader thread stopped".into()))?;
+        Ok(Self { start: start.to_vec(), end: end.to_vec(), requests: Mutex::new(tx) })
+    }
+
+    fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> ViewRequest) -> Result<T, EngineError> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(make(reply))
+            .map_err(|_| EngineError::Backend("the snapshot reader thread stopped".into()))?;
+        answer.recv().map_err(|_| EngineError::Backend("the snapshot reader thread stopped".into()))?
+    }
+}
+
+impl EngineView for RocksView {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        if key < self.start.as_slice() || key >= self.end.as_slice() {
+            return Ok(None);
+        }
+        self.ask(|reply| ViewRequest::Get(key.to_vec(), reply))
+    }
+
+    fn chunk(&self, start: &[u8], end: &[u8], max_bytes: usize) -> Result<Vec<Pair>, EngineError> {
+        let lo = start.max(self.start.as_slice()).to_vec();
+        let hi = end.min(self.end.as_slice()).to_vec();
+        if lo >= hi {
+            return Ok(Vec::new());
+        }
+        self.ask(|reply| ViewRequest::Chunk { start: lo, end: hi, max_bytes, reply })
     }
 }
 

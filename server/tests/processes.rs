@@ -302,6 +302,85 @@ async fn a_resumed_follower_does_not_depose_the_leader() {
     cluster.nodes[victim].kill9();
 }
 
+/// A replica that was down while the others wrote past their snapshot and
+/// purged the log catches up by a streamed snapshot (many chunks, installed
+/// chunk by chunk), and then holds exactly what was acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_the_purged_log_catches_up_by_a_streamed_snapshot() {
+    let mut cluster =
+        Cluster::with_args(3, "snapcatch", &["--snapshot-after-logs", "100", "--snapshot-chunk-bytes", "16384"]);
+    cluster.wait_ready(Duration::from_secs(60)).await;
+    let apis: Vec<String> = cluster.nodes.iter().map(|n| n.api.clone()).collect();
+    create_table(&apis[0], "t").await;
+    cluster.wait_ready(Duration::from_secs(30)).await;
+    let leader = eventually(Duration::from_secs(10), "leader", || table_leader(&apis[0])).await;
+    let down = cluster.nodes.iter().position(|n| n.id != leader).unwrap();
+    cluster.nodes[down].kill9();
+    let live: Vec<String> = apis.iter().enumerate().filter(|(i, _)| *i != down).map(|(_, a)| a.clone()).collect();
+    // About 1.2 MB of values in 600 entries: six snapshots' worth of log,
+    // most of it purged; the snapshot spans dozens of 16 KiB chunks.
+    let pad = "x".repeat(1000);
+    let mut tasks = Vec::new();
+    for w in 0..6usize {
+        let (live, pad) = (live.clone(), pad.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut acked = BTreeMap::new();
+            for i in (w..600).step_by(6) {
+                let (k, v) = (format!("k{i:04}"), format!("v{i}-{pad}"));
+                let mut attempt = 0usize;
+                eventually(Duration::from_secs(30), "acknowledged write", || {
+                    attempt += 1;
+                    let api = live[(i + attempt) % live.len()].clone();
+                    let (k, v) = (k.clone(), v.clone());
+                    async move { put(&api, &k, &v).await.map(|_| ()).map_err(|s| s.to_string()) }
+                })
+                .await;
+                acked.insert(k, v);
+            }
+            acked
+        }));
+    }
+    let mut acked = BTreeMap::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    // The leader purges lazily (not while a retry to the stopped node holds
+    // those entries): write on until it has purged past what the stopped
+    // node holds.
+    let metric = |http: &str, name: &str| -> Option<u64> {
+        let (_, m) = http_get(http, "/metrics").ok()?;
+        m.lines().find_map(|l| l.strip_prefix(&format!("{name}{{table=\"t\"}} "))).and_then(|v| v.trim().parse().ok())
+    };
+    let leader_http = cluster.nodes.iter().find(|n| n.id == leader).unwrap().http.clone();
+    let mut next = 600;
+    while metric(&leader_http, "armada_raft_purged_index").unwrap_or(0) < 300 {
+        assert!(next < 3000, "the leader never purged its log");
+        write_keys(&live, next, 20, &mut acked).await;
+        next += 20;
+    }
+    let members = cluster.members.clone();
+    cluster.nodes[down].start(&members);
+    let api = apis[down].clone();
+    let started = Instant::now();
+    eventually(Duration::from_secs(60), "the returning replica catches up", || {
+        let (api, acked) = (api.clone(), acked.clone());
+        async move {
+            let got = read_all(&api, true).await?;
+            if got == acked {
+                Ok(())
+            } else {
+                Err(format!("{} of {} keys", got.len(), acked.len()))
+            }
+        }
+    })
+    .await;
+    let caught_up = started.elapsed();
+    let installed =
+        metric(&cluster.nodes[down].http, "armada_raft_snapshots_installed").expect("the snapshot metric of table t");
+    assert!(installed >= 1, "the replica caught up without a snapshot");
+    eprintln!("returning replica caught up by {installed} streamed snapshot(s) in {caught_up:?}");
+}
+
 /// A node whose address is taken does not start: it fails at once, naming
 /// the listener and the address (before, the HTTP listener was bound,
 /// dropped and bound again in a task whose error nobody read).

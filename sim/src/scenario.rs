@@ -182,6 +182,10 @@ pub struct Scenario {
     /// Raft snapshot threshold (entries); small values exercise snapshots.
     #[serde(default = "d_snapshot")]
     pub snapshot_after_logs: u64,
+    /// Bytes per chunk of a streamed Raft snapshot; small, so that the
+    /// simulator's small tables still stream in many chunks.
+    #[serde(default = "d_chunk")]
+    pub snapshot_chunk_bytes: usize,
     /// Follower clusters (none by default).
     #[serde(default)]
     pub followers: Option<Followers>,
@@ -192,6 +196,9 @@ fn d_liveness() -> u64 {
 }
 fn d_snapshot() -> u64 {
     500
+}
+fn d_chunk() -> usize {
+    256
 }
 
 /// Largest simulated cluster, clients and key set accepted.

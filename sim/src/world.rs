@@ -91,6 +91,8 @@ struct Shared {
     registry: Mutex<BTreeMap<u64, Weak<Node>>>,
     trace: Mutex<Fnv64>,
     liveness: Mutex<Vec<String>>,
+    /// R6 failures (replicas that differ).
+    replicas: Mutex<Vec<String>>,
     repl: Mutex<followers::ReplLog>,
     follower_ops: Mutex<Vec<followers::FOp>>,
 }
@@ -154,6 +156,12 @@ impl ApplyObserver for Observer {
                 log.committed_values.insert(v);
             }
         }
+    }
+
+    fn installed_snapshot(&self, group: GroupId, index: u64, revision: Option<u64>) {
+        self.shared.trace(&[self.node, group.0, index, u64::MAX]);
+        let group = global_group(self.repl.cluster, group);
+        self.shared.apply.lock().unwrap_or_else(|p| p.into_inner()).record_snapshot(self.node, group, index, revision);
     }
 }
 
@@ -787,6 +795,9 @@ async fn liveness_and_final_reads(sc: Scenario, members: BTreeMap<u64, ArmadaNod
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        if let Err(m) = replicas_agree(&shared, &table, sc.nodes as u64) {
+            shared.replicas.lock().unwrap_or_else(|p| p.into_inner()).push(m);
+        }
         // Final linearizable reads of every key.
         for k in 0..sc.keys {
             let kind = OpKind::Get { key: key_name(k), serializable: false };
@@ -817,6 +828,50 @@ async fn liveness_and_final_reads(sc: Scenario, members: BTreeMap<u64, ArmadaNod
     }
 }
 
+/// R6: the replicas of a table that reached the same revision hold the same
+/// bytes: every key of the table's data (live keys, history, changelog),
+/// whether a replica applied each entry or installed a snapshot.
+fn replicas_agree(shared: &Shared, table: &str, nodes: u64) -> Result<(), String> {
+    let mut seen: BTreeMap<u64, (u64, u64, u64)> = BTreeMap::new();
+    for (id, n) in shared.nodes() {
+        if id > nodes {
+            continue;
+        }
+        let Ok(Some(info)) = armada_core::command::Catalog::new(&**n.engine(), data_ns(GroupId::META)).get(table)
+        else {
+            continue;
+        };
+        let ns = data_ns(info.id);
+        let Some(hi) = armada_core::engine::prefix_end(&ns) else { continue };
+        let mut h = armada_core::mvcc::Fnv64::new();
+        let mut pairs = 0u64;
+        let scanned = n.engine().scan(&ns, &hi, &mut |k, v| {
+            h.write_bytes(k);
+            h.write_bytes(v);
+            pairs += 1;
+            true
+        });
+        let Ok(state) = Mvcc::new(&**n.engine(), ns.clone()).rev_state() else { continue };
+        if scanned.is_err() {
+            continue;
+        }
+        seen.insert(id, (state.current, pairs, h.finish()));
+    }
+    let top = seen.values().map(|s| s.0).max().unwrap_or(0);
+    let at_top: Vec<(u64, (u64, u64, u64))> = seen.into_iter().filter(|(_, s)| s.0 == top).collect();
+    if let Some((first, (_, pairs, digest))) = at_top.first() {
+        for (id, (_, p, d)) in &at_top[1..] {
+            if (p, d) != (pairs, digest) {
+                return Err(format!(
+                    "R6 replicas of table {table} at revision {top} differ: node {first} holds {pairs} keys \
+                     (digest {digest:016x}), node {id} holds {p} keys (digest {d:016x})"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Creates the madsim nodes of one cluster (0: the leader cluster) and
 /// returns their ids.
 fn build_cluster(handle: &Handle, sc: &Scenario, cluster: u64, nodes: u64, shared: &Arc<Shared>) -> Vec<NodeId> {
@@ -830,6 +885,7 @@ fn build_cluster(handle: &Handle, sc: &Scenario, cluster: u64, nodes: u64, share
         snapshot_after_logs: sc.snapshot_after_logs,
         logs_kept_after_snapshot: sc.snapshot_after_logs / 2,
         purge_batch_entries: (sc.snapshot_after_logs / 4).max(1),
+        snapshot_chunk_bytes: sc.snapshot_chunk_bytes,
         history_retention: sc
             .followers
             .as_ref()
@@ -1013,6 +1069,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
                 registry: Mutex::new(BTreeMap::new()),
                 trace: Mutex::new(Fnv64::new()),
                 liveness: Mutex::new(Vec::new()),
+                replicas: Mutex::new(Vec::new()),
                 repl: Mutex::new(Default::default()),
                 follower_ops: Mutex::new(Vec::new()),
             });
@@ -1057,6 +1114,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
     let mut safety = Vec::new();
     safety.extend(shared.apply.lock().unwrap_or_else(|p| p.into_inner()).violations.iter().take(5).cloned());
     safety.extend(shared.leaders.lock().unwrap_or_else(|p| p.into_inner()).violations.iter().take(5).cloned());
+    safety.extend(shared.replicas.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned());
     if let Err(e) = checks::revisions(&history) {
         safety.push(e);
     }
