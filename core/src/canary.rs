@@ -35,10 +35,12 @@ pub enum Canary {
     /// moves past it, but its pairs are never sent (nor counted in the
     /// checksum, so the receiver cannot tell).
     SnapshotChunkSkipped = 12,
+    /// Follower clusters ignore the leader's compaction revision.
+    CompactionNotReplicated = 13,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 12] = [
+    pub const ALL: [Canary; 13] = [
         Canary::AckBeforeFsync,
         Canary::StaleRead,
         Canary::ReuseRevision,
@@ -51,6 +53,7 @@ impl Canary {
         Canary::AnswerBeforeApply,
         Canary::NoPreVote,
         Canary::SnapshotChunkSkipped,
+        Canary::CompactionNotReplicated,
     ];
 
     pub fn name(self) -> &'static str {
@@ -67,6 +70,7 @@ impl Canary {
             Canary::AnswerBeforeApply => "answer-before-apply",
             Canary::NoPreVote => "no-pre-vote",
             Canary::SnapshotChunkSkipped => "snapshot-chunk-skipped",
+            Canary::CompactionNotReplicated => "compaction-not-replicated",
         }
     }
 

@@ -28,10 +28,18 @@ pub struct BenchArgs {
     /// Distinct keys per client (keys are overwritten round-robin).
     #[arg(long, default_value_t = 1000)]
     pub keys: usize,
+    /// Send each of a client's keys once, then stop: a load of clients ×
+    /// keys keys (a failed request is retried, up to 100 times). --seconds
+    /// and --warmup are ignored; the whole load is measured.
+    #[arg(long)]
+    pub once: bool,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
 }
+
+/// Attempts per key in a `--once` load before it counts as an error.
+const ONCE_ATTEMPTS: usize = 100;
 
 /// The `q` quantile (0..=1) of sorted latencies.
 pub fn quantile(sorted: &[Duration], q: f64) -> Duration {
@@ -72,7 +80,8 @@ pub async fn run(args: &BenchArgs, op: Op) -> anyhow::Result<()> {
         "clients, seconds and keys must be positive"
     );
     let start = Instant::now();
-    let measure_from = start + Duration::from_secs(args.warmup);
+    let once = args.once;
+    let measure_from = if once { start } else { start + Duration::from_secs(args.warmup) };
     let stop_at = measure_from + Duration::from_secs(args.seconds);
     let mut tasks = Vec::new();
     for c in 0..args.clients {
@@ -87,13 +96,13 @@ pub async fn run(args: &BenchArgs, op: Op) -> anyhow::Result<()> {
             let mut lat = Vec::new();
             let mut errors = 0u64;
             let mut i = 0usize;
+            let mut attempts = 0usize;
             loop {
                 let t0 = Instant::now();
-                if t0 >= stop_at {
+                if (once && i >= keys) || (!once && t0 >= stop_at) {
                     break;
                 }
                 let key = format!("bench/{c:03}/{:06}", i % keys).into_bytes();
-                i += 1;
                 let ok = match op {
                     Op::Put => {
                         client.put(pb::PutRequest { key, value: value.clone(), ..Default::default() }).await.is_ok()
@@ -102,6 +111,11 @@ pub async fn run(args: &BenchArgs, op: Op) -> anyhow::Result<()> {
                         client.range(pb::RangeRequest { key, serializable, ..Default::default() }).await.is_ok()
                     }
                 };
+                attempts += 1;
+                if once && !ok && attempts < ONCE_ATTEMPTS {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
                 if t0 >= measure_from {
                     if ok {
                         lat.push(t0.elapsed());
@@ -109,6 +123,8 @@ pub async fn run(args: &BenchArgs, op: Op) -> anyhow::Result<()> {
                         errors += 1;
                     }
                 }
+                i += 1;
+                attempts = 0;
             }
             (lat, errors)
         }));
@@ -121,24 +137,24 @@ pub async fn run(args: &BenchArgs, op: Op) -> anyhow::Result<()> {
         errors += e;
     }
     all.sort();
-    let ops_per_s = all.len() as f64 / args.seconds as f64;
+    let seconds = if once { start.elapsed().as_secs_f64() } else { args.seconds as f64 };
+    let ops_per_s = all.len() as f64 / seconds;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let (p50, p99, p999, max) =
         (quantile(&all, 0.5), quantile(&all, 0.99), quantile(&all, 0.999), all.last().copied().unwrap_or_default());
     if args.json {
         println!(
             "{}",
-            json!({"endpoint": args.endpoint, "op": op.name(), "clients": args.clients, "seconds": args.seconds,
+            json!({"endpoint": args.endpoint, "op": op.name(), "clients": args.clients, "seconds": seconds,
                    "value_size": args.value_size, "ops": all.len(), "errors": errors,
                    "ops_per_second": ops_per_s, "p50_ms": ms(p50), "p99_ms": ms(p99),
                    "p999_ms": ms(p999), "max_ms": ms(max)})
         );
     } else {
         println!(
-            "{} clients, {} s, {} B values: {} {} ({errors} errors), {ops_per_s:.0}/s, \
+            "{} clients, {seconds:.1} s, {} B values: {} {} ({errors} errors), {ops_per_s:.0}/s, \
              p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
             args.clients,
-            args.seconds,
             args.value_size,
             all.len(),
             op.name(),

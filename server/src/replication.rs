@@ -152,11 +152,13 @@ impl ChangesState {
             let store = Mvcc::new(&**self.node.engine(), data_ns(self.group))
                 .with_retention(self.node.config().raft.history_retention);
             let leader_revision = self.node.table_revision(self.group);
+            let compacted_revision = store.rev_state().map_or(0, |s| s.compacted);
             let msg = |revisions, snapshot_needed| pb::ChangesResponse {
                 leader_revision,
                 revisions,
                 snapshot_needed,
                 table_id: self.group.0,
+                compacted_revision,
             };
             match store.changes_from(self.next, BATCH_REVISIONS_MAX, BATCH_BYTES_MAX) {
                 Err(e) => {
@@ -790,22 +792,41 @@ async fn tail(f: &Follower, group: GroupId, table: &str, rotate: bool) -> Result
             install_snapshot(f, table, &mut client).await?;
             return Ok(());
         }
-        if msg.revisions.is_empty() {
-            continue;
-        }
-        let batch: Vec<RevisionChanges> = msg.revisions.into_iter().map(changes_in).collect();
-        let cmd = TableCommand::Replicate { batch, leader_revision: msg.leader_revision };
-        match f.node.write_internal(table, cmd).await {
-            Ok((TableReply::Replicated(o), _)) => {
-                f.note_leader_revision(table, msg.leader_revision, o.revision);
-                if !o.applied {
-                    // A gap or a duplicate: start over from what is applied.
-                    return Ok(());
+        if !msg.revisions.is_empty() {
+            let batch: Vec<RevisionChanges> = msg.revisions.into_iter().map(changes_in).collect();
+            let cmd = TableCommand::Replicate { batch, leader_revision: msg.leader_revision };
+            match f.node.write_internal(table, cmd).await {
+                Ok((TableReply::Replicated(o), _)) => {
+                    f.note_leader_revision(table, msg.leader_revision, o.revision);
+                    if !o.applied {
+                        // A gap or a duplicate: start over from what is applied.
+                        return Ok(());
+                    }
                 }
+                Ok((other, _)) => return Err(format!("unexpected reply {other:?}")),
+                Err(e) => return Err(e.to_string()),
             }
-            Ok((other, _)) => return Err(format!("unexpected reply {other:?}")),
-            Err(e) => return Err(e.to_string()),
         }
+        follow_compaction(f, group, table, msg.compacted_revision).await?;
+    }
+}
+
+/// Compacts this follower's table to the leader cluster's compaction
+/// revision once it has applied that revision (a later message retries
+/// until then), through the table's Raft group like any write.
+async fn follow_compaction(f: &Follower, group: GroupId, table: &str, leader_compacted: u64) -> Result<(), String> {
+    if leader_compacted == 0 || armada_core::canary::active(armada_core::canary::Canary::CompactionNotReplicated) {
+        return Ok(());
+    }
+    let state = Mvcc::new(&**f.node.engine(), data_ns(group)).rev_state().map_err(|e| e.to_string())?;
+    if leader_compacted <= state.compacted || leader_compacted > state.current {
+        return Ok(());
+    }
+    match f.node.write_internal(table, TableCommand::Compact(leader_compacted)).await {
+        Ok(_) => Ok(()),
+        // Compacted meanwhile (by a previous worker of this table).
+        Err(crate::node::ApiError::Kv(armada_core::kv::KvError::Compacted { .. })) => Ok(()),
+        Err(e) => Err(format!("compacting to the leader's revision {leader_compacted}: {e}")),
     }
 }
 

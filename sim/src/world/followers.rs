@@ -400,8 +400,17 @@ fn table_state(node: &Node, table: &str) -> Option<(u64, u64)> {
     Mvcc::new(&**node.engine(), data_ns(info.id)).state_digest().ok()
 }
 
+/// The table's compaction revision on `node`.
+fn table_compacted(node: &Node, table: &str) -> Option<u64> {
+    let info = armada_core::command::Catalog::new(&**node.engine(), data_ns(GroupId::META)).get(table).ok()??;
+    Mvcc::new(&**node.engine(), data_ns(info.id)).rev_state().ok().map(|s| s.compacted)
+}
+
 /// R4: every node of every follower cluster reaches the leader cluster's
-/// revision of every table, with an equal state hash.
+/// revision of every table, with an equal state hash, and has compacted at
+/// least as far as the leader cluster (it never answers a read the leader
+/// cluster refuses as compacted; a follower that bootstrapped from a
+/// snapshot has no history below it, so it may be further).
 pub(super) async fn follower_liveness(sc: Scenario, shared: Arc<Shared>) {
     let fl = sc.followers.clone().expect("follower scenario");
     let deadline_ns = shared.now_ns() + fl.liveness_s * 1_000_000_000;
@@ -414,16 +423,23 @@ pub(super) async fn follower_liveness(sc: Scenario, shared: Arc<Shared>) {
                 .filter(|(k, _)| cluster_of(*k) == 0)
                 .filter_map(|(_, n)| table_state(n, &table))
                 .max_by_key(|(rev, _)| *rev);
+            let leader_compacted = nodes
+                .iter()
+                .filter(|(k, _)| cluster_of(*k) == 0)
+                .filter_map(|(_, n)| table_compacted(n, &table))
+                .max()
+                .unwrap_or(0);
             let mut lagging = Vec::new();
             for c in 1..=fl.clusters as u64 {
                 for i in 1..=fl.nodes as u64 {
                     let node = nodes.iter().find(|(k, _)| *k == node_key(c, i));
                     let got = node.and_then(|(_, n)| table_state(n, &table));
-                    if got.is_none() || got != leader {
+                    let compacted = node.and_then(|(_, n)| table_compacted(n, &table)).unwrap_or(0);
+                    if got.is_none() || got != leader || compacted < leader_compacted {
                         let state = match node {
                             None => "not running".to_string(),
                             Some((_, n)) => format!(
-                                "{got:?}, tables {:?}",
+                                "{got:?} compacted at {compacted} (the leader cluster at {leader_compacted}), tables {:?}",
                                 armada_core::command::Catalog::new(&**n.engine(), data_ns(GroupId::META))
                                     .list()
                                     .map(|t| t.into_iter().map(|t| t.name).collect::<Vec<_>>())
