@@ -337,6 +337,11 @@ pub struct Node {
     seen_forwards: std::sync::Mutex<ForwardDedupe>,
     /// Names the staging area of each snapshot received since the start.
     next_staging: std::sync::atomic::AtomicU64,
+    /// Held while groups are started or stopped: two concurrent
+    /// `sync_groups` (the catalog watcher and a table creation) once both
+    /// started the same group, two Raft instances over one storage (openraft
+    /// panicked: "new membership has to have a greater log_id").
+    syncing: tokio::sync::Mutex<()>,
 }
 
 /// The ids of recently received forwarded requests, oldest first.
@@ -388,6 +393,7 @@ impl Node {
             incarnation: madsim::rand::random::<u64>(),
             next_forward: std::sync::atomic::AtomicU64::new(0),
             next_staging: std::sync::atomic::AtomicU64::new(0),
+            syncing: tokio::sync::Mutex::new(()),
             seen_forwards: std::sync::Mutex::new(Default::default()),
         });
         node.open_group(GroupId::META, String::new(), GroupKind::Meta).await?;
@@ -501,6 +507,7 @@ impl Node {
     /// Starts groups for new tables and stops and deletes the groups of
     /// deleted tables, according to this node's applied catalog.
     pub async fn sync_groups(&self) {
+        let _one_at_a_time = self.syncing.lock().await;
         let tables = match self.catalog().list() {
             Ok(t) => t,
             Err(e) => {

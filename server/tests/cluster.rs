@@ -210,3 +210,45 @@ async fn every_listener_sets_nodelay_on_accepted_sockets() {
     node.run_until(async {}).await.expect("clean shutdown");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Creating tables back to back on one node: each creation starts its group
+/// while the catalog watcher may be starting it too. Both once opened the
+/// same group (two Raft instances over one storage), and openraft panicked
+/// in one of them ("new membership has to have a greater log_id"), leaving
+/// the table unable to commit. Groups now start one at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_created_back_to_back_all_accept_writes() {
+    let nodes = cluster_with(1, RaftTuning::default(), Duration::from_secs(3)).await;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // More starters racing the creations, as the watcher does.
+    let racers: Vec<_> = (0..2)
+        .map(|_| {
+            let (node, done) = (nodes[0].clone(), done.clone());
+            tokio::spawn(async move {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    node.sync_groups().await;
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    let mut opened = Vec::new();
+    for i in 0..30 {
+        let name = format!("t{i}");
+        let info = retry(|| nodes[0].create_table(&name)).await.expect("create table");
+        opened.push((info.id, nodes[0].group(info.id).expect("the group runs once created")));
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in racers {
+        r.await.unwrap();
+    }
+    for (id, first) in &opened {
+        let now = nodes[0].group(*id).expect("still running");
+        assert!(Arc::ptr_eq(first, &now), "group {id} was started a second time over the same storage");
+    }
+    for i in 0..30 {
+        let put = TableCommand::Put(PutRequest { key: b"k".to_vec(), value: vec![1], prev_kv: false });
+        let name = format!("t{i}");
+        retry(|| nodes[0].write(&name, put.clone())).await.unwrap_or_else(|e| panic!("write to {name}: {e}"));
+    }
+}
