@@ -15,6 +15,7 @@
 
 pub mod canary;
 pub mod command;
+pub mod compaction;
 pub mod engine;
 pub mod kv;
 pub mod mvcc;

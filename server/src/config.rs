@@ -92,6 +92,17 @@ pub struct ServeArgs {
     /// [default: 1048576]
     #[arg(long, env = "ARMADA_SNAPSHOT_CHUNK_BYTES", value_name = "BYTES")]
     pub snapshot_chunk_bytes: Option<usize>,
+    /// How --auto-compaction-retention counts: `periodic` (time) or
+    /// `revision` (revisions), as etcd's flag. [default: periodic]
+    #[arg(long, env = "ARMADA_AUTO_COMPACTION_MODE", value_name = "MODE")]
+    pub auto_compaction_mode: Option<String>,
+    /// History each table keeps; older revisions are compacted
+    /// automatically on a leader cluster (follower clusters follow). `0`
+    /// turns it off. Periodic mode: hours, or a duration such as `30m`,
+    /// `12h`; revision mode: a number of revisions (compacted every 5
+    /// minutes). [default: 0]
+    #[arg(long, env = "ARMADA_AUTO_COMPACTION_RETENTION", value_name = "RETENTION")]
+    pub auto_compaction_retention: Option<String>,
 }
 
 /// The configuration file. Unknown keys and wrong types are errors.
@@ -111,6 +122,8 @@ pub struct FileConfig {
     pub history_retention: Option<u64>,
     pub snapshot_after_logs: Option<u64>,
     pub snapshot_chunk_bytes: Option<usize>,
+    pub auto_compaction_mode: Option<String>,
+    pub auto_compaction_retention: Option<String>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -260,6 +273,11 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
             format!("must be between 1024 and {SNAPSHOT_CHUNK_BYTES_MAX} bytes"),
         ));
     }
+    let mode = args.auto_compaction_mode.clone().or(file.auto_compaction_mode).unwrap_or_else(|| "periodic".into());
+    let retention =
+        args.auto_compaction_retention.clone().or(file.auto_compaction_retention).unwrap_or_else(|| "0".into());
+    let auto_compaction = armada_core::compaction::parse_retention(&mode, &retention)
+        .map_err(|reason| invalid("auto-compaction retention", format!("{mode} {retention}"), reason))?;
     let timeout_ms =
         args.request_timeout_ms.or(file.request_timeout_ms).unwrap_or(DEFAULT_REQUEST_TIMEOUT.as_millis() as u64);
     if timeout_ms == 0 {
@@ -300,6 +318,7 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
                 // Entries kept behind a snapshot, for peers slightly behind.
                 logs_kept_after_snapshot: defaults.logs_kept_after_snapshot.min(snapshot_after_logs / 2),
                 snapshot_chunk_bytes,
+                auto_compaction,
                 ..defaults
             },
             request_timeout: Duration::from_millis(timeout_ms),
@@ -323,6 +342,9 @@ mod tests {
         assert_eq!(c.etcd_address.to_string(), DEFAULT_ETCD_ADDRESS);
         assert_eq!(c.etcd_table, DEFAULT_ETCD_TABLE);
         assert_eq!(c.replication_address.to_string(), DEFAULT_REPLICATION_ADDRESS);
+        assert_eq!(c.node.raft.auto_compaction, armada_core::compaction::Retention::Off);
+        let c = resolve(&ServeArgs { auto_compaction_retention: Some("30m".into()), ..Default::default() }).unwrap();
+        assert_eq!(c.node.raft.auto_compaction, armada_core::compaction::Retention::Period { ms: 1_800_000 });
     }
 
     #[test]
@@ -359,6 +381,17 @@ mod tests {
             (ServeArgs { initial_members: Some("2=127.0.0.1:5012".into()), ..Default::default() }, "not among them"),
             (ServeArgs { initial_members: Some("x=1".into()), ..Default::default() }, "positive integer"),
             (ServeArgs { request_timeout_ms: Some(0), ..Default::default() }, "timeout"),
+            (
+                ServeArgs {
+                    auto_compaction_mode: Some("revision".into()),
+                    auto_compaction_retention: Some("1h".into()),
+                    ..Default::default()
+                },
+                "not a number of revisions",
+            ),
+            (ServeArgs { auto_compaction_mode: Some("daily".into()), ..Default::default() }, "auto-compaction mode"),
+            (ServeArgs { snapshot_chunk_bytes: Some(10), ..Default::default() }, "snapshot chunk size"),
+            (ServeArgs { snapshot_after_logs: Some(1), ..Default::default() }, "snapshot interval"),
             (ServeArgs { etcd_table: Some("no/slash".into()), ..Default::default() }, "etcd table"),
             (ServeArgs { etcd_address: Some("127.0.0.1:8443".into()), ..Default::default() }, "is the same"),
         ] {

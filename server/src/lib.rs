@@ -9,6 +9,7 @@
 pub mod bench;
 #[cfg(not(madsim))]
 pub mod cli;
+pub mod compactor;
 pub mod config;
 pub mod convert;
 pub mod etcd;

@@ -66,6 +66,8 @@ pub struct RaftTuning {
     pub snapshot_chunk_bytes: usize,
     /// How long the sender waits for one chunk to be staged.
     pub snapshot_chunk_timeout: Duration,
+    /// Automatic compaction of every table (leader clusters only).
+    pub auto_compaction: armada_core::compaction::Retention,
     /// The slowest install rate a sender allows for: after the last chunk
     /// it waits `snapshot_chunk_timeout` plus the bytes sent at this rate
     /// for the receiver to copy the snapshot into place. (A fixed long wait
@@ -92,6 +94,7 @@ impl Default for RaftTuning {
             snapshot_chunk_bytes: armada_core::snapshot::SNAPSHOT_CHUNK_BYTES,
             snapshot_chunk_timeout: Duration::from_secs(5),
             snapshot_install_bytes_per_sec: 16 << 20,
+            auto_compaction: armada_core::compaction::Retention::Off,
         }
     }
 }
@@ -406,6 +409,7 @@ impl Node {
                 node.sync_groups().await;
             }
         });
+        tokio::spawn(crate::compactor::run(Arc::downgrade(&node), node.cfg.raft.auto_compaction));
         Ok(node)
     }
 

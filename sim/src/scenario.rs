@@ -186,6 +186,10 @@ pub struct Scenario {
     /// simulator's small tables still stream in many chunks.
     #[serde(default = "d_chunk")]
     pub snapshot_chunk_bytes: usize,
+    /// Automatic compaction on the leader cluster, periodic mode: keep this
+    /// many simulated ms of history (0: off).
+    #[serde(default)]
+    pub auto_compaction_ms: u64,
     /// Follower clusters (none by default).
     #[serde(default)]
     pub followers: Option<Followers>,

@@ -798,6 +798,27 @@ async fn liveness_and_final_reads(sc: Scenario, members: BTreeMap<u64, ArmadaNod
         if let Err(m) = replicas_agree(&shared, &table, sc.nodes as u64) {
             shared.replicas.lock().unwrap_or_else(|p| p.into_inner()).push(m);
         }
+        if sc.auto_compaction_ms > 0 && sc.duration_s * 1000 > 2 * sc.auto_compaction_ms {
+            // Automatic compaction ran: some replica compacted the table.
+            let compacted = shared
+                .nodes()
+                .iter()
+                .filter(|(id, _)| *id <= sc.nodes as u64)
+                .filter_map(|(_, n)| {
+                    let info = armada_core::command::Catalog::new(&**n.engine(), data_ns(GroupId::META))
+                        .get(&table)
+                        .ok()??;
+                    Mvcc::new(&**n.engine(), data_ns(info.id)).rev_state().ok().map(|s| s.compacted)
+                })
+                .max()
+                .unwrap_or(0);
+            if compacted == 0 {
+                fail(format!(
+                    "liveness: auto-compaction (keep {} ms) never compacted table {table} in {} s",
+                    sc.auto_compaction_ms, sc.duration_s
+                ));
+            }
+        }
         // Final linearizable reads of every key.
         for k in 0..sc.keys {
             let kind = OpKind::Get { key: key_name(k), serializable: false };
@@ -832,7 +853,11 @@ async fn liveness_and_final_reads(sc: Scenario, members: BTreeMap<u64, ArmadaNod
 /// bytes: every key of the table's data (live keys, history, changelog),
 /// whether a replica applied each entry or installed a snapshot.
 fn replicas_agree(shared: &Shared, table: &str, nodes: u64) -> Result<(), String> {
-    let mut seen: BTreeMap<u64, (u64, u64, u64)> = BTreeMap::new();
+    // Replicas are compared at the same applied log entry (a compaction
+    // takes no revision, so equal revisions are not enough): grouped by
+    // the bytes of their applied state. The world is single-threaded, so
+    // nothing applies between reading the applied state and the data.
+    let mut by_applied: BTreeMap<Vec<u8>, Vec<(u64, u64, u64)>> = BTreeMap::new();
     for (id, n) in shared.nodes() {
         if id > nodes {
             continue;
@@ -841,6 +866,7 @@ fn replicas_agree(shared: &Shared, table: &str, nodes: u64) -> Result<(), String
         else {
             continue;
         };
+        let Ok(Some(applied)) = n.engine().get(&armada_core::snapshot::applied_key(info.id)) else { continue };
         let ns = data_ns(info.id);
         let Some(hi) = armada_core::engine::prefix_end(&ns) else { continue };
         let mut h = armada_core::mvcc::Fnv64::new();
@@ -851,20 +877,27 @@ fn replicas_agree(shared: &Shared, table: &str, nodes: u64) -> Result<(), String
             pairs += 1;
             true
         });
-        let Ok(state) = Mvcc::new(&**n.engine(), ns.clone()).rev_state() else { continue };
         if scanned.is_err() {
             continue;
         }
-        seen.insert(id, (state.current, pairs, h.finish()));
+        by_applied.entry(applied).or_default().push((id, pairs, h.finish()));
     }
-    let top = seen.values().map(|s| s.0).max().unwrap_or(0);
-    let at_top: Vec<(u64, (u64, u64, u64))> = seen.into_iter().filter(|(_, s)| s.0 == top).collect();
-    if let Some((first, (_, pairs, digest))) = at_top.first() {
-        for (id, (_, p, d)) in &at_top[1..] {
+    for replicas in by_applied.values() {
+        let Some((first, pairs, digest)) = replicas.first() else { continue };
+        for (id, p, d) in &replicas[1..] {
             if (p, d) != (pairs, digest) {
+                let rev = |id: u64| {
+                    shared.nodes().iter().find(|(i, _)| *i == id).and_then(|(_, n)| {
+                        let info = armada_core::command::Catalog::new(&**n.engine(), data_ns(GroupId::META))
+                            .get(table)
+                            .ok()??;
+                        Mvcc::new(&**n.engine(), data_ns(info.id)).rev_state().ok().map(|s| s.current)
+                    })
+                };
                 return Err(format!(
-                    "R6 replicas of table {table} at revision {top} differ: node {first} holds {pairs} keys \
-                     (digest {digest:016x}), node {id} holds {p} keys (digest {d:016x})"
+                    "R6 replicas of table {table} at the same applied entry (revision {:?}) differ: node {first} \
+                     holds {pairs} keys (digest {digest:016x}), node {id} holds {p} keys (digest {d:016x})",
+                    rev(*first)
                 ));
             }
         }
@@ -886,6 +919,11 @@ fn build_cluster(handle: &Handle, sc: &Scenario, cluster: u64, nodes: u64, share
         logs_kept_after_snapshot: sc.snapshot_after_logs / 2,
         purge_batch_entries: (sc.snapshot_after_logs / 4).max(1),
         snapshot_chunk_bytes: sc.snapshot_chunk_bytes,
+        auto_compaction: if sc.auto_compaction_ms == 0 {
+            armada_core::compaction::Retention::Off
+        } else {
+            armada_core::compaction::Retention::Period { ms: sc.auto_compaction_ms }
+        },
         history_retention: sc
             .followers
             .as_ref()

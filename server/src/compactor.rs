@@ -1,0 +1,50 @@
+//! Automatic compaction on a leader cluster: drives
+//! [`armada_core::compaction::AutoCompactor`] with the runtime's clock and
+//! proposes each compaction it decides through the table's Raft group, on
+//! the node that leads the table. Follower clusters do not run it: they
+//! compact to the leader cluster's revision (see `replication`).
+
+use std::sync::Weak;
+use std::time::Duration;
+
+use armada_core::compaction::{AutoCompactor, Retention};
+use armada_core::mvcc::Mvcc;
+use armada_core::raft::data_ns;
+use armada_core::{GroupId, TableCommand};
+use tracing::{info, warn};
+
+use crate::node::{ApiError, Node};
+
+/// Runs until the node is dropped or turns out to be a follower-cluster
+/// node. Does nothing with [`Retention::Off`].
+pub async fn run(node: Weak<Node>, retention: Retention) {
+    let Some(tick_ms) = retention.tick_ms() else { return };
+    let mut policy = AutoCompactor::new(retention);
+    let start = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(tick_ms)).await;
+        let Some(node) = node.upgrade() else { return };
+        if node.is_follower() {
+            info!(retention = %retention, "auto-compaction is off on a follower cluster: it compacts as the leader cluster does");
+            return;
+        }
+        let now_ms = start.elapsed().as_millis() as u64;
+        for g in node.groups() {
+            if g.id == GroupId::META {
+                continue;
+            }
+            if !node.is_leader(&g) {
+                policy.forget(g.id);
+                continue;
+            }
+            let Ok(state) = Mvcc::new(&**node.engine(), data_ns(g.id)).rev_state() else { continue };
+            let Some(target) = policy.tick(now_ms, g.id, state.current, state.compacted) else { continue };
+            match node.write_internal(&g.name, TableCommand::Compact(target)).await {
+                Ok(_) => info!(table = %g.name, revision = target, retention = %retention, "auto-compacted"),
+                // Compacted meanwhile by a client, or leadership moved.
+                Err(ApiError::Kv(armada_core::kv::KvError::Compacted { .. })) => {}
+                Err(e) => warn!(table = %g.name, revision = target, "auto-compaction failed: {e}"),
+            }
+        }
+    }
+}
