@@ -380,6 +380,10 @@ pub trait ApplyObserver: Send + Sync + 'static {
     /// `index`, after which the table is at `revision`.
     fn installed_snapshot(&self, _group: GroupId, _index: u64, _revision: Option<u64>) {}
 
+    /// A snapshot install that a crash interrupted was finished as the
+    /// group opened (see [`crate::snapshot::recover`]).
+    fn resumed_install(&self, _group: GroupId) {}
+
     /// Whether [`ApplyObserver::applied`] needs the entry's `digest` (it
     /// costs a second encoding of every entry); without it the digest is 0.
     fn wants_digest(&self) -> bool {
@@ -407,6 +411,9 @@ pub struct StateMachine<RT> {
     chunk_bytes: usize,
     _rt: PhantomData<fn() -> RT>,
 }
+
+/// Copy batches of a snapshot install between fsyncs.
+const INSTALL_STEPS_PER_FLUSH: u64 = 16;
 
 type AppliedState<RT> = (Option<LogIdOf<ArmadaRaft<RT>>>, StoredMembershipOf<ArmadaRaft<RT>>);
 
@@ -587,8 +594,16 @@ impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
         // The marker and the cleared data are made durable first, so a
         // crash from here on finishes the install when the group reopens.
         flush_and_wait(&*self.flusher, FlushReason::Snapshot).await?;
+        let mut steps = 0u64;
         while !installer.step(self.chunk_bytes).map_err(io_err)? {
-            crate::snapshot::yield_now().await;
+            steps += 1;
+            if steps % INSTALL_STEPS_PER_FLUSH == 0 {
+                // Bounds the unsynced tail of a long install (and gives the
+                // simulator crash points inside it).
+                flush_and_wait(&*self.flusher, FlushReason::Snapshot).await?;
+            } else {
+                crate::snapshot::yield_now().await;
+            }
         }
         installer.finish().map_err(io_err)?;
         flush_and_wait(&*self.flusher, FlushReason::Snapshot).await?;

@@ -217,7 +217,10 @@ impl RaftNetworkV2<C> for GroupNetwork {
                     return Err(StreamingError::Unreachable(unreachable(m)));
                 }
                 Ok(_) => return Err(StreamingError::Unreachable(unreachable("mismatched reply"))),
-                Err(e) => return Err(StreamingError::Unreachable(unreachable(e))),
+                Err(e) => {
+                    info!(group = %self.group, target = self.target, "snapshot transfer failed at chunk {chunks}: {e}");
+                    return Err(StreamingError::Unreachable(unreachable(e)));
+                }
             }
         }
     }
@@ -237,6 +240,9 @@ async fn receive_chunk(
         if chunk.seq == 0 {
             // A new transfer replaces one in progress (a new leader, or a
             // retry); dropping the old receiver deletes what it staged.
+            if let Some((old, _)) = slot.as_ref() {
+                info!(group = %group.id, old, new = stream, "a new snapshot transfer replaces an unfinished one");
+            }
             *slot = Some((stream, SnapshotReceiver::new(node.engine().clone(), group.id, node.next_staging_id())));
         }
         let Some((current, receiver)) = slot.as_mut() else {

@@ -301,6 +301,12 @@ impl ApplyObserver for Notifier {
         self.publish(group, revision.unwrap_or(index));
     }
 
+    fn resumed_install(&self, group: GroupId) {
+        if let Some(o) = &self.inner {
+            o.resumed_install(group);
+        }
+    }
+
     fn installed_snapshot(&self, group: GroupId, index: u64, revision: Option<u64>) {
         if let Some(o) = &self.inner {
             o.installed_snapshot(group, index, revision);
@@ -459,7 +465,10 @@ impl Node {
         // Before anything reads the group: finish a snapshot install that a
         // crash interrupted, or drop snapshots received but never installed.
         match armada_core::snapshot::recover(self.engine.clone(), id, self.cfg.raft.snapshot_chunk_bytes) {
-            Ok(true) => info!(group = %id, "finished a snapshot install interrupted by a restart"),
+            Ok(true) => {
+                info!(group = %id, "finished a snapshot install interrupted by a restart");
+                self.notifier.resumed_install(id);
+            }
             Ok(false) => {}
             Err(e) => return Err(ApiError::Internal(format!("group {id}: recovering a snapshot install: {e}"))),
         }

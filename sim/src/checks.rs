@@ -147,6 +147,7 @@ pub struct ApplyLog {
     pub violations: Vec<String>,
     pub applied_count: u64,
     pub snapshots_installed: u64,
+    pub installs_resumed: u64,
     /// Every value a committed command wrote (values are unique per write).
     pub committed_values: std::collections::BTreeSet<String>,
 }

@@ -98,7 +98,7 @@ mod sim_main {
     fn line(path: &Path, sc: &Scenario, r: &Report, canary: Option<Canary>) -> String {
         let ratio = if r.real_secs > 0.0 { r.sim_secs / r.real_secs } else { 0.0 };
         format!(
-            "seed={} scenario={} verdict={} trace={:016x} ops={} ok={} indefinite={} applied={} snapshots={} sim_s={:.1} real_s={:.2} check_s={:.2} ratio={:.1}x{}{}{}",
+            "seed={} scenario={} verdict={} trace={:016x} ops={} ok={} indefinite={} applied={} snapshots={}{} sim_s={:.1} real_s={:.2} check_s={:.2} ratio={:.1}x{}{}{}",
             r.seed,
             sc.name,
             r.verdict.name(),
@@ -108,6 +108,7 @@ mod sim_main {
             r.indefinite,
             r.applied,
             r.snapshots,
+            if r.installs_resumed > 0 { format!(" installs_resumed={}", r.installs_resumed) } else { String::new() },
             r.sim_secs,
             r.real_secs,
             r.check_secs,

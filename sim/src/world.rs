@@ -74,6 +74,9 @@ pub struct Report {
     pub lag_ms: Option<(f64, f64, usize)>,
     /// Snapshots installed by follower clusters.
     pub follower_snapshots: u64,
+    /// Raft snapshot installs interrupted by a crash and finished when the
+    /// node restarted.
+    pub installs_resumed: u64,
 }
 
 /// A client request's deadline; past it the outcome is indefinite.
@@ -156,6 +159,11 @@ impl ApplyObserver for Observer {
                 log.committed_values.insert(v);
             }
         }
+    }
+
+    fn resumed_install(&self, group: GroupId) {
+        self.shared.trace(&[self.node, group.0, u64::MAX - 1]);
+        self.shared.apply.lock().unwrap_or_else(|p| p.into_inner()).installs_resumed += 1;
     }
 
     fn installed_snapshot(&self, group: GroupId, index: u64, revision: Option<u64>) {
@@ -1143,6 +1151,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
                 check_secs: 0.0,
                 lag_ms: None,
                 follower_snapshots: 0,
+                installs_resumed: 0,
             };
         }
     };
@@ -1184,9 +1193,9 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
     let check_secs = check_start.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0);
     let real_secs = real_secs + check_secs;
     let sim_secs = sim_ns as f64 / 1e9;
-    let (applied, snapshots) = {
+    let (applied, snapshots, installs_resumed) = {
         let a = shared.apply.lock().unwrap_or_else(|p| p.into_inner());
-        (a.applied_count, a.snapshots_installed)
+        (a.applied_count, a.snapshots_installed, a.installs_resumed)
     };
     Report {
         seed,
@@ -1203,5 +1212,6 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
         check_secs,
         lag_ms,
         follower_snapshots,
+        installs_resumed,
     }
 }
