@@ -597,7 +597,7 @@ impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
         let mut steps = 0u64;
         while !installer.step(self.chunk_bytes).map_err(io_err)? {
             steps += 1;
-            if steps % INSTALL_STEPS_PER_FLUSH == 0 {
+            if steps.is_multiple_of(INSTALL_STEPS_PER_FLUSH) {
                 // Bounds the unsynced tail of a long install (and gives the
                 // simulator crash points inside it).
                 flush_and_wait(&*self.flusher, FlushReason::Snapshot).await?;
