@@ -189,6 +189,17 @@ pub enum KvError {
     Compacted { requested: u64, compacted: u64 },
     #[error("required revision {requested} is a future revision (current {current})")]
     FutureRevision { requested: u64, current: u64 },
+    /// A range whose answer would exceed the node's response limit.
+    #[error(
+        "range response too large: {bytes} bytes for {keys} keys, over the {limit}-byte limit; ask for fewer keys \
+         (limit, a narrower range, keys_only, count_only) or raise --max-response-bytes"
+    )]
+    ResponseTooLarge { bytes: u64, keys: u64, limit: u64 },
+}
+
+/// Bytes a range response's key-values take on the wire, about.
+pub fn response_bytes(kvs: &[KeyValue]) -> u64 {
+    kvs.iter().map(|kv| (kv.key.len() + kv.value.len() + 32) as u64).sum()
 }
 
 /// The key interval named by `(key, range_end)`: `None` as the end means

@@ -95,6 +95,9 @@ pub async fn run(args: &BenchArgs, op: Op) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut errors = 0u64;
+            // Failed requests in the measured window (retries included),
+            // per gRPC code: how many, and the first message.
+            let mut failures: std::collections::BTreeMap<String, (u64, String)> = Default::default();
             let mut i = 0usize;
             let mut attempts = 0usize;
             loop {
@@ -103,14 +106,19 @@ pub async fn run(args: &BenchArgs, op: Op) -> anyhow::Result<()> {
                     break;
                 }
                 let key = format!("bench/{c:03}/{:06}", i % keys).into_bytes();
-                let ok = match op {
+                let result = match op {
                     Op::Put => {
-                        client.put(pb::PutRequest { key, value: value.clone(), ..Default::default() }).await.is_ok()
+                        client.put(pb::PutRequest { key, value: value.clone(), ..Default::default() }).await.map(|_| ())
                     }
                     Op::Get { serializable } => {
-                        client.range(pb::RangeRequest { key, serializable, ..Default::default() }).await.is_ok()
+                        client.range(pb::RangeRequest { key, serializable, ..Default::default() }).await.map(|_| ())
                     }
                 };
+                let ok = result.is_ok();
+                if let (Err(s), true) = (&result, t0 >= measure_from) {
+                    let e = failures.entry(format!("{:?}", s.code())).or_insert((0u64, s.message().to_string()));
+                    e.0 += 1;
+                }
                 attempts += 1;
                 if once && !ok && attempts < ONCE_ATTEMPTS {
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -126,16 +134,22 @@ pub async fn run(args: &BenchArgs, op: Op) -> anyhow::Result<()> {
                 i += 1;
                 attempts = 0;
             }
-            (lat, errors)
+            (lat, errors, failures)
         }));
     }
     let mut all = Vec::new();
     let mut errors = 0;
+    let mut failures: std::collections::BTreeMap<String, (u64, String)> = Default::default();
     for t in tasks {
-        let (lat, e) = t.await?;
+        let (lat, e, f) = t.await?;
         all.extend(lat);
         errors += e;
+        for (code, (n, msg)) in f {
+            failures.entry(code).or_insert((0, msg)).0 += n;
+        }
     }
+    let failures_json: serde_json::Map<String, serde_json::Value> =
+        failures.iter().map(|(c, (n, m))| (c.clone(), json!({"count": n, "first": m}))).collect();
     all.sort();
     let seconds = if once { start.elapsed().as_secs_f64() } else { args.seconds as f64 };
     let ops_per_s = all.len() as f64 / seconds;
@@ -148,7 +162,7 @@ pub async fn run(args: &BenchArgs, op: Op) -> anyhow::Result<()> {
             json!({"endpoint": args.endpoint, "op": op.name(), "clients": args.clients, "seconds": seconds,
                    "value_size": args.value_size, "ops": all.len(), "errors": errors,
                    "ops_per_second": ops_per_s, "p50_ms": ms(p50), "p99_ms": ms(p99),
-                   "p999_ms": ms(p999), "max_ms": ms(max)})
+                   "p999_ms": ms(p999), "max_ms": ms(max), "failures": failures_json})
         );
     } else {
         println!(

@@ -22,6 +22,8 @@ pub const DEFAULT_REPLICATION_ADDRESS: &str = "127.0.0.1:8444";
 pub const DEFAULT_ETCD_TABLE: &str = "default";
 pub const DEFAULT_NODE_ID: u64 = 1;
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest response limit: gRPC messages are capped at 64 MiB.
+pub const MAX_RESPONSE_BYTES_MAX: u64 = 60 << 20;
 /// Largest snapshot chunk: well inside the Raft transport's message cap.
 pub const SNAPSHOT_CHUNK_BYTES_MAX: usize = 64 << 20;
 
@@ -103,6 +105,11 @@ pub struct ServeArgs {
     /// minutes). [default: 0]
     #[arg(long, env = "ARMADA_AUTO_COMPACTION_RETENTION", value_name = "RETENTION")]
     pub auto_compaction_retention: Option<String>,
+    /// Largest range answer (keys and values) a node sends; a larger range
+    /// is refused with RESOURCE_EXHAUSTED, saying to ask for fewer keys.
+    /// [default: 50331648 (48 MiB)]
+    #[arg(long, env = "ARMADA_MAX_RESPONSE_BYTES", value_name = "BYTES")]
+    pub max_response_bytes: Option<u64>,
 }
 
 /// The configuration file. Unknown keys and wrong types are errors.
@@ -124,6 +131,7 @@ pub struct FileConfig {
     pub snapshot_chunk_bytes: Option<usize>,
     pub auto_compaction_mode: Option<String>,
     pub auto_compaction_retention: Option<String>,
+    pub max_response_bytes: Option<u64>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -278,6 +286,14 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         args.auto_compaction_retention.clone().or(file.auto_compaction_retention).unwrap_or_else(|| "0".into());
     let auto_compaction = armada_core::compaction::parse_retention(&mode, &retention)
         .map_err(|reason| invalid("auto-compaction retention", format!("{mode} {retention}"), reason))?;
+    let max_response_bytes = args.max_response_bytes.or(file.max_response_bytes).unwrap_or(defaults.max_response_bytes);
+    if !(1024..=MAX_RESPONSE_BYTES_MAX).contains(&max_response_bytes) {
+        return Err(invalid(
+            "response limit",
+            max_response_bytes.to_string(),
+            format!("must be between 1024 and {MAX_RESPONSE_BYTES_MAX} bytes"),
+        ));
+    }
     let timeout_ms =
         args.request_timeout_ms.or(file.request_timeout_ms).unwrap_or(DEFAULT_REQUEST_TIMEOUT.as_millis() as u64);
     if timeout_ms == 0 {
@@ -319,6 +335,7 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
                 logs_kept_after_snapshot: defaults.logs_kept_after_snapshot.min(snapshot_after_logs / 2),
                 snapshot_chunk_bytes,
                 auto_compaction,
+                max_response_bytes,
                 ..defaults
             },
             request_timeout: Duration::from_millis(timeout_ms),

@@ -13,6 +13,7 @@ pub fn status(e: &ApiError) -> Status {
     match e {
         ApiError::Kv(k) => match k {
             KvError::Compacted { .. } | KvError::FutureRevision { .. } => Status::out_of_range(k.to_string()),
+            KvError::ResponseTooLarge { .. } => Status::resource_exhausted(k.to_string()),
             _ => Status::invalid_argument(k.to_string()),
         },
         ApiError::Meta(m) => match m {

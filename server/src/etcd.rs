@@ -37,6 +37,7 @@ pub fn etcd_status(e: &ApiError) -> Status {
             KvError::DuplicateKey => Status::invalid_argument("etcdserver: duplicate key given in txn request"),
             KvError::TooManyTxnOps { .. } => Status::invalid_argument("etcdserver: too many operations in txn request"),
             KvError::RequestTooLarge { .. } => Status::invalid_argument("etcdserver: request is too large"),
+            KvError::ResponseTooLarge { .. } => Status::resource_exhausted(format!("etcdserver: {k}")),
             other => Status::invalid_argument(format!("etcdserver: {other}")),
         },
         ApiError::TableNotFound(t) | ApiError::Meta(MetaError::TableNotFound(t)) => {

@@ -42,6 +42,10 @@ pub const FORWARD_MARGIN: Duration = Duration::from_millis(500);
 /// deliveries (duplicates arrive within moments of the original).
 pub const FORWARD_DEDUPE_WINDOW: usize = 4096;
 
+/// Default response limit (a client applies its own receive limit too:
+/// 4 MiB by default in tonic and grpc-go, 2 GiB in etcd's Go client).
+pub const MAX_RESPONSE_BYTES_DEFAULT: u64 = 48 << 20;
+
 /// How long a follower read at a revision it has not applied yet waits.
 pub const FOLLOWER_READ_WAIT: Duration = Duration::from_secs(1);
 
@@ -66,6 +70,9 @@ pub struct RaftTuning {
     pub snapshot_chunk_bytes: usize,
     /// How long the sender waits for one chunk to be staged.
     pub snapshot_chunk_timeout: Duration,
+    /// Largest range answer a node builds (keys and values, about); a
+    /// larger one is refused with `ResponseTooLarge`.
+    pub max_response_bytes: u64,
     /// Automatic compaction of every table (leader clusters only).
     pub auto_compaction: armada_core::compaction::Retention,
     /// The slowest install rate a sender allows for: after the last chunk
@@ -95,6 +102,7 @@ impl Default for RaftTuning {
             snapshot_chunk_timeout: Duration::from_secs(5),
             snapshot_install_bytes_per_sec: 16 << 20,
             auto_compaction: armada_core::compaction::Retention::Off,
+            max_response_bytes: MAX_RESPONSE_BYTES_DEFAULT,
         }
     }
 }
@@ -751,6 +759,13 @@ impl Node {
         }
         let store = Mvcc::new(&*self.engine, data_ns(group.id));
         match group.read(|| store.range(req))? {
+            Ok(r) if armada_core::kv::response_bytes(&r.kvs) > self.cfg.raft.max_response_bytes => {
+                Err(ApiError::Kv(KvError::ResponseTooLarge {
+                    bytes: armada_core::kv::response_bytes(&r.kvs),
+                    keys: r.kvs.len() as u64,
+                    limit: self.cfg.raft.max_response_bytes,
+                }))
+            }
             Ok(mut r) => {
                 if armada_core::canary::active(armada_core::canary::Canary::FollowerReadAhead) {
                     // The canary claims the leader's revision as the read's.

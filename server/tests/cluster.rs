@@ -252,3 +252,35 @@ async fn tables_created_back_to_back_all_accept_writes() {
         retry(|| nodes[0].write(&name, put.clone())).await.unwrap_or_else(|e| panic!("write to {name}: {e}"));
     }
 }
+
+/// A range whose answer would exceed the node's response limit is refused
+/// with a clear error naming the limit and what to do; asking for fewer
+/// keys (limit, count_only, keys_only) answers as usual.
+#[tokio::test(flavor = "current_thread")]
+async fn a_range_over_the_response_limit_is_refused_clearly() {
+    let tuning = RaftTuning { max_response_bytes: 4096, ..RaftTuning::default() };
+    let nodes = cluster_with(1, tuning, Duration::from_secs(5)).await;
+    retry(|| nodes[0].create_table("t")).await.expect("create table");
+    for i in 0..10u8 {
+        let put = TableCommand::Put(PutRequest { key: vec![b'k', i], value: vec![b'v'; 1024], prev_kv: false });
+        retry(|| nodes[0].write("t", put.clone())).await.expect("put");
+    }
+    let all = RangeRequest { key: b"k".to_vec(), range_end: b"l".to_vec(), ..Default::default() };
+    let Err(e) = retry(|| nodes[0].range("t", &all, false)).await else {
+        panic!("a range over the limit was answered")
+    };
+    match &e {
+        ApiError::Kv(KvError::ResponseTooLarge { keys: 10, limit: 4096, bytes }) if *bytes > 10 * 1024 => {}
+        other => panic!("unexpected: {other:?}"),
+    }
+    assert!(e.to_string().contains("ask for fewer keys"), "{e}");
+    let limited = RangeRequest { limit: 3, ..all.clone() };
+    let (r, _) = retry(|| nodes[0].range("t", &limited, false)).await.expect("limit");
+    assert_eq!((r.kvs.len(), r.more, r.count), (3, true, 10));
+    let counted = RangeRequest { count_only: true, ..all.clone() };
+    let (r, _) = retry(|| nodes[0].range("t", &counted, false)).await.expect("count");
+    assert_eq!(r.count, 10);
+    let keys = RangeRequest { keys_only: true, ..all.clone() };
+    let (r, _) = retry(|| nodes[0].range("t", &keys, false)).await.expect("keys");
+    assert_eq!(r.kvs.len(), 10);
+}
