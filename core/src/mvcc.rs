@@ -210,7 +210,19 @@ impl<'e> Mvcc<'e> {
 
     /// The table's revision state.
     pub fn rev_state(&self) -> Result<RevState, EngineError> {
-        match self.engine.get(&self.rev_key())? {
+        Self::decode_rev_state(self.engine.get(&self.rev_key())?)
+    }
+
+    /// The key of the revision state of the table under `ns`.
+    pub fn rev_state_key(ns: &[u8]) -> Vec<u8> {
+        let mut k = ns.to_vec();
+        k.push(b'r');
+        k
+    }
+
+    /// Decodes a stored revision state (`None`: a table never written).
+    pub fn decode_rev_state(bytes: Option<Vec<u8>>) -> Result<RevState, EngineError> {
+        match bytes {
             Some(bytes) => decode(&bytes, "revision state"),
             None => Ok(RevState::default()),
         }

@@ -166,9 +166,11 @@ pub struct GroupView {
 }
 
 impl GroupView {
-    /// Takes the image now. Call it where no write to the group can run
-    /// concurrently (the state machine's task), so that the applied state
-    /// read from it matches its data.
+    /// Takes the image now. Apply writes a command's effects and the
+    /// applied log id in one batch, so the image is consistent anywhere,
+    /// except while a snapshot install replaces the data in several writes:
+    /// take it on the state machine's task, or through the group's
+    /// [`InstallGate`].
     pub fn take(engine: &dyn Engine, group: GroupId) -> Result<Self, EngineError> {
         let (lo, hi) = state_range(group);
         let view = engine.view(&lo, &hi)?;
@@ -180,6 +182,11 @@ impl GroupView {
     /// the group applied anything.
     pub fn applied_state(&self) -> Option<&[u8]> {
         self.applied.as_deref()
+    }
+
+    /// The table's revision state in the image (for a table group).
+    pub fn rev_state(&self) -> Result<crate::mvcc::RevState, EngineError> {
+        crate::mvcc::Mvcc::decode_rev_state(self.view.get(&crate::mvcc::Mvcc::rev_state_key(&data_ns(self.group)))?)
     }
 
     /// Reads the data in chunks of about `chunk_bytes`.

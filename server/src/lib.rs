@@ -6,6 +6,8 @@
 //! under real tokio and under madsim.
 
 #[cfg(not(madsim))]
+pub mod backup_cli;
+#[cfg(not(madsim))]
 pub mod bench;
 #[cfg(not(madsim))]
 pub mod cli;

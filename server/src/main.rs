@@ -50,6 +50,15 @@ enum Cmd {
         #[command(subcommand)]
         cmd: BenchCmd,
     },
+    /// Online backups: `backup take TABLE --file F` streams a consistent
+    /// image of a table from a running node; `backup verify F` checks a file.
+    Backup {
+        #[command(subcommand)]
+        cmd: armada_server::backup_cli::BackupCmd,
+    },
+    /// Restore a backup into a new, empty data directory (offline; restore
+    /// every member of the new cluster from the same file, then start them).
+    Restore(armada_server::backup_cli::RestoreArgs),
     /// Cluster state.
     Cluster {
         #[command(subcommand)]
@@ -152,6 +161,8 @@ async fn main() {
         Cmd::Table { cmd, client } => cli::table(&client, cmd).await,
         Cmd::Kv { cmd, client } => cli::kv(&client, cmd).await,
         Cmd::Cluster { cmd, client } => cli::cluster(&client, cmd).await,
+        Cmd::Backup { cmd } => armada_server::backup_cli::backup(cmd).await,
+        Cmd::Restore(args) => armada_server::backup_cli::restore(args),
         Cmd::Bench { cmd: BenchCmd::Put(args) } => armada_server::bench::put(&args).await,
         Cmd::Bench { cmd: BenchCmd::Lag(args) } => armada_server::bench::lag(&args).await,
         Cmd::Bench { cmd: BenchCmd::Get { args, serializable } } => {

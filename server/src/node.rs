@@ -779,6 +779,22 @@ impl Node {
         }
     }
 
+    /// A consistent image of a table on this node, for a backup. On the
+    /// table's leader it is taken after a read index (it holds every write
+    /// acknowledged before the call); elsewhere it is this node's applied
+    /// state, which may be a moment behind. The caller reads the image at
+    /// its own pace while the table keeps serving.
+    pub async fn backup_view(&self, table: &str) -> Result<armada_core::snapshot::GroupView, ApiError> {
+        armada_core::command::validate_table_name(table)?;
+        let group = self.table_group(table, 0).await?;
+        if self.is_leader(&group) {
+            self.linearize(&group, FORWARD_HOPS_MAX, &format!("table {table:?}")).await?;
+        }
+        group
+            .read(|| armada_core::snapshot::GroupView::take(&*self.engine, group.id))?
+            .map_err(|e| ApiError::Internal(format!("taking a view of table {table:?}: {e}")))
+    }
+
     /// Creates a table and waits (bounded) until its group runs here.
     async fn create_table_local(&self, name: &str, hops: u32) -> Result<TableInfo, ApiError> {
         armada_core::command::validate_table_name(name)?;

@@ -243,3 +243,17 @@ impl<T: OptionalSend + OptionalSync> WatchReceiver<DetWatch, T> for DetReceiver<
         self.shared.read()
     }
 }
+
+/// Wall-clock milliseconds since the Unix epoch, for information only (a
+/// backup's header). Always 0 in simulation builds: nothing there may read
+/// the wall clock.
+pub fn unix_time_ms() -> u64 {
+    #[cfg(madsim)]
+    {
+        0
+    }
+    #[cfg(not(madsim))]
+    {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    }
+}

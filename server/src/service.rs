@@ -213,10 +213,42 @@ impl Cluster for Api {
     }
 }
 
+type BackupStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::maintenance_server::Maintenance for Api {
+    type BackupStream = BackupStream;
+
+    async fn backup(&self, request: Request<pb::BackupRequest>) -> Result<Response<BackupStream>, Status> {
+        let table = request.into_inner().table;
+        let view = self.node.backup_view(&table).await.map_err(|e| status(&e))?;
+        let taken_unix_ms = crate::rt::unix_time_ms();
+        let writer = armada_core::backup::BackupWriter::new(
+            &view,
+            &table,
+            self.node.id(),
+            taken_unix_ms,
+            self.node.config().raft.snapshot_chunk_bytes,
+        )
+        .map_err(|e| Status::internal(format!("backup of table {table:?}: {e}")))?;
+        // The view stays alive with the writer (its reader holds it).
+        let stream = futures::stream::unfold(Some(writer), |w| async move {
+            let mut w = w?;
+            match w.next_block() {
+                Ok(Some(data)) => Some((Ok(pb::BackupChunk { data }), Some(w))),
+                Ok(None) => None,
+                Err(e) => Some((Err(Status::internal(format!("reading the backup image: {e}"))), None)),
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
 /// Builds a tonic router serving all armada.v1 services of `api`.
 pub fn router(api: Api) -> tonic::transport::server::Router {
     tonic::transport::Server::builder()
         .add_service(pb::kv_server::KvServer::new(api.clone()))
         .add_service(pb::tables_server::TablesServer::new(api.clone()))
+        .add_service(pb::maintenance_server::MaintenanceServer::new(api.clone()))
         .add_service(pb::cluster_server::ClusterServer::new(api))
 }
