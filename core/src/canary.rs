@@ -37,10 +37,13 @@ pub enum Canary {
     SnapshotChunkSkipped = 12,
     /// Follower clusters ignore the leader's compaction revision.
     CompactionNotReplicated = 13,
+    /// A backup reads each chunk from the live engine instead of the image
+    /// taken when it began: not a consistent cut.
+    BackupNotConsistent = 14,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 13] = [
+    pub const ALL: [Canary; 14] = [
         Canary::AckBeforeFsync,
         Canary::StaleRead,
         Canary::ReuseRevision,
@@ -54,6 +57,7 @@ impl Canary {
         Canary::NoPreVote,
         Canary::SnapshotChunkSkipped,
         Canary::CompactionNotReplicated,
+        Canary::BackupNotConsistent,
     ];
 
     pub fn name(self) -> &'static str {
@@ -71,6 +75,7 @@ impl Canary {
             Canary::NoPreVote => "no-pre-vote",
             Canary::SnapshotChunkSkipped => "snapshot-chunk-skipped",
             Canary::CompactionNotReplicated => "compaction-not-replicated",
+            Canary::BackupNotConsistent => "backup-not-consistent",
         }
     }
 

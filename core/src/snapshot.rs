@@ -163,6 +163,8 @@ pub struct GroupView {
     group: GroupId,
     view: Arc<dyn EngineView>,
     applied: Option<Vec<u8>>,
+    /// The engine itself, kept only for the `backup-not-consistent` canary.
+    live: Option<Arc<dyn Engine>>,
 }
 
 impl GroupView {
@@ -175,7 +177,15 @@ impl GroupView {
         let (lo, hi) = state_range(group);
         let view = engine.view(&lo, &hi)?;
         let applied = view.get(&applied_key(group))?;
-        Ok(Self { group, view, applied })
+        Ok(Self { group, view, applied, live: None })
+    }
+
+    /// [`GroupView::take`] for a backup (keeps a handle on the engine, which
+    /// only the `backup-not-consistent` canary reads).
+    pub fn take_for_backup(engine: &Arc<dyn Engine>, group: GroupId) -> Result<Self, EngineError> {
+        let mut v = Self::take(&**engine, group)?;
+        v.live = Some(engine.clone());
+        Ok(v)
     }
 
     /// The encoded applied state (last applied log id and membership), if
@@ -194,6 +204,7 @@ impl GroupView {
         let (lo, hi) = data_range(self.group);
         ChunkReader {
             view: self.view.clone(),
+            live: self.live.clone(),
             prefix_len: lo.len(),
             next: lo,
             end: hi,
@@ -209,6 +220,7 @@ impl GroupView {
 /// Produces the chunks of a [`GroupView`], in order.
 pub struct ChunkReader {
     view: Arc<dyn EngineView>,
+    live: Option<Arc<dyn Engine>>,
     prefix_len: usize,
     next: Vec<u8>,
     end: Vec<u8>,
@@ -225,7 +237,12 @@ impl ChunkReader {
         if self.done {
             return Ok(None);
         }
-        let mut raw = self.view.chunk(&self.next, &self.end, self.chunk_bytes)?;
+        let mut raw = match &self.live {
+            Some(engine) if crate::canary::active(crate::canary::Canary::BackupNotConsistent) => {
+                engine.view(&self.next, &self.end)?.chunk(&self.next, &self.end, self.chunk_bytes)?
+            }
+            _ => self.view.chunk(&self.next, &self.end, self.chunk_bytes)?,
+        };
         let bytes: usize = raw.iter().map(|(k, v)| k.len() + v.len()).sum();
         if let Some((k, _)) = raw.last() {
             self.next = k.clone();

@@ -791,7 +791,7 @@ impl Node {
             self.linearize(&group, FORWARD_HOPS_MAX, &format!("table {table:?}")).await?;
         }
         group
-            .read(|| armada_core::snapshot::GroupView::take(&*self.engine, group.id))?
+            .read(|| armada_core::snapshot::GroupView::take_for_backup(&self.engine, group.id))?
             .map_err(|e| ApiError::Internal(format!("taking a view of table {table:?}: {e}")))
     }
 

@@ -108,7 +108,11 @@ mod sim_main {
             r.indefinite,
             r.applied,
             r.snapshots,
-            if r.installs_resumed > 0 { format!(" installs_resumed={}", r.installs_resumed) } else { String::new() },
+            format!(
+                "{}{}",
+                if r.installs_resumed > 0 { format!(" installs_resumed={}", r.installs_resumed) } else { String::new() },
+                if r.backups_checked > 0 { format!(" backups_checked={}", r.backups_checked) } else { String::new() }
+            ),
             r.sim_secs,
             r.real_secs,
             r.check_secs,

@@ -190,6 +190,11 @@ pub struct Scenario {
     /// many simulated ms of history (0: off).
     #[serde(default)]
     pub auto_compaction_ms: u64,
+    /// Online backups taken while the workload runs (spread over the run),
+    /// each restored into a fresh engine and checked against the source at
+    /// its revision (B1).
+    #[serde(default)]
+    pub backups: u32,
     /// Follower clusters (none by default).
     #[serde(default)]
     pub followers: Option<Followers>,

@@ -77,6 +77,8 @@ pub struct Report {
     /// Raft snapshot installs interrupted by a crash and finished when the
     /// node restarted.
     pub installs_resumed: u64,
+    /// Backups restored and checked against the source (B1).
+    pub backups_checked: u64,
 }
 
 /// A client request's deadline; past it the outcome is indefinite.
@@ -96,6 +98,10 @@ struct Shared {
     liveness: Mutex<Vec<String>>,
     /// R6 failures (replicas that differ).
     replicas: Mutex<Vec<String>>,
+    /// Backups taken and restored: (table, revision, restored engine, the
+    /// table's id in it).
+    backups: Mutex<Vec<(String, u64, Arc<dyn Engine>, GroupId)>>,
+    backups_checked: Mutex<u64>,
     repl: Mutex<followers::ReplLog>,
     follower_ops: Mutex<Vec<followers::FOp>>,
 }
@@ -806,6 +812,9 @@ async fn liveness_and_final_reads(sc: Scenario, members: BTreeMap<u64, ArmadaNod
         if let Err(m) = replicas_agree(&shared, &table, sc.nodes as u64) {
             shared.replicas.lock().unwrap_or_else(|p| p.into_inner()).push(m);
         }
+        if let Err(m) = backups_match(&shared, &table, sc.nodes as u64) {
+            shared.replicas.lock().unwrap_or_else(|p| p.into_inner()).push(m);
+        }
         if sc.auto_compaction_ms > 0 && sc.duration_s * 1000 > 2 * sc.auto_compaction_ms {
             // Automatic compaction ran: some replica compacted the table.
             let compacted = shared
@@ -855,6 +864,129 @@ async fn liveness_and_final_reads(sc: Scenario, members: BTreeMap<u64, ArmadaNod
             }
         }
     }
+}
+
+/// Takes `sc.backups` online backups over the run, each of a random table
+/// from a random node, and restores each into a fresh engine.
+async fn backup_main(sc: Scenario, members: BTreeMap<u64, ArmadaNode>, shared: Arc<Shared>, until_ns: u64) {
+    let start = shared.now_ns();
+    for b in 0..sc.backups as u64 {
+        let at = start + (until_ns.saturating_sub(start)) * (b + 1) / (sc.backups as u64 + 1);
+        let now = shared.now_ns();
+        if at > now {
+            tokio::time::sleep(Duration::from_nanos(at - now)).await;
+        }
+        let table = table_name(rand_range(0, sc.tables as u64 - 1) as u32);
+        let node = rand_range(1, sc.nodes as u64);
+        let Some(addr) = members.get(&node).map(|m| m.api_addr.clone()) else { continue };
+        // Every other backup reads the node's image directly, slowly (a
+        // consumer that takes a millisecond per block), so writes go on
+        // while it is read; the others go through the Maintenance API.
+        let restored = if b % 2 == 1 {
+            let target = shared.nodes().into_iter().find(|(k, _)| *k == node).map(|(_, n)| n);
+            match target {
+                Some(n) => tokio::time::timeout(Duration::from_secs(10), read_slowly_and_restore(n, &table))
+                    .await
+                    .ok()
+                    .flatten(),
+                None => None,
+            }
+        } else {
+            take_and_restore(&addr, &table).await
+        };
+        shared.trace_str(&format!("backup {table} from node {node}: {:?}", restored.as_ref().map(|r| r.0)));
+        if let Some((revision, engine, id)) = restored {
+            shared.backups.lock().unwrap_or_else(|p| p.into_inner()).push((table, revision, engine, id));
+        }
+    }
+}
+
+/// One backup over the Maintenance API, restored into a fresh engine as it
+/// streams: (revision, engine, table id), or `None` if the stream failed
+/// (faults may break it; that is not a finding).
+async fn take_and_restore(addr: &str, table: &str) -> Option<(u64, Arc<dyn Engine>, GroupId)> {
+    let ep =
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?.connect_timeout(Duration::from_secs(1));
+    let ch = tokio::time::timeout(Duration::from_secs(2), ep.connect()).await.ok()?.ok()?;
+    let mut client = pb::maintenance_client::MaintenanceClient::new(ch);
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(5), client.backup(pb::BackupRequest { table: table.to_string() }))
+            .await
+            .ok()?
+            .ok()?
+            .into_inner();
+    let engine: Arc<dyn Engine> = Arc::new(armada_core::MemEngine::new());
+    let mut reader = armada_core::backup::BackupReader::new();
+    let mut restorer = armada_core::backup::Restorer::new(&*engine).ok()?;
+    let (mut revision, mut id) = (None, None);
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.ok()?.ok()? {
+        for ev in reader.feed(&chunk.data).ok()? {
+            if let armada_core::backup::BackupEvent::Header(h) = &ev {
+                revision = Some(h.revision);
+            }
+            id = restorer.apply(ev).ok()?.or(id);
+        }
+    }
+    reader.finish().ok()?;
+    drop(restorer);
+    Some((revision?, engine, id?))
+}
+
+/// A backup read from `node`'s image a block per simulated millisecond,
+/// restored into a fresh engine.
+async fn read_slowly_and_restore(node: Arc<Node>, table: &str) -> Option<(u64, Arc<dyn Engine>, GroupId)> {
+    let view = node.backup_view(table).await.ok()?;
+    let mut writer =
+        armada_core::backup::BackupWriter::new(&view, table, node.id(), 0, node.config().raft.snapshot_chunk_bytes)
+            .ok()?;
+    let engine: Arc<dyn Engine> = Arc::new(armada_core::MemEngine::new());
+    let mut reader = armada_core::backup::BackupReader::new();
+    let mut restorer = armada_core::backup::Restorer::new(&*engine).ok()?;
+    let (mut revision, mut id) = (None, None);
+    while let Some(block) = writer.next_block().ok()? {
+        for ev in reader.feed(&block).ok()? {
+            if let armada_core::backup::BackupEvent::Header(h) = &ev {
+                revision = Some(h.revision);
+            }
+            id = restorer.apply(ev).ok()?.or(id);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    reader.finish().ok()?;
+    drop(restorer);
+    Some((revision?, engine, id?))
+}
+
+/// B1: a restored backup of `table` at revision R answers a read of every
+/// key exactly as the leader cluster answers a read at R (checked on a
+/// replica whose history still reaches R).
+fn backups_match(shared: &Shared, table: &str, nodes: u64) -> Result<(), String> {
+    let backups: Vec<(String, u64, Arc<dyn Engine>, GroupId)> =
+        shared.backups.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|b| b.0 == table).cloned().collect();
+    let all =
+        |revision| armada_core::kv::RangeRequest { key: vec![0], range_end: vec![0], revision, ..Default::default() };
+    for (_, revision, engine, id) in backups {
+        let restored = Mvcc::new(&*engine, data_ns(id)).range(&all(0)).map_err(|e| format!("B1 restored read: {e}"))?;
+        let source = shared.nodes().into_iter().filter(|(k, _)| *k <= nodes).find_map(|(_, n)| {
+            let info = armada_core::command::Catalog::new(&**n.engine(), data_ns(GroupId::META)).get(table).ok()??;
+            Mvcc::new(&**n.engine(), data_ns(info.id)).range(&all(revision)).ok()
+        });
+        let Some(source) = source else { continue };
+        if restored.kvs != source.kvs {
+            let diff = restored
+                .kvs
+                .iter()
+                .zip(source.kvs.iter())
+                .find(|(a, b)| a != b)
+                .map(|(a, b)| format!("restored {a:?}, source {b:?}"))
+                .unwrap_or_else(|| format!("{} keys restored, {} at the source", restored.kvs.len(), source.kvs.len()));
+            return Err(format!(
+                "B1 a backup of table {table} at revision {revision} is not the table at that revision: {diff}"
+            ));
+        }
+        *shared.backups_checked.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    }
+    Ok(())
 }
 
 /// R6: the replicas of a table that reached the same revision hold the same
@@ -1081,6 +1213,10 @@ async fn world(sc: Scenario, shared: Arc<Shared>) {
         let node = handle.create_node().name(format!("client-{c}")).ip(ip.parse().expect("valid ip")).build();
         clients.push(node.spawn(client_main(c, sc.clone(), members.clone(), shared.clone(), until_ns)));
     }
+    if sc.backups > 0 {
+        let node = handle.create_node().name("backup").ip("10.1.0.3".parse().expect("valid ip")).build();
+        clients.push(node.spawn(backup_main(sc.clone(), members.clone(), shared.clone(), until_ns)));
+    }
     for c in clients {
         let _ = c.await;
     }
@@ -1116,6 +1252,8 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
                 trace: Mutex::new(Fnv64::new()),
                 liveness: Mutex::new(Vec::new()),
                 replicas: Mutex::new(Vec::new()),
+                backups: Mutex::new(Vec::new()),
+                backups_checked: Mutex::new(0),
                 repl: Mutex::new(Default::default()),
                 follower_ops: Mutex::new(Vec::new()),
             });
@@ -1152,6 +1290,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
                 lag_ms: None,
                 follower_snapshots: 0,
                 installs_resumed: 0,
+                backups_checked: 0,
             };
         }
     };
@@ -1197,6 +1336,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
         let a = shared.apply.lock().unwrap_or_else(|p| p.into_inner());
         (a.applied_count, a.snapshots_installed, a.installs_resumed)
     };
+    let backups_checked = *shared.backups_checked.lock().unwrap_or_else(|p| p.into_inner());
     Report {
         seed,
         verdict,
@@ -1213,5 +1353,6 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
         lag_ms,
         follower_snapshots,
         installs_resumed,
+        backups_checked,
     }
 }
