@@ -88,6 +88,10 @@ const LEADER_SAMPLE_INTERVAL: Duration = Duration::from_millis(10);
 /// Client id of the final reads.
 const CHECKER_CLIENT: u32 = linearizability::FINAL_READER;
 
+/// A backup restored into its own engine: (table, revision, engine, the
+/// table's id there).
+type Restored = (String, u64, Arc<dyn Engine>, GroupId);
+
 struct Shared {
     t0: Instant,
     history: Mutex<Vec<Op>>,
@@ -100,7 +104,7 @@ struct Shared {
     replicas: Mutex<Vec<String>>,
     /// Backups taken and restored: (table, revision, restored engine, the
     /// table's id in it).
-    backups: Mutex<Vec<(String, u64, Arc<dyn Engine>, GroupId)>>,
+    backups: Mutex<Vec<Restored>>,
     backups_checked: Mutex<u64>,
     repl: Mutex<followers::ReplLog>,
     follower_ops: Mutex<Vec<followers::FOp>>,
@@ -961,7 +965,7 @@ async fn read_slowly_and_restore(node: Arc<Node>, table: &str) -> Option<(u64, A
 /// key exactly as the leader cluster answers a read at R (checked on a
 /// replica whose history still reaches R).
 fn backups_match(shared: &Shared, table: &str, nodes: u64) -> Result<(), String> {
-    let backups: Vec<(String, u64, Arc<dyn Engine>, GroupId)> =
+    let backups: Vec<Restored> =
         shared.backups.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|b| b.0 == table).cloned().collect();
     let all =
         |revision| armada_core::kv::RangeRequest { key: vec![0], range_end: vec![0], revision, ..Default::default() };
