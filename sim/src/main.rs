@@ -97,8 +97,15 @@ mod sim_main {
 
     fn line(path: &Path, sc: &Scenario, r: &Report, canary: Option<Canary>) -> String {
         let ratio = if r.real_secs > 0.0 { r.sim_secs / r.real_secs } else { 0.0 };
+        let mut extra = String::new();
+        if r.installs_resumed > 0 {
+            extra.push_str(&format!(" installs_resumed={}", r.installs_resumed));
+        }
+        if r.backups_checked > 0 {
+            extra.push_str(&format!(" backups_checked={}", r.backups_checked));
+        }
         format!(
-            "seed={} scenario={} verdict={} trace={:016x} ops={} ok={} indefinite={} applied={} snapshots={}{} sim_s={:.1} real_s={:.2} check_s={:.2} ratio={:.1}x{}{}{}",
+            "seed={} scenario={} verdict={} trace={:016x} ops={} ok={} indefinite={} applied={} snapshots={}{extra} sim_s={:.1} real_s={:.2} check_s={:.2} ratio={:.1}x{}{}{}",
             r.seed,
             sc.name,
             r.verdict.name(),
@@ -108,11 +115,6 @@ mod sim_main {
             r.indefinite,
             r.applied,
             r.snapshots,
-            format!(
-                "{}{}",
-                if r.installs_resumed > 0 { format!(" installs_resumed={}", r.installs_resumed) } else { String::new() },
-                if r.backups_checked > 0 { format!(" backups_checked={}", r.backups_checked) } else { String::new() }
-            ),
             r.sim_secs,
             r.real_secs,
             r.check_secs,
