@@ -166,6 +166,12 @@ pub enum BackupEvent {
     },
 }
 
+/// Bytes etcd's `snapshot save` expects after the data: zero padding to a
+/// multiple of 512 bytes, then a 32-byte SHA-256 of everything before it.
+/// Armada's etcd `Maintenance.Snapshot` appends it; the reader accepts it.
+pub const ETCD_TRAILER_ALIGN: u64 = 512;
+pub const ETCD_TRAILER_HASH_BYTES: usize = 32;
+
 /// Reads and checks a backup as its bytes arrive.
 #[derive(Default)]
 pub struct BackupReader {
@@ -175,6 +181,10 @@ pub struct BackupReader {
     ended: bool,
     hash: Fnv64,
     pairs: u64,
+    /// Bytes fed in all.
+    total: u64,
+    /// Bytes after the end frame (at most an etcd trailer).
+    tail: Vec<u8>,
 }
 
 impl BackupReader {
@@ -184,8 +194,16 @@ impl BackupReader {
 
     /// Takes the next bytes; returns what they completed.
     pub fn feed(&mut self, bytes: &[u8]) -> Result<Vec<BackupEvent>, BackupError> {
-        self.buf.extend_from_slice(bytes);
+        self.total += bytes.len() as u64;
         let mut events = Vec::new();
+        if self.ended {
+            self.tail.extend_from_slice(bytes);
+            if self.tail.len() > ETCD_TRAILER_ALIGN as usize + ETCD_TRAILER_HASH_BYTES {
+                return Err(BackupError::Corrupt("data after the end of the backup".into()));
+            }
+            return Ok(events);
+        }
+        self.buf.extend_from_slice(bytes);
         if !self.started {
             if self.buf.len() < 12 {
                 if !MAGIC.starts_with(&self.buf[..self.buf.len().min(8)]) {
@@ -215,9 +233,6 @@ impl BackupReader {
             let whole = &self.buf[at..at + 4 + len];
             let frame: Frame = postcard::from_bytes(&whole[4..])
                 .map_err(|e| BackupError::Corrupt(format!("undecodable frame: {e}")))?;
-            if self.ended {
-                return Err(BackupError::Corrupt("data after the end of the backup".into()));
-            }
             match frame {
                 Frame::Header(h) => {
                     if self.header_seen {
@@ -246,6 +261,14 @@ impl BackupReader {
                     }
                     self.ended = true;
                     events.push(BackupEvent::End { pairs });
+                    at += 4 + len;
+                    // Whatever follows is a trailer (checked at the end).
+                    self.tail = self.buf.split_off(at);
+                    self.buf.clear();
+                    if self.tail.len() > ETCD_TRAILER_ALIGN as usize + ETCD_TRAILER_HASH_BYTES {
+                        return Err(BackupError::Corrupt("data after the end of the backup".into()));
+                    }
+                    return Ok(events);
                 }
                 _ => return Err(BackupError::Corrupt("data before the header".into())),
             }
@@ -255,6 +278,13 @@ impl BackupReader {
         Ok(events)
     }
 
+    /// The SHA-256 an etcd trailer carries (checked by [`BackupReader::finish`]
+    /// for shape only: zero padding, alignment), if the backup has one. It
+    /// covers every byte before it.
+    pub fn etcd_sha256(&self) -> Option<&[u8]> {
+        (self.tail.len() >= ETCD_TRAILER_HASH_BYTES).then(|| &self.tail[self.tail.len() - ETCD_TRAILER_HASH_BYTES..])
+    }
+
     /// Call after the last bytes: an error unless the backup was complete.
     pub fn finish(&self) -> Result<(), BackupError> {
         if !self.started || !self.header_seen {
@@ -262,6 +292,15 @@ impl BackupReader {
         }
         if !self.ended || !self.buf.is_empty() {
             return Err(BackupError::Truncated(format!("{} pairs read, no end frame", self.pairs)));
+        }
+        if !self.tail.is_empty() {
+            let n = self.tail.len();
+            let shaped = n >= ETCD_TRAILER_HASH_BYTES
+                && self.tail[..n - ETCD_TRAILER_HASH_BYTES].iter().all(|b| *b == 0)
+                && (self.total - ETCD_TRAILER_HASH_BYTES as u64).is_multiple_of(ETCD_TRAILER_ALIGN);
+            if !shaped {
+                return Err(BackupError::Corrupt("data after the end of the backup".into()));
+            }
         }
         Ok(())
     }
@@ -441,5 +480,28 @@ mod tests {
         flipped[at] ^= 0x20;
         assert!(read_all(&flipped, 64).is_err());
         assert!(read_all(&bytes, 64).is_ok());
+    }
+
+    #[test]
+    fn an_etcd_trailer_is_accepted_and_nothing_else_after_the_end() {
+        let (src, g) = source(50);
+        let (bytes, _) = backup_bytes(&*src, g, 1_000);
+        let mut etcd = bytes.clone();
+        let pad = (512 - etcd.len() % 512) % 512;
+        etcd.extend(std::iter::repeat_n(0u8, pad));
+        etcd.extend([7u8; 32]);
+        let mut r = BackupReader::new();
+        for piece in etcd.chunks(100) {
+            r.feed(piece).unwrap();
+        }
+        r.finish().unwrap();
+        assert_eq!(r.etcd_sha256(), Some(&[7u8; 32][..]));
+        // Misaligned, or not zero padding: refused.
+        let mut bad = bytes.clone();
+        bad.extend([1u8; 40]);
+        assert!(read_all(&bad, 100).is_err());
+        let mut short = bytes.clone();
+        short.extend([0u8; 10]);
+        assert!(read_all(&short, 100).is_err());
     }
 }

@@ -108,6 +108,12 @@ pub trait Engine: Send + Sync + 'static {
     /// (RocksDB: a snapshot); [`MemEngine`], which holds everything in
     /// memory anyway, copies the range.
     fn view(&self, start: &[u8], end: &[u8]) -> Result<Arc<dyn EngineView>, EngineError>;
+
+    /// Reclaims space left by deletions (etcd's Defragment). Blocking and
+    /// possibly long; the default does nothing (nothing to reclaim).
+    fn defragment(&self) -> Result<(), EngineError> {
+        Ok(())
+    }
 }
 
 /// A point-in-time image of part of an engine (see [`Engine::view`]). Reads

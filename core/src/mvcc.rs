@@ -404,6 +404,25 @@ impl<'e> Mvcc<'e> {
         }
     }
 
+    /// A 32-bit hash of the key-values live at `revision` (0: the current
+    /// one), for etcd's HashKV: equal on replicas that agree. Returns the
+    /// hash, the revision hashed and the compaction revision.
+    pub fn hash_kv(&self, revision: u64) -> Result<(u32, u64, u64), MvccError> {
+        let state = self.rev_state()?;
+        let rev = self.resolve_read_revision(state, revision)?;
+        let kvs = if rev == state.current { self.live_now(&[], None)? } else { self.live_at(&[], None, rev)? };
+        let mut h = Fnv64::new();
+        for kv in &kvs {
+            h.write_bytes(&kv.key);
+            h.write_u64(kv.create_revision);
+            h.write_u64(kv.mod_revision);
+            h.write_u64(kv.version);
+            h.write_bytes(&kv.value);
+        }
+        let x = h.finish();
+        Ok(((x ^ (x >> 32)) as u32, rev, state.compacted))
+    }
+
     /// A stable 64-bit digest (FNV-1a) of the live key-values and the current
     /// revision: equal digests mean equal readable state.
     pub fn state_digest(&self) -> Result<(u64, u64), EngineError> {

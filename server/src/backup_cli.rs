@@ -69,8 +69,24 @@ fn read_file(
         }
     }
     reader.finish().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if let Some(expected) = reader.etcd_sha256() {
+        check_etcd_sha256(path, bytes, expected)?;
+    }
     let header = header.ok_or_else(|| anyhow::anyhow!("{}: no header", path.display()))?;
     Ok((header, pairs, bytes))
+}
+
+/// A file saved by `etcdctl snapshot save` ends with a SHA-256 of all bytes
+/// before it: check it.
+fn check_etcd_sha256(path: &Path, len: u64, expected: &[u8]) -> anyhow::Result<()> {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(path)?.take(len - expected.len() as u64);
+    let mut sha = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut sha)?;
+    if sha.finalize().as_slice() != expected {
+        anyhow::bail!("{}: the SHA-256 at its end does not match its contents", path.display());
+    }
+    Ok(())
 }
 
 pub async fn backup(cmd: BackupCmd) -> anyhow::Result<()> {

@@ -341,8 +341,125 @@ impl pb::kv_server::Kv for EtcdApi {
     }
 }
 
+/// Runs a blocking engine job off the async workers (inline in simulation).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+    #[cfg(not(madsim))]
+    {
+        tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("etcdserver: {e}")))
+    }
+    #[cfg(madsim)]
+    {
+        Ok(f())
+    }
+}
+
+type SnapshotStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::SnapshotResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl pb::maintenance_server::Maintenance for EtcdApi {
+    type SnapshotStream = SnapshotStream;
+
+    /// Reclaims the storage space of deleted data on this node.
+    async fn defragment(
+        &self,
+        _request: Request<pb::DefragmentRequest>,
+    ) -> Result<Response<pb::DefragmentResponse>, Status> {
+        let group = self.node.table_group(&self.table, 0).await.map_err(|e| etcd_status(&e))?;
+        let engine = self.node.engine().clone();
+        blocking(move || engine.defragment()).await?.map_err(|e| Status::internal(format!("etcdserver: {e}")))?;
+        let h = self.node.header(&group);
+        Ok(Response::new(pb::DefragmentResponse { header: self.header(h, self.node.table_revision(group.id)) }))
+    }
+
+    /// A hash of everything this node stores for the etcd table (live keys
+    /// and history): equal on members that agree.
+    async fn hash(&self, _request: Request<pb::HashRequest>) -> Result<Response<pb::HashResponse>, Status> {
+        let group = self.node.table_group(&self.table, 0).await.map_err(|e| etcd_status(&e))?;
+        let (node, id) = (self.node.clone(), group.id);
+        let hash = blocking(move || {
+            let mut h = Fnv64::new();
+            armada_core::mvcc::Mvcc::new(&**node.engine(), armada_core::raft::data_ns(id)).scan_raw(&mut |k, v| {
+                h.write_bytes(k);
+                h.write_bytes(v);
+                true
+            })?;
+            let x = h.finish();
+            Ok::<u32, armada_core::EngineError>((x ^ (x >> 32)) as u32)
+        })
+        .await?
+        .map_err(|e| Status::internal(format!("etcdserver: {e}")))?;
+        let h = self.node.header(&group);
+        Ok(Response::new(pb::HashResponse { header: self.header(h, self.node.table_revision(group.id)), hash }))
+    }
+
+    /// A hash of the key-values live at a revision (0: now), with the
+    /// compaction revision.
+    async fn hash_kv(&self, request: Request<pb::HashKvRequest>) -> Result<Response<pb::HashKvResponse>, Status> {
+        let revision = u64::try_from(request.into_inner().revision)
+            .map_err(|_| Status::invalid_argument("etcdserver: revision must not be negative"))?;
+        let group = self.node.table_group(&self.table, 0).await.map_err(|e| etcd_status(&e))?;
+        let (node, id) = (self.node.clone(), group.id);
+        let (hash, rev, compacted) = blocking(move || {
+            armada_core::mvcc::Mvcc::new(&**node.engine(), armada_core::raft::data_ns(id)).hash_kv(revision)
+        })
+        .await?
+        .map_err(|e| match e {
+            armada_core::mvcc::MvccError::Kv(k) => etcd_status(&ApiError::Kv(k)),
+            other => Status::internal(format!("etcdserver: {other}")),
+        })?;
+        let h = self.node.header(&group);
+        Ok(Response::new(pb::HashKvResponse { header: self.header(h, rev), hash, compact_revision: to_i64(compacted) }))
+    }
+
+    /// The etcd table's backup, in Armada's backup format.
+    async fn snapshot(&self, _request: Request<pb::SnapshotRequest>) -> Result<Response<SnapshotStream>, Status> {
+        let view = self.node.backup_view(&self.table).await.map_err(|e| etcd_status(&e))?;
+        let group = self.node.table_group(&self.table, 0).await.map_err(|e| etcd_status(&e))?;
+        let writer = armada_core::backup::BackupWriter::new(
+            &view,
+            &self.table,
+            self.node.id(),
+            crate::rt::unix_time_ms(),
+            self.node.config().raft.snapshot_chunk_bytes,
+        )
+        .map_err(|e| Status::internal(format!("etcdserver: {e}")))?;
+        let mut header = self.header(self.node.header(&group), view.rev_state().map_or(0, |s| s.current));
+        // etcdctl's `snapshot save` wants the stream to end with zero
+        // padding to a multiple of 512 bytes and a SHA-256 of all before it.
+        struct St {
+            writer: Option<armada_core::backup::BackupWriter>,
+            sha: sha2::Sha256,
+            sent: u64,
+        }
+        let st = St { writer: Some(writer), sha: <sha2::Sha256 as sha2::Digest>::new(), sent: 0 };
+        let stream = futures::stream::unfold(Some(st), move |st| {
+            let first = header.take();
+            async move {
+                use sha2::Digest;
+                let mut st = st?;
+                let w = st.writer.as_mut()?;
+                match w.next_block() {
+                    Ok(Some(blob)) => {
+                        st.sha.update(&blob);
+                        st.sent += blob.len() as u64;
+                        // The size is not known in advance: 1 until the last.
+                        Some((Ok(pb::SnapshotResponse { header: first, remaining_bytes: 1, blob }), Some(st)))
+                    }
+                    Ok(None) => {
+                        let align = armada_core::backup::ETCD_TRAILER_ALIGN;
+                        let pad = (align - st.sent % align) % align;
+                        let mut blob = vec![0u8; pad as usize];
+                        st.sha.update(&blob);
+                        blob.extend_from_slice(&st.sha.finalize());
+                        Some((Ok(pb::SnapshotResponse { header: first, remaining_bytes: 0, blob }), None))
+                    }
+                    Err(e) => Some((Err(Status::internal(format!("etcdserver: {e}"))), None)),
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         self.metrics
             .timed("etcd.Status", async move {

@@ -118,6 +118,13 @@ impl Engine for RocksEngine {
         self.db.flush_wal(true).map_err(backend)
     }
 
+    /// A full manual compaction: rewrites every SST file, dropping deleted
+    /// and overwritten data.
+    fn defragment(&self) -> Result<(), EngineError> {
+        self.db.compact_range::<&[u8], &[u8]>(None, None);
+        Ok(())
+    }
+
     fn view(&self, start: &[u8], end: &[u8]) -> Result<Arc<dyn EngineView>, EngineError> {
         RocksView::open(self.db.clone(), start, end).map(|v| Arc::new(v) as Arc<dyn EngineView>)
     }
