@@ -145,14 +145,28 @@ enum ViewRequest {
 struct RocksView {
     start: Vec<u8>,
     end: Vec<u8>,
-    requests: Mutex<mpsc::Sender<ViewRequest>>,
+    requests: Mutex<Option<mpsc::Sender<ViewRequest>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for RocksView {
+    /// Closes the channel and waits for the thread, so the snapshot is
+    /// released before the view is gone (a thread still releasing it while
+    /// the process exits made RocksDB abort: "pthread lock: Invalid
+    /// argument").
+    fn drop(&mut self) {
+        self.requests.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl RocksView {
     fn open(db: Arc<DB>, start: &[u8], end: &[u8]) -> Result<Self, EngineError> {
         let (tx, rx) = mpsc::channel::<ViewRequest>();
         let (taken_tx, taken_rx) = mpsc::sync_channel::<()>(1);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("armada-view".into())
             .spawn(move || {
                 let snapshot = db.snapshot();
@@ -195,16 +209,24 @@ impl RocksView {
             })
             .map_err(|e| EngineError::Backend(format!("cannot start a snapshot reader thread: {e}")))?;
         taken_rx.recv().map_err(|_| EngineError::Backend("the snapshot reader thread stopped".into()))?;
-        Ok(Self { start: start.to_vec(), end: end.to_vec(), requests: Mutex::new(tx) })
+        Ok(Self {
+            start: start.to_vec(),
+            end: end.to_vec(),
+            requests: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        })
     }
 
     fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> ViewRequest) -> Result<T, EngineError> {
         let (reply, answer) = mpsc::sync_channel(1);
+        let stopped = || EngineError::Backend("the snapshot reader thread stopped".into());
         self.requests
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .ok_or_else(stopped)?
             .send(make(reply))
-            .map_err(|_| EngineError::Backend("the snapshot reader thread stopped".into()))?;
+            .map_err(|_| stopped())?;
         answer.recv().map_err(|_| EngineError::Backend("the snapshot reader thread stopped".into()))?
     }
 }

@@ -41,12 +41,18 @@ async fn put(api: &str, key: &str, value: &str) -> Result<i64, tonic::Status> {
 }
 
 async fn read_all(api: &str, serializable: bool) -> Result<BTreeMap<String, String>, String> {
+    read_range(api, 0, serializable).await
+}
+
+/// Every `k…` key of table `t` at `revision` (0: latest).
+async fn read_range(api: &str, revision: i64, serializable: bool) -> Result<BTreeMap<String, String>, String> {
     let mut c = kv(api).await.ok_or("connect")?;
     let r = c
         .range(pb::RangeRequest {
             table: "t".into(),
             key: b"k".to_vec(),
             range_end: b"l".to_vec(),
+            revision,
             serializable,
             ..Default::default()
         })
@@ -381,25 +387,6 @@ async fn a_replica_behind_the_purged_log_catches_up_by_a_streamed_snapshot() {
     eprintln!("returning replica caught up by {installed} streamed snapshot(s) in {caught_up:?}");
 }
 
-async fn read_at(api: &str, revision: i64) -> Result<BTreeMap<String, String>, String> {
-    let mut c = kv(api).await.ok_or("connect")?;
-    let r = c
-        .range(pb::RangeRequest {
-            table: "t".into(),
-            key: b"k".to_vec(),
-            range_end: b"l".to_vec(),
-            revision,
-            ..Default::default()
-        })
-        .await
-        .map_err(|s| s.to_string())?;
-    Ok(r.into_inner()
-        .kvs
-        .into_iter()
-        .map(|kv| (String::from_utf8_lossy(&kv.key).into_owned(), String::from_utf8_lossy(&kv.value).into_owned()))
-        .collect())
-}
-
 fn armada(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(BIN).args(args).output().expect("run armada");
     (
@@ -455,8 +442,8 @@ async fn a_backup_taken_under_load_restores_to_the_source_at_its_revision() {
     let members = format!("1={}", node.raft);
     node.start(&members);
     wait_ready(&node.http, Duration::from_secs(60)).await;
-    let source = eventually(Duration::from_secs(10), "source read", || read_at(&api, revision)).await;
-    let copy = eventually(Duration::from_secs(10), "restored read", || read_at(&node.api, 0)).await;
+    let source = eventually(Duration::from_secs(10), "source read", || read_range(&api, revision, false)).await;
+    let copy = eventually(Duration::from_secs(10), "restored read", || read_range(&node.api, 0, false)).await;
     assert_eq!(copy, source, "the restored table is the source at revision {revision}");
     assert!(copy.len() >= 200);
     // The restored table goes on from its revision.
