@@ -525,14 +525,36 @@ impl Node {
         Catalog::new(&*self.engine, data_ns(GroupId::META))
     }
 
+    /// Reads the catalog through the metadata group's install gate: while a
+    /// snapshot replaces the catalog, a read could miss tables (and a
+    /// missing table is deleted by `sync_groups`, or by a follower cluster
+    /// reconciling with this node's catalog).
+    fn read_catalog<T>(
+        &self,
+        f: impl FnOnce(&Catalog<'_>) -> Result<T, armada_core::EngineError>,
+    ) -> Result<T, ApiError> {
+        let catalog = self.catalog();
+        let run = || f(&catalog).map_err(|e| ApiError::Internal(e.to_string()));
+        match self.group(GroupId::META) {
+            Some(meta) => meta.read(run)?,
+            None => run(),
+        }
+    }
+
+    /// Every table in this node's applied catalog (`Unavailable` while a
+    /// snapshot replaces it).
+    pub fn catalog_list(&self) -> Result<Vec<TableInfo>, ApiError> {
+        self.read_catalog(|c| c.list())
+    }
+
     /// Starts groups for new tables and stops and deletes the groups of
     /// deleted tables, according to this node's applied catalog.
     pub async fn sync_groups(&self) {
         let _one_at_a_time = self.syncing.lock().await;
-        let tables = match self.catalog().list() {
+        let tables = match self.catalog_list() {
             Ok(t) => t,
             Err(e) => {
-                warn!("reading catalog: {e}");
+                debug!("reading catalog (groups unchanged this round): {e}");
                 return;
             }
         };
@@ -664,7 +686,7 @@ impl Node {
         // A name no table can have is the client's mistake (INVALID_ARGUMENT),
         // not a missing table.
         armada_core::command::validate_table_name(name)?;
-        let info = match self.catalog().get(name).map_err(|e| ApiError::Internal(e.to_string()))? {
+        let info = match self.read_catalog(|c| c.get(name))? {
             Some(info) => info,
             None => {
                 let meta = self.group(GroupId::META).ok_or_else(|| ApiError::Internal("no metadata group".into()))?;
@@ -672,10 +694,7 @@ impl Node {
                 // otherwise be inlined into the future of every request
                 // (kilobytes copied each time one is created or moved).
                 Box::pin(self.linearize(&meta, hops, "the catalog")).await?;
-                self.catalog()
-                    .get(name)
-                    .map_err(|e| ApiError::Internal(e.to_string()))?
-                    .ok_or_else(|| ApiError::TableNotFound(name.to_string()))?
+                self.read_catalog(|c| c.get(name))?.ok_or_else(|| ApiError::TableNotFound(name.to_string()))?
             }
         };
         match self.group(info.id) {
@@ -844,7 +863,7 @@ impl Node {
     async fn list_tables_local(&self, hops: u32) -> Result<Vec<TableInfo>, ApiError> {
         let meta = self.group(GroupId::META).ok_or_else(|| ApiError::Internal("no metadata group".into()))?;
         self.linearize(&meta, hops, "the catalog").await?;
-        self.catalog().list().map_err(|e| ApiError::Internal(e.to_string()))
+        self.catalog_list()
     }
 
     /// Applies a write to a table through its Raft group (forwarded to the

@@ -26,9 +26,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use armada_core::command::Catalog;
-use armada_core::raft::data_ns;
-use armada_core::GroupId;
 
 use crate::node::Node;
 use crate::replication::ReplicationState;
@@ -85,7 +82,7 @@ impl Readiness {
                 ReplicationState::Elsewhere | ReplicationState::Streaming => {}
             }
         }
-        match Catalog::new(&**node.engine(), data_ns(GroupId::META)).list() {
+        match node.catalog_list() {
             Err(e) => waiting.push(format!("reading the catalog: {e}")),
             Ok(tables) => {
                 for t in &tables {

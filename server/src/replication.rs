@@ -116,9 +116,7 @@ impl ReplicationService {
     }
 
     fn catalog(node: &Node) -> Result<pb::CatalogUpdate, Status> {
-        let tables = armada_core::command::Catalog::new(&**node.engine(), data_ns(GroupId::META))
-            .list()
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let tables = node.catalog_list().map_err(|e| api_status(&e))?;
         Ok(pb::CatalogUpdate {
             tables: tables.into_iter().map(|t| pb::TableRef { name: t.name, id: t.id.0 }).collect(),
         })
@@ -695,14 +693,13 @@ fn note_catalog_error(last: &mut Option<String>, error: String) {
 }
 
 async fn reconcile_catalog(node: &Node, update: &pb::CatalogUpdate, known: &mut BTreeMap<String, u64>) {
-    let local: Vec<TableInfo> =
-        match armada_core::command::Catalog::new(&**node.engine(), data_ns(GroupId::META)).list() {
-            Ok(t) => t,
-            Err(e) => {
-                warn!("reading the local catalog: {e}");
-                return;
-            }
-        };
+    let local: Vec<TableInfo> = match node.catalog_list() {
+        Ok(t) => t,
+        Err(e) => {
+            debug!("reading the local catalog (nothing reconciled this round): {e}");
+            return;
+        }
+    };
     let upstream: BTreeMap<&str, u64> = update.tables.iter().map(|t| (t.name.as_str(), t.id)).collect();
     for t in &local {
         let recreated = matches!((known.get(&t.name), upstream.get(t.name.as_str())), (Some(a), Some(b)) if a != b);
