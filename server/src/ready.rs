@@ -26,7 +26,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-
 use crate::node::Node;
 use crate::replication::ReplicationState;
 
