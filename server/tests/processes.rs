@@ -77,6 +77,22 @@ async fn table_leader(api: &str) -> Result<u64, String> {
         .ok_or("no leader".into())
 }
 
+/// Waits until a serializable read through `api` returns exactly `acked`.
+async fn holds_eventually(api: &str, acked: &BTreeMap<String, String>, within: Duration, what: &str) {
+    eventually(within, what, || {
+        let (api, acked) = (api.to_string(), acked.clone());
+        async move {
+            let got = read_all(&api, true).await?;
+            if got == acked {
+                Ok(())
+            } else {
+                Err(format!("{} of {} keys", got.len(), acked.len()))
+            }
+        }
+    })
+    .await;
+}
+
 /// Writes `n` keys starting at `from`, round-robin over `apis`, retrying
 /// each (idempotently: same key, same value) until acknowledged.
 async fn write_keys(apis: &[String], from: usize, n: usize, acked: &mut BTreeMap<String, String>) {
@@ -120,18 +136,7 @@ async fn three_processes_survive_kill9_of_the_leader_and_a_full_restart() {
     let members = cluster.members.clone();
     cluster.nodes[idx].start(&members);
     let api = apis[idx].clone();
-    eventually(Duration::from_secs(30), "restarted node catches up", || {
-        let (api, acked) = (api.clone(), acked.clone());
-        async move {
-            let got = read_all(&api, true).await?;
-            if got == acked {
-                Ok(())
-            } else {
-                Err(format!("{} of {} keys", got.len(), acked.len()))
-            }
-        }
-    })
-    .await;
+    holds_eventually(&api, &acked, Duration::from_secs(30), "restarted node catches up").await;
     // A full restart keeps every acknowledged write.
     for n in &mut cluster.nodes {
         n.terminate();
@@ -368,18 +373,7 @@ async fn a_replica_behind_the_purged_log_catches_up_by_a_streamed_snapshot() {
     cluster.nodes[down].start(&members);
     let api = apis[down].clone();
     let started = Instant::now();
-    eventually(Duration::from_secs(60), "the returning replica catches up", || {
-        let (api, acked) = (api.clone(), acked.clone());
-        async move {
-            let got = read_all(&api, true).await?;
-            if got == acked {
-                Ok(())
-            } else {
-                Err(format!("{} of {} keys", got.len(), acked.len()))
-            }
-        }
-    })
-    .await;
+    holds_eventually(&api, &acked, Duration::from_secs(60), "the returning replica catches up").await;
     let caught_up = started.elapsed();
     let installed =
         metric(&cluster.nodes[down].http, "armada_raft_snapshots_installed").expect("the snapshot metric of table t");
