@@ -226,6 +226,23 @@ impl RaftNetworkV2<C> for GroupNetwork {
     }
 }
 
+/// Runs a blocking storage job on a blocking thread (inline in simulation,
+/// where there are no real threads).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    #[cfg(not(madsim))]
+    {
+        match tokio::task::spawn_blocking(f).await {
+            Ok(v) => Ok(v),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(format!("node stopping: {e}")),
+        }
+    }
+    #[cfg(madsim)]
+    {
+        Ok(f())
+    }
+}
+
 /// Stages one chunk of a snapshot stream for `group`; after the last,
 /// hands the snapshot to openraft, which installs it.
 async fn receive_chunk(
@@ -235,9 +252,10 @@ async fn receive_chunk(
     chunk: SnapshotChunk,
     install: Option<(VoteOf<C>, SnapshotMetaOf<C>)>,
 ) -> Result<RaftReply, String> {
-    let staged = {
+    let seq = chunk.seq;
+    let mut receiver = {
         let mut slot = group.receiving.lock().unwrap_or_else(|p| p.into_inner());
-        if chunk.seq == 0 {
+        if seq == 0 {
             // A new transfer replaces one in progress (a new leader, or a
             // retry); dropping the old receiver deletes what it staged.
             if let Some((old, _)) = slot.as_ref() {
@@ -245,23 +263,37 @@ async fn receive_chunk(
             }
             *slot = Some((stream, SnapshotReceiver::new(node.engine().clone(), group.id, node.next_staging_id())));
         }
-        let Some((current, receiver)) = slot.as_mut() else {
-            return Err(format!("snapshot chunk {} of a transfer that is not in progress", chunk.seq));
-        };
-        if *current != stream {
-            return Err(format!("snapshot chunk {} of a transfer replaced by another", chunk.seq));
+        match slot.take() {
+            Some((current, r)) if current == stream => r,
+            Some(other) => {
+                *slot = Some(other);
+                return Err(format!("snapshot chunk {seq} of a transfer replaced by another"));
+            }
+            None => return Err(format!("snapshot chunk {seq} of a transfer that is not in progress")),
         }
-        match receiver.accept(chunk) {
-            Ok(None) => return Ok(RaftReply::ChunkStaged),
-            Ok(Some(staged)) => {
-                *slot = None;
-                staged
+    };
+    // The engine write runs off the async workers: a storage write stall on
+    // a large transfer must not starve the transport (QUIC keep-alives) or
+    // the node's other groups.
+    let (receiver, result) = blocking(move || {
+        let r = receiver.accept(chunk);
+        (receiver, r)
+    })
+    .await?;
+    let staged = match result {
+        Ok(None) => {
+            let mut slot = group.receiving.lock().unwrap_or_else(|p| p.into_inner());
+            // Unless a new transfer started meanwhile (then this one ends).
+            if slot.is_none() {
+                *slot = Some((stream, receiver));
             }
-            Err(e) => {
-                *slot = None;
-                warn!(group = %group.id, "snapshot transfer refused: {e}");
-                return Err(e.to_string());
-            }
+            return Ok(RaftReply::ChunkStaged);
+        }
+        Ok(Some(staged)) => staged,
+        Err(e) => {
+            drop(receiver);
+            warn!(group = %group.id, "snapshot transfer refused: {e}");
+            return Err(e.to_string());
         }
     };
     let Some((vote, meta)) = install else {
