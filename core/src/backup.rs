@@ -94,6 +94,7 @@ fn hash_pair(h: &mut Fnv64, k: &[u8], v: &[u8]) {
 /// group: memory stays at one chunk.
 pub struct BackupWriter {
     header: Option<BackupHeader>,
+    revision: u64,
     chunks: ChunkReader,
     hash: Fnv64,
     pairs: u64,
@@ -118,7 +119,19 @@ impl BackupWriter {
             source_node,
             taken_unix_ms,
         };
-        Ok(Self { header: Some(header), chunks: view.reader(chunk_bytes), hash: Fnv64::new(), pairs: 0, done: false })
+        Ok(Self {
+            revision: header.revision,
+            header: Some(header),
+            chunks: view.reader(chunk_bytes),
+            hash: Fnv64::new(),
+            pairs: 0,
+            done: false,
+        })
+    }
+
+    /// The table's revision in the backup.
+    pub fn revision(&self) -> u64 {
+        self.revision
     }
 
     /// The next block of bytes, `None` after the last.

@@ -488,10 +488,13 @@ impl Installer {
 /// that were never installed.
 pub fn recover(engine: Arc<dyn Engine>, group: GroupId, batch_bytes: usize) -> Result<bool, EngineError> {
     let Some(bytes) = engine.get(&marker_key(group))? else {
+        // Usually nothing is staged: then no write at all at start-up.
         let (lo, hi) = staging_range(group);
-        let mut b = WriteBatch::new();
-        b.delete_range(lo, hi);
-        engine.write(b)?;
+        if engine.last(&lo, &hi)?.is_some() {
+            let mut b = WriteBatch::new();
+            b.delete_range(lo, hi);
+            engine.write(b)?;
+        }
         return Ok(false);
     };
     let marker: InstallMarker = postcard::from_bytes(&bytes)

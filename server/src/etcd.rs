@@ -341,16 +341,9 @@ impl pb::kv_server::Kv for EtcdApi {
     }
 }
 
-/// Runs a blocking engine job off the async workers (inline in simulation).
+/// [`crate::rt::blocking`] with etcd's error text.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
-    #[cfg(not(madsim))]
-    {
-        tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("etcdserver: {e}")))
-    }
-    #[cfg(madsim)]
-    {
-        Ok(f())
-    }
+    crate::rt::blocking(f).await.map_err(|e| Status::internal(format!("etcdserver: {e}")))
 }
 
 type SnapshotStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::SnapshotResponse, Status>> + Send>>;
@@ -413,17 +406,9 @@ impl pb::maintenance_server::Maintenance for EtcdApi {
 
     /// The etcd table's backup, in Armada's backup format.
     async fn snapshot(&self, _request: Request<pb::SnapshotRequest>) -> Result<Response<SnapshotStream>, Status> {
-        let view = self.node.backup_view(&self.table).await.map_err(|e| etcd_status(&e))?;
+        let writer = self.node.backup(&self.table).await.map_err(|e| etcd_status(&e))?;
         let group = self.node.table_group(&self.table, 0).await.map_err(|e| etcd_status(&e))?;
-        let writer = armada_core::backup::BackupWriter::new(
-            &view,
-            &self.table,
-            self.node.id(),
-            crate::rt::unix_time_ms(),
-            self.node.config().raft.snapshot_chunk_bytes,
-        )
-        .map_err(|e| Status::internal(format!("etcdserver: {e}")))?;
-        let mut header = self.header(self.node.header(&group), view.rev_state().map_or(0, |s| s.current));
+        let mut header = self.header(self.node.header(&group), writer.revision());
         // etcdctl's `snapshot save` wants the stream to end with zero
         // padding to a multiple of 512 bytes and a SHA-256 of all before it.
         struct St {

@@ -226,23 +226,6 @@ impl RaftNetworkV2<C> for GroupNetwork {
     }
 }
 
-/// Runs a blocking storage job on a blocking thread (inline in simulation,
-/// where there are no real threads).
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
-    #[cfg(not(madsim))]
-    {
-        match tokio::task::spawn_blocking(f).await {
-            Ok(v) => Ok(v),
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => Err(format!("node stopping: {e}")),
-        }
-    }
-    #[cfg(madsim)]
-    {
-        Ok(f())
-    }
-}
-
 /// Stages one chunk of a snapshot stream for `group`; after the last,
 /// hands the snapshot to openraft, which installs it.
 async fn receive_chunk(
@@ -275,7 +258,7 @@ async fn receive_chunk(
     // The engine write runs off the async workers: a storage write stall on
     // a large transfer must not starve the transport (QUIC keep-alives) or
     // the node's other groups.
-    let (receiver, result) = blocking(move || {
+    let (receiver, result) = crate::rt::blocking(move || {
         let r = receiver.accept(chunk);
         (receiver, r)
     })

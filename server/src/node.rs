@@ -779,8 +779,9 @@ impl Node {
         let store = Mvcc::new(&*self.engine, data_ns(group.id));
         match group.read(|| store.range(req))? {
             Ok(r) if armada_core::kv::response_bytes(&r.kvs) > self.cfg.raft.max_response_bytes => {
+                let bytes = armada_core::kv::response_bytes(&r.kvs);
                 Err(ApiError::Kv(KvError::ResponseTooLarge {
-                    bytes: armada_core::kv::response_bytes(&r.kvs),
+                    bytes,
                     keys: r.kvs.len() as u64,
                     limit: self.cfg.raft.max_response_bytes,
                 }))
@@ -798,20 +799,28 @@ impl Node {
         }
     }
 
-    /// A consistent image of a table on this node, for a backup. On the
-    /// table's leader it is taken after a read index (it holds every write
-    /// acknowledged before the call); elsewhere it is this node's applied
-    /// state, which may be a moment behind. The caller reads the image at
-    /// its own pace while the table keeps serving.
-    pub async fn backup_view(&self, table: &str) -> Result<armada_core::snapshot::GroupView, ApiError> {
+    /// A backup of a table from a consistent image on this node. On the
+    /// table's leader the image is taken after a read index (it holds every
+    /// write acknowledged before the call); elsewhere it is this node's
+    /// applied state, which may be a moment behind. The caller reads the
+    /// writer at its own pace while the table keeps serving.
+    pub async fn backup(&self, table: &str) -> Result<armada_core::backup::BackupWriter, ApiError> {
         armada_core::command::validate_table_name(table)?;
         let group = self.table_group(table, 0).await?;
         if self.is_leader(&group) {
             self.linearize(&group, FORWARD_HOPS_MAX, &format!("table {table:?}")).await?;
         }
-        group
+        let view = group
             .read(|| armada_core::snapshot::GroupView::take_for_backup(&self.engine, group.id))?
-            .map_err(|e| ApiError::Internal(format!("taking a view of table {table:?}: {e}")))
+            .map_err(|e| ApiError::Internal(format!("taking a view of table {table:?}: {e}")))?;
+        armada_core::backup::BackupWriter::new(
+            &view,
+            table,
+            self.id(),
+            crate::rt::unix_time_ms(),
+            self.cfg.raft.snapshot_chunk_bytes,
+        )
+        .map_err(|e| ApiError::Internal(format!("backup of table {table:?}: {e}")))
     }
 
     /// Creates a table and waits (bounded) until its group runs here.

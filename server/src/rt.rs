@@ -257,3 +257,21 @@ pub fn unix_time_ms() -> u64 {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
     }
 }
+
+/// Runs a blocking storage job on a blocking thread, off the async workers
+/// (inline in simulation builds, which have no real threads). `Err` only if
+/// the runtime is shutting down.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    #[cfg(not(madsim))]
+    {
+        match tokio::task::spawn_blocking(f).await {
+            Ok(v) => Ok(v),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(format!("node stopping: {e}")),
+        }
+    }
+    #[cfg(madsim)]
+    {
+        Ok(f())
+    }
+}

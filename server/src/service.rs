@@ -221,16 +221,7 @@ impl pb::maintenance_server::Maintenance for Api {
 
     async fn backup(&self, request: Request<pb::BackupRequest>) -> Result<Response<BackupStream>, Status> {
         let table = request.into_inner().table;
-        let view = self.node.backup_view(&table).await.map_err(|e| status(&e))?;
-        let taken_unix_ms = crate::rt::unix_time_ms();
-        let writer = armada_core::backup::BackupWriter::new(
-            &view,
-            &table,
-            self.node.id(),
-            taken_unix_ms,
-            self.node.config().raft.snapshot_chunk_bytes,
-        )
-        .map_err(|e| Status::internal(format!("backup of table {table:?}: {e}")))?;
+        let writer = self.node.backup(&table).await.map_err(|e| status(&e))?;
         // The view stays alive with the writer (its reader holds it).
         let stream = futures::stream::unfold(Some(writer), |w| async move {
             let mut w = w?;

@@ -919,42 +919,39 @@ async fn take_and_restore(addr: &str, table: &str) -> Option<(u64, Arc<dyn Engin
             .ok()?
             .ok()?
             .into_inner();
-    let engine: Arc<dyn Engine> = Arc::new(armada_core::MemEngine::new());
-    let mut reader = armada_core::backup::BackupReader::new();
-    let mut restorer = armada_core::backup::Restorer::new(&*engine).ok()?;
-    let (mut revision, mut id) = (None, None);
+    let mut blocks = Vec::new();
     while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.ok()?.ok()? {
-        for ev in reader.feed(&chunk.data).ok()? {
-            if let armada_core::backup::BackupEvent::Header(h) = &ev {
-                revision = Some(h.revision);
-            }
-            id = restorer.apply(ev).ok()?.or(id);
-        }
+        blocks.push(chunk.data);
     }
-    reader.finish().ok()?;
-    drop(restorer);
-    Some((revision?, engine, id?))
+    restore(&blocks)
 }
 
 /// A backup read from `node`'s image a block per simulated millisecond,
 /// restored into a fresh engine.
 async fn read_slowly_and_restore(node: Arc<Node>, table: &str) -> Option<(u64, Arc<dyn Engine>, GroupId)> {
-    let view = node.backup_view(table).await.ok()?;
-    let mut writer =
-        armada_core::backup::BackupWriter::new(&view, table, node.id(), 0, node.config().raft.snapshot_chunk_bytes)
-            .ok()?;
+    let mut writer = node.backup(table).await.ok()?;
+    let mut blocks = Vec::new();
+    while let Some(block) = writer.next_block().ok()? {
+        blocks.push(block);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    restore(&blocks)
+}
+
+/// Checks a backup's bytes and restores them into a fresh engine:
+/// (revision, engine, table id), or `None` if they are not a whole backup.
+fn restore(blocks: &[Vec<u8>]) -> Option<(u64, Arc<dyn Engine>, GroupId)> {
     let engine: Arc<dyn Engine> = Arc::new(armada_core::MemEngine::new());
     let mut reader = armada_core::backup::BackupReader::new();
     let mut restorer = armada_core::backup::Restorer::new(&*engine).ok()?;
     let (mut revision, mut id) = (None, None);
-    while let Some(block) = writer.next_block().ok()? {
-        for ev in reader.feed(&block).ok()? {
+    for block in blocks {
+        for ev in reader.feed(block).ok()? {
             if let armada_core::backup::BackupEvent::Header(h) = &ev {
                 revision = Some(h.revision);
             }
             id = restorer.apply(ev).ok()?.or(id);
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     reader.finish().ok()?;
     drop(restorer);
