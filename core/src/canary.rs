@@ -40,10 +40,13 @@ pub enum Canary {
     /// A backup reads each chunk from the live engine instead of the image
     /// taken when it began: not a consistent cut.
     BackupNotConsistent = 14,
+    /// A follower applies each part of a revision split across change-stream
+    /// messages as if it were the whole revision.
+    RevisionPartApplied = 15,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 14] = [
+    pub const ALL: [Canary; 15] = [
         Canary::AckBeforeFsync,
         Canary::StaleRead,
         Canary::ReuseRevision,
@@ -58,6 +61,7 @@ impl Canary {
         Canary::SnapshotChunkSkipped,
         Canary::CompactionNotReplicated,
         Canary::BackupNotConsistent,
+        Canary::RevisionPartApplied,
     ];
 
     pub fn name(self) -> &'static str {
@@ -76,6 +80,7 @@ impl Canary {
             Canary::SnapshotChunkSkipped => "snapshot-chunk-skipped",
             Canary::CompactionNotReplicated => "compaction-not-replicated",
             Canary::BackupNotConsistent => "backup-not-consistent",
+            Canary::RevisionPartApplied => "revision-part-applied",
         }
     }
 

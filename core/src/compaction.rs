@@ -108,8 +108,10 @@ impl AutoCompactor {
     }
 
     /// One tick at `now_ms` for a table at revision `current`, compacted at
-    /// `compacted`: the revision to compact to, if any. Call it only for
-    /// tables this node leads; forget tables with [`AutoCompactor::forget`].
+    /// `compacted`: the revision to compact to, if any. Call it for every
+    /// table the node holds (a replica's samples are what it compacts with
+    /// once it leads), and propose only for tables it leads; forget deleted
+    /// tables with [`AutoCompactor::retain`].
     pub fn tick(&mut self, now_ms: u64, group: GroupId, current: u64, compacted: u64) -> Option<u64> {
         let target = match self.retention {
             Retention::Off => return None,
@@ -142,6 +144,11 @@ impl AutoCompactor {
     /// full period after taking over).
     pub fn forget(&mut self, group: GroupId) {
         self.samples.remove(&group);
+    }
+
+    /// Keeps what is known of the tables `keep` says to (drops deleted ones).
+    pub fn retain(&mut self, mut keep: impl FnMut(GroupId) -> bool) {
+        self.samples.retain(|g, _| keep(*g));
     }
 }
 

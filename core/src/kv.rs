@@ -189,10 +189,11 @@ pub enum KvError {
     Compacted { requested: u64, compacted: u64 },
     #[error("required revision {requested} is a future revision (current {current})")]
     FutureRevision { requested: u64, current: u64 },
-    /// A range whose answer would exceed the node's response limit.
+    /// A range whose answer would exceed the node's response limit: the
+    /// read stops as soon as the first `keys` key-values (`bytes`) crossed it.
     #[error(
-        "range response too large: {bytes} bytes for {keys} keys, over the {limit}-byte limit; ask for fewer keys \
-         (limit, a narrower range, keys_only, count_only) or raise --max-response-bytes"
+        "range response too large: over the {limit}-byte limit ({bytes} bytes in its first {keys} keys); ask for \
+         fewer keys (limit, a narrower range, keys_only, count_only) or raise --max-response-bytes"
     )]
     ResponseTooLarge { bytes: u64, keys: u64, limit: u64 },
 }

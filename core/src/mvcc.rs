@@ -299,25 +299,49 @@ impl<'e> Mvcc<'e> {
         max_keys: usize,
         max_bytes: usize,
     ) -> Result<(Vec<KeyValue>, bool), EngineError> {
-        let (lo, hi) = self.history_bounds(start, end);
-        let prefix_len = self.ns.len() + 1;
         let mut out: Vec<KeyValue> = Vec::new();
         let mut bytes = 0usize;
         let mut more = false;
+        self.visit_at(start, end, rev, &mut |kv| {
+            if out.len() >= max_keys || bytes >= max_bytes {
+                more = true;
+                return false;
+            }
+            bytes += kv.key.len() + kv.value.len();
+            out.push(kv);
+            true
+        })?;
+        Ok((out, more))
+    }
+
+    /// Visits the key-values of `[start, end)` live at revision `rev`, in
+    /// ascending key order, one at a time, until `visit` returns false.
+    fn visit_at(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        rev: u64,
+        visit: &mut dyn FnMut(KeyValue) -> bool,
+    ) -> Result<(), EngineError> {
+        let (lo, hi) = self.history_bounds(start, end);
+        let prefix_len = self.ns.len() + 1;
         // The newest version at or below `rev` of the key being scanned.
         let mut pending: Option<(Vec<u8>, u64, Version)> = None;
         let mut err = None;
-        let flush = |p: Option<(Vec<u8>, u64, Version)>, out: &mut Vec<KeyValue>| {
-            if let Some((key, mod_revision, v)) = p {
-                if let Some(value) = v.value {
-                    out.push(KeyValue {
+        let mut stopped = false;
+        let flush = |p: Option<(Vec<u8>, u64, Version)>, visit: &mut dyn FnMut(KeyValue) -> bool| -> bool {
+            match p {
+                Some((key, mod_revision, v)) => match v.value {
+                    Some(value) => visit(KeyValue {
                         key,
                         create_revision: v.create_revision,
                         mod_revision,
                         version: v.version,
                         value,
-                    });
-                }
+                    }),
+                    None => true,
+                },
+                None => true,
             }
         };
         self.engine.scan(&lo, &hi, &mut |k, v| {
@@ -328,16 +352,9 @@ impl<'e> Mvcc<'e> {
                     return false;
                 }
             };
-            if pending.as_ref().is_some_and(|(pk, _, _)| *pk != key) {
-                let before = out.len();
-                flush(pending.take(), &mut out);
-                if let Some(kv) = out.get(before) {
-                    bytes += kv.key.len() + kv.value.len();
-                }
-                if out.len() >= max_keys || bytes >= max_bytes {
-                    more = true;
-                    return false;
-                }
+            if pending.as_ref().is_some_and(|(pk, _, _)| *pk != key) && !flush(pending.take(), visit) {
+                stopped = true;
+                return false;
             }
             if at <= rev {
                 match decode::<Version>(v, "history record") {
@@ -353,8 +370,51 @@ impl<'e> Mvcc<'e> {
         if let Some(e) = err {
             return Err(e);
         }
-        flush(pending, &mut out);
-        Ok((out, more))
+        if !stopped {
+            flush(pending, visit);
+        }
+        Ok(())
+    }
+
+    /// Visits the live key-values of `[start, end)` now, ascending, until
+    /// `visit` returns false.
+    fn visit_now(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        visit: &mut dyn FnMut(KeyValue) -> bool,
+    ) -> Result<(), EngineError> {
+        let (lo, hi) = self.latest_bounds(start, end);
+        let prefix_len = self.ns.len() + 1;
+        let mut err = None;
+        self.engine.scan(&lo, &hi, &mut |k, v| match decode::<Latest>(v, "latest record") {
+            Ok(l) => visit(l.to_kv(&k[prefix_len..])),
+            Err(e) => {
+                err = Some(e);
+                false
+            }
+        })?;
+        match err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Visits the key-values of `[start, end)` live at `rev` (the current
+    /// revision or an earlier one).
+    fn visit_live(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        rev: u64,
+        current: u64,
+        visit: &mut dyn FnMut(KeyValue) -> bool,
+    ) -> Result<(), EngineError> {
+        if rev == current {
+            self.visit_now(start, end, visit)
+        } else {
+            self.visit_at(start, end, rev, visit)
+        }
     }
 
     /// Checks that `requested` (0 = current) can be read, and resolves it.
@@ -373,19 +433,36 @@ impl<'e> Mvcc<'e> {
 
     /// Serves a range read from the engine alone.
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, MvccError> {
+        self.range_within(req, u64::MAX)
+    }
+
+    /// A range read that holds at most about `max_bytes` of key-values in
+    /// memory at any time, whatever the size of the range: only the
+    /// key-values that can reach the answer are kept (the first `limit`, or
+    /// the best `limit` by the sort order; the rest are only counted). An
+    /// answer that would still exceed `max_bytes` is refused with
+    /// [`KvError::ResponseTooLarge`] as soon as that is known.
+    pub fn range_within(&self, req: &RangeRequest, max_bytes: u64) -> Result<RangeResponse, MvccError> {
         req.validate()?;
         let state = self.rev_state()?;
         let rev = self.resolve_read_revision(state, req.revision)?;
         let (start, end) = interval(&req.key, &req.range_end);
-        let (kvs, count) = match (rev == state.current, keys_needed(req)) {
-            // Only the first keys can reach the answer: decode those and
-            // merely count the rest (`limit = 1` or `count_only` over a large
-            // table copies no other value).
-            (true, Some(keep)) => self.live_now_bounded(&start, end.as_deref(), keep)?,
-            (true, None) => counted(self.live_now(&start, end.as_deref())?),
-            (false, _) => counted(self.live_at(&start, end.as_deref(), rev)?),
-        };
-        Ok(shape_range(req, kvs, count, state.current))
+        if rev == state.current {
+            if let Some(keep) = keys_needed(req) {
+                // Only the first keys can reach the answer: decode those and
+                // merely count the rest (`limit = 1` or `count_only` over a
+                // large table copies no other value).
+                let (kvs, count) = self.live_now_bounded(&start, end.as_deref(), keep)?;
+                return within_limit(shape_range(req, kvs, count, state.current), max_bytes);
+            }
+        }
+        let mut selection = Selection::new(req, max_bytes);
+        let mut count = 0u64;
+        self.visit_live(&start, end.as_deref(), rev, state.current, &mut |kv| {
+            count += 1;
+            selection.offer(kv)
+        })?;
+        within_limit(shape_range(req, selection.finish()?, count, state.current), max_bytes)
     }
 
     /// A write transaction at the table's next revision. Nothing reaches the
@@ -410,15 +487,16 @@ impl<'e> Mvcc<'e> {
     pub fn hash_kv(&self, revision: u64) -> Result<(u32, u64, u64), MvccError> {
         let state = self.rev_state()?;
         let rev = self.resolve_read_revision(state, revision)?;
-        let kvs = if rev == state.current { self.live_now(&[], None)? } else { self.live_at(&[], None, rev)? };
         let mut h = Fnv64::new();
-        for kv in &kvs {
+        // One key-value in memory at a time, whatever the table's size.
+        self.visit_live(&[], None, rev, state.current, &mut |kv| {
             h.write_bytes(&kv.key);
             h.write_u64(kv.create_revision);
             h.write_u64(kv.mod_revision);
             h.write_u64(kv.version);
             h.write_bytes(&kv.value);
-        }
+            true
+        })?;
         let x = h.finish();
         Ok(((x ^ (x >> 32)) as u32, rev, state.compacted))
     }
@@ -428,13 +506,14 @@ impl<'e> Mvcc<'e> {
     pub fn state_digest(&self) -> Result<(u64, u64), EngineError> {
         let state = self.rev_state()?;
         let mut h = Fnv64::new();
-        for kv in self.live_now(&[], None)? {
+        self.visit_now(&[], None, &mut |kv| {
             h.write_bytes(&kv.key);
             h.write_u64(kv.create_revision);
             h.write_u64(kv.mod_revision);
             h.write_u64(kv.version);
             h.write_bytes(&kv.value);
-        }
+            true
+        })?;
         Ok((state.current, h.finish()))
     }
 }
@@ -464,6 +543,10 @@ impl Fnv64 {
     }
     pub fn finish(&self) -> u64 {
         self.0
+    }
+    /// Continues a hash whose state so far is `state` (a [`Fnv64::finish`]).
+    pub fn resume(state: u64) -> Self {
+        Self(state)
     }
 }
 
@@ -503,10 +586,128 @@ fn keys_needed(req: &RangeRequest) -> Option<usize> {
     usize::try_from(req.limit.saturating_add(1)).ok()
 }
 
-/// Key-values with their count.
-fn counted(kvs: Vec<KeyValue>) -> (Vec<KeyValue>, u64) {
-    let count = kvs.len() as u64;
-    (kvs, count)
+/// The answer, unless it exceeds `max_bytes`.
+fn within_limit(r: RangeResponse, max_bytes: u64) -> Result<RangeResponse, MvccError> {
+    let bytes = crate::kv::response_bytes(&r.kvs);
+    if bytes > max_bytes {
+        return Err(KvError::ResponseTooLarge { bytes, keys: r.kvs.len() as u64, limit: max_bytes }.into());
+    }
+    Ok(r)
+}
+
+/// The key-values of a range that can reach its answer, chosen as the
+/// range is scanned, with the bytes they hold bounded (see
+/// [`Mvcc::range_within`]). What it keeps, given to [`shape_range`], gives
+/// the same answer as the whole range would.
+struct Selection<'r> {
+    req: &'r RangeRequest,
+    keep: Keep,
+    filtered: bool,
+    kept: Vec<KeyValue>,
+    bytes: u64,
+    /// The largest key-value kept so far (one kept beyond `limit` tells
+    /// `more` and is not in the answer).
+    largest: u64,
+    max_bytes: u64,
+    too_large: bool,
+}
+
+enum Keep {
+    /// The first `n` in key order.
+    First(usize),
+    /// The best `n` by the request's sort order (ties: ascending key).
+    Best(usize),
+    /// Every key-value (no limit).
+    All,
+}
+
+impl<'r> Selection<'r> {
+    fn new(req: &'r RangeRequest, max_bytes: u64) -> Self {
+        let filtered = req.min_mod_revision != 0
+            || req.max_mod_revision != 0
+            || req.min_create_revision != 0
+            || req.max_create_revision != 0;
+        let sorted = req.sort_order == SortOrder::Descend || req.sort_target != SortTarget::Key;
+        let limit_plus_one = usize::try_from(req.limit.saturating_add(1)).unwrap_or(usize::MAX);
+        let keep = match keys_needed(req) {
+            Some(n) => Keep::First(n),
+            None if req.limit > 0 && !sorted => Keep::First(limit_plus_one),
+            None if req.limit > 0 => Keep::Best(limit_plus_one),
+            None => Keep::All,
+        };
+        Self { req, keep, filtered, kept: Vec::new(), bytes: 0, largest: 0, max_bytes, too_large: false }
+    }
+
+    fn size(kv: &KeyValue) -> u64 {
+        (kv.key.len() + kv.value.len() + 32) as u64
+    }
+
+    /// Takes the next key-value of the range (ascending key order); false
+    /// once the answer is known to be too large (the scan can stop).
+    fn offer(&mut self, mut kv: KeyValue) -> bool {
+        let r = self.req;
+        let within = |v: u64, min: u64, max: u64| (min == 0 || v >= min) && (max == 0 || v <= max);
+        if self.filtered
+            && !(within(kv.mod_revision, r.min_mod_revision, r.max_mod_revision)
+                && within(kv.create_revision, r.min_create_revision, r.max_create_revision))
+        {
+            return true;
+        }
+        if r.keys_only && r.sort_target != SortTarget::Value {
+            kv.value.clear();
+        }
+        match self.keep {
+            Keep::First(n) if self.kept.len() >= n => return true,
+            _ => {}
+        }
+        let size = Self::size(&kv);
+        self.bytes += size;
+        self.largest = self.largest.max(size);
+        self.kept.push(kv);
+        if let Keep::Best(n) = self.keep {
+            if self.kept.len() >= n.saturating_mul(2).max(n + 1) || self.bytes > self.max_bytes {
+                self.prune(n);
+            }
+        }
+        // What the answer holds at least: with a limit, one key-value kept
+        // may be the extra one beyond it.
+        let at_least = match self.keep {
+            Keep::All => self.bytes,
+            _ => self.bytes.saturating_sub(self.largest),
+        };
+        if at_least > self.max_bytes {
+            self.too_large = true;
+            return false;
+        }
+        true
+    }
+
+    /// Keeps the best `n` by the sort order.
+    fn prune(&mut self, n: usize) {
+        let r = self.req;
+        let descend = r.sort_order == SortOrder::Descend;
+        self.kept.sort_by(|a, b| {
+            let o = if descend { sort_key_cmp(r.sort_target, b, a) } else { sort_key_cmp(r.sort_target, a, b) };
+            o.then_with(|| a.key.cmp(&b.key))
+        });
+        self.kept.truncate(n);
+        self.kept.sort_by(|a, b| a.key.cmp(&b.key));
+        self.bytes = self.kept.iter().map(Self::size).sum();
+    }
+
+    fn finish(mut self) -> Result<Vec<KeyValue>, KvError> {
+        if self.too_large {
+            return Err(KvError::ResponseTooLarge {
+                bytes: self.bytes,
+                keys: self.kept.len() as u64,
+                limit: self.max_bytes,
+            });
+        }
+        if let Keep::Best(n) = self.keep {
+            self.prune(n);
+        }
+        Ok(self.kept)
+    }
 }
 
 /// Applies sort, limit, keys-only and count-only to the live key-values of a

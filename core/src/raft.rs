@@ -409,6 +409,10 @@ pub struct StateMachine<RT> {
     retention: u64,
     gate: Arc<InstallGate>,
     chunk_bytes: usize,
+    /// The last snapshot built: what is sent to a replica that fell behind
+    /// the purged log, until the next one is built. Sending the same view on
+    /// every attempt lets a broken transfer resume where it stopped.
+    current: Option<GroupView>,
     _rt: PhantomData<fn() -> RT>,
 }
 
@@ -428,6 +432,7 @@ impl<RT: Runtime> StateMachine<RT> {
             retention: crate::mvcc::replication::CHANGELOG_RETENTION_DEFAULT,
             gate: Arc::default(),
             chunk_bytes: SNAPSHOT_CHUNK_BYTES,
+            current: None,
             _rt: PhantomData,
         }
     }
@@ -493,11 +498,8 @@ impl<RT: Runtime> StateMachine<RT> {
         }
     }
 
-    /// The current state as a snapshot: a view of the group, taken here on
-    /// the state machine's task so that its applied state matches its data.
-    /// Costs no copy; the data is read only as the snapshot is sent.
-    fn snapshot_now(&self) -> Result<SnapshotOf<ArmadaRaft<RT>, SnapshotData>, io::Error> {
-        let view = GroupView::take(&*self.engine, self.group).map_err(io_err)?;
+    /// A view as an openraft snapshot (its metadata is the view's applied state).
+    fn snapshot_of(view: GroupView) -> Result<SnapshotOf<ArmadaRaft<RT>, SnapshotData>, io::Error> {
         let (last_log_id, last_membership): AppliedState<RT> = match view.applied_state() {
             Some(b) => dec(b, "applied state")?,
             None => (None, Default::default()),
@@ -576,7 +578,9 @@ impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
         // Captured here, on the state machine's own task, so the snapshot is
         // consistent with the applied index. A failure yields a builder that
         // reports it.
-        SnapshotBuilder { snapshot: self.snapshot_now().ok() }
+        let view = GroupView::take(&*self.engine, self.group);
+        self.current = view.as_ref().ok().cloned();
+        SnapshotBuilder { snapshot: view.ok().and_then(|v| Self::snapshot_of(v).ok()) }
     }
 
     async fn install_snapshot(
@@ -589,6 +593,8 @@ impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
             SnapshotData::View(v) => crate::snapshot::stage_view(self.engine.clone(), &v, self.chunk_bytes)
                 .map_err(|e| io::Error::other(e.to_string()))?,
         };
+        // The state is replaced: the last snapshot built no longer describes it.
+        self.current = None;
         let applied = enc(&(meta.last_log_id, meta.last_membership.clone()));
         let mut installer = begin_install(self.engine.clone(), self.gate.clone(), staged, applied).map_err(io_err)?;
         // The marker and the cleared data are made durable first, so a
@@ -615,10 +621,17 @@ impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<ArmadaRaft<RT>, SnapshotData>>, io::Error> {
-        let s = self.snapshot_now()?;
+        let view = match &self.current {
+            Some(v) => v.clone(),
+            // None built since this node started (or since it installed
+            // one): the state now, kept as the current snapshot.
+            None => GroupView::take(&*self.engine, self.group).map_err(io_err)?,
+        };
+        let s = Self::snapshot_of(view.clone())?;
         if s.meta.last_log_id.is_none() {
             return Ok(None);
         }
+        self.current = Some(view);
         Ok(Some(s))
     }
 }

@@ -41,6 +41,38 @@ use crate::raft::{data_ns, group_ns};
 /// sender and on the receiver.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 
+/// While this node is sending a snapshot, a new one is built only once the
+/// log since the last one is this many times the build interval.
+pub const SNAPSHOT_HOLD_FACTOR: u64 = 10;
+
+/// When a group builds a new snapshot, which lets it purge the log behind
+/// the snapshot.
+///
+/// Every `after_logs` applied entries, as openraft's own policy does, except
+/// while this node is sending the current snapshot to a replica: a new
+/// snapshot would purge the log the replica needs after installing the one
+/// it receives (openraft keeps log entries in flight, but not those a
+/// snapshot in flight leads to), so a transfer that lasts longer than the
+/// log takes to pass the next build ended with the replica behind the
+/// purged log again, and under steady writes a large table never caught
+/// up. A new snapshot would also restart an interrupted transfer from its
+/// first chunk. The hold ends at `SNAPSHOT_HOLD_FACTOR` intervals, which
+/// bounds the log a slow transfer keeps on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BuildPolicy {
+    pub after_logs: u64,
+}
+
+impl BuildPolicy {
+    /// Whether to build now, `applied` entries applied and the last snapshot
+    /// built at `built`, `sending` whether a transfer of it is under way.
+    pub fn should_build(&self, applied: u64, built: u64, sending: bool) -> bool {
+        let since = applied.saturating_sub(built);
+        let after = self.after_logs.max(1);
+        since >= after && (!sending || since >= after.saturating_mul(SNAPSHOT_HOLD_FACTOR))
+    }
+}
+
 /// Staging id used when a node installs a view of its own (never expected:
 /// openraft installs only snapshots received from a leader).
 const LOCAL_STAGING_ID: u64 = u64::MAX;
@@ -141,6 +173,23 @@ impl SnapshotChunk {
     }
 }
 
+/// Where an interrupted transfer stands on the receiver: the sender goes on
+/// from here instead of from the first chunk (a transfer of gigabytes that
+/// restarted at every broken connection never finished).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumePoint {
+    /// The next chunk expected.
+    pub seq: u64,
+    /// Pairs staged so far.
+    pub pairs: u64,
+    /// The checksum's state over the pairs staged so far.
+    pub checksum: u64,
+    /// The last key staged (relative to the group's data namespace).
+    pub after: Vec<u8>,
+    /// Bytes of keys and values staged so far.
+    pub bytes: u64,
+}
+
 /// Snapshot data as openraft carries it.
 pub enum SnapshotData {
     /// What a node sends: a read view of the group.
@@ -159,6 +208,7 @@ impl fmt::Debug for SnapshotData {
 }
 
 /// A consistent read-only image of one group's state machine.
+#[derive(Clone)]
 pub struct GroupView {
     group: GroupId,
     view: Arc<dyn EngineView>,
@@ -210,10 +260,27 @@ impl GroupView {
             end: hi,
             seq: 0,
             pairs: 0,
+            bytes: 0,
             hash: Fnv64::new(),
             chunk_bytes: chunk_bytes.max(1),
             done: false,
         }
+    }
+
+    /// Reads the chunks that follow `from` (a receiver's
+    /// [`SnapshotReceiver::resume_point`] for a transfer of this same view).
+    pub fn reader_from(&self, chunk_bytes: usize, from: &ResumePoint) -> ChunkReader {
+        let mut r = self.reader(chunk_bytes);
+        if from.seq > 0 {
+            r.next.truncate(r.prefix_len);
+            r.next.extend_from_slice(&from.after);
+            r.next.push(0);
+            r.seq = from.seq;
+            r.pairs = from.pairs;
+            r.bytes = from.bytes;
+            r.hash = Fnv64::resume(from.checksum);
+        }
+        r
     }
 }
 
@@ -226,12 +293,19 @@ pub struct ChunkReader {
     end: Vec<u8>,
     seq: u64,
     pairs: u64,
+    bytes: u64,
     hash: Fnv64,
     chunk_bytes: usize,
     done: bool,
 }
 
 impl ChunkReader {
+    /// Bytes of keys and values read so far (including those a resumed
+    /// transfer skipped).
+    pub fn bytes_so_far(&self) -> u64 {
+        self.bytes
+    }
+
     /// The next chunk, `None` after the last (the one with `end` set).
     pub fn next_chunk(&mut self) -> Result<Option<SnapshotChunk>, EngineError> {
         if self.done {
@@ -244,6 +318,7 @@ impl ChunkReader {
             _ => self.view.chunk(&self.next, &self.end, self.chunk_bytes)?,
         };
         let bytes: usize = raw.iter().map(|(k, v)| k.len() + v.len()).sum();
+        self.bytes += (bytes - raw.len() * self.prefix_len) as u64;
         if let Some((k, _)) = raw.last() {
             self.next = k.clone();
             self.next.push(0);
@@ -274,6 +349,8 @@ pub struct SnapshotReceiver {
     next_seq: u64,
     pairs: u64,
     hash: Fnv64,
+    last_key: Vec<u8>,
+    bytes: u64,
     armed: bool,
 }
 
@@ -281,7 +358,28 @@ impl SnapshotReceiver {
     /// `id` names the staging area: unique among the group's snapshots
     /// received since the node started.
     pub fn new(engine: Arc<dyn Engine>, group: GroupId, id: u64) -> Self {
-        Self { engine, group, id, next_seq: 0, pairs: 0, hash: Fnv64::new(), armed: true }
+        Self {
+            engine,
+            group,
+            id,
+            next_seq: 0,
+            pairs: 0,
+            hash: Fnv64::new(),
+            last_key: Vec::new(),
+            bytes: 0,
+            armed: true,
+        }
+    }
+
+    /// Where the sender of this transfer may go on from.
+    pub fn resume_point(&self) -> ResumePoint {
+        ResumePoint {
+            seq: self.next_seq,
+            pairs: self.pairs,
+            checksum: self.hash.finish(),
+            after: self.last_key.clone(),
+            bytes: self.bytes,
+        }
     }
 
     /// Stages one chunk. After the last chunk, checks the whole stream and
@@ -292,16 +390,31 @@ impl SnapshotReceiver {
         }
         let (prefix, _) = stream_range(self.group, self.id);
         let mut b = WriteBatch::new();
+        let (mut hash, mut pairs, mut bytes) = (Fnv64::resume(self.hash.finish()), self.pairs, self.bytes);
+        if let Some((k, _)) = chunk.pairs.first() {
+            if self.pairs > 0 && k.as_slice() <= self.last_key.as_slice() {
+                return Err(SnapshotError::OutOfOrder { expected: self.next_seq, got: chunk.seq });
+            }
+        }
+        let last_key = chunk.pairs.last().map(|(k, _)| k.clone());
         for (k, v) in chunk.pairs {
-            hash_pair(&mut self.hash, &k, &v);
+            hash_pair(&mut hash, &k, &v);
+            bytes += (k.len() + v.len()) as u64;
             let mut key = Vec::with_capacity(prefix.len() + k.len());
             key.extend_from_slice(&prefix);
             key.extend_from_slice(&k);
             b.put(key, v);
-            self.pairs += 1;
+            pairs += 1;
         }
         if !b.is_empty() {
             self.engine.write(b)?;
+        }
+        // Only a staged chunk moves the resume point.
+        self.hash = hash;
+        self.pairs = pairs;
+        self.bytes = bytes;
+        if let Some(k) = last_key {
+            self.last_key = k;
         }
         self.next_seq += 1;
         let Some(end) = chunk.end else { return Ok(None) };
@@ -627,6 +740,65 @@ mod tests {
         let (lo, hi) = staging_range(g);
         assert_eq!(keys_under(&*replica, &lo, &hi), 0, "no staging left");
         assert_eq!(replica.get(&marker_key(g)).unwrap(), None);
+    }
+
+    #[test]
+    fn an_interrupted_transfer_resumes_where_the_receiver_stands() {
+        let g = GroupId(7);
+        let leader = MemEngine::new();
+        fill(&leader, g, 600, "new");
+        let replica: Arc<dyn Engine> = Arc::new(MemEngine::new());
+        let view = GroupView::take(&leader, g).unwrap();
+        let mut receiver = SnapshotReceiver::new(replica.clone(), g, 1);
+        assert_eq!(receiver.resume_point().seq, 0, "nothing staged: start from the first chunk");
+        // The first attempt breaks after 5 chunks; the 6th is lost in flight.
+        let mut first = view.reader(1_500);
+        let mut staged_chunks = Vec::new();
+        for _ in 0..5 {
+            let c = first.next_chunk().unwrap().unwrap();
+            staged_chunks.push(c.clone());
+            assert!(receiver.accept(c).unwrap().is_none());
+        }
+        let lost = first.next_chunk().unwrap().unwrap();
+        let point = receiver.resume_point();
+        assert_eq!((point.seq, point.after.clone()), (5, staged_chunks[4].pairs.last().unwrap().0.clone()));
+        // A chunk that does not follow is refused and moves nothing: one
+        // that skips ahead, and one already staged sent again as the next.
+        let mut skipped = lost.clone();
+        skipped.seq = 6;
+        assert!(matches!(receiver.accept(skipped), Err(SnapshotError::OutOfOrder { .. })));
+        let mut repeated = staged_chunks[2].clone();
+        repeated.seq = 5;
+        assert!(matches!(receiver.accept(repeated), Err(SnapshotError::OutOfOrder { .. })));
+        assert_eq!(receiver.resume_point(), point);
+        // The second attempt goes on from the receiver's resume point.
+        let mut second = view.reader_from(1_500, &point);
+        let mut sent = 0;
+        let staged = loop {
+            sent += 1;
+            if let Some(s) = receiver.accept(second.next_chunk().unwrap().unwrap()).unwrap() {
+                break s;
+            }
+        };
+        assert!(sent > 3, "the rest of the transfer was sent: {sent} chunks");
+        let gate = Arc::new(InstallGate::default());
+        let mut installer =
+            begin_install(replica.clone(), gate, staged, view.applied_state().unwrap().to_vec()).unwrap();
+        while !installer.step(4_000).unwrap() {}
+        installer.finish().unwrap();
+        assert_eq!(dump(&*replica, g), dump(&leader, g), "the resumed transfer installs the source exactly");
+    }
+
+    #[test]
+    fn a_snapshot_in_flight_holds_the_next_build_up_to_a_bound() {
+        let p = BuildPolicy { after_logs: 100 };
+        assert!(!p.should_build(99, 0, false));
+        assert!(p.should_build(100, 0, false));
+        assert!(p.should_build(1_250, 1_100, false));
+        assert!(!p.should_build(1_000, 100, true), "held while a transfer runs");
+        assert!(p.should_build(1_000, 100, false), "built once it ends");
+        assert!(p.should_build(1_000 * SNAPSHOT_HOLD_FACTOR, 0, true), "but not held forever");
+        assert!(!p.should_build(5, 10, false), "a snapshot ahead of the applied index (just installed)");
     }
 
     #[test]

@@ -177,12 +177,16 @@ impl QuicTransport {
         }
     }
 
-    fn forget(&self, target: &str) {
+    /// Drops `conn` (if it is still this peer's connection) and backs off
+    /// before dialling again.
+    fn forget(&self, target: &str, conn: &Connection) {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        let old = peers.insert(target.to_string(), Peer { conn: None, failed_at: Some(Instant::now()) });
-        if let Some(Peer { conn: Some(c), .. }) = old {
-            c.close(0u32.into(), b"unresponsive");
+        let current =
+            peers.get(target).and_then(|p| p.conn.as_ref()).is_some_and(|c| c.stable_id() == conn.stable_id());
+        if current {
+            peers.insert(target.to_string(), Peer { conn: None, failed_at: Some(Instant::now()) });
         }
+        conn.close(0u32.into(), b"unresponsive");
     }
 
     /// Serves `handler` until the endpoint is closed.
@@ -233,19 +237,24 @@ impl Transport for QuicTransport {
         Box::pin(async move {
             crate::check_message_size(&request)?;
             // The deadline covers the whole call, waiting for a slot included.
-            // Failures on an established connection drop it (`forget`);
-            // failing to get a connection does not, or a peer in backoff
-            // would be kept in backoff forever by its own callers.
+            // The connection is shared by every group's calls to this peer,
+            // so one failed call does not drop it: a stream error ends that
+            // call only (a closed connection is redialled by the next call),
+            // and a call that times out drops the connection only if nothing
+            // at all arrived on it meanwhile (keep-alives are answered every
+            // second, so a live peer is never silent that long). Dropping it
+            // on every slow call (a snapshot chunk staged during a storage
+            // stall) cut every group's heartbeats and broke transfers over
+            // and over.
+            let used: Mutex<Option<(Connection, u64)>> = Mutex::new(None);
             let exchange = async {
                 let _slot = self.slots.acquire().await.map_err(|_| TransportError::Unreachable {
                     addr: target.clone(),
                     reason: "transport closed".into(),
                 })?;
                 let conn = self.connection(&target).await?;
-                let fail = |e: String| {
-                    self.forget(&target);
-                    TransportError::Unreachable { addr: target.clone(), reason: e }
-                };
+                *used.lock().unwrap_or_else(|p| p.into_inner()) = Some((conn.clone(), conn.stats().udp_rx.bytes));
+                let fail = |e: String| TransportError::Unreachable { addr: target.clone(), reason: e };
                 let (mut send, mut recv) = conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
                 send.write_all(&request).await.map_err(|e| fail(e.to_string()))?;
                 send.finish().map_err(|e| fail(e.to_string()))?;
@@ -254,10 +263,16 @@ impl Transport for QuicTransport {
             match tokio::time::timeout(timeout, exchange).await {
                 Ok(r) => r,
                 Err(_) => {
-                    // A peer that restarted (same address, new endpoint)
-                    // never answers on the old connection: drop it and dial
+                    // A peer that restarted (same address, new endpoint) may
+                    // never answer on the old connection: if the connection
+                    // stayed silent for the whole call, drop it and dial
                     // again next time.
-                    self.forget(&target);
+                    let used = used.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    if let Some((conn, rx_before)) = used {
+                        if conn.stats().udp_rx.bytes == rx_before {
+                            self.forget(&target, &conn);
+                        }
+                    }
                     Err(TransportError::Timeout { addr: target.clone(), timeout_ms: timeout.as_millis() as u64 })
                 }
             }

@@ -31,3 +31,4 @@ pub mod replication;
 pub mod rocks;
 pub mod rt;
 pub mod service;
+pub mod snapshots;

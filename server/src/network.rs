@@ -2,12 +2,12 @@
 //! carries every group, each message tagged with its [`GroupId`].
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use crate::snapshots::Transfers;
 use armada_core::raft::ArmadaNode;
-use armada_core::snapshot::{SnapshotChunk, SnapshotData, SnapshotReceiver};
+use armada_core::snapshot::{ResumePoint, SnapshotChunk, SnapshotData, SnapshotReceiver};
 use armada_core::GroupId;
 use armada_net::{BoxFuture, Handler, Transport};
 use futures::FutureExt;
@@ -52,6 +52,11 @@ pub enum RaftRequest {
         chunk: SnapshotChunk,
         install: Option<(VoteOf<C>, SnapshotMetaOf<C>)>,
     },
+    /// Where the receiver stands in snapshot stream `stream`, so that the
+    /// sender resumes an interrupted transfer instead of starting over.
+    SnapshotResume {
+        stream: u64,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -72,6 +77,9 @@ pub enum RaftReply {
     PreVote(VoteResponse<C>),
     /// A snapshot chunk other than the last was staged.
     ChunkStaged,
+    /// The answer to `SnapshotResume`: `None` when that stream is not in
+    /// progress here (start from the first chunk).
+    ResumeAt(Option<ResumePoint>),
 }
 
 pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -84,8 +92,8 @@ pub struct NetworkFactory {
     pub group: GroupId,
     /// This node's id (part of every snapshot stream id it sends).
     pub sender: u64,
-    /// Counts snapshot streams sent, for their ids.
-    pub streams: Arc<AtomicU64>,
+    /// The snapshot transfers this node is sending for the group.
+    pub transfers: Arc<Transfers>,
     pub chunk_bytes: usize,
     pub install_bytes_per_sec: u64,
 }
@@ -96,7 +104,7 @@ pub struct GroupNetwork {
     target: u64,
     target_addr: String,
     sender: u64,
-    streams: Arc<AtomicU64>,
+    transfers: Arc<Transfers>,
     chunk_bytes: usize,
     install_bytes_per_sec: u64,
 }
@@ -111,7 +119,7 @@ impl RaftNetworkFactory<C> for NetworkFactory {
             target,
             target_addr: node.raft_addr.clone(),
             sender: self.sender,
-            streams: self.streams.clone(),
+            transfers: self.transfers.clone(),
             chunk_bytes: self.chunk_bytes,
             install_bytes_per_sec: self.install_bytes_per_sec,
         }
@@ -181,10 +189,49 @@ impl RaftNetworkV2<C> for GroupNetwork {
         let SnapshotData::View(view) = snapshot.snapshot else {
             return Err(StreamingError::Unreachable(unreachable("a received snapshot cannot be sent on")));
         };
-        let stream = (self.sender << 40) | (self.streams.fetch_add(1, Ordering::Relaxed) & ((1 << 40) - 1));
-        let mut reader = view.reader(self.chunk_bytes);
+        // The same snapshot sent by the same node is the same stream: a
+        // transfer that broke goes on from what the receiver staged.
+        let stream = stream_id(self.sender, &snapshot.meta);
+        let resume = match self.call_within(RaftRequest::SnapshotResume { stream }, option.soft_ttl()).await {
+            Ok(RaftReply::ResumeAt(p)) => p,
+            // A node that does not know the request: start over.
+            Ok(_) => None,
+            Err(e) => return Err(StreamingError::Unreachable(unreachable(e))),
+        };
+        let mut reader = match &resume {
+            Some(p) => {
+                info!(group = %self.group, target = self.target, chunk = p.seq, "resuming a snapshot transfer");
+                view.reader_from(self.chunk_bytes, p)
+            }
+            None => view.reader(self.chunk_bytes),
+        };
+        self.transfers.started(self.target, snapshot.meta.last_log_id.map_or(0, |l| l.index));
+        let result = self.send_chunks(stream, vote, &snapshot.meta, &mut reader, cancel, option).await;
+        self.transfers.ended(self.target, result.is_ok());
+        result
+    }
+}
+
+/// A snapshot stream's id: the sender and the snapshot's last log id.
+fn stream_id(sender: u64, meta: &SnapshotMetaOf<C>) -> u64 {
+    let mut h = armada_core::mvcc::Fnv64::new();
+    h.write_u64(sender);
+    h.write_bytes(&encode(&meta.last_log_id));
+    h.finish()
+}
+
+impl GroupNetwork {
+    async fn send_chunks(
+        &mut self,
+        stream: u64,
+        vote: VoteOf<C>,
+        meta: &SnapshotMetaOf<C>,
+        reader: &mut armada_core::snapshot::ChunkReader,
+        cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
         let mut cancel = std::pin::pin!(cancel);
-        let (mut chunks, mut bytes) = (0u64, 0u64);
+        let (mut chunks, mut bytes) = (0u64, reader.bytes_so_far());
         loop {
             if let Some(closed) = cancel.as_mut().now_or_never() {
                 return Err(StreamingError::Closed(closed));
@@ -199,7 +246,7 @@ impl RaftNetworkV2<C> for GroupNetwork {
             chunks += 1;
             bytes += chunk.pairs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum::<u64>();
             let last = chunk.end.is_some();
-            let install = last.then(|| (vote, snapshot.meta.clone()));
+            let install = last.then(|| (vote, meta.clone()));
             let timeout = if last {
                 option.soft_ttl() + Duration::from_secs_f64(bytes as f64 / self.install_bytes_per_sec.max(1) as f64)
             } else {
@@ -226,6 +273,16 @@ impl RaftNetworkV2<C> for GroupNetwork {
     }
 }
 
+/// Where this node stands in snapshot stream `stream` of `group`.
+async fn resume_point(group: &crate::node::Group, stream: u64) -> RaftReply {
+    // Waits for a chunk being staged, so the answer includes it.
+    let slot = group.receiving.lock().await;
+    RaftReply::ResumeAt(match slot.as_ref() {
+        Some((current, r)) if *current == stream => Some(r.resume_point()),
+        _ => None,
+    })
+}
+
 /// Stages one chunk of a snapshot stream for `group`; after the last,
 /// hands the snapshot to openraft, which installs it.
 async fn receive_chunk(
@@ -236,47 +293,50 @@ async fn receive_chunk(
     install: Option<(VoteOf<C>, SnapshotMetaOf<C>)>,
 ) -> Result<RaftReply, String> {
     let seq = chunk.seq;
-    let mut receiver = {
-        let mut slot = group.receiving.lock().unwrap_or_else(|p| p.into_inner());
+    let staged = {
+        // Held while the chunk is staged: chunks of a stream are staged one
+        // at a time, and a resume request waits for the one in progress.
+        let mut slot = group.receiving.lock().await;
         if seq == 0 {
             // A new transfer replaces one in progress (a new leader, or a
-            // retry); dropping the old receiver deletes what it staged.
+            // new snapshot); dropping the old receiver deletes what it staged.
             if let Some((old, _)) = slot.as_ref() {
                 info!(group = %group.id, old, new = stream, "a new snapshot transfer replaces an unfinished one");
             }
             *slot = Some((stream, SnapshotReceiver::new(node.engine().clone(), group.id, node.next_staging_id())));
         }
-        match slot.take() {
+        let mut receiver = match slot.take() {
             Some((current, r)) if current == stream => r,
             Some(other) => {
                 *slot = Some(other);
                 return Err(format!("snapshot chunk {seq} of a transfer replaced by another"));
             }
             None => return Err(format!("snapshot chunk {seq} of a transfer that is not in progress")),
-        }
-    };
-    // The engine write runs off the async workers: a storage write stall on
-    // a large transfer must not starve the transport (QUIC keep-alives) or
-    // the node's other groups.
-    let (receiver, result) = crate::rt::blocking(move || {
-        let r = receiver.accept(chunk);
-        (receiver, r)
-    })
-    .await?;
-    let staged = match result {
-        Ok(None) => {
-            let mut slot = group.receiving.lock().unwrap_or_else(|p| p.into_inner());
-            // Unless a new transfer started meanwhile (then this one ends).
-            if slot.is_none() {
+        };
+        // The engine write runs off the async workers: a storage write stall
+        // on a large transfer must not starve the transport (QUIC
+        // keep-alives) or the node's other groups.
+        let (receiver, result) = crate::rt::blocking(move || {
+            let r = receiver.accept(chunk);
+            (receiver, r)
+        })
+        .await?;
+        match result {
+            Ok(None) => {
                 *slot = Some((stream, receiver));
+                return Ok(RaftReply::ChunkStaged);
             }
-            return Ok(RaftReply::ChunkStaged);
-        }
-        Ok(Some(staged)) => staged,
-        Err(e) => {
-            drop(receiver);
-            warn!(group = %group.id, "snapshot transfer refused: {e}");
-            return Err(e.to_string());
+            Ok(Some(staged)) => staged,
+            Err(e @ armada_core::snapshot::SnapshotError::OutOfOrder { .. }) => {
+                // Nothing was staged: the transfer can still resume.
+                *slot = Some((stream, receiver));
+                return Err(e.to_string());
+            }
+            Err(e) => {
+                drop(receiver);
+                warn!(group = %group.id, "snapshot transfer refused: {e}");
+                return Err(e.to_string());
+            }
         }
     };
     let Some((vote, meta)) = install else {
@@ -338,6 +398,7 @@ impl Handler for RaftHandler {
                 RaftRequest::SnapshotChunk { stream, chunk, install } => {
                     receive_chunk(&node, &group, stream, chunk, install).await
                 }
+                RaftRequest::SnapshotResume { stream } => Ok(resume_point(&group, stream).await),
                 RaftRequest::Client { .. } => Err("client request reached a group".into()),
             };
             Some(encode(&reply.unwrap_or_else(RaftReply::Refused)))

@@ -80,6 +80,9 @@ pub struct RaftTuning {
     /// for the receiver to copy the snapshot into place. (A fixed long wait
     /// stalled replication to a receiver that crashed mid-install.)
     pub snapshot_install_bytes_per_sec: u64,
+    /// A revision larger than this is sent to follower clusters in parts of
+    /// about this size (each part one change-stream message).
+    pub revision_part_bytes: usize,
 }
 
 impl Default for RaftTuning {
@@ -103,6 +106,7 @@ impl Default for RaftTuning {
             snapshot_install_bytes_per_sec: 16 << 20,
             auto_compaction: armada_core::compaction::Retention::Off,
             max_response_bytes: MAX_RESPONSE_BYTES_DEFAULT,
+            revision_part_bytes: crate::replication::BATCH_BYTES_MAX,
         }
     }
 }
@@ -200,8 +204,12 @@ pub struct Group {
     pub raft: GroupRaft,
     /// Closed while a snapshot replaces the group's data: reads pass it.
     pub gate: Arc<InstallGate>,
-    /// The snapshot stream being received, by the sender's stream id.
-    pub receiving: std::sync::Mutex<Option<(u64, SnapshotReceiver)>>,
+    /// The snapshot stream being received, by the sender's stream id (held
+    /// while a chunk is staged, so a sender asking where to resume waits for
+    /// the chunk in progress).
+    pub receiving: tokio::sync::Mutex<Option<(u64, SnapshotReceiver)>>,
+    /// Snapshot transfers this node is sending for the group.
+    pub transfers: Arc<crate::snapshots::Transfers>,
 }
 
 impl Group {
@@ -424,6 +432,10 @@ impl Node {
             }
         });
         tokio::spawn(crate::compactor::run(Arc::downgrade(&node), node.cfg.raft.auto_compaction));
+        tokio::spawn(crate::snapshots::run(
+            Arc::downgrade(&node),
+            armada_core::snapshot::BuildPolicy { after_logs: node.cfg.raft.snapshot_after_logs },
+        ));
         Ok(node)
     }
 
@@ -446,7 +458,9 @@ impl Node {
             heartbeat_interval: t.heartbeat_ms,
             election_timeout_min: t.election_timeout_min_ms,
             election_timeout_max: t.election_timeout_max_ms,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(t.snapshot_after_logs),
+            // Snapshots are built by `crate::snapshots`, which holds a build
+            // while this node sends the current snapshot.
+            snapshot_policy: SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: t.logs_kept_after_snapshot,
             purge_batch_size: t.purge_batch_entries.max(1),
             install_snapshot_timeout: t.snapshot_chunk_timeout.as_millis().try_into().unwrap_or(u64::MAX),
@@ -487,11 +501,12 @@ impl Node {
             .with_gate(gate.clone())
             .with_chunk_bytes(self.cfg.raft.snapshot_chunk_bytes)
             .with_observer(Some(self.notifier.clone() as Arc<dyn ApplyObserver>));
+        let transfers = Arc::new(crate::snapshots::Transfers::default());
         let network = NetworkFactory {
             transport: self.transport.clone(),
             group: id,
             sender: self.cfg.id,
-            streams: Arc::default(),
+            transfers: transfers.clone(),
             chunk_bytes: self.cfg.raft.snapshot_chunk_bytes,
             install_bytes_per_sec: self.cfg.raft.snapshot_install_bytes_per_sec,
         };
@@ -507,7 +522,7 @@ impl Node {
                 debug!(group = %id, "initialize: {e}");
             }
         }
-        let group = Arc::new(Group { id, name, raft, gate, receiving: std::sync::Mutex::new(None) });
+        let group = Arc::new(Group { id, name, raft, gate, receiving: tokio::sync::Mutex::new(None), transfers });
         self.groups.write().unwrap_or_else(|p| p.into_inner()).insert(id, group.clone());
         Ok(group)
     }
@@ -777,15 +792,8 @@ impl Node {
             self.linearize(&group, hops, &format!("table {table:?}")).await?;
         }
         let store = Mvcc::new(&*self.engine, data_ns(group.id));
-        match group.read(|| store.range(req))? {
-            Ok(r) if armada_core::kv::response_bytes(&r.kvs) > self.cfg.raft.max_response_bytes => {
-                let bytes = armada_core::kv::response_bytes(&r.kvs);
-                Err(ApiError::Kv(KvError::ResponseTooLarge {
-                    bytes,
-                    keys: r.kvs.len() as u64,
-                    limit: self.cfg.raft.max_response_bytes,
-                }))
-            }
+        // Holds at most the response limit in memory, whatever the range.
+        match group.read(|| store.range_within(req, self.cfg.raft.max_response_bytes))? {
             Ok(mut r) => {
                 if armada_core::canary::active(armada_core::canary::Canary::FollowerReadAhead) {
                     // The canary claims the leader's revision as the read's.

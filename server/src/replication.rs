@@ -22,7 +22,9 @@ use std::time::Duration;
 
 use armada_core::command::{TableInfo, TableReply};
 use armada_core::kv::KeyValue;
-use armada_core::mvcc::replication::{digest_kv, ChangesFrom, Mutation, RevisionChanges, SnapshotRefusal};
+use armada_core::mvcc::replication::{
+    digest_kv, AssembleError, ChangesFrom, Mutation, RevisionAssembler, RevisionChanges, RevisionPart, SnapshotRefusal,
+};
 use armada_core::mvcc::{Fnv64, Mvcc};
 use armada_core::raft::data_ns;
 use armada_core::{GroupId, TableCommand};
@@ -56,11 +58,15 @@ pub const WORKER_POLL: Duration = Duration::from_millis(100);
 /// the default the follower refused that message on every retry and
 /// replication of the table stopped for good.
 pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
-/// A revision larger than this is not sent on the change stream: the
-/// follower is told to install a snapshot instead (snapshots stream in
-/// bounded pages), so no single revision can stop replication. Half of
-/// [`MESSAGE_BYTES_MAX`] leaves room for protobuf's framing overhead.
+/// To a follower that cannot put parts back together (an older version), a
+/// revision larger than this is not sent on the change stream: it is told
+/// to install a snapshot instead (snapshots stream in bounded pages). Half
+/// of [`MESSAGE_BYTES_MAX`] leaves room for protobuf's framing overhead.
 pub const STREAM_REVISION_BYTES_MAX: usize = MESSAGE_BYTES_MAX / 2;
+/// The most a follower holds of one revision sent in parts. A revision is
+/// one Raft entry of the leader cluster, so this is far above any revision
+/// a leader cluster accepts; past it the follower installs a snapshot.
+pub const ASSEMBLED_REVISION_BYTES_MAX: usize = 1 << 30;
 /// A worker that has heard nothing from the leader cluster for this long
 /// reports its table as stalled (status, metrics, readiness, a warning).
 pub const STALLED_AFTER: Duration = Duration::from_secs(5);
@@ -72,8 +78,13 @@ fn api_status(e: &ApiError) -> Status {
 }
 
 fn changes_out(c: RevisionChanges) -> pb::Revision {
+    part_out(RevisionPart { revision: c.revision, mutations: c.mutations, continued: false })
+}
+
+fn part_out(c: RevisionPart) -> pb::Revision {
     pb::Revision {
         revision: c.revision,
+        continued: c.continued,
         mutations: c
             .mutations
             .into_iter()
@@ -88,9 +99,10 @@ fn changes_out(c: RevisionChanges) -> pb::Revision {
     }
 }
 
-fn changes_in(r: pb::Revision) -> RevisionChanges {
-    RevisionChanges {
+fn part_in(r: pb::Revision) -> RevisionPart {
+    RevisionPart {
         revision: r.revision,
+        continued: r.continued,
         mutations: r
             .mutations
             .into_iter()
@@ -134,12 +146,26 @@ struct ChangesState {
     next: u64,
     rx: DetReceiver<u64>,
     done: bool,
+    /// The follower puts revisions sent in parts back together.
+    accepts_parts: bool,
+    /// Parts of a large revision still to send, in order.
+    parts: std::collections::VecDeque<RevisionPart>,
 }
 
 impl ChangesState {
     async fn next_message(&mut self) -> Option<Result<pb::ChangesResponse, Status>> {
         if self.done {
             return None;
+        }
+        if let Some(part) = self.parts.pop_front() {
+            let store = Mvcc::new(&**self.node.engine(), data_ns(self.group));
+            return Some(Ok(pb::ChangesResponse {
+                leader_revision: self.node.table_revision(self.group),
+                revisions: vec![part_out(part)],
+                snapshot_needed: 0,
+                table_id: self.group.0,
+                compacted_revision: store.rev_state().map_or(0, |s| s.compacted),
+            }));
         }
         loop {
             if self.node.group(self.group).is_none() {
@@ -171,10 +197,19 @@ impl ChangesState {
                     // `changes_from` stops a batch after the revision that
                     // crossed its byte budget (`BATCH_BYTES_MAX`), so only the
                     // last revision can be large: a huge one goes alone in
-                    // the next message, and alone it is checked below.
-                    let too_large = |r: &RevisionChanges| r.size_bytes() > STREAM_REVISION_BYTES_MAX;
+                    // the next message(s), and alone it is checked below.
+                    let part_bytes = self.node.config().raft.revision_part_bytes.max(1);
+                    let limit = if self.accepts_parts { part_bytes } else { STREAM_REVISION_BYTES_MAX };
+                    let too_large = |r: &RevisionChanges| r.size_bytes() > limit;
                     if c.len() > 1 && c.last().is_some_and(too_large) {
                         c.pop();
+                    }
+                    if self.accepts_parts && c.len() == 1 && c[0].size_bytes() > part_bytes {
+                        let only = c.pop().expect("one revision");
+                        self.next = only.revision + 1;
+                        self.parts = only.into_parts(part_bytes).into();
+                        let first = self.parts.pop_front().expect("a revision has at least one part");
+                        return Some(Ok(msg(vec![part_out(first)], 0)));
                     }
                     if let [only] = c.as_slice() {
                         let bytes = only.size_bytes();
@@ -234,6 +269,8 @@ impl pb::replication_server::Replication for ReplicationService {
             next: r.from_revision.max(1),
             rx: self.node.revision_watch(group.id),
             done: false,
+            accepts_parts: r.accepts_parts,
+            parts: Default::default(),
         };
         let stream = futures::stream::unfold(state, |mut st| async move { st.next_message().await.map(|m| (m, st)) });
         Ok(Response::new(Box::pin(stream)))
@@ -768,10 +805,14 @@ async fn tail(f: &Follower, group: GroupId, table: &str, rotate: bool) -> Result
     let from = f.node.table_revision(group) + 1;
     let mut client = f.upstream.client(rotate).await?;
     let mut stream = client
-        .changes(pb::ChangesRequest { table: table.to_string(), from_revision: from })
+        .changes(pb::ChangesRequest { table: table.to_string(), from_revision: from, accepts_parts: true })
         .await
         .map_err(|s| s.message().to_string())?
         .into_inner();
+    // A revision sent in parts is applied once whole; parts of a revision
+    // left incomplete when the stream ends are dropped with it (the next
+    // stream starts at the first revision not applied).
+    let mut assembler = RevisionAssembler::default();
     loop {
         let msg = match crate::rt::timeout(HEARTBEAT * 8, stream.message()).await {
             Err(_) => return Err("change stream silent".into()),
@@ -789,8 +830,20 @@ async fn tail(f: &Follower, group: GroupId, table: &str, rotate: bool) -> Result
             install_snapshot(f, table, &mut client).await?;
             return Ok(());
         }
-        if !msg.revisions.is_empty() {
-            let batch: Vec<RevisionChanges> = msg.revisions.into_iter().map(changes_in).collect();
+        let mut batch: Vec<RevisionChanges> = Vec::with_capacity(msg.revisions.len());
+        for r in msg.revisions {
+            match assembler.accept(part_in(r), ASSEMBLED_REVISION_BYTES_MAX) {
+                Ok(Some(rev)) => batch.push(rev),
+                Ok(None) => {}
+                Err(e @ AssembleError::TooLarge { .. }) => {
+                    warn!(table, "{e}: installing a snapshot instead");
+                    install_snapshot(f, table, &mut client).await?;
+                    return Ok(());
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        if !batch.is_empty() {
             let cmd = TableCommand::Replicate { batch, leader_revision: msg.leader_revision };
             match f.node.write_internal(table, cmd).await {
                 Ok((TableReply::Replicated(o), _)) => {

@@ -36,11 +36,33 @@ pub struct Workload {
     /// Compaction at a revision the client saw.
     #[serde(default)]
     pub compact: u32,
+    /// One transaction that puts `put_many_keys` keys at once: a revision
+    /// with many mutations (split into parts on the follower stream when
+    /// larger than `revision_part_bytes`).
+    #[serde(default)]
+    pub put_many: u32,
+    #[serde(default = "d_put_many_keys")]
+    pub put_many_keys: u32,
+}
+
+fn d_put_many_keys() -> u32 {
+    8
 }
 
 impl Default for Workload {
     fn default() -> Self {
-        Self { put: 4, get: 4, serializable_get: 1, delete: 1, cas: 2, range: 1, read_at_revision: 1, compact: 0 }
+        Self {
+            put: 4,
+            get: 4,
+            serializable_get: 1,
+            delete: 1,
+            cas: 2,
+            range: 1,
+            read_at_revision: 1,
+            compact: 0,
+            put_many: 0,
+            put_many_keys: d_put_many_keys(),
+        }
     }
 }
 
@@ -198,6 +220,10 @@ pub struct Scenario {
     /// Follower clusters (none by default).
     #[serde(default)]
     pub followers: Option<Followers>,
+    /// A revision larger than this goes to follower clusters in parts of
+    /// about this size (0: the production default).
+    #[serde(default)]
+    pub revision_part_bytes: usize,
 }
 
 fn d_liveness() -> u64 {

@@ -487,10 +487,41 @@ async fn perform(conns: &mut Conns, node: u64, table: &str, kind: &OpKind) -> Ou
     }
 }
 
+/// One transaction putting every pair (no compare: it always succeeds).
+async fn perform_many(conns: &mut Conns, node: u64, table: &str, puts: &[(String, String)]) -> Outcome {
+    let Some(mut c) = conns.kv(node).await else {
+        return Outcome::Failed("cannot connect".into());
+    };
+    let success = puts
+        .iter()
+        .map(|(k, v)| pb::RequestOp {
+            request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                key: k.clone().into_bytes(),
+                value: v.clone().into_bytes(),
+                ..Default::default()
+            })),
+        })
+        .collect();
+    let req = pb::TxnRequest { table: table.to_string(), compare: vec![], success, failure: vec![] };
+    match armada_net::time::timeout(CLIENT_TIMEOUT, c.txn(req)).await {
+        Ok(Ok(r)) => Outcome::Ok(OpResult::Put { revision: rev(&r.into_inner().header) }),
+        Ok(Err(s)) if definite(s.code()) => Outcome::Failed(format!("{:?}: {}", s.code(), s.message())),
+        Ok(Err(s)) => {
+            conns.drop_conn(node);
+            Outcome::Indefinite(format!("{:?}: {}", s.code(), s.message()))
+        }
+        Err(_) => {
+            conns.drop_conn(node);
+            Outcome::Indefinite("client timeout".into())
+        }
+    }
+}
+
 async fn client_main(cid: u32, sc: Scenario, members: BTreeMap<u64, ArmadaNode>, shared: Arc<Shared>, until_ns: u64) {
     let mut conns = Conns { members, kv: BTreeMap::new() };
     let w = &sc.workload;
-    let weights = [w.put, w.get, w.serializable_get, w.delete, w.cas, w.range, w.read_at_revision, w.compact];
+    let weights =
+        [w.put, w.get, w.serializable_get, w.delete, w.cas, w.range, w.read_at_revision, w.compact, w.put_many];
     let mut seq = 0u64;
     // Last value and revisions this client saw, to make CAS and reads at a
     // revision meaningful.
@@ -516,10 +547,38 @@ async fn client_main(cid: u32, sc: Scenario, members: BTreeMap<u64, ArmadaNode>,
                 Some(v) => OpKind::GetAt { key: key.clone(), revision: pick(v) },
                 None => OpKind::Get { key: key.clone(), serializable: false },
             },
-            _ => match seen_revs.get(&table).filter(|v| !v.is_empty()) {
+            7 => match seen_revs.get(&table).filter(|v| !v.is_empty()) {
                 Some(v) => OpKind::Compact { revision: pick(v) },
                 None => OpKind::Get { key: key.clone(), serializable: false },
             },
+            _ => {
+                // Consecutive keys from a random one, each its own unique
+                // value; recorded as one put per key, all at the revision of
+                // the transaction.
+                let first = rand_range(0, sc.keys as u64 - 1) as u32;
+                let n = w.put_many_keys.clamp(1, sc.keys);
+                let puts: Vec<(String, String)> =
+                    (0..n).map(|i| (key_name((first + i) % sc.keys), format!("{fresh}/{i}"))).collect();
+                let invoke_ns = shared.now_ns();
+                let outcome = perform_many(&mut conns, node, &table, &puts).await;
+                let complete_ns = shared.now_ns();
+                for (key, value) in puts {
+                    if matches!(outcome, Outcome::Ok(_)) {
+                        seen_value.insert((table.clone(), key.clone()), value.clone());
+                    }
+                    let kind = OpKind::Put { key, value };
+                    shared.record(Op {
+                        client: cid,
+                        table: table.clone(),
+                        kind,
+                        invoke_ns,
+                        complete_ns,
+                        outcome: outcome.clone(),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(rand_range(0, 20))).await;
+                continue;
+            }
         };
         let invoke_ns = shared.now_ns();
         let outcome = perform(&mut conns, node, &table, &kind).await;
@@ -1060,6 +1119,11 @@ fn build_cluster(handle: &Handle, sc: &Scenario, cluster: u64, nodes: u64, share
         logs_kept_after_snapshot: sc.snapshot_after_logs / 2,
         purge_batch_entries: (sc.snapshot_after_logs / 4).max(1),
         snapshot_chunk_bytes: sc.snapshot_chunk_bytes,
+        revision_part_bytes: if sc.revision_part_bytes == 0 {
+            RaftTuning::default().revision_part_bytes
+        } else {
+            sc.revision_part_bytes
+        },
         auto_compaction: if sc.auto_compaction_ms == 0 {
             armada_core::compaction::Retention::Off
         } else {

@@ -62,7 +62,95 @@ impl RevisionChanges {
 
     /// Encoded size, for batching by bytes.
     pub fn size_bytes(&self) -> usize {
-        self.mutations.iter().map(|m| m.key.len() + m.value.as_ref().map_or(0, Vec::len) + 24).sum::<usize>() + 16
+        self.mutations.iter().map(mutation_bytes).sum::<usize>() + 16
+    }
+
+    /// Splits the revision into parts of about `part_bytes` each (at least
+    /// one mutation per part), in mutation order. Every part but the last is
+    /// marked as continued. A revision within `part_bytes` is one part.
+    pub fn into_parts(self, part_bytes: usize) -> Vec<RevisionPart> {
+        let revision = self.revision;
+        let mut parts = Vec::new();
+        let mut current = Vec::new();
+        let mut bytes = 0usize;
+        for m in self.mutations {
+            let b = mutation_bytes(&m);
+            if !current.is_empty() && bytes + b > part_bytes {
+                parts.push(RevisionPart { revision, mutations: std::mem::take(&mut current), continued: true });
+                bytes = 0;
+            }
+            bytes += b;
+            current.push(m);
+        }
+        parts.push(RevisionPart { revision, mutations: current, continued: false });
+        parts
+    }
+}
+
+fn mutation_bytes(m: &Mutation) -> usize {
+    m.key.len() + m.value.as_ref().map_or(0, Vec::len) + 24
+}
+
+/// A piece of one revision on the change stream: a revision larger than a
+/// message is sent in several parts, and applied only once all arrived, so
+/// no revision is too large to replicate and none is applied in part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevisionPart {
+    pub revision: u64,
+    pub mutations: Vec<Mutation>,
+    /// More parts of this revision follow.
+    pub continued: bool,
+}
+
+/// Why the parts of a revision could not be put together.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AssembleError {
+    #[error("a part of revision {got} arrived while revision {expected} was incomplete")]
+    Interleaved { expected: u64, got: u64 },
+    #[error("revision {revision} is larger than {max_bytes} bytes, the most a follower assembles")]
+    TooLarge { revision: u64, max_bytes: usize },
+}
+
+/// Puts the parts of revisions back together on the follower side.
+#[derive(Debug, Default)]
+pub struct RevisionAssembler {
+    pending: Option<RevisionChanges>,
+    bytes: usize,
+}
+
+impl RevisionAssembler {
+    /// Takes the next part; returns the revision once its last part arrived.
+    /// `max_bytes` bounds what is held for one incomplete revision.
+    pub fn accept(&mut self, part: RevisionPart, max_bytes: usize) -> Result<Option<RevisionChanges>, AssembleError> {
+        let part_bytes: usize = part.mutations.iter().map(mutation_bytes).sum();
+        let mut rev = match self.pending.take() {
+            Some(p) if p.revision != part.revision => {
+                self.bytes = 0;
+                return Err(AssembleError::Interleaved { expected: p.revision, got: part.revision });
+            }
+            Some(p) => p,
+            None => {
+                self.bytes = 0;
+                RevisionChanges { revision: part.revision, mutations: Vec::new() }
+            }
+        };
+        self.bytes += part_bytes;
+        if self.bytes > max_bytes {
+            self.bytes = 0;
+            return Err(AssembleError::TooLarge { revision: part.revision, max_bytes });
+        }
+        rev.mutations.extend(part.mutations);
+        if part.continued && !crate::canary::active(crate::canary::Canary::RevisionPartApplied) {
+            self.pending = Some(rev);
+            return Ok(None);
+        }
+        self.bytes = 0;
+        Ok(Some(rev))
+    }
+
+    /// Whether a revision is incomplete (its other parts are still due).
+    pub fn in_progress(&self) -> bool {
+        self.pending.is_some()
     }
 }
 
@@ -354,6 +442,64 @@ mod tests {
     use crate::kv::{DeleteRangeRequest, PutRequest, TxnRequest};
     use crate::TableCommand;
     use proptest::prelude::*;
+
+    fn revision(n: u64, keys: usize, value_len: usize) -> RevisionChanges {
+        RevisionChanges {
+            revision: n,
+            mutations: (0..keys)
+                .map(|i| Mutation {
+                    key: format!("key{i:04}").into_bytes(),
+                    value: (i % 5 != 0).then(|| vec![i as u8; value_len]),
+                    create_revision: n,
+                    version: 1,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_large_revision_splits_into_parts_that_reassemble_exactly() {
+        let rev = revision(9, 300, 100);
+        let parts = rev.clone().into_parts(1_000);
+        assert!(parts.len() > 20, "{} parts", parts.len());
+        for p in &parts {
+            let bytes: usize = p.mutations.iter().map(mutation_bytes).sum();
+            assert!(bytes <= 1_000 && !p.mutations.is_empty(), "a part holds at most part_bytes");
+            assert_eq!(p.revision, 9);
+        }
+        assert!(parts[..parts.len() - 1].iter().all(|p| p.continued) && !parts.last().unwrap().continued);
+        let mut a = RevisionAssembler::default();
+        let mut out = None;
+        for p in parts {
+            assert!(out.is_none(), "nothing is applied before the last part");
+            out = a.accept(p, usize::MAX).unwrap();
+        }
+        assert_eq!(out, Some(rev), "the parts put together are the revision");
+        assert!(!a.in_progress());
+        // A small revision is one part; a mutation larger than a part is a
+        // part of its own.
+        assert_eq!(revision(3, 2, 10).into_parts(1_000).len(), 1);
+        assert_eq!(revision(3, 4, 2_000).into_parts(1_000).len(), 4);
+    }
+
+    #[test]
+    fn parts_of_different_revisions_or_too_many_bytes_are_refused() {
+        let mut a = RevisionAssembler::default();
+        let first = revision(4, 50, 100).into_parts(500);
+        assert_eq!(a.accept(first[0].clone(), usize::MAX), Ok(None));
+        let other = revision(5, 1, 1).into_parts(500).remove(0);
+        assert_eq!(a.accept(other, usize::MAX), Err(AssembleError::Interleaved { expected: 4, got: 5 }));
+        assert!(!a.in_progress(), "the incomplete revision is dropped");
+        let mut b = RevisionAssembler::default();
+        let mut refused = None;
+        for p in revision(6, 50, 100).into_parts(500) {
+            if let Err(e) = b.accept(p, 2_000) {
+                refused = Some(e);
+                break;
+            }
+        }
+        assert_eq!(refused, Some(AssembleError::TooLarge { revision: 6, max_bytes: 2_000 }));
+    }
 
     fn run(engine: &MemEngine, retention: u64, cmd: &TableCommand) {
         let store = Mvcc::new(engine, b"t".to_vec()).with_retention(retention);

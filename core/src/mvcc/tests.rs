@@ -440,3 +440,51 @@ fn bounded_ranges_read_only_the_keys_they_answer_with() {
     let by_value = RangeRequest { limit: 1, sort_order: SortOrder::Descend, ..all };
     assert!(matches!(store.range(&by_value), Err(MvccError::Engine(_))));
 }
+
+#[test]
+fn ranges_hold_at_most_the_response_limit_whatever_the_range() {
+    let engine = MemEngine::new();
+    let store = Mvcc::new(&engine, b"t1/".to_vec());
+    for round in 0..2u8 {
+        let mut txn = store.begin().unwrap();
+        for half in [0..100u32, 100..200] {
+            let success = half
+                .map(|i| {
+                    let value = vec![b'a' + ((i * 7 + u32::from(round)) % 26) as u8; 100];
+                    RequestOp::Put(PutRequest { key: format!("k{i:03}").into_bytes(), value, prev_kv: false })
+                })
+                .collect();
+            txn.txn(&TxnRequest { success, ..Default::default() }).unwrap();
+        }
+        engine.write(txn.finish().0).unwrap();
+    }
+    let all = RangeRequest { key: b"k".to_vec(), range_end: b"l".to_vec(), ..Default::default() };
+    let too_large =
+        |r: &Result<RangeResponse, MvccError>| matches!(r, Err(MvccError::Kv(KvError::ResponseTooLarge { .. })));
+    // 200 keys of 100 bytes: about 27 KB of answer.
+    assert!(too_large(&store.range_within(&all, 5_000)));
+    let past = RangeRequest { revision: 2, ..all.clone() };
+    let r = store.range_within(&past, 5_000);
+    assert!(too_large(&r), "a past revision is bounded too: {:?}", r.map(|r| (r.count, r.kvs.len(), r.revision)));
+    // With a limit, only the key-values that can reach the answer are kept.
+    for req in [
+        RangeRequest { limit: 3, ..past.clone() },
+        RangeRequest { limit: 3, sort_order: SortOrder::Descend, sort_target: SortTarget::Value, ..all.clone() },
+        RangeRequest { limit: 3, sort_order: SortOrder::Ascend, sort_target: SortTarget::Value, ..past.clone() },
+        RangeRequest { limit: 3, min_mod_revision: 2, sort_target: SortTarget::Mod, ..all.clone() },
+        RangeRequest { keys_only: true, ..all.clone() },
+        RangeRequest { count_only: true, ..past.clone() },
+    ] {
+        let bounded = store.range_within(&req, 8_000).unwrap_or_else(|e| panic!("{req:?}: {e}"));
+        assert_eq!(bounded, store.range(&req).unwrap(), "{req:?}");
+        assert_eq!(bounded.count, 200);
+    }
+    let best = store
+        .range_within(
+            &RangeRequest { limit: 3, sort_order: SortOrder::Descend, sort_target: SortTarget::Value, ..past },
+            5_000,
+        )
+        .unwrap();
+    assert!(best.kvs.iter().all(|kv| kv.value[0] == b'z'), "the best three by value: {:?}", best.kvs);
+    assert!(best.more);
+}
