@@ -314,6 +314,37 @@ impl<'e> Mvcc<'e> {
         Ok((out, more))
     }
 
+    /// One page of `[start, end)` as of revision `requested` (0: the
+    /// current one): at most `max_keys` key-values and about `max_bytes`
+    /// (at least one), in key order, read only as far as the page goes.
+    /// Returns the page, whether key-values follow it, and the revision
+    /// read (pages of one scan pass the first page's revision on).
+    pub fn page(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        requested: u64,
+        max_keys: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<KeyValue>, bool, u64), MvccError> {
+        let state = self.rev_state()?;
+        let rev = self.resolve_read_revision(state, requested)?;
+        let (max_keys, max_bytes) = (max_keys.max(1), max_bytes.max(1));
+        let mut out: Vec<KeyValue> = Vec::new();
+        let mut bytes = 0usize;
+        let mut more = false;
+        self.visit_live(start, end, rev, state.current, &mut |kv| {
+            if out.len() >= max_keys || bytes >= max_bytes {
+                more = true;
+                return false;
+            }
+            bytes += kv.key.len() + kv.value.len();
+            out.push(kv);
+            true
+        })?;
+        Ok((out, more, rev))
+    }
+
     /// Visits the key-values of `[start, end)` live at revision `rev`, in
     /// ascending key order, one at a time, until `visit` returns false.
     fn visit_at(

@@ -52,6 +52,31 @@ pub enum KvCmd {
         /// Answer from the contacted node's state (may be stale).
         #[arg(long)]
         serializable: bool,
+        /// Only count the keys.
+        #[arg(long)]
+        count_only: bool,
+    },
+    /// Read every key (or every key with a prefix) of a table of any size,
+    /// streamed in pages that are all read at one revision (IterateRange).
+    Scan {
+        table: String,
+        /// Only keys starting with this (default: every key).
+        #[arg(default_value = "")]
+        prefix: String,
+        /// Read the table as of this revision (default: the latest).
+        #[arg(long = "rev", default_value_t = 0)]
+        revision: i64,
+        /// Key-values per page (default 1000).
+        #[arg(long, default_value_t = 0)]
+        page_keys: u32,
+        /// Answer from the contacted node's state (may be stale).
+        #[arg(long)]
+        serializable: bool,
+        /// Print only the revision, the key count and a SHA-256 over every
+        /// key-value (key, value, create and mod revision, version), to
+        /// compare two scans byte for byte.
+        #[arg(long)]
+        digest: bool,
     },
     /// Delete a key, or every key with a prefix.
     Del {
@@ -213,16 +238,61 @@ pub async fn kv(args: &ClientArgs, cmd: KvCmd) -> anyhow::Result<()> {
                 Output::Json => println!("{}", json!({"revision": header_rev(&r.header)})),
             }
         }
-        KvCmd::Get { table, key, prefix, revision, limit, serializable } => {
+        KvCmd::Scan { table, prefix, revision, page_keys, serializable, digest } => {
+            use sha2::Digest;
+            let key = if prefix.is_empty() { vec![0] } else { prefix.clone().into_bytes() };
+            let req = pb::IterateRangeRequest {
+                table,
+                key,
+                range_end: prefix_end(prefix.as_bytes()),
+                revision,
+                serializable,
+                page_keys,
+                ..Default::default()
+            };
+            let mut stream = c.iterate_range(req).await.map_err(status_err)?.into_inner();
+            let (mut hash, mut keys, mut rev) = (sha2::Sha256::new(), 0u64, 0i64);
+            while let Some(page) = stream.message().await.map_err(status_err)? {
+                rev = header_rev(&page.header);
+                for kv in &page.kvs {
+                    keys += 1;
+                    if digest {
+                        for part in [&kv.key, &kv.value] {
+                            hash.update((part.len() as u64).to_le_bytes());
+                            hash.update(part);
+                        }
+                        for n in [kv.create_revision, kv.mod_revision, kv.version] {
+                            hash.update(n.to_le_bytes());
+                        }
+                        continue;
+                    }
+                    match args.output {
+                        Output::Human => println!("{}\n{}", text(&kv.key), text(&kv.value)),
+                        Output::Json => println!("{}", kv_json(kv)),
+                    }
+                }
+            }
+            if digest {
+                let sum: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+                match args.output {
+                    Output::Human => println!("revision {rev}: {keys} keys, sha256 {sum}"),
+                    Output::Json => println!("{}", json!({"revision": rev, "keys": keys, "sha256": sum})),
+                }
+            }
+        }
+        KvCmd::Get { table, key, prefix, revision, limit, serializable, count_only } => {
             let range_end = if prefix { prefix_end(key.as_bytes()) } else { vec![] };
+            // An empty prefix is every key (etcd's "\0" start).
+            let key = if prefix && key.is_empty() { vec![0] } else { key.into_bytes() };
             let r = c
                 .range(pb::RangeRequest {
                     table,
-                    key: key.into_bytes(),
+                    key,
                     range_end,
                     revision,
                     limit,
                     serializable,
+                    count_only,
                     ..Default::default()
                 })
                 .await

@@ -35,7 +35,7 @@ fn rev_in(v: i64, what: &str) -> Result<u64, Status> {
     u64::try_from(v).map_err(|_| Status::invalid_argument(format!("{what} must not be negative, got {v}")))
 }
 
-fn rev_out(v: u64) -> i64 {
+pub fn rev_out(v: u64) -> i64 {
     // Revisions start at 1 and grow by one per write: i64 cannot overflow in
     // any realistic lifetime, but saturate rather than wrap if it ever did.
     i64::try_from(v).unwrap_or(i64::MAX)

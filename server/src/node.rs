@@ -807,6 +807,31 @@ impl Node {
         }
     }
 
+    /// A page of an `IterateRange` after its first: the key-values of
+    /// `[start, end)` as of revision `rev` (the first page's), read from
+    /// this node's applied state (waiting briefly if it has not reached
+    /// `rev`), and whether more follow.
+    pub async fn range_page(
+        &self,
+        table: &str,
+        start: &[u8],
+        end: Option<&[u8]>,
+        rev: u64,
+        max_keys: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<armada_core::kv::KeyValue>, bool), ApiError> {
+        let group = self.table_group(table, 0).await?;
+        if self.table_revision(group.id) < rev {
+            self.wait_for_revision(group.id, rev, self.cfg.request_timeout).await;
+        }
+        let store = Mvcc::new(&*self.engine, data_ns(group.id));
+        match group.read(|| store.page(start, end, rev, max_keys, max_bytes))? {
+            Ok((kvs, more, _)) => Ok((kvs, more)),
+            Err(armada_core::mvcc::MvccError::Kv(e)) => Err(e.into()),
+            Err(e) => Err(ApiError::Internal(e.to_string())),
+        }
+    }
+
     /// A backup of a table from a consistent image on this node. On the
     /// table's leader the image is taken after a read index (it holds every
     /// write acknowledged before the call); elsewhere it is this node's

@@ -10,6 +10,7 @@ use armada_proto::v1 as pb;
 use armada_proto::v1::cluster_server::Cluster;
 use armada_proto::v1::kv_server::Kv;
 use armada_proto::v1::tables_server::Tables;
+use futures::StreamExt;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
@@ -50,8 +51,124 @@ impl Api {
     }
 }
 
+/// Key-values per `IterateRange` page by default, and at most.
+pub const ITERATE_PAGE_KEYS_DEFAULT: usize = 1000;
+pub const ITERATE_PAGE_KEYS_MAX: usize = 100_000;
+/// About the most bytes of keys and values in one `IterateRange` page.
+pub const ITERATE_PAGE_BYTES: usize = 1 << 20;
+
+type IterateStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::IterateRangeResponse, Status>> + Send>>;
+
+/// Where an `IterateRange` stands between pages.
+struct Iteration {
+    node: Arc<Node>,
+    table: String,
+    next: Vec<u8>,
+    end: Option<Vec<u8>>,
+    revision: u64,
+    header: HeaderInfo,
+    page_keys: usize,
+    /// Key-values still allowed by the request's limit (`None`: no limit).
+    left: Option<u64>,
+    keys_only: bool,
+}
+
+impl Iteration {
+    async fn next_page(&mut self) -> Result<pb::IterateRangeResponse, Status> {
+        let max_keys = self.left.map_or(self.page_keys, |l| self.page_keys.min(l as usize));
+        let (mut kvs, more) = self
+            .node
+            .range_page(&self.table, &self.next, self.end.as_deref(), self.revision, max_keys, ITERATE_PAGE_BYTES)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(self.advance(&mut kvs, more, 0))
+    }
+
+    /// Moves past `kvs` and builds their message.
+    fn advance(
+        &mut self,
+        kvs: &mut Vec<armada_core::kv::KeyValue>,
+        more: bool,
+        count: u64,
+    ) -> pb::IterateRangeResponse {
+        if let Some(last) = kvs.last() {
+            self.next = last.key.clone();
+            self.next.push(0);
+        }
+        if let Some(l) = &mut self.left {
+            *l = l.saturating_sub(kvs.len() as u64);
+        }
+        let more = more && self.left != Some(0);
+        if self.keys_only {
+            kvs.iter_mut().for_each(|kv| kv.value.clear());
+        }
+        pb::IterateRangeResponse {
+            header: header(self.header, self.revision),
+            kvs: std::mem::take(kvs).into_iter().map(kv_out).collect(),
+            more,
+            count: rev_out(count),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Kv for Api {
+    type IterateRangeStream = IterateStream;
+
+    async fn iterate_range(
+        &self,
+        request: Request<pb::IterateRangeRequest>,
+    ) -> Result<Response<Self::IterateRangeStream>, Status> {
+        let r = request.into_inner();
+        check_size(&r)?;
+        let page_keys = match r.page_keys as usize {
+            0 => ITERATE_PAGE_KEYS_DEFAULT,
+            n => n.min(ITERATE_PAGE_KEYS_MAX),
+        };
+        let left = (r.limit > 0).then_some(r.limit as u64);
+        // The first page is an ordinary range (forwarded, linearizable as
+        // asked); it fixes the revision of every later page.
+        let first = pb::RangeRequest {
+            table: r.table.clone(),
+            key: r.key.clone(),
+            range_end: r.range_end.clone(),
+            limit: left.map_or(page_keys as u64, |l| l.min(page_keys as u64)) as i64,
+            revision: r.revision,
+            serializable: r.serializable,
+            ..Default::default()
+        };
+        let req = range_in(&first)?;
+        let (mut resp, h) = self.node.range(&r.table, &req, r.serializable).await.map_err(|e| status(&e))?;
+        let (_, end) = armada_core::kv::interval(&r.key, &r.range_end);
+        let revision = if r.revision > 0 { r.revision as u64 } else { resp.revision };
+        let mut it = Iteration {
+            node: self.node.clone(),
+            table: r.table,
+            next: r.key,
+            end,
+            revision,
+            header: h,
+            page_keys,
+            left,
+            keys_only: r.keys_only,
+        };
+        let head = it.advance(&mut resp.kvs, resp.more, resp.count);
+        let more = head.more;
+        let rest = futures::stream::unfold((it, more), |(mut it, more)| async move {
+            if !more {
+                return None;
+            }
+            match it.next_page().await {
+                Ok(page) => {
+                    let more = page.more;
+                    Some((Ok(page), (it, more)))
+                }
+                Err(e) => Some((Err(e), (it, false))),
+            }
+        });
+        Ok(Response::new(Box::pin(futures::stream::once(async move { Ok(head) }).chain(rest))))
+    }
+
     async fn range(&self, request: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
         self.metrics
             .timed("Range", async move {
