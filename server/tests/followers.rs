@@ -274,7 +274,8 @@ async fn a_follower_cluster_streams_forwards_catches_up_and_bootstraps_from_a_sn
 
 /// One revision larger than gRPC's default 4 MiB message limit (a
 /// DeleteRange over 6,000 keys of 1 KiB, about 6 MiB on the change stream)
-/// reaches the follower, and replication goes on after it. Before, the
+/// reaches the follower in parts of about 1 MiB, applied whole, and
+/// replication goes on after it. Before, the
 /// follower refused that message on every retry: it stayed at the revision
 /// before the delete for good, while its status said lag 0 and nothing was
 /// logged above debug. When the leader cluster goes away, the follower says
@@ -326,6 +327,11 @@ async fn a_revision_above_the_grpc_default_limit_replicates_and_a_stall_is_repor
         .into_inner();
     let g = status.groups.iter().find(|g| g.table == "t").expect("table t");
     assert_eq!(g.replication_state, "streaming", "{g:?}");
+    let (_, metrics) = http_get(&f.nodes[0].http, "/metrics").unwrap();
+    assert!(
+        metrics.contains("armada_replication_snapshots_installed{table=\"t\"} 0"),
+        "the 6 MiB revision came in parts on the change stream, not by a snapshot:\n{metrics}"
+    );
 
     // The leader cluster goes away: the follower reports the stall.
     leader.nodes[0].kill9();
