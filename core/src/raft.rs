@@ -601,7 +601,21 @@ impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
         // crash from here on finishes the install when the group reopens.
         flush_and_wait(&*self.flusher, FlushReason::Snapshot).await?;
         let mut steps = 0u64;
-        while !installer.step(self.chunk_bytes).map_err(io_err)? {
+        let chunk_bytes = self.chunk_bytes;
+        loop {
+            // Each copy batch runs on a blocking thread (inline under
+            // simulation): gigabytes of writes meet storage write stalls,
+            // and a stalled write on an async worker starved the node's
+            // transport until its peers' connections timed out.
+            let (back, done) = RT::spawn_blocking(move || {
+                let done = installer.step(chunk_bytes);
+                (installer, done)
+            })
+            .await?;
+            installer = back;
+            if done.map_err(io_err)? {
+                break;
+            }
             steps += 1;
             if steps.is_multiple_of(INSTALL_STEPS_PER_FLUSH) {
                 // Bounds the unsynced tail of a long install (and gives the

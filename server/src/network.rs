@@ -80,6 +80,24 @@ pub enum RaftReply {
     /// The answer to `SnapshotResume`: `None` when that stream is not in
     /// progress here (start from the first chunk).
     ResumeAt(Option<ResumePoint>),
+    /// The answer to `SnapshotResume` while the stream's snapshot is being
+    /// installed: ask again later (an install of gigabytes outlasts the
+    /// last chunk's call when the connection breaks meanwhile).
+    Installing,
+}
+
+/// Where a group's incoming snapshot stands on the receiver.
+#[derive(Default)]
+pub enum Receiving {
+    #[default]
+    Idle,
+    /// Chunks of stream `.0` are being staged.
+    Staging(u64, SnapshotReceiver),
+    /// Stream `.0` was received whole and is being installed.
+    Installing(u64),
+    /// Stream `.0` was installed, with this answer (given again to a sender
+    /// that lost the first one).
+    Installed(u64, SnapshotResponse<C>),
 }
 
 pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -190,13 +208,25 @@ impl RaftNetworkV2<C> for GroupNetwork {
             return Err(StreamingError::Unreachable(unreachable("a received snapshot cannot be sent on")));
         };
         // The same snapshot sent by the same node is the same stream: a
-        // transfer that broke goes on from what the receiver staged.
+        // transfer that broke goes on from what the receiver staged, and one
+        // whose install outlasted the last call waits for that install.
         let stream = stream_id(self.sender, &snapshot.meta);
-        let resume = match self.call_within(RaftRequest::SnapshotResume { stream }, option.soft_ttl()).await {
-            Ok(RaftReply::ResumeAt(p)) => p,
-            // A node that does not know the request: start over.
-            Ok(_) => None,
-            Err(e) => return Err(StreamingError::Unreachable(unreachable(e))),
+        let mut cancel = std::pin::pin!(cancel);
+        let resume = loop {
+            if let Some(closed) = cancel.as_mut().now_or_never() {
+                return Err(StreamingError::Closed(closed));
+            }
+            match self.call_within(RaftRequest::SnapshotResume { stream }, option.soft_ttl()).await {
+                Ok(RaftReply::ResumeAt(p)) => break p,
+                Ok(RaftReply::Installing) => armada_net::time::sleep(INSTALL_POLL).await,
+                Ok(RaftReply::Snapshot(r)) => {
+                    info!(group = %self.group, target = self.target, "the snapshot sent before was installed");
+                    return Ok(r);
+                }
+                // A node that does not know the request: start over.
+                Ok(_) => break None,
+                Err(e) => return Err(StreamingError::Unreachable(unreachable(e))),
+            }
         };
         let mut reader = match &resume {
             Some(p) => {
@@ -206,11 +236,14 @@ impl RaftNetworkV2<C> for GroupNetwork {
             None => view.reader(self.chunk_bytes),
         };
         self.transfers.started(self.target, snapshot.meta.last_log_id.map_or(0, |l| l.index));
-        let result = self.send_chunks(stream, vote, &snapshot.meta, &mut reader, cancel, option).await;
+        let result = self.send_chunks(stream, vote, &snapshot.meta, &mut reader, cancel.as_mut(), option).await;
         self.transfers.ended(self.target, result.is_ok());
         result
     }
 }
+
+/// How often a sender asks whether the receiver finished installing.
+const INSTALL_POLL: Duration = Duration::from_secs(1);
 
 /// A snapshot stream's id: the sender and the snapshot's last log id.
 fn stream_id(sender: u64, meta: &SnapshotMetaOf<C>) -> u64 {
@@ -227,10 +260,9 @@ impl GroupNetwork {
         vote: VoteOf<C>,
         meta: &SnapshotMetaOf<C>,
         reader: &mut armada_core::snapshot::ChunkReader,
-        cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        mut cancel: std::pin::Pin<&mut impl Future<Output = ReplicationClosed>>,
         option: RPCOption,
     ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
-        let mut cancel = std::pin::pin!(cancel);
         let (mut chunks, mut bytes) = (0u64, reader.bytes_so_far());
         loop {
             if let Some(closed) = cancel.as_mut().now_or_never() {
@@ -276,11 +308,13 @@ impl GroupNetwork {
 /// Where this node stands in snapshot stream `stream` of `group`.
 async fn resume_point(group: &crate::node::Group, stream: u64) -> RaftReply {
     // Waits for a chunk being staged, so the answer includes it.
-    let slot = group.receiving.lock().await;
-    RaftReply::ResumeAt(match slot.as_ref() {
-        Some((current, r)) if *current == stream => Some(r.resume_point()),
-        _ => None,
-    })
+    let state = group.receiving.lock().await;
+    match &*state {
+        Receiving::Staging(s, r) if *s == stream => RaftReply::ResumeAt(Some(r.resume_point())),
+        Receiving::Installing(s) if *s == stream => RaftReply::Installing,
+        Receiving::Installed(s, r) if *s == stream => RaftReply::Snapshot(r.clone()),
+        _ => RaftReply::ResumeAt(None),
+    }
 }
 
 /// Stages one chunk of a snapshot stream for `group`; after the last,
@@ -296,22 +330,31 @@ async fn receive_chunk(
     let staged = {
         // Held while the chunk is staged: chunks of a stream are staged one
         // at a time, and a resume request waits for the one in progress.
-        let mut slot = group.receiving.lock().await;
+        let mut state = group.receiving.lock().await;
+        if let Receiving::Installing(s) = &*state {
+            return Err(format!("snapshot chunk {seq} refused: snapshot stream {s:016x} is being installed"));
+        }
         if seq == 0 {
             // A new transfer replaces one in progress (a new leader, or a
             // new snapshot); dropping the old receiver deletes what it staged.
-            if let Some((old, _)) = slot.as_ref() {
+            if let Receiving::Staging(old, _) = &*state {
                 info!(group = %group.id, old, new = stream, "a new snapshot transfer replaces an unfinished one");
             }
-            *slot = Some((stream, SnapshotReceiver::new(node.engine().clone(), group.id, node.next_staging_id())));
+            *state = Receiving::Staging(
+                stream,
+                SnapshotReceiver::new(node.engine().clone(), group.id, node.next_staging_id()),
+            );
         }
-        let mut receiver = match slot.take() {
-            Some((current, r)) if current == stream => r,
-            Some(other) => {
-                *slot = Some(other);
+        let mut receiver = match std::mem::take(&mut *state) {
+            Receiving::Staging(current, r) if current == stream => r,
+            other @ Receiving::Staging(..) => {
+                *state = other;
                 return Err(format!("snapshot chunk {seq} of a transfer replaced by another"));
             }
-            None => return Err(format!("snapshot chunk {seq} of a transfer that is not in progress")),
+            other => {
+                *state = other;
+                return Err(format!("snapshot chunk {seq} of a transfer that is not in progress"));
+            }
         };
         // The engine write runs off the async workers: a storage write stall
         // on a large transfer must not starve the transport (QUIC
@@ -323,13 +366,18 @@ async fn receive_chunk(
         .await?;
         match result {
             Ok(None) => {
-                *slot = Some((stream, receiver));
+                *state = Receiving::Staging(stream, receiver);
                 return Ok(RaftReply::ChunkStaged);
             }
-            Ok(Some(staged)) => staged,
+            Ok(Some(staged)) => {
+                if install.is_some() {
+                    *state = Receiving::Installing(stream);
+                }
+                staged
+            }
             Err(e @ armada_core::snapshot::SnapshotError::OutOfOrder { .. }) => {
                 // Nothing was staged: the transfer can still resume.
-                *slot = Some((stream, receiver));
+                *state = Receiving::Staging(stream, receiver);
                 return Err(e.to_string());
             }
             Err(e) => {
@@ -342,12 +390,19 @@ async fn receive_chunk(
     let Some((vote, meta)) = install else {
         return Err("the last snapshot chunk came without its metadata".into());
     };
-    group
+    let result = group
         .raft
         .install_full_snapshot(vote, openraft::Snapshot { meta, snapshot: SnapshotData::Staged(staged) })
         .await
-        .map(RaftReply::Snapshot)
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string());
+    let mut state = group.receiving.lock().await;
+    if matches!(&*state, Receiving::Installing(s) if *s == stream) {
+        *state = match &result {
+            Ok(r) => Receiving::Installed(stream, r.clone()),
+            Err(_) => Receiving::Idle,
+        };
+    }
+    result.map(RaftReply::Snapshot)
 }
 
 /// Serves Raft RPCs for every group of a node.

@@ -15,7 +15,7 @@ use armada_core::mvcc::Mvcc;
 use armada_core::raft::{
     data_ns, delete_group, ApplyObserver, ArmadaNode, ArmadaRaft, Flusher, GroupKind, LogStore, StateMachine,
 };
-use armada_core::snapshot::{InstallGate, SnapshotReceiver};
+use armada_core::snapshot::InstallGate;
 use armada_core::{Command, CommandResponse, Engine, GroupId, MetaCommand, TableCommand};
 use armada_net::Transport;
 use openraft::async_runtime::watch::{Watch, WatchReceiver, WatchSender};
@@ -207,7 +207,7 @@ pub struct Group {
     /// The snapshot stream being received, by the sender's stream id (held
     /// while a chunk is staged, so a sender asking where to resume waits for
     /// the chunk in progress).
-    pub receiving: tokio::sync::Mutex<Option<(u64, SnapshotReceiver)>>,
+    pub receiving: tokio::sync::Mutex<crate::network::Receiving>,
     /// Snapshot transfers this node is sending for the group.
     pub transfers: Arc<crate::snapshots::Transfers>,
 }
@@ -522,7 +522,7 @@ impl Node {
                 debug!(group = %id, "initialize: {e}");
             }
         }
-        let group = Arc::new(Group { id, name, raft, gate, receiving: tokio::sync::Mutex::new(None), transfers });
+        let group = Arc::new(Group { id, name, raft, gate, receiving: Default::default(), transfers });
         self.groups.write().unwrap_or_else(|p| p.into_inner()).insert(id, group.clone());
         Ok(group)
     }

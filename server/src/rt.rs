@@ -7,8 +7,8 @@
 //! - [`DetWatch`] replaces `tokio::sync::watch`, which picks the waiter to
 //!   wake with tokio's thread-local random generator (seeded from a
 //!   process-wide counter that madsim cannot reset);
-//! - `spawn_blocking` runs the closure inline instead of on an OS thread,
-//!   which the simulation forbids.
+//! - under simulation `spawn_blocking` runs the closure inline instead of on
+//!   an OS thread, which the simulation forbids (natively it is tokio's).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -100,12 +100,12 @@ impl AsyncRuntime for ArmadaRt {
         }
     }
 
-    fn spawn_blocking<F, T>(f: F) -> impl Future<Output = Result<T, std::io::Error>> + Send
+    async fn spawn_blocking<F, T>(f: F) -> Result<T, std::io::Error>
     where
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        std::future::ready(Ok(f()))
+        blocking(f).await.map_err(std::io::Error::other)
     }
 }
 

@@ -10,7 +10,6 @@ use armada_proto::v1 as pb;
 use armada_proto::v1::cluster_server::Cluster;
 use armada_proto::v1::kv_server::Kv;
 use armada_proto::v1::tables_server::Tables;
-use futures::StreamExt;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
@@ -81,16 +80,11 @@ impl Iteration {
             .range_page(&self.table, &self.next, self.end.as_deref(), self.revision, max_keys, ITERATE_PAGE_BYTES)
             .await
             .map_err(|e| status(&e))?;
-        Ok(self.advance(&mut kvs, more, 0))
+        Ok(self.advance(&mut kvs, more))
     }
 
     /// Moves past `kvs` and builds their message.
-    fn advance(
-        &mut self,
-        kvs: &mut Vec<armada_core::kv::KeyValue>,
-        more: bool,
-        count: u64,
-    ) -> pb::IterateRangeResponse {
+    fn advance(&mut self, kvs: &mut Vec<armada_core::kv::KeyValue>, more: bool) -> pb::IterateRangeResponse {
         if let Some(last) = kvs.last() {
             self.next = last.key.clone();
             self.next.push(0);
@@ -106,7 +100,7 @@ impl Iteration {
             header: header(self.header, self.revision),
             kvs: std::mem::take(kvs).into_iter().map(kv_out).collect(),
             more,
-            count: rev_out(count),
+            count: 0,
         }
     }
 }
@@ -126,35 +120,38 @@ impl Kv for Api {
             n => n.min(ITERATE_PAGE_KEYS_MAX),
         };
         let left = (r.limit > 0).then_some(r.limit as u64);
-        // The first page is an ordinary range (forwarded, linearizable as
-        // asked); it fixes the revision of every later page.
-        let first = pb::RangeRequest {
-            table: r.table.clone(),
-            key: r.key.clone(),
-            range_end: r.range_end.clone(),
-            limit: left.map_or(page_keys as u64, |l| l.min(page_keys as u64)) as i64,
-            revision: r.revision,
-            serializable: r.serializable,
-            ..Default::default()
+        if r.limit < 0 || r.revision < 0 {
+            return Err(Status::invalid_argument("limit and revision must not be negative"));
+        }
+        armada_core::command::validate_table_name(&r.table).map_err(|e| status(&ApiError::from(e)))?;
+        let group = self.node.table_group(&r.table, 0).await.map_err(|e| status(&e))?;
+        // The revision every page is read at: the one asked for; or this
+        // node's applied revision (serializable); or, linearizable, the
+        // table's revision after a read index at its leader (a one-key read
+        // through the usual path, forwarded as needed). Pages are then read
+        // here, so no page (not even the first) counts or scans the whole
+        // range.
+        let revision = if r.revision > 0 {
+            r.revision as u64
+        } else if r.serializable {
+            self.node.table_revision(group.id)
+        } else {
+            let probe = armada_core::kv::RangeRequest { key: r.key.clone(), keys_only: true, ..Default::default() };
+            self.node.range(&r.table, &probe, false).await.map_err(|e| status(&e))?.0.revision
         };
-        let req = range_in(&first)?;
-        let (mut resp, h) = self.node.range(&r.table, &req, r.serializable).await.map_err(|e| status(&e))?;
         let (_, end) = armada_core::kv::interval(&r.key, &r.range_end);
-        let revision = if r.revision > 0 { r.revision as u64 } else { resp.revision };
-        let mut it = Iteration {
+        let it = Iteration {
             node: self.node.clone(),
             table: r.table,
             next: r.key,
             end,
             revision,
-            header: h,
+            header: self.node.header(&group),
             page_keys,
             left,
             keys_only: r.keys_only,
         };
-        let head = it.advance(&mut resp.kvs, resp.more, resp.count);
-        let more = head.more;
-        let rest = futures::stream::unfold((it, more), |(mut it, more)| async move {
+        let pages = futures::stream::unfold((it, true), |(mut it, more)| async move {
             if !more {
                 return None;
             }
@@ -166,7 +163,7 @@ impl Kv for Api {
                 Err(e) => Some((Err(e), (it, false))),
             }
         });
-        Ok(Response::new(Box::pin(futures::stream::once(async move { Ok(head) }).chain(rest))))
+        Ok(Response::new(Box::pin(pages)))
     }
 
     async fn range(&self, request: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
