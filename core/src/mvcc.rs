@@ -285,33 +285,12 @@ impl<'e> Mvcc<'e> {
                 return self.key_at(start, rev).map(|kv| kv.into_iter().collect());
             }
         }
-        Ok(self.live_at_limited(start, end, rev, usize::MAX, usize::MAX)?.0)
-    }
-
-    /// [`Self::live_at`] over a full history scan, stopping once `max_keys`
-    /// key-values or `max_bytes` of keys and values are collected (at least
-    /// one). The flag tells whether the scan stopped early.
-    fn live_at_limited(
-        &self,
-        start: &[u8],
-        end: Option<&[u8]>,
-        rev: u64,
-        max_keys: usize,
-        max_bytes: usize,
-    ) -> Result<(Vec<KeyValue>, bool), EngineError> {
-        let mut out: Vec<KeyValue> = Vec::new();
-        let mut bytes = 0usize;
-        let mut more = false;
+        let mut out = Vec::new();
         self.visit_at(start, end, rev, &mut |kv| {
-            if out.len() >= max_keys || bytes >= max_bytes {
-                more = true;
-                return false;
-            }
-            bytes += kv.key.len() + kv.value.len();
             out.push(kv);
             true
         })?;
-        Ok((out, more))
+        Ok(out)
     }
 
     /// One page of `[start, end)` as of revision `requested` (0: the

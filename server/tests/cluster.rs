@@ -15,6 +15,8 @@ use armada_net::local::LocalRouter;
 use armada_server::network::RaftHandler;
 use armada_server::node::{ApiError, Node, NodeConfig, RaftTuning};
 
+mod common;
+
 async fn cluster(n: u64) -> Vec<Arc<Node>> {
     cluster_with(n, RaftTuning::default(), Duration::from_secs(5)).await
 }
@@ -144,35 +146,9 @@ mod storage_suite {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_listener_sets_nodelay_on_accepted_sockets() {
     use armada_proto::{etcd as epb, replication as rpb, v1 as pb};
-    use armada_server::launch::{launch, Role};
     use armada_server::listen::{endpoint, ListenerKind};
 
-    let dir = std::env::temp_dir().join(format!("armada-launch-nodelay-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let raft = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let cfg = armada_server::config::ServeConfig {
-        data_dir: dir.clone(),
-        api_address: any,
-        raft_address: raft,
-        rest_address: any,
-        etcd_address: any,
-        etcd_table: "default".into(),
-        replication_address: any,
-        node: NodeConfig {
-            id: 1,
-            members: BTreeMap::from([(1, ArmadaNode { raft_addr: raft.to_string(), api_addr: String::new() })]),
-            raft: RaftTuning::default(),
-            request_timeout: Duration::from_secs(5),
-        },
-        log_format: None,
-    };
-    let node = launch(&cfg, Role::Leader).await.expect("launch");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while let Err(why) = node.readiness.check(&node.node) {
-        assert!(std::time::Instant::now() < deadline, "not ready: {why:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (node, dir) = common::launch_in_process("launch-nodelay").await;
     let url = |k: ListenerKind| format!("http://{}", node.address(k).expect("listener bound"));
 
     let ch = endpoint(&url(ListenerKind::Api)).unwrap().connect().await.unwrap();

@@ -2,14 +2,10 @@
 //! in pages that are all read at the revision of the first.
 #![cfg(not(madsim))]
 
-use std::collections::BTreeMap;
-use std::time::Duration;
+mod common;
 
-use armada_core::raft::ArmadaNode;
 use armada_proto::v1 as pb;
-use armada_server::launch::{launch, Role};
 use armada_server::listen::{endpoint, ListenerKind};
-use armada_server::node::{NodeConfig, RaftTuning};
 
 fn put(key: String, value: &str) -> pb::RequestOp {
     pb::RequestOp {
@@ -40,32 +36,7 @@ async fn scan(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_range_streams_in_pages_read_at_one_revision() {
-    let dir = std::env::temp_dir().join(format!("armada-scan-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let raft = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let cfg = armada_server::config::ServeConfig {
-        data_dir: dir.clone(),
-        api_address: any,
-        raft_address: raft,
-        rest_address: any,
-        etcd_address: any,
-        etcd_table: "default".into(),
-        replication_address: any,
-        node: NodeConfig {
-            id: 1,
-            members: BTreeMap::from([(1, ArmadaNode { raft_addr: raft.to_string(), api_addr: String::new() })]),
-            raft: RaftTuning::default(),
-            request_timeout: Duration::from_secs(5),
-        },
-        log_format: None,
-    };
-    let node = launch(&cfg, Role::Leader).await.expect("launch");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while let Err(why) = node.readiness.check(&node.node) {
-        assert!(std::time::Instant::now() < deadline, "not ready: {why:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (node, dir) = common::launch_in_process("scan").await;
     let ch =
         endpoint(&format!("http://{}", node.address(ListenerKind::Api).unwrap())).unwrap().connect().await.unwrap();
     pb::tables_client::TablesClient::new(ch.clone()).create(pb::CreateTableRequest { name: "t".into() }).await.unwrap();

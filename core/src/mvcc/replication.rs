@@ -290,8 +290,6 @@ impl Mvcc<'_> {
         max_keys: usize,
         max_bytes: usize,
     ) -> Result<(Vec<KeyValue>, bool), super::MvccError> {
-        let state = self.rev_state()?;
-        let rev = self.resolve_read_revision(state, revision)?;
         let start = match after {
             Some(a) => {
                 let mut s = a.to_vec();
@@ -300,7 +298,8 @@ impl Mvcc<'_> {
             }
             None => Vec::new(),
         };
-        Ok(self.live_at_limited(&start, None, rev, max_keys.max(1), max_bytes.max(1))?)
+        let (kvs, more, _) = self.page(&start, None, revision, max_keys, max_bytes)?;
+        Ok((kvs, more))
     }
 
     /// Applies a replicated batch (see the module docs).

@@ -201,3 +201,39 @@ impl Cluster {
         }
     }
 }
+
+/// One leader node launched in this process (the binary's own launcher, on
+/// loopback ports chosen by the OS, data under the temp dir), once ready.
+pub async fn launch_in_process(name: &str) -> (armada_server::launch::Launched, PathBuf) {
+    use armada_core::raft::ArmadaNode;
+    use armada_server::node::{NodeConfig, RaftTuning};
+    use std::collections::BTreeMap;
+
+    let dir = std::env::temp_dir().join(format!("armada-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let raft = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let cfg = armada_server::config::ServeConfig {
+        data_dir: dir.clone(),
+        api_address: any,
+        raft_address: raft,
+        rest_address: any,
+        etcd_address: any,
+        etcd_table: "default".into(),
+        replication_address: any,
+        node: NodeConfig {
+            id: 1,
+            members: BTreeMap::from([(1, ArmadaNode { raft_addr: raft.to_string(), api_addr: String::new() })]),
+            raft: RaftTuning::default(),
+            request_timeout: Duration::from_secs(5),
+        },
+        log_format: None,
+    };
+    let node = armada_server::launch::launch(&cfg, armada_server::launch::Role::Leader).await.expect("launch");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(why) = node.readiness.check(&node.node) {
+        assert!(Instant::now() < deadline, "not ready: {why:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (node, dir)
+}
