@@ -49,9 +49,10 @@ pub const SNAPSHOT_HOLD_FACTOR: u64 = 10;
 /// the snapshot.
 ///
 /// Every `after_logs` applied entries, as openraft's own policy does, except
-/// while this node is sending the current snapshot to a replica: a new
-/// snapshot would purge the log the replica needs after installing the one
-/// it receives (openraft keeps log entries in flight, but not those a
+/// while this node is sending the current snapshot to a replica, or the
+/// replica that installed it still catches up from the log: a new snapshot
+/// would purge the log the replica needs after installing the one it
+/// receives (openraft keeps log entries in flight, but not those a
 /// snapshot in flight leads to), so a transfer that lasts longer than the
 /// log takes to pass the next build ended with the replica behind the
 /// purged log again, and under steady writes a large table never caught
