@@ -391,7 +391,7 @@ impl SnapshotReceiver {
         }
         let (prefix, _) = stream_range(self.group, self.id);
         let mut b = WriteBatch::new();
-        let (mut hash, mut pairs, mut bytes) = (Fnv64::resume(self.hash.finish()), self.pairs, self.bytes);
+        let (mut hash, mut pairs, mut bytes) = (self.hash.clone(), self.pairs, self.bytes);
         if let Some((k, _)) = chunk.pairs.first() {
             if self.pairs > 0 && k.as_slice() <= self.last_key.as_slice() {
                 return Err(SnapshotError::OutOfOrder { expected: self.next_seq, got: chunk.seq });

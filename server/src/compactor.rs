@@ -30,7 +30,8 @@ pub async fn run(node: Weak<Node>, retention: Retention) {
         }
         let now_ms = start.elapsed().as_millis() as u64;
         let groups = node.groups();
-        policy.retain(|id| groups.iter().any(|g| g.id == id));
+        let hosted: std::collections::BTreeSet<GroupId> = groups.iter().map(|g| g.id).collect();
+        policy.retain(|id| hosted.contains(&id));
         for g in groups {
             if g.id == GroupId::META {
                 continue;

@@ -152,20 +152,31 @@ struct ChangesState {
     parts: std::collections::VecDeque<RevisionPart>,
 }
 
+/// A change-stream message, with the serving node's `(revision, compaction
+/// revision)` of the table.
+fn changes_response(
+    group: GroupId,
+    (leader_revision, compacted_revision): (u64, u64),
+    revisions: Vec<pb::Revision>,
+    snapshot_needed: u64,
+) -> pb::ChangesResponse {
+    pb::ChangesResponse { leader_revision, revisions, snapshot_needed, table_id: group.0, compacted_revision }
+}
+
 impl ChangesState {
+    /// The serving node's latest applied revision of the table and its
+    /// compaction revision, as every message carries them.
+    fn state_now(&self) -> (u64, u64) {
+        let compacted = Mvcc::new(&**self.node.engine(), data_ns(self.group)).rev_state().map_or(0, |s| s.compacted);
+        (self.node.table_revision(self.group), compacted)
+    }
+
     async fn next_message(&mut self) -> Option<Result<pb::ChangesResponse, Status>> {
         if self.done {
             return None;
         }
         if let Some(part) = self.parts.pop_front() {
-            let store = Mvcc::new(&**self.node.engine(), data_ns(self.group));
-            return Some(Ok(pb::ChangesResponse {
-                leader_revision: self.node.table_revision(self.group),
-                revisions: vec![part_out(part)],
-                snapshot_needed: 0,
-                table_id: self.group.0,
-                compacted_revision: store.rev_state().map_or(0, |s| s.compacted),
-            }));
+            return Some(Ok(changes_response(self.group, self.state_now(), vec![part_out(part)], 0)));
         }
         loop {
             if self.node.group(self.group).is_none() {
@@ -175,15 +186,9 @@ impl ChangesState {
             drop(self.rx.borrow_and_update());
             let store = Mvcc::new(&**self.node.engine(), data_ns(self.group))
                 .with_retention(self.node.config().raft.history_retention);
-            let leader_revision = self.node.table_revision(self.group);
-            let compacted_revision = store.rev_state().map_or(0, |s| s.compacted);
-            let msg = |revisions, snapshot_needed| pb::ChangesResponse {
-                leader_revision,
-                revisions,
-                snapshot_needed,
-                table_id: self.group.0,
-                compacted_revision,
-            };
+            let state = self.state_now();
+            let group = self.group;
+            let msg = |revisions, snapshot_needed| changes_response(group, state, revisions, snapshot_needed);
             match store.changes_from(self.next, BATCH_REVISIONS_MAX, BATCH_BYTES_MAX) {
                 Err(e) => {
                     self.done = true;

@@ -123,7 +123,6 @@ impl Kv for Api {
         if r.limit < 0 || r.revision < 0 {
             return Err(Status::invalid_argument("limit and revision must not be negative"));
         }
-        armada_core::command::validate_table_name(&r.table).map_err(|e| status(&ApiError::from(e)))?;
         let group = self.node.table_group(&r.table, 0).await.map_err(|e| status(&e))?;
         // The revision every page is read at: the one asked for; or this
         // node's applied revision (serializable); or, linearizable, the

@@ -464,7 +464,19 @@ async fn perform(conns: &mut Conns, node: u64, table: &str, kind: &OpKind) -> Ou
                 }),
         }
     };
-    match armada_net::time::timeout(CLIENT_TIMEOUT, fut).await {
+    let result = armada_net::time::timeout(CLIENT_TIMEOUT, fut).await;
+    classify(conns, node, is_write, result)
+}
+
+/// A client call's outcome: an error that may mean the connection broke
+/// drops it; a write that got no definite answer may have taken effect.
+fn classify<E>(
+    conns: &mut Conns,
+    node: u64,
+    is_write: bool,
+    result: Result<Result<OpResult, tonic::Status>, E>,
+) -> Outcome {
+    match result {
         Ok(Ok(r)) => Outcome::Ok(r),
         Ok(Err(s)) => {
             if !definite(s.code()) {
@@ -503,18 +515,9 @@ async fn perform_many(conns: &mut Conns, node: u64, table: &str, puts: &[(String
         })
         .collect();
     let req = pb::TxnRequest { table: table.to_string(), compare: vec![], success, failure: vec![] };
-    match armada_net::time::timeout(CLIENT_TIMEOUT, c.txn(req)).await {
-        Ok(Ok(r)) => Outcome::Ok(OpResult::Put { revision: rev(&r.into_inner().header) }),
-        Ok(Err(s)) if definite(s.code()) => Outcome::Failed(format!("{:?}: {}", s.code(), s.message())),
-        Ok(Err(s)) => {
-            conns.drop_conn(node);
-            Outcome::Indefinite(format!("{:?}: {}", s.code(), s.message()))
-        }
-        Err(_) => {
-            conns.drop_conn(node);
-            Outcome::Indefinite("client timeout".into())
-        }
-    }
+    let result = armada_net::time::timeout(CLIENT_TIMEOUT, c.txn(req)).await;
+    let result = result.map(|r| r.map(|r| OpResult::Put { revision: rev(&r.into_inner().header) }));
+    classify(conns, node, true, result)
 }
 
 async fn client_main(cid: u32, sc: Scenario, members: BTreeMap<u64, ArmadaNode>, shared: Arc<Shared>, until_ns: u64) {
