@@ -43,10 +43,14 @@ pub enum Canary {
     /// A follower applies each part of a revision split across change-stream
     /// messages as if it were the whole revision.
     RevisionPartApplied = 15,
+    /// A compaction step that resumes inside a key's history takes the step
+    /// boundary for the end of that key, and removes the version it carried
+    /// over (the key's newest at or below the compaction revision).
+    CompactionStepDropsVersion = 16,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 15] = [
+    pub const ALL: [Canary; 16] = [
         Canary::AckBeforeFsync,
         Canary::StaleRead,
         Canary::ReuseRevision,
@@ -62,6 +66,7 @@ impl Canary {
         Canary::CompactionNotReplicated,
         Canary::BackupNotConsistent,
         Canary::RevisionPartApplied,
+        Canary::CompactionStepDropsVersion,
     ];
 
     pub fn name(self) -> &'static str {
@@ -81,6 +86,7 @@ impl Canary {
             Canary::CompactionNotReplicated => "compaction-not-replicated",
             Canary::BackupNotConsistent => "backup-not-consistent",
             Canary::RevisionPartApplied => "revision-part-applied",
+            Canary::CompactionStepDropsVersion => "compaction-step-drops-version",
         }
     }
 

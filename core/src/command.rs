@@ -59,6 +59,10 @@ pub enum TableCommand {
         count: u64,
         digest: u64,
     },
+    /// The next step of removing the history a compaction made unreadable
+    /// (see [`crate::mvcc`]); proposed by the group's leader while one is
+    /// pending. Takes no revision.
+    CompactStep,
 }
 
 /// The result of a [`TableCommand`].
@@ -71,6 +75,10 @@ pub enum TableReply {
     Replicated(ReplicateOutcome),
     SnapshotStaged,
     SnapshotCommitted(Result<u64, SnapshotRefusal>),
+    /// A compaction step ran; `more`: steps remain.
+    CompactStepped {
+        more: bool,
+    },
 }
 
 impl TableReply {
@@ -84,6 +92,7 @@ impl TableReply {
             TableReply::Replicated(r) => r.revision,
             TableReply::SnapshotStaged => 0,
             TableReply::SnapshotCommitted(r) => r.clone().unwrap_or(0),
+            TableReply::CompactStepped { .. } => 0,
         }
     }
 }
@@ -106,7 +115,8 @@ impl TableCommand {
             TableCommand::Compact(_)
             | TableCommand::Replicate { .. }
             | TableCommand::SnapshotChunk { .. }
-            | TableCommand::SnapshotCommit { .. } => Ok(()),
+            | TableCommand::SnapshotCommit { .. }
+            | TableCommand::CompactStep => Ok(()),
         }
     }
 
@@ -129,6 +139,10 @@ impl TableCommand {
             TableCommand::SnapshotCommit { revision, count, digest } => {
                 let (wb, r) = store.commit_snapshot(*revision, *count, *digest)?;
                 return Ok((wb, Ok(TableReply::SnapshotCommitted(r))));
+            }
+            TableCommand::CompactStep => {
+                let (wb, more) = store.compaction_step()?;
+                return Ok((wb, Ok(TableReply::CompactStepped { more })));
             }
         };
         match reply {
@@ -307,6 +321,7 @@ impl fmt::Display for Command {
                 write!(f, "snapshot_chunk(@{revision}, {} keys)", kvs.len())
             }
             Command::Table(TableCommand::SnapshotCommit { revision, .. }) => write!(f, "snapshot_commit(@{revision})"),
+            Command::Table(TableCommand::CompactStep) => write!(f, "compact_step"),
         }
     }
 }

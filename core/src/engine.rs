@@ -62,6 +62,10 @@ impl WriteBatch {
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
+    /// Appends `other`'s writes, after this batch's.
+    pub fn extend(&mut self, other: WriteBatch) {
+        self.ops.extend(other.ops);
+    }
     /// Bytes of keys and values carried, for accounting and bounds.
     pub fn size_bytes(&self) -> usize {
         self.ops

@@ -7,7 +7,21 @@
 //!   `0x00 0xff` and terminates with `0x00 0x01`, so history sorts by key and
 //!   then revision, and no encoded key is a prefix of another;
 //! - `ns ++ "l" ++ key`: the latest live version of `key` (absent once
-//!   deleted), so reads at the current revision touch only live keys.
+//!   deleted), so reads at the current revision touch only live keys;
+//! - `ns ++ "p"`: while a compaction's history is still being removed, where
+//!   its next step starts ([`CompactionCursor`]);
+//! - `ns ++ "c"`, `ns ++ "z"` and `ns ++ "w"`: the changelog, a follower
+//!   cluster's staged snapshot and the record of its swap into place (see
+//!   [`replication`]).
+//!
+//! A compaction makes history below its revision unreadable at once, and
+//! removes it in steps of at most [`COMPACTION_STEP_RECORDS`] history
+//! records each (the first with the compaction, the rest through
+//! [`Mvcc::compaction_step`], one command each), so compacting a
+//! table of any size never holds its apply path for long. The records a
+//! step has not reached yet are invisible to reads: no read below the
+//! compaction revision is served, and a read at or above it finds the same
+//! newest version either way.
 //!
 //! This module does not read the clock, does not sync, and never writes to
 //! the engine itself: writes go into a caller-supplied [`WriteBatch`] that the
@@ -15,6 +29,7 @@
 //! applied index), so a crash can never leave half a transaction.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 
 use serde::{Deserialize, Serialize};
 
@@ -120,18 +135,65 @@ fn split_escaped(bytes: &[u8]) -> Result<(Vec<u8>, u64), EngineError> {
     Err(EngineError::Corrupt("history key: no terminator".into()))
 }
 
+/// Most bytes of key-values a range inside a transaction answers with. It
+/// is applied on every replica, so it is a constant, not a node's setting
+/// (a replica that refused a transaction another one applied would
+/// diverge); the same as the largest response limit a node accepts.
+pub const TXN_RANGE_BYTES_MAX: u64 = 60 << 20;
+
+/// History records one compaction step visits by default (etcd removes
+/// compacted revisions in batches of 1,000 keys): a few milliseconds of the
+/// apply path per step.
+pub const COMPACTION_STEP_RECORDS: usize = 4096;
+
+/// Where the removal of a compaction's history goes on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct CompactionCursor {
+    /// The compaction whose unreadable history is being removed.
+    revision: u64,
+    /// Engine key of the last history record visited (empty: none yet).
+    after: Vec<u8>,
+    /// The newest version at or below `revision` seen of the key the last
+    /// step stopped inside: (key, engine key, is a tombstone). It is removed
+    /// if a newer one at or below `revision` follows, or if it is a
+    /// tombstone once the key's history ends.
+    newest: Option<(Vec<u8>, Vec<u8>, bool)>,
+}
+
 /// One table's multi-version store, borrowed over an engine.
 pub struct Mvcc<'e> {
     engine: &'e dyn Engine,
     ns: Vec<u8>,
     /// Revisions of changelog kept (see [`replication`]).
     retention: u64,
+    /// History records one compaction step visits.
+    compaction_step: usize,
+    /// [`TXN_RANGE_BYTES_MAX`], smaller in tests only.
+    txn_range_bytes: u64,
 }
 
 impl<'e> Mvcc<'e> {
     /// The store whose keys all start with `ns`.
     pub fn new(engine: &'e dyn Engine, ns: Vec<u8>) -> Self {
-        Self { engine, ns, retention: replication::CHANGELOG_RETENTION_DEFAULT }
+        Self {
+            engine,
+            ns,
+            retention: replication::CHANGELOG_RETENTION_DEFAULT,
+            compaction_step: COMPACTION_STEP_RECORDS,
+            txn_range_bytes: TXN_RANGE_BYTES_MAX,
+        }
+    }
+
+    #[cfg(test)]
+    fn with_txn_range_bytes(mut self, bytes: u64) -> Self {
+        self.txn_range_bytes = bytes;
+        self
+    }
+
+    /// Visits at most `records` (at least 1) history records per compaction step.
+    pub fn with_compaction_step(mut self, records: usize) -> Self {
+        self.compaction_step = records.max(1);
+        self
     }
 
     /// Keeps `revisions` (at least 1) revisions of changelog.
@@ -150,6 +212,10 @@ impl<'e> Mvcc<'e> {
 
     fn rev_key(&self) -> Vec<u8> {
         self.key_with(b'r', &[])
+    }
+
+    fn cursor_key(&self) -> Vec<u8> {
+        self.key_with(b'p', &[])
     }
 
     fn latest_key(&self, key: &[u8]) -> Vec<u8> {
@@ -278,19 +344,32 @@ impl<'e> Mvcc<'e> {
 
     /// Live key-values of `[start, end)` as of revision `rev`, ascending.
     fn live_at(&self, start: &[u8], end: Option<&[u8]>, rev: u64) -> Result<Vec<KeyValue>, EngineError> {
-        // One key: seek its newest version at or below `rev` instead of
-        // scanning its whole history.
-        if let Some(e) = end {
-            if e.len() == start.len() + 1 && e.starts_with(start) && e[start.len()] == 0 {
-                return self.key_at(start, rev).map(|kv| kv.into_iter().collect());
-            }
-        }
         let mut out = Vec::new();
-        self.visit_at(start, end, rev, &mut |kv| {
+        self.visit_past(start, end, rev, &mut |kv| {
             out.push(kv);
             true
         })?;
         Ok(out)
+    }
+
+    /// [`Mvcc::visit_at`], seeking a single key's newest version at or below
+    /// `rev` instead of scanning its whole history.
+    fn visit_past(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        rev: u64,
+        visit: &mut dyn FnMut(KeyValue) -> bool,
+    ) -> Result<(), EngineError> {
+        if let Some(e) = end {
+            if e.len() == start.len() + 1 && e.starts_with(start) && e[start.len()] == 0 {
+                if let Some(kv) = self.key_at(start, rev)? {
+                    visit(kv);
+                }
+                return Ok(());
+            }
+        }
+        self.visit_at(start, end, rev, visit)
     }
 
     /// One page of `[start, end)` as of revision `requested` (0: the
@@ -489,6 +568,105 @@ impl<'e> Mvcc<'e> {
             Some(hi) => self.engine.scan(&lo, &hi, visit),
             None => Err(EngineError::Backend("table namespace has no upper bound".into())),
         }
+    }
+
+    /// The compaction whose history is still being removed, if any.
+    pub fn compaction_pending(&self) -> Result<Option<u64>, EngineError> {
+        Ok(self.compaction_cursor()?.map(|c| c.revision))
+    }
+
+    fn compaction_cursor(&self) -> Result<Option<CompactionCursor>, EngineError> {
+        match self.engine.get(&self.cursor_key())? {
+            Some(bytes) => Ok(Some(decode(&bytes, "compaction cursor")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The next step of removing compacted history: the batch to write, and
+    /// whether steps remain. Nothing to do gives an empty batch and `false`.
+    pub fn compaction_step(&self) -> Result<(WriteBatch, bool), EngineError> {
+        let mut batch = WriteBatch::new();
+        let more = match self.compaction_cursor()? {
+            Some(cursor) => self.compact_into(&mut batch, cursor)?,
+            None => false,
+        };
+        Ok((batch, more))
+    }
+
+    /// Removes, into `batch`, the history `cursor`'s compaction made
+    /// unreadable, visiting at most [`Mvcc::with_compaction_step`] records
+    /// from where the cursor stands: every version older than a key's newest
+    /// one at or below the compaction revision, and that one too if it is a
+    /// tombstone. Writes the advanced cursor (or removes it when done) and
+    /// returns whether steps remain.
+    fn compact_into(&self, batch: &mut WriteBatch, mut cursor: CompactionCursor) -> Result<bool, EngineError> {
+        let (lo, hi) = self.history_bounds(&[], None);
+        let from = if cursor.after.is_empty() {
+            lo
+        } else {
+            let mut k = cursor.after.clone();
+            k.push(0);
+            k
+        };
+        let revision = cursor.revision;
+        let prefix_len = self.ns.len() + 1;
+        let budget = self.compaction_step;
+        if crate::canary::active(crate::canary::Canary::CompactionStepDropsVersion) {
+            // The canary takes a step boundary for the end of the key it
+            // stopped inside, and drops the newest version it carried.
+            if let Some((_, ek, _)) = cursor.newest.take() {
+                batch.delete(ek);
+            }
+        }
+        let mut visited = 0usize;
+        let mut stopped = false;
+        let mut err = None;
+        self.engine.scan(&from, &hi, &mut |k, v| {
+            let (key, at) = match split_escaped(&k[prefix_len..]) {
+                Ok(x) => x,
+                Err(e) => {
+                    err = Some(e);
+                    return false;
+                }
+            };
+            if cursor.newest.as_ref().is_some_and(|(nk, _, _)| *nk != key) {
+                if let Some((_, ek, true)) = cursor.newest.take() {
+                    batch.delete(ek);
+                }
+                cursor.newest = None;
+            }
+            if at <= revision {
+                let tomb = match decode::<Version>(v, "history record") {
+                    Ok(ver) => ver.value.is_none(),
+                    Err(e) => {
+                        err = Some(e);
+                        return false;
+                    }
+                };
+                if let Some((_, ek, _)) = cursor.newest.replace((key, k.to_vec(), tomb)) {
+                    batch.delete(ek);
+                }
+            }
+            visited += 1;
+            if visited >= budget {
+                cursor.after = k.to_vec();
+                stopped = true;
+                return false;
+            }
+            true
+        })?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        if stopped {
+            batch.put(self.cursor_key(), encode(&cursor));
+            return Ok(true);
+        }
+        if let Some((_, ek, true)) = cursor.newest {
+            batch.delete(ek);
+        }
+        batch.delete(self.cursor_key());
+        Ok(false)
     }
 
     /// A 32-bit hash of the key-values live at `revision` (0: the current
@@ -806,28 +984,51 @@ impl WriteTxn<'_, '_> {
         }
     }
 
-    fn live_now(&self, start: &[u8], end: Option<&[u8]>) -> Result<Vec<KeyValue>, EngineError> {
-        let base = self.store.live_now(start, end)?;
-        if self.overlay.is_empty() {
-            return Ok(base);
+    /// Visits the live key-values of `[start, end)` as this transaction sees
+    /// them (its own writes over the table's), in key order, until `visit`
+    /// returns false.
+    fn visit_now(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        visit: &mut dyn FnMut(KeyValue) -> bool,
+    ) -> Result<(), EngineError> {
+        if end.is_some_and(|e| e <= start) {
+            return Ok(());
         }
-        let mut merged: BTreeMap<Vec<u8>, KeyValue> = base.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
-        let upper = end.map(|e| e.to_vec());
-        let in_range = |k: &[u8]| k >= start && upper.as_deref().is_none_or(|e| k < e);
-        for (k, l) in &self.overlay {
-            if !in_range(k) {
-                continue;
-            }
-            match l {
-                Some(l) => {
-                    merged.insert(k.clone(), l.to_kv(k));
+        let upper = match end {
+            Some(e) => Bound::Excluded(e),
+            None => Bound::Unbounded,
+        };
+        let mut written = self.overlay.range::<[u8], _>((Bound::Included(start), upper)).peekable();
+        let mut go = true;
+        self.store.visit_now(start, end, &mut |kv| {
+            // This transaction's writes to keys before this one come first.
+            while let Some((k, l)) = written.next_if(|(k, _)| k.as_slice() < kv.key.as_slice()) {
+                if let Some(l) = l {
+                    if !visit(l.to_kv(k)) {
+                        go = false;
+                        return false;
+                    }
                 }
-                None => {
-                    merged.remove(k);
+            }
+            go = match written.next_if(|(k, _)| k.as_slice() == kv.key.as_slice()) {
+                Some((k, Some(l))) => visit(l.to_kv(k)),
+                Some((_, None)) => true,
+                None => visit(kv),
+            };
+            go
+        })?;
+        if go {
+            for (k, l) in written {
+                if let Some(l) = l {
+                    if !visit(l.to_kv(k)) {
+                        break;
+                    }
                 }
             }
         }
-        Ok(merged.into_values().collect())
+        Ok(())
     }
 
     /// Checks that a range inside the transaction can be served, before any
@@ -837,21 +1038,31 @@ impl WriteTxn<'_, '_> {
         self.store.resolve_read_revision(self.state, req.revision).map(|_| ())
     }
 
+    /// A range inside the transaction, holding at most about
+    /// [`TXN_RANGE_BYTES_MAX`] in memory whatever the range's size (a
+    /// larger answer refuses the transaction on every replica alike).
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, MvccError> {
         req.validate()?;
         let rev = self.store.resolve_read_revision(self.state, req.revision)?;
         let (start, end) = interval(&req.key, &req.range_end);
+        let limit = self.store.txn_range_bytes;
+        let mut selection = Selection::new(req, limit);
+        let mut count = 0u64;
+        let mut offer = |kv: KeyValue| {
+            count += 1;
+            selection.offer(kv)
+        };
         // Only a read at "latest" sees this transaction's own writes; an
         // explicit revision reads the table as it was at that revision.
-        let kvs = if req.revision == 0 {
-            self.live_now(&start, end.as_deref())?
+        if req.revision == 0 {
+            self.visit_now(&start, end.as_deref(), &mut offer)?;
         } else if rev == self.state.current {
-            self.store.live_now(&start, end.as_deref())?
+            self.store.visit_now(&start, end.as_deref(), &mut offer)?;
         } else {
-            self.store.live_at(&start, end.as_deref(), rev)?
-        };
-        let count = kvs.len() as u64;
-        Ok(shape_range(req, kvs, count, self.visible_revision()))
+            self.store.visit_past(&start, end.as_deref(), rev, &mut offer)?;
+        }
+        let kvs = selection.finish()?;
+        within_limit(shape_range(req, kvs, count, self.visible_revision()), limit)
     }
 
     fn record(&mut self, key: &[u8], latest: Option<Latest>) {
@@ -886,7 +1097,16 @@ impl WriteTxn<'_, '_> {
     pub fn delete_range(&mut self, req: &DeleteRangeRequest) -> Result<DeleteRangeResponse, MvccError> {
         req.validate()?;
         let (start, end) = interval(&req.key, &req.range_end);
-        let doomed = self.live_now(&start, end.as_deref())?;
+        // The keys to delete (and their values only if asked for): the
+        // batch holds a tombstone for each of them anyway.
+        let mut doomed = Vec::new();
+        self.visit_now(&start, end.as_deref(), &mut |mut kv| {
+            if !req.prev_kv {
+                kv.value = Vec::new();
+            }
+            doomed.push(kv);
+            true
+        })?;
         for kv in &doomed {
             self.record(&kv.key, None);
         }
@@ -909,8 +1129,19 @@ impl WriteTxn<'_, '_> {
         } else if c.range_end.is_empty() {
             self.latest(&c.key)?.map(|l| l.to_kv(&c.key)).into_iter().collect()
         } else {
+            // A range compare holds when every key in the range satisfies it:
+            // checked key by key, stopping at the first that does not.
             let (start, end) = interval(&c.key, &c.range_end);
-            self.live_now(&start, end.as_deref())?
+            let (mut seen, mut holds) = (false, true);
+            self.visit_now(&start, end.as_deref(), &mut |kv| {
+                seen = true;
+                holds = compare_one(c, &kv);
+                holds
+            })?;
+            if seen {
+                return Ok(holds);
+            }
+            Vec::new()
         };
         if kvs.is_empty() {
             if matches!(c.target, CompareTarget::Value(_)) {
@@ -950,9 +1181,11 @@ impl WriteTxn<'_, '_> {
         Ok(TxnResponse { revision: self.visible_revision(), succeeded, responses })
     }
 
-    /// Compacts history below `revision`: every version older than the newest
-    /// one at or below `revision` is dropped, and so is that one if it is a
-    /// tombstone. Takes no revision of its own.
+    /// Compacts history below `revision`: reads below it are refused from
+    /// now on, and its first removal step runs (see
+    /// [`Mvcc::compaction_step`] for the rest; a compaction still being
+    /// removed is superseded, since removing below `revision` covers it).
+    /// Takes no revision of its own.
     pub fn compact(&mut self, revision: u64) -> Result<CompactResponse, MvccError> {
         if revision > self.state.current {
             return Err(KvError::FutureRevision { requested: revision, current: self.state.current }.into());
@@ -960,48 +1193,8 @@ impl WriteTxn<'_, '_> {
         if revision <= self.state.compacted {
             return Err(KvError::Compacted { requested: revision, compacted: self.state.compacted }.into());
         }
-        let (lo, hi) = self.store.history_bounds(&[], None);
-        let prefix_len = self.store.ns.len() + 1;
-        let mut doomed: Vec<Vec<u8>> = Vec::new();
-        // (key, engine key, is tombstone) of the newest version <= revision so far.
-        let mut newest: Option<(Vec<u8>, Vec<u8>, bool)> = None;
-        let mut err = None;
-        self.store.engine.scan(&lo, &hi, &mut |k, v| {
-            let (key, at) = match split_escaped(&k[prefix_len..]) {
-                Ok(x) => x,
-                Err(e) => {
-                    err = Some(e);
-                    return false;
-                }
-            };
-            if newest.as_ref().is_some_and(|(nk, _, _)| *nk != key) {
-                if let Some((_, ek, true)) = newest.take() {
-                    doomed.push(ek);
-                }
-            }
-            if at <= revision {
-                let tomb = match decode::<Version>(v, "history record") {
-                    Ok(ver) => ver.value.is_none(),
-                    Err(e) => {
-                        err = Some(e);
-                        return false;
-                    }
-                };
-                if let Some((_, ek, _)) = newest.replace((key, k.to_vec(), tomb)) {
-                    doomed.push(ek);
-                }
-            }
-            true
-        })?;
-        if let Some(e) = err {
-            return Err(e.into());
-        }
-        if let Some((_, ek, true)) = newest {
-            doomed.push(ek);
-        }
-        for k in doomed {
-            self.batch.delete(k);
-        }
+        let cursor = CompactionCursor { revision, after: Vec::new(), newest: None };
+        self.store.compact_into(&mut self.batch, cursor)?;
         self.state.compacted = revision;
         self.compacted = true;
         Ok(CompactResponse { revision: self.state.current })

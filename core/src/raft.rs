@@ -29,7 +29,7 @@ use openraft::type_config::alias::{EntryOf, LogIdOf, SnapshotMetaOf, SnapshotOf,
 use openraft::{AsyncRuntime, EntryPayload, LogState, RaftLogReader, RaftSnapshotBuilder, RaftTypeConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::command::{Catalog, Command, CommandResponse, GroupId};
+use crate::command::{Catalog, Command, CommandResponse, GroupId, TableCommand, TableReply};
 use crate::engine::{prefix_end, Engine, EngineError, WriteBatch};
 use crate::mvcc::Mvcc;
 use crate::snapshot::{begin_install, GroupView, InstallGate, SnapshotData, SNAPSHOT_CHUNK_BYTES};
@@ -407,6 +407,8 @@ pub struct StateMachine<RT> {
     flusher: Arc<dyn Flusher>,
     observer: Option<Arc<dyn ApplyObserver>>,
     retention: u64,
+    /// History records one compaction step visits.
+    compaction_step: usize,
     gate: Arc<InstallGate>,
     chunk_bytes: usize,
     /// The last snapshot built: what is sent to a replica that fell behind
@@ -430,6 +432,7 @@ impl<RT: Runtime> StateMachine<RT> {
             flusher,
             observer: None,
             retention: crate::mvcc::replication::CHANGELOG_RETENTION_DEFAULT,
+            compaction_step: crate::mvcc::COMPACTION_STEP_RECORDS,
             gate: Arc::default(),
             chunk_bytes: SNAPSHOT_CHUNK_BYTES,
             current: None,
@@ -453,6 +456,12 @@ impl<RT: Runtime> StateMachine<RT> {
     /// Revisions of changelog each table keeps (see [`crate::mvcc::replication`]).
     pub fn with_retention(mut self, revisions: u64) -> Self {
         self.retention = revisions.max(1);
+        self
+    }
+
+    /// History records each compaction step visits (see [`crate::mvcc`]).
+    pub fn with_compaction_step(mut self, records: usize) -> Self {
+        self.compaction_step = records.max(1);
         self
     }
 
@@ -487,7 +496,13 @@ impl<RT: Runtime> StateMachine<RT> {
         let ns = data_ns(self.group);
         match (self.kind, cmd) {
             (GroupKind::Table, Command::Table(t)) => {
-                let (b, r) = t.execute(&Mvcc::new(&*self.engine, ns).with_retention(self.retention)).map_err(io_err)?;
+                let (b, r) = t
+                    .execute(
+                        &Mvcc::new(&*self.engine, ns)
+                            .with_retention(self.retention)
+                            .with_compaction_step(self.compaction_step),
+                    )
+                    .map_err(io_err)?;
                 Ok((b, CommandResponse::Table(r)))
             }
             (GroupKind::Meta, Command::Meta(m)) => {
@@ -496,6 +511,62 @@ impl<RT: Runtime> StateMachine<RT> {
             }
             _ => Ok((WriteBatch::new(), CommandResponse::WrongGroup)),
         }
+    }
+
+    /// Applies a follower cluster's snapshot commit: checks the staged
+    /// snapshot and copies it into place a bounded batch at a time, on
+    /// blocking threads, with the group's read gate closed (a half-copied
+    /// table is never read). Returns the last batch (to be written with the
+    /// applied index), the reply, and whether the gate is to be reopened
+    /// after that write. A crash in between is finished when the group
+    /// reopens ([`crate::mvcc::Mvcc::recover_swap`]).
+    fn swap_in(
+        &mut self,
+        revision: u64,
+        count: u64,
+        digest: u64,
+    ) -> impl Future<Output = Result<(WriteBatch, CommandResponse, bool), io::Error>> + Send + '_ {
+        // An explicit `Send` future: the compiler cannot prove an inferred
+        // one `Send` for every caller's lifetimes.
+        async move { self.swap_in_inner(revision, count, digest).await }
+    }
+
+    async fn swap_in_inner(
+        &mut self,
+        revision: u64,
+        count: u64,
+        digest: u64,
+    ) -> Result<(WriteBatch, CommandResponse, bool), io::Error> {
+        let reply = |r| CommandResponse::Table(Ok(TableReply::SnapshotCommitted(r)));
+        let (engine, group, chunk_bytes) = (self.engine.clone(), self.group, self.chunk_bytes);
+        let checked = RT::spawn_blocking(move || {
+            let store = Mvcc::new(&*engine, data_ns(group));
+            store.check_staged(revision, count, digest).map(|c| c.map_err(|r| (store.refuse_staged(&r), r)))
+        })
+        .await?
+        .map_err(io_err)?;
+        if let Err((batch, refusal)) = checked {
+            return Ok((batch, reply(Err(refusal)), false));
+        }
+        self.gate.close();
+        let (batch, mut swap) = Mvcc::new(&*self.engine, data_ns(group)).begin_swap(revision);
+        self.engine.write(batch).map_err(io_err)?;
+        loop {
+            let engine = self.engine.clone();
+            let (back, done) = RT::spawn_blocking(move || {
+                let step = Mvcc::new(&*engine, data_ns(group)).swap_step(&mut swap, chunk_bytes);
+                let done = step.and_then(|(batch, done)| engine.write(batch).map(|_| done));
+                (swap, done)
+            })
+            .await?;
+            swap = back;
+            if done.map_err(io_err)? {
+                break;
+            }
+            crate::snapshot::yield_now().await;
+        }
+        let batch = Mvcc::new(&*self.engine, data_ns(group)).finish_swap(&swap);
+        Ok((batch, reply(Ok(swap.current())), true))
     }
 
     /// A view as an openraft snapshot (its metadata is the view's applied state).
@@ -541,16 +612,34 @@ impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
             let log_id = entry.log_id;
-            let (mut batch, response) = match &entry.payload {
-                EntryPayload::Blank => (WriteBatch::new(), CommandResponse::Empty),
-                EntryPayload::Normal(cmd) => self.execute(cmd)?,
-                EntryPayload::Membership(m) => {
-                    membership = openraft::StoredMembership::new(Some(log_id), m.clone());
-                    (WriteBatch::new(), CommandResponse::Empty)
+            let swap = match &entry.payload {
+                EntryPayload::Normal(Command::Table(TableCommand::SnapshotCommit { revision, count, digest }))
+                    if self.kind == GroupKind::Table =>
+                {
+                    Some((*revision, *count, *digest))
+                }
+                _ => None,
+            };
+            let mut swapped = false;
+            let (mut batch, response) = if let Some((revision, count, digest)) = swap {
+                let (b, r, s) = self.swap_in(revision, count, digest).await?;
+                swapped = s;
+                (b, r)
+            } else {
+                match &entry.payload {
+                    EntryPayload::Blank => (WriteBatch::new(), CommandResponse::Empty),
+                    EntryPayload::Normal(cmd) => self.execute(cmd)?,
+                    EntryPayload::Membership(m) => {
+                        membership = openraft::StoredMembership::new(Some(log_id), m.clone());
+                        (WriteBatch::new(), CommandResponse::Empty)
+                    }
                 }
             };
             batch.put(self.applied_key(), enc(&(Some(log_id), membership.clone())));
             self.engine.write(batch).map_err(io_err)?;
+            if swapped {
+                self.gate.open();
+            }
             if let Some(obs) = &self.observer {
                 let digest = if obs.wants_digest() {
                     let mut h = crate::mvcc::Fnv64::new();

@@ -494,13 +494,13 @@ impl InstallGate {
         self.epoch.load(Ordering::SeqCst) % 2 == 1
     }
 
-    fn close(&self) {
+    pub(crate) fn close(&self) {
         if !self.installing() {
             self.epoch.fetch_add(1, Ordering::SeqCst);
         }
     }
 
-    fn open(&self) {
+    pub(crate) fn open(&self) {
         if self.installing() {
             self.epoch.fetch_add(1, Ordering::SeqCst);
         }

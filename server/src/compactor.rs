@@ -3,6 +3,9 @@
 //! proposes each compaction it decides through the table's Raft group, on
 //! the node that leads the table. Follower clusters do not run it: they
 //! compact to the leader cluster's revision (see `replication`).
+//!
+//! On every cluster, [`run_steps`] finishes what each compaction leaves to
+//! remove, one bounded [`TableCommand::CompactStep`] at a time.
 
 use std::sync::Weak;
 use std::time::Duration;
@@ -11,7 +14,7 @@ use armada_core::compaction::{AutoCompactor, Retention};
 use armada_core::mvcc::Mvcc;
 use armada_core::raft::data_ns;
 use armada_core::{GroupId, TableCommand};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::node::{ApiError, Node};
 
@@ -50,6 +53,41 @@ pub async fn run(node: Weak<Node>, retention: Retention) {
                 // Compacted meanwhile by a client, or leadership moved.
                 Err(ApiError::Kv(armada_core::kv::KvError::Compacted { .. })) => {}
                 Err(e) => warn!(table = %g.name, revision = target, "auto-compaction failed: {e}"),
+            }
+        }
+    }
+}
+
+/// How often each table this node leads is checked for compacted history
+/// still to remove.
+pub const COMPACTION_STEP_CHECK: Duration = Duration::from_millis(250);
+
+/// Proposes [`TableCommand::CompactStep`]s for every table this node leads
+/// until no compacted history is left to remove; runs until the node is
+/// dropped. One step at a time through Raft, so client writes interleave
+/// with a long removal and every replica removes the same records at the
+/// same log entry.
+pub async fn run_steps(node: Weak<Node>) {
+    loop {
+        tokio::time::sleep(COMPACTION_STEP_CHECK).await;
+        let Some(node) = node.upgrade() else { return };
+        for g in node.groups() {
+            if g.id == GroupId::META {
+                continue;
+            }
+            loop {
+                let pending = Mvcc::new(&**node.engine(), data_ns(g.id)).compaction_pending();
+                if !matches!(pending, Ok(Some(_))) || !node.is_leader(&g) {
+                    break;
+                }
+                match node.write_internal(&g.name, TableCommand::CompactStep).await {
+                    Ok((armada_core::command::TableReply::CompactStepped { more: true }, _)) => {}
+                    Ok(_) => break,
+                    Err(e) => {
+                        debug!(table = %g.name, "compaction step failed (retried later): {e}");
+                        break;
+                    }
+                }
             }
         }
     }

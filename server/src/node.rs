@@ -83,6 +83,9 @@ pub struct RaftTuning {
     /// A revision larger than this is sent to follower clusters in parts of
     /// about this size (each part one change-stream message).
     pub revision_part_bytes: usize,
+    /// History records one compaction step visits: how long a compaction
+    /// holds a table's apply path at a time (see `armada_core::mvcc`).
+    pub compaction_step_records: usize,
 }
 
 impl Default for RaftTuning {
@@ -107,6 +110,7 @@ impl Default for RaftTuning {
             auto_compaction: armada_core::compaction::Retention::Off,
             max_response_bytes: MAX_RESPONSE_BYTES_DEFAULT,
             revision_part_bytes: crate::replication::BATCH_BYTES_MAX,
+            compaction_step_records: armada_core::mvcc::COMPACTION_STEP_RECORDS,
         }
     }
 }
@@ -432,6 +436,7 @@ impl Node {
             }
         });
         tokio::spawn(crate::compactor::run(Arc::downgrade(&node), node.cfg.raft.auto_compaction));
+        tokio::spawn(crate::compactor::run_steps(Arc::downgrade(&node)));
         tokio::spawn(crate::snapshots::run(
             Arc::downgrade(&node),
             armada_core::snapshot::BuildPolicy { after_logs: node.cfg.raft.snapshot_after_logs },
@@ -494,10 +499,20 @@ impl Node {
             Ok(false) => {}
             Err(e) => return Err(ApiError::Internal(format!("group {id}: recovering a snapshot install: {e}"))),
         }
+        // Likewise a follower cluster's snapshot swap (a table of a follower
+        // cluster replaced by the leader cluster's snapshot).
+        if kind == GroupKind::Table {
+            match recover_swap(&*self.engine, id, self.cfg.raft.snapshot_chunk_bytes) {
+                Ok(true) => info!(group = %id, "finished a follower snapshot swap interrupted by a restart"),
+                Ok(false) => {}
+                Err(e) => return Err(ApiError::Internal(format!("group {id}: recovering a snapshot swap: {e}"))),
+            }
+        }
         let gate = Arc::new(InstallGate::default());
         let log = LogStore::new(self.engine.clone(), id, self.flusher.clone());
         let sm = StateMachine::new(self.engine.clone(), id, kind, self.flusher.clone())
             .with_retention(self.cfg.raft.history_retention)
+            .with_compaction_step(self.cfg.raft.compaction_step_records)
             .with_gate(gate.clone())
             .with_chunk_bytes(self.cfg.raft.snapshot_chunk_bytes)
             .with_observer(Some(self.notifier.clone() as Arc<dyn ApplyObserver>));
@@ -1142,4 +1157,10 @@ impl Node {
             let _ = g.raft.shutdown().await;
         }
     }
+}
+
+/// Finishes a follower snapshot swap of table group `id` that a restart
+/// interrupted (see `Mvcc::recover_swap`).
+fn recover_swap(engine: &dyn Engine, id: GroupId, batch_bytes: usize) -> Result<bool, armada_core::EngineError> {
+    Mvcc::new(engine, armada_core::raft::data_ns(id)).recover_swap(batch_bytes, &mut |b| engine.write(b))
 }

@@ -224,6 +224,11 @@ pub struct Scenario {
     /// about this size (0: the production default).
     #[serde(default)]
     pub revision_part_bytes: usize,
+    /// History records one compaction step removes at most (0: the
+    /// production default); small, so that compactions of the simulator's
+    /// small tables take many steps with writes and faults between them.
+    #[serde(default)]
+    pub compaction_step_records: usize,
 }
 
 fn d_liveness() -> u64 {

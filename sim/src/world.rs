@@ -1127,6 +1127,11 @@ fn build_cluster(handle: &Handle, sc: &Scenario, cluster: u64, nodes: u64, share
         } else {
             sc.revision_part_bytes
         },
+        compaction_step_records: if sc.compaction_step_records == 0 {
+            RaftTuning::default().compaction_step_records
+        } else {
+            sc.compaction_step_records
+        },
         auto_compaction: if sc.auto_compaction_ms == 0 {
             armada_core::compaction::Retention::Off
         } else {

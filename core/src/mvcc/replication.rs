@@ -372,24 +372,54 @@ impl Mvcc<'_> {
     }
 
     /// Swaps the staged snapshot in as the table at `revision` if it has
-    /// `count` keys with `digest` (see [`kvs_digest`]).
+    /// `count` keys with `digest` (see [`kvs_digest`]), all in one batch:
+    /// [`Mvcc::check_staged`], then [`Mvcc::begin_swap`], every
+    /// [`Mvcc::swap_step`] and [`Mvcc::finish_swap`]. A replica's state
+    /// machine runs those pieces as separate writes instead (behind its read
+    /// gate), so that swapping in a table of any size holds a bounded batch.
     pub fn commit_snapshot(
         &self,
         revision: u64,
         count: u64,
         digest: u64,
     ) -> Result<(WriteBatch, Result<u64, SnapshotRefusal>), EngineError> {
+        if let Err(refusal) = self.check_staged(revision, count, digest)? {
+            return Ok((self.refuse_staged(&refusal), Err(refusal)));
+        }
+        let (mut wb, mut swap) = self.begin_swap(revision);
+        loop {
+            let (b, done) = self.swap_step(&mut swap, usize::MAX)?;
+            wb.extend(b);
+            if done {
+                break;
+            }
+        }
+        let current = swap.current;
+        wb.extend(self.finish_swap(&swap));
+        Ok((wb, Ok(current)))
+    }
+
+    /// Whether the staged snapshot may replace the table at `revision`: the
+    /// table is behind it, and the staged key-values are `count` with
+    /// `digest`. Reads the staging one key-value at a time.
+    pub fn check_staged(
+        &self,
+        revision: u64,
+        count: u64,
+        digest: u64,
+    ) -> Result<Result<(), SnapshotRefusal>, EngineError> {
         let state = self.rev_state()?;
         if state.current >= revision {
-            return Ok((WriteBatch::new(), Err(SnapshotRefusal::Behind { current: state.current })));
+            return Ok(Err(SnapshotRefusal::Behind { current: state.current }));
         }
-        let lo = self.key_with(b'z', &[]);
-        let hi = self.key_with(b'z' + 1, &[]);
-        let mut staged: Vec<KeyValue> = Vec::new();
+        let (lo, hi) = (self.key_with(b'z', &[]), self.key_with(b'z' + 1, &[]));
+        let mut h = Fnv64::new();
+        let mut staged = 0u64;
         let mut err = None;
         self.engine.scan(&lo, &hi, &mut |_, v| match decode::<KeyValue>(v, "staged snapshot entry") {
             Ok(kv) => {
-                staged.push(kv);
+                digest_kv(&mut h, &kv);
+                staged += 1;
                 true
             }
             Err(e) => {
@@ -400,37 +430,142 @@ impl Mvcc<'_> {
         if let Some(e) = err {
             return Err(e);
         }
-        let skip_first = crate::canary::active(crate::canary::Canary::SnapshotSkipFirst);
-        if staged.len() as u64 != count || kvs_digest(&staged) != digest {
-            let mut wb = WriteBatch::new();
-            wb.delete_range(lo, hi);
-            return Ok((wb, Err(SnapshotRefusal::Mismatch { staged: staged.len() as u64, expected: count })));
+        if staged != count || h.finish() != digest {
+            return Ok(Err(SnapshotRefusal::Mismatch { staged, expected: count }));
         }
+        Ok(Ok(()))
+    }
+
+    /// The batch that goes with a refusal: a mismatched staging is dropped.
+    pub fn refuse_staged(&self, refusal: &SnapshotRefusal) -> WriteBatch {
         let mut wb = WriteBatch::new();
-        // Everything of the old table goes: latest, history, changelog.
-        for tag in [b'l', b'h', b'c'] {
-            wb.delete_range(self.key_with(tag, &[]), self.key_with(tag + 1, &[]));
+        if matches!(refusal, SnapshotRefusal::Mismatch { .. }) {
+            wb.delete_range(self.key_with(b'z', &[]), self.key_with(b'z' + 1, &[]));
         }
-        wb.delete_range(lo, hi);
-        for kv in &staged {
-            let version =
-                Version { create_revision: kv.create_revision, version: kv.version, value: Some(kv.value.clone()) };
-            wb.put(self.history_key(&kv.key, kv.mod_revision), encode(&version));
-            wb.put(
-                self.latest_key(&kv.key),
-                encode(&Latest {
-                    create_revision: kv.create_revision,
-                    mod_revision: kv.mod_revision,
-                    version: kv.version,
-                    value: kv.value.clone(),
-                }),
-            );
-        }
+        wb
+    }
+
+    /// Starts swapping a checked staging in as the table at `revision`: the
+    /// batch records the swap (so that a restart finishes it, see
+    /// [`Mvcc::recover_swap`]) and removes everything of the old table
+    /// (latest records, history, changelog, a compaction in progress).
+    /// Until [`Mvcc::finish_swap`]'s batch is written the table is half
+    /// copied: its readers must be kept out.
+    pub fn begin_swap(&self, revision: u64) -> (WriteBatch, SnapshotSwap) {
         // The canary claims one revision more than the snapshot holds, so
         // the follower skips the first revision after the seam.
+        let skip_first = crate::canary::active(crate::canary::Canary::SnapshotSkipFirst);
         let current = if skip_first { revision + 1 } else { revision };
-        wb.put(self.rev_key(), encode(&RevState { current, compacted: revision }));
-        Ok((wb, Ok(current)))
+        let swap = SnapshotSwap { revision, current, cursor: self.key_with(b'z', &[]) };
+        let mut wb = WriteBatch::new();
+        wb.put(self.swap_key(), encode(&(swap.revision, swap.current)));
+        for tag in [b'l', b'h', b'c', b'p'] {
+            wb.delete_range(self.key_with(tag, &[]), self.key_with(tag + 1, &[]));
+        }
+        (wb, swap)
+    }
+
+    /// Copies the next staged key-values into place, about `max_bytes` of
+    /// them (at least one); `true` once all are.
+    pub fn swap_step(&self, swap: &mut SnapshotSwap, max_bytes: usize) -> Result<(WriteBatch, bool), EngineError> {
+        let hi = self.key_with(b'z' + 1, &[]);
+        let mut wb = WriteBatch::new();
+        let mut bytes = 0usize;
+        let mut last = None;
+        let mut err = None;
+        self.engine.scan(&swap.cursor, &hi, &mut |k, v| {
+            let kv = match decode::<KeyValue>(v, "staged snapshot entry") {
+                Ok(kv) => kv,
+                Err(e) => {
+                    err = Some(e);
+                    return false;
+                }
+            };
+            let latest = Latest {
+                create_revision: kv.create_revision,
+                mod_revision: kv.mod_revision,
+                version: kv.version,
+                value: kv.value,
+            };
+            let version =
+                Version { create_revision: kv.create_revision, version: kv.version, value: Some(latest.value.clone()) };
+            wb.put(self.history_key(&kv.key, kv.mod_revision), encode(&version));
+            wb.put(self.latest_key(&kv.key), encode(&latest));
+            bytes += k.len() + v.len();
+            last = Some(k.to_vec());
+            bytes < max_bytes
+        })?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        match last {
+            Some(mut k) if bytes >= max_bytes => {
+                k.push(0);
+                swap.cursor = k;
+                Ok((wb, false))
+            }
+            _ => {
+                swap.cursor = hi;
+                Ok((wb, true))
+            }
+        }
+    }
+
+    /// Ends a swap whose every [`Mvcc::swap_step`] is written: drops the
+    /// staging and the swap record, and sets the table's revision.
+    pub fn finish_swap(&self, swap: &SnapshotSwap) -> WriteBatch {
+        let mut wb = WriteBatch::new();
+        wb.delete_range(self.key_with(b'z', &[]), self.key_with(b'z' + 1, &[]));
+        wb.delete(self.swap_key());
+        wb.put(self.rev_key(), encode(&RevState { current: swap.current, compacted: swap.revision }));
+        wb
+    }
+
+    /// Finishes a swap a restart interrupted (run when the group opens,
+    /// before anything reads the table), writing each batch through
+    /// `write`. Returns whether there was one.
+    pub fn recover_swap(
+        &self,
+        max_bytes: usize,
+        write: &mut dyn FnMut(WriteBatch) -> Result<(), EngineError>,
+    ) -> Result<bool, EngineError> {
+        let Some(bytes) = self.engine.get(&self.swap_key())? else { return Ok(false) };
+        let (revision, current): (u64, u64) = decode(&bytes, "snapshot swap record")?;
+        // Part of the copy may be done: start it over.
+        let (wb, mut swap) = self.begin_swap(revision);
+        swap.current = current;
+        write(wb)?;
+        loop {
+            let (wb, done) = self.swap_step(&mut swap, max_bytes)?;
+            write(wb)?;
+            if done {
+                break;
+            }
+        }
+        write(self.finish_swap(&swap))?;
+        Ok(true)
+    }
+
+    fn swap_key(&self) -> Vec<u8> {
+        self.key_with(b'w', &[])
+    }
+}
+
+/// A checked follower snapshot being copied into place (see
+/// [`Mvcc::begin_swap`]).
+#[derive(Debug, Clone)]
+pub struct SnapshotSwap {
+    revision: u64,
+    /// The table's revision once swapped in.
+    current: u64,
+    /// The next staged key to copy.
+    cursor: Vec<u8>,
+}
+
+impl SnapshotSwap {
+    /// The table's revision once the swap is finished.
+    pub fn current(&self) -> u64 {
+        self.current
     }
 }
 
@@ -674,5 +809,61 @@ mod tests {
         // A second commit of the same snapshot is refused: the follower is past it.
         let (_, r) = Mvcc::new(&follower, b"t".to_vec()).commit_snapshot(s, 0, 0).unwrap();
         assert!(matches!(r, Err(SnapshotRefusal::Behind { .. })));
+    }
+
+    #[test]
+    fn a_snapshot_swap_cut_short_by_a_restart_is_finished_exactly() {
+        let leader = MemEngine::new();
+        for v in 0..40u8 {
+            let put = PutRequest { key: vec![b'k', v % 13], value: vec![v; 50], prev_kv: false };
+            run(&leader, 100, &TableCommand::Put(put));
+        }
+        let lstore = Mvcc::new(&leader, b"t".to_vec());
+        let s = lstore.rev_state().unwrap().current;
+        let kvs = lstore.snapshot_at(s).unwrap();
+        // The follower holds an older table, with a compaction still being
+        // removed in steps: the swap replaces all of it.
+        let follower = MemEngine::new();
+        for v in 0..6u8 {
+            let put = PutRequest { key: vec![b'k', v % 2], value: vec![v], prev_kv: false };
+            run(&follower, 100, &TableCommand::Put(put));
+        }
+        let fstore = Mvcc::new(&follower, b"t".to_vec()).with_compaction_step(1);
+        let mut txn = fstore.begin().unwrap();
+        txn.compact(5).unwrap();
+        follower.write(txn.finish().0).unwrap();
+        assert_eq!(fstore.compaction_pending().unwrap(), Some(5));
+        for (i, chunk) in kvs.chunks(4).enumerate() {
+            run(&follower, 100, &TableCommand::SnapshotChunk { revision: s, first: i == 0, kvs: chunk.to_vec() });
+        }
+        assert_eq!(fstore.check_staged(s, kvs.len() as u64, kvs_digest(&kvs)).unwrap(), Ok(()));
+        let (wb, mut swap) = fstore.begin_swap(s);
+        follower.write(wb).unwrap();
+        let (wb, done) = fstore.swap_step(&mut swap, 200).unwrap();
+        assert!(!done, "200 bytes is a few of {} key-values", kvs.len());
+        follower.write(wb).unwrap();
+        // The restart: the group reopens and finishes the swap in small batches.
+        let mut batches = 0;
+        let recovered = fstore
+            .recover_swap(200, &mut |b| {
+                batches += 1;
+                follower.write(b)
+            })
+            .unwrap();
+        assert!(recovered && batches > 3, "{batches} batches");
+        assert_eq!(digest(&follower), digest(&leader));
+        assert_eq!(fstore.rev_state().unwrap(), RevState { current: s, compacted: s });
+        assert_eq!(fstore.compaction_pending().unwrap(), None, "the old table's compaction went with it");
+        assert!(!fstore.recover_swap(200, &mut |b| follower.write(b)).unwrap(), "nothing left to finish");
+        // Only the new table's records are left: its latest records, one
+        // history record per key and the revision state.
+        let mut pairs = 0;
+        follower
+            .scan(b"t", b"u", &mut |_, _| {
+                pairs += 1;
+                true
+            })
+            .unwrap();
+        assert_eq!(pairs, 2 * kvs.len() + 1);
     }
 }

@@ -210,7 +210,12 @@ enum Resp {
 
 /// Runs `op` against the store, writing its batch only on success.
 fn store_apply(engine: &MemEngine, op: &Op) -> Result<Resp, KvError> {
-    let store = Mvcc::new(engine, b"t1/".to_vec());
+    store_apply_with(engine, op, COMPACTION_STEP_RECORDS)
+}
+
+/// [`store_apply`] with compaction steps of `step` history records.
+fn store_apply_with(engine: &MemEngine, op: &Op, step: usize) -> Result<Resp, KvError> {
+    let store = Mvcc::new(engine, b"t1/".to_vec()).with_compaction_step(step);
     let unwrap = |r: Result<Resp, MvccError>| match r {
         Ok(x) => Ok(x),
         Err(MvccError::Kv(e)) => Err(e),
@@ -340,6 +345,43 @@ proptest! {
             let state = Mvcc::new(&engine, b"t1/".to_vec()).rev_state().unwrap();
             prop_assert_eq!(state.current, model.current);
         }
+    }
+
+    /// Compactions removed in steps of 1 to 3 history records, with reads
+    /// and writes between the steps: every answer is the model's, and once
+    /// every step ran the stored pairs are exactly those of compactions
+    /// done at once.
+    #[test]
+    fn compaction_in_steps_answers_and_ends_like_compaction_at_once(
+        ops in prop::collection::vec(op(), 1..60),
+        step in 1usize..4,
+        steps_between in prop::collection::vec(0usize..3, 60),
+    ) {
+        let stepped = MemEngine::new();
+        let at_once = MemEngine::new();
+        let mut model = Model::new();
+        let store = Mvcc::new(&stepped, b"t1/".to_vec()).with_compaction_step(step);
+        for (i, op) in ops.iter().enumerate() {
+            let want = model.apply(op);
+            prop_assert_eq!(&store_apply_with(&stepped, op, step), &want, "op #{}: {:?}", i, op);
+            prop_assert_eq!(&store_apply_with(&at_once, op, usize::MAX), &want, "op #{}: {:?}", i, op);
+            for _ in 0..steps_between[i] {
+                let (batch, _) = store.compaction_step().unwrap();
+                stepped.write(batch).unwrap();
+            }
+        }
+        let mut steps = 0;
+        loop {
+            let (batch, more) = store.compaction_step().unwrap();
+            stepped.write(batch).unwrap();
+            steps += 1;
+            prop_assert!(steps < 1000, "compaction steps never end");
+            if !more {
+                break;
+            }
+        }
+        prop_assert_eq!(store.compaction_pending().unwrap(), None);
+        prop_assert_eq!(all_pairs(&stepped), all_pairs(&at_once));
     }
 }
 
@@ -487,4 +529,94 @@ fn ranges_hold_at_most_the_response_limit_whatever_the_range() {
         .unwrap();
     assert!(best.kvs.iter().all(|kv| kv.value[0] == b'z'), "the best three by value: {:?}", best.kvs);
     assert!(best.more);
+}
+
+fn all_pairs(engine: &MemEngine) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut out = Vec::new();
+    engine
+        .scan(&[], &[0xff; 8], &mut |k, v| {
+            out.push((k.to_vec(), v.to_vec()));
+            true
+        })
+        .unwrap();
+    out
+}
+
+#[test]
+fn a_compaction_step_keeps_the_version_it_stopped_inside() {
+    // One key with versions at 2, 3 and 4, compacted at 3, removed one
+    // record per step: the step that stops on version 3 must keep it (the
+    // newest at or below 3), and the next one must still drop version 2.
+    let engine = MemEngine::new();
+    let put = |v: &str| {
+        let op = Op::Txn(TxnRequest {
+            success: vec![RequestOp::Put(PutRequest { key: b"k".to_vec(), value: v.into(), prev_kv: false })],
+            ..Default::default()
+        });
+        store_apply_with(&engine, &op, 1).unwrap();
+    };
+    put("a");
+    put("b");
+    put("c");
+    store_apply_with(&engine, &Op::Compact(3), 1).unwrap();
+    let store = Mvcc::new(&engine, b"t1/".to_vec()).with_compaction_step(1);
+    assert_eq!(store.compaction_pending().unwrap(), Some(3));
+    let history = |e: &MemEngine| {
+        let (lo, hi) = store.history_bounds(&[], None);
+        let mut revs = Vec::new();
+        e.scan(&lo, &hi, &mut |k, _| {
+            revs.push(u64::from_be_bytes(k[k.len() - 8..].try_into().unwrap()));
+            true
+        })
+        .unwrap();
+        revs
+    };
+    assert_eq!(history(&engine), vec![2, 3, 4], "the first step only visited version 2");
+    while store.compaction_pending().unwrap().is_some() {
+        let (batch, _) = store.compaction_step().unwrap();
+        engine.write(batch).unwrap();
+    }
+    assert_eq!(history(&engine), vec![3, 4]);
+    let r = RangeRequest { key: b"k".to_vec(), revision: 3, ..Default::default() };
+    let Ok(Resp::Range(r)) = store_apply(&engine, &Op::Range(r)) else { panic!("range failed") };
+    assert_eq!(r.kvs[0].value, b"b");
+}
+
+#[test]
+fn a_range_inside_a_transaction_is_bounded_alike_on_every_replica() {
+    // The bound is TXN_RANGE_BYTES_MAX (60 MiB); 5,000 bytes here.
+    let engine = MemEngine::new();
+    let store = Mvcc::new(&engine, b"t1/".to_vec()).with_txn_range_bytes(5_000);
+    let run = |op: &TxnRequest| -> Result<TxnResponse, KvError> {
+        let mut txn = store.begin().unwrap();
+        match txn.txn(op) {
+            Ok(r) => {
+                engine.write(txn.finish().0).unwrap();
+                Ok(r)
+            }
+            Err(MvccError::Kv(e)) => Err(e),
+            Err(MvccError::Engine(e)) => panic!("engine failed: {e}"),
+        }
+    };
+    let keys = 60u64;
+    for i in 0..keys {
+        let put = PutRequest { key: format!("big{i:03}").into_bytes(), value: vec![b'v'; 100], prev_kv: false };
+        run(&TxnRequest { success: vec![RequestOp::Put(put)], ..Default::default() }).unwrap();
+    }
+    let before = all_pairs(&engine);
+    let all = RangeRequest { key: b"big".to_vec(), range_end: b"bih".to_vec(), ..Default::default() };
+    let put = RequestOp::Put(PutRequest { key: b"other".to_vec(), value: b"x".to_vec(), prev_kv: false });
+    // The whole range is more than the bound: the transaction is refused,
+    // its put included, and nothing is written.
+    for range in [all.clone(), RangeRequest { revision: 50, ..all.clone() }] {
+        let txn = TxnRequest { success: vec![put.clone(), RequestOp::Range(range)], ..Default::default() };
+        assert!(matches!(run(&txn), Err(KvError::ResponseTooLarge { .. })));
+        assert_eq!(all_pairs(&engine), before);
+    }
+    // With a limit it answers, counting every key, and the put applies.
+    let limited = RangeRequest { limit: 2, ..all };
+    let t = run(&TxnRequest { success: vec![put, RequestOp::Range(limited)], ..Default::default() }).unwrap();
+    let ResponseOp::Range(r) = &t.responses[1] else { panic!("not a range response") };
+    assert_eq!((r.kvs.len(), r.count, r.more), (2, keys, true));
+    assert_ne!(all_pairs(&engine), before);
 }
