@@ -24,6 +24,10 @@ pub const DEFAULT_NODE_ID: u64 = 1;
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest response limit: gRPC messages are capped at 64 MiB.
 pub const MAX_RESPONSE_BYTES_MAX: u64 = 60 << 20;
+
+/// Largest compaction step accepted: about a second of one table's apply
+/// path.
+pub const COMPACTION_STEP_RECORDS_MAX: usize = 1 << 20;
 /// Largest snapshot chunk: well inside the Raft transport's message cap.
 pub const SNAPSHOT_CHUNK_BYTES_MAX: usize = 64 << 20;
 
@@ -110,6 +114,12 @@ pub struct ServeArgs {
     /// [default: 50331648 (48 MiB)]
     #[arg(long, env = "ARMADA_MAX_RESPONSE_BYTES", value_name = "BYTES")]
     pub max_response_bytes: Option<u64>,
+    /// History records one compaction step removes (as etcd's compaction
+    /// batch limit): a compaction holds a table's writes for one step at a
+    /// time. Every member of a cluster should use the same value.
+    /// [default: 4096]
+    #[arg(long, env = "ARMADA_COMPACTION_STEP_RECORDS", value_name = "RECORDS")]
+    pub compaction_step_records: Option<usize>,
 }
 
 /// The configuration file. Unknown keys and wrong types are errors.
@@ -132,6 +142,7 @@ pub struct FileConfig {
     pub auto_compaction_mode: Option<String>,
     pub auto_compaction_retention: Option<String>,
     pub max_response_bytes: Option<u64>,
+    pub compaction_step_records: Option<usize>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -294,6 +305,15 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
             format!("must be between 1024 and {MAX_RESPONSE_BYTES_MAX} bytes"),
         ));
     }
+    let compaction_step_records =
+        args.compaction_step_records.or(file.compaction_step_records).unwrap_or(defaults.compaction_step_records);
+    if !(1..=COMPACTION_STEP_RECORDS_MAX).contains(&compaction_step_records) {
+        return Err(invalid(
+            "compaction step",
+            compaction_step_records.to_string(),
+            format!("must be between 1 and {COMPACTION_STEP_RECORDS_MAX} records"),
+        ));
+    }
     let timeout_ms =
         args.request_timeout_ms.or(file.request_timeout_ms).unwrap_or(DEFAULT_REQUEST_TIMEOUT.as_millis() as u64);
     if timeout_ms == 0 {
@@ -336,6 +356,7 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
                 snapshot_chunk_bytes,
                 auto_compaction,
                 max_response_bytes,
+                compaction_step_records,
                 ..defaults
             },
             request_timeout: Duration::from_millis(timeout_ms),
@@ -408,6 +429,7 @@ mod tests {
             ),
             (ServeArgs { auto_compaction_mode: Some("daily".into()), ..Default::default() }, "auto-compaction mode"),
             (ServeArgs { snapshot_chunk_bytes: Some(10), ..Default::default() }, "snapshot chunk size"),
+            (ServeArgs { compaction_step_records: Some(0), ..Default::default() }, "compaction step"),
             (ServeArgs { snapshot_after_logs: Some(1), ..Default::default() }, "snapshot interval"),
             (ServeArgs { etcd_table: Some("no/slash".into()), ..Default::default() }, "etcd table"),
             (ServeArgs { etcd_address: Some("127.0.0.1:8443".into()), ..Default::default() }, "is the same"),

@@ -105,6 +105,12 @@ impl Metrics {
             ("armada_raft_applied_index", "Log index applied here.", |g| g.applied_index),
             ("armada_raft_purged_index", "Last log index purged here (covered by a snapshot).", |g| g.purged_index),
             ("armada_table_revision", "The table's current revision on this node.", |g| g.revision),
+            ("armada_table_compacted_revision", "The table's compaction revision on this node.", |g| g.compacted),
+            (
+                "armada_table_compaction_pending",
+                "1 while history a compaction made unreadable is still being removed, in steps.",
+                |g| u64::from(g.compaction_pending),
+            ),
             (
                 "armada_raft_snapshots_installed",
                 "Raft snapshots this replica installed since it started (it was behind the purged log).",

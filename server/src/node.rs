@@ -248,6 +248,10 @@ pub struct GroupStatus {
     /// it catches up by snapshot.
     pub purged_index: u64,
     pub revision: u64,
+    /// The table's compaction revision (reads below it are refused).
+    pub compacted: u64,
+    /// Whether history of a compaction is still being removed, in steps.
+    pub compaction_pending: bool,
     /// Follower clusters: see [`crate::replication::LagStats`].
     pub leader_revision: u64,
     pub lag_revisions: u64,
@@ -1030,11 +1034,13 @@ impl Node {
             .map(|g| {
                 let m = g.raft.metrics();
                 let m = openraft::async_runtime::WatchReceiver::borrow_watched(&m);
-                let revision = if g.id == GroupId::META {
-                    0
+                let (state, compaction_pending) = if g.id == GroupId::META {
+                    (Default::default(), false)
                 } else {
-                    Mvcc::new(&*self.engine, data_ns(g.id)).rev_state().map(|s| s.current).unwrap_or(0)
+                    let store = Mvcc::new(&*self.engine, data_ns(g.id));
+                    (store.rev_state().unwrap_or_default(), store.compaction_pending().is_ok_and(|p| p.is_some()))
                 };
+                let revision = if g.id == GroupId::META { 0 } else { state.current };
                 // The worker's node hears every heartbeat; the others know
                 // what the last replicated batch they applied carried.
                 let applied_leader_rev = self
@@ -1066,6 +1072,8 @@ impl Node {
                     applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
                     purged_index: m.purged.as_ref().map_or(0, |l| l.index),
                     revision,
+                    compacted: state.compacted,
+                    compaction_pending,
                     leader_revision,
                     lag_revisions: leader_revision.saturating_sub(revision),
                     lag_seconds: behind_s.max(stalled_s),
