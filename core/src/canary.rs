@@ -47,10 +47,12 @@ pub enum Canary {
     /// boundary for the end of that key, and removes the version it carried
     /// over (the key's newest at or below the compaction revision).
     CompactionStepDropsVersion = 16,
+    /// A txn compare on the mod revision compares the create revision.
+    CompareModAsCreate = 17,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 16] = [
+    pub const ALL: [Canary; 17] = [
         Canary::AckBeforeFsync,
         Canary::StaleRead,
         Canary::ReuseRevision,
@@ -67,6 +69,7 @@ impl Canary {
         Canary::BackupNotConsistent,
         Canary::RevisionPartApplied,
         Canary::CompactionStepDropsVersion,
+        Canary::CompareModAsCreate,
     ];
 
     pub fn name(self) -> &'static str {
@@ -87,6 +90,7 @@ impl Canary {
             Canary::BackupNotConsistent => "backup-not-consistent",
             Canary::RevisionPartApplied => "revision-part-applied",
             Canary::CompactionStepDropsVersion => "compaction-step-drops-version",
+            Canary::CompareModAsCreate => "compare-mod-as-create",
         }
     }
 

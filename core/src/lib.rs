@@ -20,6 +20,7 @@ pub mod compaction;
 pub mod engine;
 pub mod kv;
 pub mod mvcc;
+pub mod probe;
 pub mod raft;
 pub mod snapshot;
 

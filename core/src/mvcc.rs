@@ -109,6 +109,12 @@ fn push_escaped(out: &mut Vec<u8>, key: &[u8]) {
     out.extend_from_slice(&[0, 1]);
 }
 
+/// The revision at the end of a history record's engine key.
+fn revision_of(history_key: &[u8]) -> u64 {
+    let n = history_key.len();
+    history_key.get(n.saturating_sub(8)..).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes)
+}
+
 /// Splits `enc(key) ++ rev` back into `(key, rev)`.
 fn split_escaped(bytes: &[u8]) -> Result<(Vec<u8>, u64), EngineError> {
     let mut key = Vec::with_capacity(bytes.len());
@@ -515,7 +521,11 @@ impl<'e> Mvcc<'e> {
             return Err(KvError::FutureRevision { requested, current: state.current });
         }
         if requested < state.compacted {
+            crate::probe!(ReadBelowCompactionRefused);
             return Err(KvError::Compacted { requested, compacted: state.compacted });
+        }
+        if requested == state.compacted {
+            crate::probe!(ReadAtCompactionRevision);
         }
         Ok(requested)
     }
@@ -618,6 +628,9 @@ impl<'e> Mvcc<'e> {
                 batch.delete(ek);
             }
         }
+        if !cursor.after.is_empty() {
+            crate::probe!(CompactionStepResumed);
+        }
         let mut visited = 0usize;
         let mut stopped = false;
         let mut err = None;
@@ -631,9 +644,17 @@ impl<'e> Mvcc<'e> {
             };
             if cursor.newest.as_ref().is_some_and(|(nk, _, _)| *nk != key) {
                 if let Some((_, ek, true)) = cursor.newest.take() {
+                    crate::probe!(CompactionRemovedTombstone);
                     batch.delete(ek);
                 }
                 cursor.newest = None;
+            }
+            if at > revision && cursor.newest.as_ref().is_some_and(|(_, ek, tomb)| !tomb && revision_of(ek) < revision)
+            {
+                crate::probe!(CompactionBetweenVersions);
+            }
+            if at == revision {
+                crate::probe!(CompactionAtAVersion);
             }
             if at <= revision {
                 let tomb = match decode::<Version>(v, "history record") {
@@ -663,6 +684,7 @@ impl<'e> Mvcc<'e> {
             return Ok(true);
         }
         if let Some((_, ek, true)) = cursor.newest {
+            crate::probe!(CompactionRemovedTombstone);
             batch.delete(ek);
         }
         batch.delete(self.cursor_key());
@@ -1107,6 +1129,9 @@ impl WriteTxn<'_, '_> {
             doomed.push(kv);
             true
         })?;
+        if doomed.len() >= 3 {
+            crate::probe!(RangeDeleteMany);
+        }
         for kv in &doomed {
             self.record(&kv.key, None);
         }
@@ -1139,17 +1164,18 @@ impl WriteTxn<'_, '_> {
                 holds
             })?;
             if seen {
+                probe_compare(c, holds);
                 return Ok(holds);
             }
             Vec::new()
         };
-        if kvs.is_empty() {
-            if matches!(c.target, CompareTarget::Value(_)) {
-                return Ok(false);
-            }
-            return Ok(compare_one(c, &KeyValue::default()));
-        }
-        Ok(kvs.iter().all(|kv| compare_one(c, kv)))
+        let holds = if kvs.is_empty() {
+            !matches!(c.target, CompareTarget::Value(_)) && compare_one(c, &KeyValue::default())
+        } else {
+            kvs.iter().all(|kv| compare_one(c, kv))
+        };
+        probe_compare(c, holds);
+        Ok(holds)
     }
 
     /// Runs a validated transaction.
@@ -1218,6 +1244,7 @@ impl WriteTxn<'_, '_> {
                 .collect();
             self.batch.put(self.store.changelog_key(state.current), encode(&mutations));
             if state.current > self.store.retention {
+                crate::probe!(ChangelogTrimmed);
                 self.batch.delete(self.store.changelog_key(state.current - self.store.retention));
             }
         }
@@ -1228,12 +1255,33 @@ impl WriteTxn<'_, '_> {
     }
 }
 
+fn probe_compare(c: &Compare, holds: bool) {
+    use crate::probe::Probe;
+    crate::probe::hit(match (&c.target, holds) {
+        (CompareTarget::Value(_), true) => Probe::CompareValueTrue,
+        (CompareTarget::Value(_), false) => Probe::CompareValueFalse,
+        (CompareTarget::Version(_), true) => Probe::CompareVersionTrue,
+        (CompareTarget::Version(_), false) => Probe::CompareVersionFalse,
+        (CompareTarget::CreateRevision(_), true) => Probe::CompareCreateTrue,
+        (CompareTarget::CreateRevision(_), false) => Probe::CompareCreateFalse,
+        (CompareTarget::ModRevision(_), true) => Probe::CompareModTrue,
+        (CompareTarget::ModRevision(_), false) => Probe::CompareModFalse,
+    });
+}
+
 fn compare_one(c: &Compare, kv: &KeyValue) -> bool {
     let ord = match &c.target {
         CompareTarget::Value(v) => kv.value.as_slice().cmp(v.as_slice()),
         CompareTarget::Version(v) => (kv.version as i64).cmp(v),
         CompareTarget::CreateRevision(v) => (kv.create_revision as i64).cmp(v),
-        CompareTarget::ModRevision(v) => (kv.mod_revision as i64).cmp(v),
+        CompareTarget::ModRevision(v) => {
+            let compared = if crate::canary::active(crate::canary::Canary::CompareModAsCreate) {
+                kv.create_revision
+            } else {
+                kv.mod_revision
+            };
+            (compared as i64).cmp(v)
+        }
     };
     match c.op {
         CompareOp::Equal => ord.is_eq(),

@@ -305,7 +305,9 @@ impl<RT: Runtime> RaftLogStorage<ArmadaRaft<RT>> for LogStore<RT> {
         b.put(self.key(b'V'), enc(vote));
         self.engine.write(b).map_err(io_err)?;
         // Raft's safety rests on a node never forgetting its vote.
-        flush_and_wait(&*self.flusher, FlushReason::Vote).await
+        flush_and_wait(&*self.flusher, FlushReason::Vote).await?;
+        crate::probe!(VoteSaved);
+        Ok(())
     }
 
     async fn save_committed(&mut self, committed: Option<LogIdOf<ArmadaRaft<RT>>>) -> Result<(), io::Error> {
@@ -313,7 +315,9 @@ impl<RT: Runtime> RaftLogStorage<ArmadaRaft<RT>> for LogStore<RT> {
         // the leader; it is an optimisation for applying on restart.
         let mut b = WriteBatch::new();
         b.put(self.key(b'C'), enc(&committed));
-        self.engine.write(b).map_err(io_err)
+        self.engine.write(b).map_err(io_err)?;
+        crate::probe!(CommittedSaved);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogIdOf<ArmadaRaft<RT>>>, io::Error> {
@@ -336,6 +340,9 @@ impl<RT: Runtime> RaftLogStorage<ArmadaRaft<RT>> for LogStore<RT> {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<ArmadaRaft<RT>>>) -> Result<(), io::Error> {
         let from = last_log_id.map_or(0, |l| l.index + 1);
+        if self.engine.last(&self.entry_key(from), &self.key(b'L' + 1)).map_err(io_err)?.is_some() {
+            crate::probe!(LogTruncated);
+        }
         let mut b = WriteBatch::new();
         b.delete_range(self.entry_key(from), self.key(b'L' + 1));
         self.engine.write(b).map_err(io_err)
@@ -352,7 +359,9 @@ impl<RT: Runtime> RaftLogStorage<ArmadaRaft<RT>> for LogStore<RT> {
         // crashes-3 seed 1, pinned in `sim/tests`.)
         b.put(self.key(b'P'), enc(&log_id));
         b.delete_range(self.entry_key(0), self.entry_key(log_id.index.saturating_add(1)));
-        self.engine.write(b).map_err(io_err)
+        self.engine.write(b).map_err(io_err)?;
+        crate::probe!(LogPurged);
+        Ok(())
     }
 }
 
@@ -566,6 +575,7 @@ impl<RT: Runtime> StateMachine<RT> {
             crate::snapshot::yield_now().await;
         }
         let batch = Mvcc::new(&*self.engine, data_ns(group)).finish_swap(&swap);
+        crate::probe!(FollowerSnapshotSwapped);
         Ok((batch, reply(Ok(swap.current())), true))
     }
 
@@ -668,6 +678,9 @@ impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
         // consistent with the applied index. A failure yields a builder that
         // reports it.
         let view = GroupView::take(&*self.engine, self.group);
+        if view.is_ok() {
+            crate::probe!(SnapshotBuilt);
+        }
         self.current = view.as_ref().ok().cloned();
         SnapshotBuilder { snapshot: view.ok().and_then(|v| Self::snapshot_of(v).ok()) }
     }
@@ -716,6 +729,7 @@ impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
         }
         installer.finish().map_err(io_err)?;
         flush_and_wait(&*self.flusher, FlushReason::Snapshot).await?;
+        crate::probe!(SnapshotInstalled);
         if let Some(obs) = &self.observer {
             let revision = self.table_revision()?;
             obs.installed_snapshot(self.group, meta.last_log_id.map_or(0, |l| l.index), revision);

@@ -623,6 +623,7 @@ pub fn recover(engine: Arc<dyn Engine>, group: GroupId, batch_bytes: usize) -> R
         Installer { engine, gate: None, group, staging: marker.staging, applied: marker.applied, cursor };
     while !installer.step(batch_bytes)? {}
     installer.finish()?;
+    crate::probe!(SnapshotInstallFinishedAfterCrash);
     Ok(true)
 }
 

@@ -231,6 +231,7 @@ impl RaftNetworkV2<C> for GroupNetwork {
         let mut reader = match &resume {
             Some(p) => {
                 info!(group = %self.group, target = self.target, chunk = p.seq, "resuming a snapshot transfer");
+                armada_core::probe!(SnapshotSendResumed);
                 view.reader_from(self.chunk_bytes, p)
             }
             None => view.reader(self.chunk_bytes),
@@ -289,6 +290,7 @@ impl GroupNetwork {
                 Ok(RaftReply::ChunkStaged) if !last => {}
                 Ok(RaftReply::Snapshot(r)) if last => {
                     info!(group = %self.group, target = self.target, chunks, bytes, "sent a snapshot");
+                    armada_core::probe!(SnapshotSent);
                     return Ok(r);
                 }
                 Ok(RaftReply::Refused(m)) => {
@@ -425,6 +427,7 @@ impl Handler for RaftHandler {
                 // A duplicate delivery gets no answer: the original's answer
                 // is the one the caller waits for.
                 if !node.first_delivery(id) {
+                    armada_core::probe!(ForwardDuplicateDropped);
                     return None;
                 }
                 return Some(encode(&RaftReply::Client(node.execute(req).await)));

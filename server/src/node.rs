@@ -743,10 +743,20 @@ impl Node {
     /// Waits until this node has applied everything committed before the
     /// call (ReadIndex through the group's leader).
     async fn linearize(&self, group: &Group, hops: u32, what: &str) -> Result<(), ApiError> {
+        let applied_before = {
+            let m = group.raft.metrics();
+            let m = openraft::async_runtime::WatchReceiver::borrow_watched(&m);
+            m.last_applied.as_ref().map_or(0, |l| l.index)
+        };
         let fut = group.raft.ensure_linearizable(ReadPolicy::ReadIndex);
         match crate::rt::timeout(self.cfg.request_timeout, fut).await {
             Err(_) => Err(ApiError::Unavailable(format!("read index for {what} timed out"))),
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(read)) => {
+                if read.log_id().index > applied_before {
+                    armada_core::probe!(ReadIndexWaitedForApply);
+                }
+                Ok(())
+            }
             Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
                 Err(self.forward_or_unavailable(f.leader_id, f.leader_node, hops, what))
             }

@@ -749,6 +749,10 @@ async fn reconcile_catalog(node: &Node, update: &pb::CatalogUpdate, known: &mut 
             info!(table = %t.name, "table deleted on the leader cluster; deleting it here");
             match node.delete_table_internal(&t.name).await {
                 Ok(_) => {
+                    armada_core::probe!(FollowerTableDeleted);
+                    if recreated {
+                        armada_core::probe!(FollowerTableRecreated);
+                    }
                     known.remove(&t.name);
                 }
                 Err(e) => debug!(table = %t.name, "delete: {e}"),
@@ -760,6 +764,7 @@ async fn reconcile_catalog(node: &Node, update: &pb::CatalogUpdate, known: &mut 
             info!(table = %name, "table created on the leader cluster; creating it here");
             match node.create_table_internal(name).await {
                 Ok(_) => {
+                    armada_core::probe!(FollowerTableCreated);
                     known.insert(name.to_string(), id);
                 }
                 Err(ApiError::Meta(armada_core::command::MetaError::TableExists(_))) => {}

@@ -20,11 +20,19 @@ pub enum OpKind {
     Delete {
         key: String,
     },
-    /// Set `key` to `new` if its value is `expect`.
+    /// Set `key` to `new` if its compare holds (see [`CasBy`]).
     Cas {
         key: String,
+        /// The value compared (or seen with the compared mod revision);
+        /// unused by the compares on a missing key.
         expect: String,
         new: String,
+        by: CasBy,
+    },
+    /// Delete every key in `[from, to)` in one revision.
+    DeleteRange {
+        from: String,
+        to: String,
     },
     /// A linearizable read of every key of the table.
     Range,
@@ -32,6 +40,29 @@ pub enum OpKind {
     Compact {
         revision: u64,
     },
+}
+
+/// What a [`OpKind::Cas`] compares. Every written value is unique, so
+/// "the mod revision is the one `expect` was seen with" holds exactly when
+/// the value is `expect`; the two compares on a missing key hold exactly
+/// when the key is absent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CasBy {
+    /// `value == expect`.
+    Value,
+    /// `mod_revision == r`, where `r` is the mod revision `expect` was seen with.
+    ModRevision(u64),
+    /// `version == 0`: the key does not exist.
+    VersionZero,
+    /// `create_revision == 0`: the key does not exist.
+    CreateZero,
+}
+
+impl CasBy {
+    /// Whether the compare is "the key is absent" (else: "the value is `expect`").
+    pub fn absent(self) -> bool {
+        matches!(self, CasBy::VersionZero | CasBy::CreateZero)
+    }
 }
 
 /// What came back.
@@ -95,8 +126,14 @@ pub struct Op {
     pub outcome: Outcome,
 }
 
+impl OpKind {
+    pub fn is_write(&self) -> bool {
+        matches!(self, OpKind::Put { .. } | OpKind::Delete { .. } | OpKind::Cas { .. } | OpKind::DeleteRange { .. })
+    }
+}
+
 impl Op {
     pub fn is_write(&self) -> bool {
-        matches!(self.kind, OpKind::Put { .. } | OpKind::Delete { .. } | OpKind::Cas { .. })
+        self.kind.is_write()
     }
 }

@@ -22,6 +22,8 @@ enum KOp {
     Delete,
     Read,
     Cas(Sym, Sym),
+    /// Put the value if the key is absent.
+    CasAbsent(Sym),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,7 +91,7 @@ fn observed(history: &[Op], keys: &[String]) -> BTreeSet<(String, String, String
     let mut seen = BTreeSet::new();
     for op in history {
         match (&op.kind, &op.outcome) {
-            (OpKind::Cas { key, expect, .. }, _) => {
+            (OpKind::Cas { key, expect, by, .. }, _) if !by.absent() => {
                 seen.insert((op.table.clone(), key.clone(), expect.clone()));
             }
             (OpKind::Get { key, .. }, Outcome::Ok(OpResult::Get { value: Some((v, _)), .. })) => {
@@ -177,13 +179,25 @@ fn project(history: &[Op], keys: &[String], committed: &BTreeSet<String>) -> BTr
                 };
                 push(key, KOp::Delete, kres);
             }
-            (OpKind::Cas { key, expect, new }, r) => {
-                let (e, n) = (names.id(expect), written(&op.table, key, new, &mut names));
+            (OpKind::Cas { key, expect, new, by }, r) => {
+                let n = written(&op.table, key, new, &mut names);
                 let kres = match r {
                     Some(OpResult::Cas { succeeded, .. }) => Some(KRes::Cas(*succeeded)),
                     _ => None,
                 };
-                push(key, KOp::Cas(e, n), kres);
+                // A mod-revision compare holds exactly when the value is the
+                // one seen with that revision (every value is written once).
+                let kop = if by.absent() { KOp::CasAbsent(n) } else { KOp::Cas(names.id(expect), n) };
+                push(key, kop, kres);
+            }
+            // Each key of the range on its own: deleted (if present) at
+            // one point of the call, like a single-key delete whose result
+            // is not known per key.
+            (OpKind::DeleteRange { from, to }, r) => {
+                let kres = r.map(|_| KRes::None);
+                for k in keys.iter().filter(|k| k.as_str() >= from.as_str() && k.as_str() < to.as_str()) {
+                    push(k, KOp::Delete, kres);
+                }
             }
             (OpKind::Get { key, serializable: false }, Some(OpResult::Get { value, .. })) => {
                 let v = value.as_ref().map(|(v, _)| names.id(v));
@@ -215,6 +229,13 @@ fn step(state: Option<Sym>, op: KOp, res: Option<KRes>) -> Option<Option<Sym>> {
             Some(KRes::Read(v)) if v != state => None,
             _ => Some(state),
         },
+        KOp::CasAbsent(n) => {
+            let ok = state.is_none();
+            match res {
+                Some(KRes::Cas(s)) if s != ok => None,
+                _ => Some(if ok { Some(n) } else { state }),
+            }
+        }
         KOp::Cas(e, n) => {
             let ok = state == Some(e);
             match res {
@@ -482,7 +503,12 @@ mod tests {
     #[test]
     fn cas_results_are_checked() {
         let keys = vec!["k".to_string()];
-        let cas = |e: &str, n: &str| OpKind::Cas { key: "k".into(), expect: e.into(), new: n.into() };
+        let cas = |e: &str, n: &str| OpKind::Cas {
+            key: "k".into(),
+            expect: e.into(),
+            new: n.into(),
+            by: crate::history::CasBy::Value,
+        };
         let cas_res = |s: bool| Outcome::Ok(OpResult::Cas { succeeded: s, revision: 0 });
         let h = vec![
             op(0, 10, put("k", "a"), put_ok()),

@@ -3,8 +3,11 @@
 //! - `run <scenario-file> --seed <N> [--canary NAME]`: one seed; prints a line
 //!   with `seed=`, `verdict=` and `trace=`; exits 0 only on pass; on failure
 //!   prints the one-line replay command;
-//! - `sweep <scenario-files-or-dirs…> --seeds <N> [--start <S>]`: last line
-//!   `sweep: <passed>/<total> passed, sim/real <ratio>x`;
+//! - `sweep <scenario-files-or-dirs…> --seeds <N> [--start <S>]
+//!   [--require-probes]`: one `probe=` line per coverage probe (seeds that
+//!   reached it), a `probes:` line, and last
+//!   `sweep: <passed>/<total> passed, sim/real <ratio>x`; with
+//!   `--require-probes` a required probe no seed reached fails the sweep;
 //! - `canaries --seeds <N>`: last line `canaries: <caught>/<total> caught`;
 //! - `determinism <scenario-file> --seed <N>`: runs twice, compares traces.
 //!
@@ -34,6 +37,7 @@ mod sim_main {
     use std::path::{Path, PathBuf};
 
     use armada_core::canary::Canary;
+    use armada_core::probe::Probe;
     use armada_sim::scenario::{collect, Scenario};
     use armada_sim::world::{run, Report, Verdict};
     use clap::{Parser, Subcommand};
@@ -67,6 +71,9 @@ mod sim_main {
             /// Parallel runs (each run is single-threaded and deterministic).
             #[arg(long)]
             jobs: Option<usize>,
+            /// Fail when a required coverage probe was reached by no seed.
+            #[arg(long)]
+            require_probes: bool,
         },
         /// Run each canary until a checker catches it or N seeds pass.
         Canaries {
@@ -104,6 +111,11 @@ mod sim_main {
         if r.backups_checked > 0 {
             extra.push_str(&format!(" backups_checked={}", r.backups_checked));
         }
+        let reached: Vec<String> =
+            r.probes.iter().filter(|(_, n)| *n > 0).map(|(p, n)| format!("{}:{n}", p.name())).collect();
+        if !reached.is_empty() {
+            extra.push_str(&format!(" probes={}", reached.join(",")));
+        }
         format!(
             "seed={} scenario={} verdict={} trace={:016x} ops={} ok={} indefinite={} applied={} snapshots={}{extra} sim_s={:.1} real_s={:.2} check_s={:.2} ratio={:.1}x{}{}{}",
             r.seed,
@@ -136,13 +148,21 @@ mod sim_main {
         sim_secs: f64,
         real_secs: f64,
         output: String,
+        /// Hits of each probe the run reached.
+        probes: Vec<(Probe, u64)>,
     }
 
     /// Runs one seed in a child process (`armada-sim run`): madsim does not
     /// free a finished runtime's tasks, so a long sweep in one process would
     /// grow by tens of MB per seed. The child's exit code is the verdict.
     fn run_in_child(path: &Path, seed: u64) -> ChildRun {
-        let crashed = |output: String| ChildRun { verdict: Verdict::Crash, sim_secs: 0.0, real_secs: 0.0, output };
+        let crashed = |output: String| ChildRun {
+            verdict: Verdict::Crash,
+            sim_secs: 0.0,
+            real_secs: 0.0,
+            output,
+            probes: vec![],
+        };
         let exe = match std::env::current_exe() {
             Ok(e) => e,
             Err(e) => return crashed(format!("cannot find the runner: {e}\n{}\n", replay(path, seed, None))),
@@ -168,12 +188,59 @@ mod sim_main {
             _ => Verdict::Crash,
         };
         let (sim_secs, real_secs) = (field("sim_s="), field("real_s="));
+        let probes = output
+            .split_whitespace()
+            .find_map(|t| t.strip_prefix("probes="))
+            .map(|list| {
+                list.split(',')
+                    .filter_map(|e| {
+                        let (name, n) = e.split_once(':')?;
+                        Some((Probe::from_name(name)?, n.parse().ok()?))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let output = if verdict == Verdict::Crash && !output.contains("replay:") {
             format!("{output}seed={seed} exited with {}\n{}\n", out.status, replay(path, seed, None))
         } else {
             output
         };
-        ChildRun { verdict, sim_secs, real_secs, output }
+        ChildRun { verdict, sim_secs, real_secs, output, probes }
+    }
+
+    /// Prints how many seeds reached each probe; returns the required
+    /// probes no seed reached.
+    fn report_probes(results: &[ChildRun]) -> Vec<Probe> {
+        let mut missing = Vec::new();
+        let mut reached = 0;
+        for p in Probe::ALL {
+            let (mut seeds, mut hits) = (0usize, 0u64);
+            for r in results {
+                if let Some((_, n)) = r.probes.iter().find(|(q, n)| *q == p && *n > 0) {
+                    seeds += 1;
+                    hits += n;
+                }
+            }
+            let required = armada_sim::world::probes::required(p);
+            println!(
+                "probe={} seeds={seeds}/{} hits={hits}{}",
+                p.name(),
+                results.len(),
+                if required { "" } else { " (not required)" }
+            );
+            if seeds > 0 {
+                reached += 1;
+            } else if required {
+                missing.push(p);
+            }
+        }
+        let names: Vec<&str> = missing.iter().map(|p| p.name()).collect();
+        println!(
+            "probes: {reached}/{} reached{}",
+            Probe::ALL.len(),
+            if names.is_empty() { String::new() } else { format!("; required, never reached: {}", names.join(", ")) }
+        );
+        missing
     }
 
     fn replay(path: &Path, seed: u64, canary: Option<Canary>) -> String {
@@ -244,7 +311,7 @@ mod sim_main {
                     4
                 }
             }
-            Cmd::Sweep { paths, seeds, start, jobs } => {
+            Cmd::Sweep { paths, seeds, start, jobs, require_probes } => {
                 let files = match collect(&paths) {
                     Ok(f) => f,
                     Err(e) => {
@@ -279,11 +346,16 @@ mod sim_main {
                     }
                 });
                 let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+                let missing = report_probes(&results);
                 let passed = results.iter().filter(|r| r.verdict == Verdict::Pass).count();
                 let sim: f64 = results.iter().map(|r| r.sim_secs).sum();
                 let real: f64 = results.iter().map(|r| r.real_secs).sum();
                 let ratio = if real > 0.0 { sim / real } else { 0.0 };
                 println!("sweep: {}/{} passed, sim/real {:.1}x", passed, results.len(), ratio);
+                if require_probes && !missing.is_empty() {
+                    eprintln!("sweep: required probes never reached (see the probes: line)");
+                    return 1;
+                }
                 if passed == results.len() {
                     0
                 } else {

@@ -43,6 +43,23 @@ pub struct Workload {
     pub put_many: u32,
     #[serde(default = "d_put_many_keys")]
     pub put_many_keys: u32,
+    /// A txn that puts if the key's mod revision is one this client saw
+    /// (etcd clients' optimistic-concurrency pattern).
+    #[serde(default)]
+    pub cas_mod_revision: u32,
+    /// A txn that puts if the key is absent, by `version == 0` or
+    /// `create_revision == 0` (etcd's lock and election recipes).
+    #[serde(default)]
+    pub cas_absent: u32,
+    /// One DeleteRange over `delete_range_keys` consecutive keys.
+    #[serde(default)]
+    pub delete_range: u32,
+    #[serde(default = "d_delete_range_keys")]
+    pub delete_range_keys: u32,
+}
+
+fn d_delete_range_keys() -> u32 {
+    3
 }
 
 fn d_put_many_keys() -> u32 {
@@ -62,6 +79,10 @@ impl Default for Workload {
             compact: 0,
             put_many: 0,
             put_many_keys: d_put_many_keys(),
+            cas_mod_revision: 0,
+            cas_absent: 0,
+            delete_range: 0,
+            delete_range_keys: d_delete_range_keys(),
         }
     }
 }

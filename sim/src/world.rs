@@ -29,7 +29,8 @@ use tonic::transport::Channel;
 use crate::checks::{self, ApplyLog, LeaderLog};
 
 mod followers;
-use crate::history::{Op, OpKind, OpResult, Outcome};
+pub mod probes;
+use crate::history::{CasBy, Op, OpKind, OpResult, Outcome};
 use crate::linearizability;
 use crate::scenario::Scenario;
 use followers::{cluster_ip, cluster_of, global_group, node_key};
@@ -79,6 +80,8 @@ pub struct Report {
     pub installs_resumed: u64,
     /// Backups restored and checked against the source (B1).
     pub backups_checked: u64,
+    /// Hits of every coverage probe, in `Probe::ALL` order.
+    pub probes: Vec<(armada_core::probe::Probe, u64)>,
 }
 
 /// A client request's deadline; past it the outcome is indefinite.
@@ -382,7 +385,7 @@ async fn perform(conns: &mut Conns, node: u64, table: &str, kind: &OpKind) -> Ou
     let Some(mut c) = conns.kv(node).await else {
         return Outcome::Failed("cannot connect".into());
     };
-    let is_write = matches!(kind, OpKind::Put { .. } | OpKind::Delete { .. } | OpKind::Cas { .. });
+    let is_write = kind.is_write();
     let t = table.to_string();
     let fut = async {
         match kind.clone() {
@@ -418,13 +421,31 @@ async fn perform(conns: &mut Conns, node: u64, table: &str, kind: &OpKind) -> Ou
                     let r = r.into_inner();
                     OpResult::Delete { deleted: r.deleted.max(0) as u64, revision: rev(&r.header) }
                 }),
-            OpKind::Cas { key, expect, new } => {
+            OpKind::DeleteRange { from, to } => c
+                .delete_range(pb::DeleteRangeRequest {
+                    table: t,
+                    key: from.into_bytes(),
+                    range_end: to.into_bytes(),
+                    ..Default::default()
+                })
+                .await
+                .map(|r| {
+                    let r = r.into_inner();
+                    OpResult::Delete { deleted: r.deleted.max(0) as u64, revision: rev(&r.header) }
+                }),
+            OpKind::Cas { key, expect, new, by } => {
                 use pb::compare::{CompareResult, CompareTarget, TargetUnion};
+                let (target, union) = match by {
+                    CasBy::Value => (CompareTarget::Value, TargetUnion::Value(expect.into_bytes())),
+                    CasBy::ModRevision(r) => (CompareTarget::Mod, TargetUnion::ModRevision(r as i64)),
+                    CasBy::VersionZero => (CompareTarget::Version, TargetUnion::Version(0)),
+                    CasBy::CreateZero => (CompareTarget::Create, TargetUnion::CreateRevision(0)),
+                };
                 let cmp = pb::Compare {
                     result: CompareResult::Equal as i32,
-                    target: CompareTarget::Value as i32,
+                    target: target as i32,
                     key: key.clone().into_bytes(),
-                    target_union: Some(TargetUnion::Value(expect.into_bytes())),
+                    target_union: Some(union),
                     range_end: vec![],
                 };
                 let put = pb::RequestOp {
@@ -523,12 +544,26 @@ async fn perform_many(conns: &mut Conns, node: u64, table: &str, puts: &[(String
 async fn client_main(cid: u32, sc: Scenario, members: BTreeMap<u64, ArmadaNode>, shared: Arc<Shared>, until_ns: u64) {
     let mut conns = Conns { members, kv: BTreeMap::new() };
     let w = &sc.workload;
-    let weights =
-        [w.put, w.get, w.serializable_get, w.delete, w.cas, w.range, w.read_at_revision, w.compact, w.put_many];
+    // New kinds go last: with a weight of 0 they leave older scenarios'
+    // random draws, and so their runs, unchanged.
+    let weights = [
+        w.put,
+        w.get,
+        w.serializable_get,
+        w.delete,
+        w.cas,
+        w.range,
+        w.read_at_revision,
+        w.compact,
+        w.put_many,
+        w.cas_mod_revision,
+        w.cas_absent,
+        w.delete_range,
+    ];
     let mut seq = 0u64;
     // Last value and revisions this client saw, to make CAS and reads at a
     // revision meaningful.
-    let mut seen_value: BTreeMap<(String, String), String> = BTreeMap::new();
+    let mut seen_value: BTreeMap<(String, String), (String, u64)> = BTreeMap::new();
     let mut seen_revs: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     while shared.now_ns() < until_ns {
         let table = table_name(rand_range(0, sc.tables as u64 - 1) as u32);
@@ -542,8 +577,22 @@ async fn client_main(cid: u32, sc: Scenario, members: BTreeMap<u64, ArmadaNode>,
             2 => OpKind::Get { key: key.clone(), serializable: true },
             3 => OpKind::Delete { key: key.clone() },
             4 => {
-                let expect = seen_value.get(&(table.clone(), key.clone())).cloned().unwrap_or_else(|| "none".into());
-                OpKind::Cas { key: key.clone(), expect, new: fresh }
+                let expect =
+                    seen_value.get(&(table.clone(), key.clone())).map_or_else(|| "none".into(), |s| s.0.clone());
+                OpKind::Cas { key: key.clone(), expect, new: fresh, by: CasBy::Value }
+            }
+            9 => match seen_value.get(&(table.clone(), key.clone())).cloned() {
+                Some((expect, r)) => OpKind::Cas { key: key.clone(), expect, new: fresh, by: CasBy::ModRevision(r) },
+                None => OpKind::Cas { key: key.clone(), expect: "none".into(), new: fresh, by: CasBy::Value },
+            },
+            10 => {
+                let by = if madsim::rand::random::<bool>() { CasBy::VersionZero } else { CasBy::CreateZero };
+                OpKind::Cas { key: key.clone(), expect: String::new(), new: fresh, by }
+            }
+            11 => {
+                let first = rand_range(0, sc.keys as u64 - 1) as u32;
+                let n = w.delete_range_keys.max(1);
+                OpKind::DeleteRange { from: key_name(first), to: key_name(first.saturating_add(n)) }
             }
             5 => OpKind::Range,
             6 => match seen_revs.get(&table).filter(|v| !v.is_empty()) {
@@ -555,7 +604,7 @@ async fn client_main(cid: u32, sc: Scenario, members: BTreeMap<u64, ArmadaNode>,
                 None => OpKind::Get { key: key.clone(), serializable: false },
             },
             _ => {
-                // Consecutive keys from a random one, each its own unique
+                // put_many (8): consecutive keys from a random one, each its own unique
                 // value; recorded as one put per key, all at the revision of
                 // the transaction.
                 let first = rand_range(0, sc.keys as u64 - 1) as u32;
@@ -566,8 +615,8 @@ async fn client_main(cid: u32, sc: Scenario, members: BTreeMap<u64, ArmadaNode>,
                 let outcome = perform_many(&mut conns, node, &table, &puts).await;
                 let complete_ns = shared.now_ns();
                 for (key, value) in puts {
-                    if matches!(outcome, Outcome::Ok(_)) {
-                        seen_value.insert((table.clone(), key.clone()), value.clone());
+                    if let Outcome::Ok(r) = &outcome {
+                        seen_value.insert((table.clone(), key.clone()), (value.clone(), r.revision()));
                     }
                     let kind = OpKind::Put { key, value };
                     shared.record(Op {
@@ -595,11 +644,11 @@ async fn client_main(cid: u32, sc: Scenario, members: BTreeMap<u64, ArmadaNode>,
                 revs[slot] = r.revision();
             }
             match (&kind, r) {
-                (OpKind::Get { key, .. }, OpResult::Get { value: Some((v, _)), .. }) => {
-                    seen_value.insert((table.clone(), key.clone()), v.clone());
+                (OpKind::Get { key, .. }, OpResult::Get { value: Some((v, m)), .. }) => {
+                    seen_value.insert((table.clone(), key.clone()), (v.clone(), *m));
                 }
-                (OpKind::Put { key, value }, _) => {
-                    seen_value.insert((table.clone(), key.clone()), value.clone());
+                (OpKind::Put { key, value }, OpResult::Put { revision }) => {
+                    seen_value.insert((table.clone(), key.clone()), (value.clone(), *revision));
                 }
                 _ => {}
             }
@@ -707,6 +756,7 @@ async fn fault_loop(sc: Scenario, cluster: u64, handle: Handle, ids: Vec<NodeId>
                 d.insert(victim, kind);
                 drop(d);
                 if kind == Down::Crashed {
+                    probes::crashing(ids[victim]);
                     handle.kill(ids[victim]);
                 } else {
                     handle.pause(ids[victim]);
@@ -1308,6 +1358,7 @@ async fn world(sc: Scenario, shared: Arc<Shared>) {
 /// Runs one seed of a scenario, with `canary` switched on (if any).
 pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
     canary::set(canary_on);
+    probes::start();
     let real_start = std::time::SystemTime::now();
     let mut config = madsim::Config::default();
     config.net.send_latency = Duration::from_millis(sc.faults.latency_ms[0])
@@ -1338,6 +1389,8 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
         })
     }));
     canary::set(None);
+    // Taken before the checkers run: they read tables too.
+    let probe_hits = probes::finish();
     let real_secs = real_start.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0);
     let (shared, sim_ns) = match result {
         Ok(s) => s,
@@ -1364,6 +1417,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
                 follower_snapshots: 0,
                 installs_resumed: 0,
                 backups_checked: 0,
+                probes: probe_hits,
             };
         }
     };
@@ -1427,5 +1481,6 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
         follower_snapshots,
         installs_resumed,
         backups_checked,
+        probes: probe_hits,
     }
 }

@@ -134,6 +134,7 @@ impl RevisionAssembler {
                 RevisionChanges { revision: part.revision, mutations: Vec::new() }
             }
         };
+        let part_mutations = part.mutations.len();
         self.bytes += part_bytes;
         if self.bytes > max_bytes {
             self.bytes = 0;
@@ -145,6 +146,9 @@ impl RevisionAssembler {
             return Ok(None);
         }
         self.bytes = 0;
+        if part.continued || rev.mutations.len() > part_mutations {
+            crate::probe!(RevisionPartsAssembled);
+        }
         Ok(Some(rev))
     }
 
@@ -311,8 +315,14 @@ impl Mvcc<'_> {
         // next revisions: right for a fresh batch, wrong for a duplicate.
         let restamp = crate::canary::active(crate::canary::Canary::ReplicateTwice);
         if (!first_ok || !contiguous) && !restamp {
+            match batch.first() {
+                Some(c) if c.revision <= state.current => crate::probe!(ReplicatedDuplicate),
+                Some(_) => crate::probe!(ReplicatedGap),
+                None => {}
+            }
             return Ok((WriteBatch::new(), ReplicateOutcome { applied: false, revision: state.current }));
         }
+        crate::probe!(ReplicatedInOrder);
         let restamped: Vec<RevisionChanges>;
         let batch = if restamp {
             restamped = batch
@@ -348,6 +358,7 @@ impl Mvcc<'_> {
             }
             wb.put(self.changelog_key(c.revision), encode(&c.mutations));
             if c.revision > self.retention {
+                crate::probe!(ChangelogTrimmed);
                 wb.delete(self.changelog_key(c.revision - self.retention));
             }
             state.current = state.current.max(c.revision);
@@ -543,6 +554,7 @@ impl Mvcc<'_> {
             }
         }
         write(self.finish_swap(&swap))?;
+        crate::probe!(FollowerSwapFinishedAfterCrash);
         Ok(true)
     }
 

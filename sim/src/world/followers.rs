@@ -383,6 +383,7 @@ pub(super) async fn wan_fault_loop(
             }
             _ => {
                 for id in &clusters[f] {
+                    super::probes::crashing(*id);
                     handle.kill(*id);
                 }
                 tokio::time::sleep(lasting).await;

@@ -1,0 +1,261 @@
+//! Coverage probes: marks on risky paths (a log truncation, a snapshot
+//! install finished after a crash, a duplicate replicated batch...) that
+//! the simulator counts, so a sweep can say how many seeds reached each one
+//! and fail when a path it must exercise was never taken (FoundationDB's
+//! `CODE_PROBE`, Antithesis' "sometimes" assertions). A probe never changes
+//! behaviour.
+//!
+//! Outside simulation builds [`hit`] compiles to nothing. In simulation
+//! builds it counts, and calls the hook the simulator installed (which
+//! knows the simulated node a probe fired on).
+
+/// A path worth reaching. Append new probes at the end of the list (and of
+/// [`Probe::ALL`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u8)]
+pub enum Probe {
+    /// A follower removed log entries that conflict with its leader's (the
+    /// uncommitted tail of a deposed leader).
+    LogTruncated,
+    /// Log entries covered by a snapshot were purged.
+    LogPurged,
+    /// A node crashed within 100 ms after making its vote durable.
+    VoteSavedThenCrash,
+    /// A node crashed within 100 ms after recording a committed index.
+    CommittedSavedThenCrash,
+    /// A Raft snapshot was built (a view taken).
+    SnapshotBuilt,
+    /// A streamed Raft snapshot reached its last chunk at the receiver.
+    SnapshotSent,
+    /// A snapshot transfer resumed after the receiver's last staged chunk.
+    SnapshotSendResumed,
+    /// A replica installed a Raft snapshot.
+    SnapshotInstalled,
+    /// A Raft snapshot install a crash interrupted was finished at restart.
+    SnapshotInstallFinishedAfterCrash,
+    /// A linearizable read waited for its read index to be applied.
+    ReadIndexWaitedForApply,
+    /// A forwarded client request delivered twice was dropped the second time.
+    ForwardDuplicateDropped,
+    /// A follower cluster swapped a leader snapshot in as its table.
+    FollowerSnapshotSwapped,
+    /// A follower snapshot swap a crash interrupted was finished at restart.
+    FollowerSwapFinishedAfterCrash,
+    /// A follower applied a replicated batch starting at its next revision.
+    ReplicatedInOrder,
+    /// A follower was offered a batch it had already applied (refused).
+    ReplicatedDuplicate,
+    /// A follower was offered a batch beyond its next revision (refused).
+    ReplicatedGap,
+    /// A revision sent in parts was reassembled by a follower.
+    RevisionPartsAssembled,
+    /// The changelog dropped its oldest revision at the retention boundary.
+    ChangelogTrimmed,
+    /// A compaction step resumed inside a table's history.
+    CompactionStepResumed,
+    /// A compaction kept a key's version written exactly at its revision.
+    CompactionAtAVersion,
+    /// A compaction kept a key's newest version below its revision, with a
+    /// newer version above it.
+    CompactionBetweenVersions,
+    /// A compaction removed a key's newest version at or below its revision
+    /// because it was a deletion.
+    CompactionRemovedTombstone,
+    /// A read at exactly the compaction revision was served.
+    ReadAtCompactionRevision,
+    /// A read below the compaction revision was refused.
+    ReadBelowCompactionRefused,
+    /// One DeleteRange removed three keys or more.
+    RangeDeleteMany,
+    /// A txn compare on a value held / failed.
+    CompareValueTrue,
+    CompareValueFalse,
+    /// A txn compare on a version held / failed.
+    CompareVersionTrue,
+    CompareVersionFalse,
+    /// A txn compare on a create revision held / failed.
+    CompareCreateTrue,
+    CompareCreateFalse,
+    /// A txn compare on a mod revision held / failed.
+    CompareModTrue,
+    CompareModFalse,
+    /// A follower cluster created a table the leader cluster created.
+    FollowerTableCreated,
+    /// A follower cluster deleted a table the leader cluster deleted.
+    FollowerTableDeleted,
+    /// A follower cluster replaced a table the leader cluster deleted and
+    /// created again under the same name (a new id).
+    FollowerTableRecreated,
+    /// A node made its vote durable (the simulator times crashes after it).
+    VoteSaved,
+    /// A node recorded a committed index (likewise).
+    CommittedSaved,
+}
+
+/// Number of probes.
+pub const COUNT: usize = Probe::ALL.len();
+
+impl Probe {
+    pub const ALL: [Probe; 38] = [
+        Probe::LogTruncated,
+        Probe::LogPurged,
+        Probe::VoteSavedThenCrash,
+        Probe::CommittedSavedThenCrash,
+        Probe::SnapshotBuilt,
+        Probe::SnapshotSent,
+        Probe::SnapshotSendResumed,
+        Probe::SnapshotInstalled,
+        Probe::SnapshotInstallFinishedAfterCrash,
+        Probe::ReadIndexWaitedForApply,
+        Probe::ForwardDuplicateDropped,
+        Probe::FollowerSnapshotSwapped,
+        Probe::FollowerSwapFinishedAfterCrash,
+        Probe::ReplicatedInOrder,
+        Probe::ReplicatedDuplicate,
+        Probe::ReplicatedGap,
+        Probe::RevisionPartsAssembled,
+        Probe::ChangelogTrimmed,
+        Probe::CompactionStepResumed,
+        Probe::CompactionAtAVersion,
+        Probe::CompactionBetweenVersions,
+        Probe::CompactionRemovedTombstone,
+        Probe::ReadAtCompactionRevision,
+        Probe::ReadBelowCompactionRefused,
+        Probe::RangeDeleteMany,
+        Probe::CompareValueTrue,
+        Probe::CompareValueFalse,
+        Probe::CompareVersionTrue,
+        Probe::CompareVersionFalse,
+        Probe::CompareCreateTrue,
+        Probe::CompareCreateFalse,
+        Probe::CompareModTrue,
+        Probe::CompareModFalse,
+        Probe::FollowerTableCreated,
+        Probe::FollowerTableDeleted,
+        Probe::FollowerTableRecreated,
+        Probe::VoteSaved,
+        Probe::CommittedSaved,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Probe::LogTruncated => "log-truncated",
+            Probe::LogPurged => "log-purged",
+            Probe::VoteSavedThenCrash => "vote-saved-then-crash",
+            Probe::CommittedSavedThenCrash => "committed-saved-then-crash",
+            Probe::SnapshotBuilt => "snapshot-built",
+            Probe::SnapshotSent => "snapshot-sent",
+            Probe::SnapshotSendResumed => "snapshot-send-resumed",
+            Probe::SnapshotInstalled => "snapshot-installed",
+            Probe::SnapshotInstallFinishedAfterCrash => "snapshot-install-finished-after-crash",
+            Probe::ReadIndexWaitedForApply => "read-index-waited-for-apply",
+            Probe::ForwardDuplicateDropped => "forward-duplicate-dropped",
+            Probe::FollowerSnapshotSwapped => "follower-snapshot-swapped",
+            Probe::FollowerSwapFinishedAfterCrash => "follower-swap-finished-after-crash",
+            Probe::ReplicatedInOrder => "replicated-in-order",
+            Probe::ReplicatedDuplicate => "replicated-duplicate",
+            Probe::ReplicatedGap => "replicated-gap",
+            Probe::RevisionPartsAssembled => "revision-parts-assembled",
+            Probe::ChangelogTrimmed => "changelog-trimmed",
+            Probe::CompactionStepResumed => "compaction-step-resumed",
+            Probe::CompactionAtAVersion => "compaction-at-a-version",
+            Probe::CompactionBetweenVersions => "compaction-between-versions",
+            Probe::CompactionRemovedTombstone => "compaction-removed-tombstone",
+            Probe::ReadAtCompactionRevision => "read-at-compaction-revision",
+            Probe::ReadBelowCompactionRefused => "read-below-compaction-refused",
+            Probe::RangeDeleteMany => "range-delete-many",
+            Probe::CompareValueTrue => "compare-value-true",
+            Probe::CompareValueFalse => "compare-value-false",
+            Probe::CompareVersionTrue => "compare-version-true",
+            Probe::CompareVersionFalse => "compare-version-false",
+            Probe::CompareCreateTrue => "compare-create-true",
+            Probe::CompareCreateFalse => "compare-create-false",
+            Probe::CompareModTrue => "compare-mod-true",
+            Probe::CompareModFalse => "compare-mod-false",
+            Probe::FollowerTableCreated => "follower-table-created",
+            Probe::FollowerTableDeleted => "follower-table-deleted",
+            Probe::FollowerTableRecreated => "follower-table-recreated",
+            Probe::VoteSaved => "vote-saved",
+            Probe::CommittedSaved => "committed-saved",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Probe> {
+        Probe::ALL.into_iter().find(|p| p.name() == s)
+    }
+}
+
+/// Marks that the path of `$probe` (a [`Probe`] variant's name) was taken.
+#[macro_export]
+macro_rules! probe {
+    ($probe:ident) => {
+        $crate::probe::hit($crate::probe::Probe::$probe)
+    };
+}
+
+#[cfg(madsim)]
+mod counting {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+
+    use super::{Probe, COUNT};
+
+    static HITS: [AtomicU64; COUNT] = [const { AtomicU64::new(0) }; COUNT];
+    static HOOK: OnceLock<fn(Probe)> = OnceLock::new();
+
+    pub fn hit(p: Probe) {
+        HITS[p as usize].fetch_add(1, Ordering::Relaxed);
+        if let Some(h) = HOOK.get() {
+            h(p);
+        }
+    }
+
+    pub fn set_hook(h: fn(Probe)) {
+        let _ = HOOK.set(h);
+    }
+
+    pub fn take() -> Vec<(Probe, u64)> {
+        Probe::ALL.iter().map(|&p| (p, HITS[p as usize].swap(0, Ordering::Relaxed))).collect()
+    }
+}
+
+/// Marks that `p`'s path was taken (nothing outside simulation builds).
+#[inline(always)]
+pub fn hit(p: Probe) {
+    #[cfg(madsim)]
+    counting::hit(p);
+    #[cfg(not(madsim))]
+    let _ = p;
+}
+
+/// Simulation builds: calls `h` on every hit (once set, for the process).
+#[cfg(madsim)]
+pub fn set_hook(h: fn(Probe)) {
+    counting::set_hook(h)
+}
+
+/// Simulation builds: every probe's hits since the last call, in
+/// [`Probe::ALL`] order; resets them.
+#[cfg(madsim)]
+pub fn take() -> Vec<(Probe, u64)> {
+    counting::take()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_round_trip() {
+        let mut names: Vec<&str> = Probe::ALL.iter().map(|p| p.name()).collect();
+        for p in Probe::ALL {
+            assert_eq!(Probe::from_name(p.name()), Some(p));
+        }
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), COUNT);
+        for (i, p) in Probe::ALL.iter().enumerate() {
+            assert_eq!(*p as usize, i, "ALL lists the probes in declaration order");
+        }
+    }
+}
