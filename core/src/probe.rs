@@ -90,13 +90,18 @@ pub enum Probe {
     VoteSaved,
     /// A node recorded a committed index (likewise).
     CommittedSaved,
+    /// A replica began copying a Raft snapshot into place (the simulator
+    /// can crash it there).
+    SnapshotInstallBegan,
+    /// A follower cluster's replica began swapping a snapshot into place.
+    FollowerSwapBegan,
 }
 
 /// Number of probes.
 pub const COUNT: usize = Probe::ALL.len();
 
 impl Probe {
-    pub const ALL: [Probe; 38] = [
+    pub const ALL: [Probe; 40] = [
         Probe::LogTruncated,
         Probe::LogPurged,
         Probe::VoteSavedThenCrash,
@@ -135,6 +140,8 @@ impl Probe {
         Probe::FollowerTableRecreated,
         Probe::VoteSaved,
         Probe::CommittedSaved,
+        Probe::SnapshotInstallBegan,
+        Probe::FollowerSwapBegan,
     ];
 
     pub fn name(self) -> &'static str {
@@ -177,6 +184,8 @@ impl Probe {
             Probe::FollowerTableRecreated => "follower-table-recreated",
             Probe::VoteSaved => "vote-saved",
             Probe::CommittedSaved => "committed-saved",
+            Probe::SnapshotInstallBegan => "snapshot-install-began",
+            Probe::FollowerSwapBegan => "follower-swap-began",
         }
     }
 
@@ -193,29 +202,33 @@ macro_rules! probe {
     };
 }
 
+/// Counts per thread: a simulated world runs on one thread, and tests run
+/// several worlds at once on different threads.
 #[cfg(madsim)]
 mod counting {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::OnceLock;
+    use std::cell::{Cell, RefCell};
 
     use super::{Probe, COUNT};
 
-    static HITS: [AtomicU64; COUNT] = [const { AtomicU64::new(0) }; COUNT];
-    static HOOK: OnceLock<fn(Probe)> = OnceLock::new();
+    thread_local! {
+        static HITS: RefCell<[u64; COUNT]> = const { RefCell::new([0; COUNT]) };
+        static HOOK: Cell<Option<fn(Probe)>> = const { Cell::new(None) };
+    }
 
     pub fn hit(p: Probe) {
-        HITS[p as usize].fetch_add(1, Ordering::Relaxed);
+        HITS.with_borrow_mut(|h| h[p as usize] += 1);
         if let Some(h) = HOOK.get() {
             h(p);
         }
     }
 
     pub fn set_hook(h: fn(Probe)) {
-        let _ = HOOK.set(h);
+        HOOK.set(Some(h));
     }
 
     pub fn take() -> Vec<(Probe, u64)> {
-        Probe::ALL.iter().map(|&p| (p, HITS[p as usize].swap(0, Ordering::Relaxed))).collect()
+        let hits = HITS.with_borrow_mut(|h| std::mem::replace(h, [0; COUNT]));
+        Probe::ALL.iter().map(|&p| (p, hits[p as usize])).collect()
     }
 }
 
@@ -228,14 +241,14 @@ pub fn hit(p: Probe) {
     let _ = p;
 }
 
-/// Simulation builds: calls `h` on every hit (once set, for the process).
+/// Simulation builds: calls `h` on every hit on this thread.
 #[cfg(madsim)]
 pub fn set_hook(h: fn(Probe)) {
     counting::set_hook(h)
 }
 
-/// Simulation builds: every probe's hits since the last call, in
-/// [`Probe::ALL`] order; resets them.
+/// Simulation builds: every probe's hits on this thread since the last
+/// call, in [`Probe::ALL`] order; resets them.
 #[cfg(madsim)]
 pub fn take() -> Vec<(Probe, u64)> {
     counting::take()

@@ -529,6 +529,8 @@ impl<RT: Runtime> StateMachine<RT> {
     /// applied index), the reply, and whether the gate is to be reopened
     /// after that write. A crash in between is finished when the group
     /// reopens ([`crate::mvcc::Mvcc::recover_swap`]).
+    // Not `async fn`: see the comment in the body.
+    #[allow(clippy::manual_async_fn)]
     fn swap_in(
         &mut self,
         revision: u64,
@@ -560,6 +562,7 @@ impl<RT: Runtime> StateMachine<RT> {
         self.gate.close();
         let (batch, mut swap) = Mvcc::new(&*self.engine, data_ns(group)).begin_swap(revision);
         self.engine.write(batch).map_err(io_err)?;
+        crate::probe!(FollowerSwapBegan);
         loop {
             let engine = self.engine.clone();
             let (back, done) = RT::spawn_blocking(move || {
@@ -702,6 +705,7 @@ impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
         // The marker and the cleared data are made durable first, so a
         // crash from here on finishes the install when the group reopens.
         flush_and_wait(&*self.flusher, FlushReason::Snapshot).await?;
+        crate::probe!(SnapshotInstallBegan);
         let mut steps = 0u64;
         let chunk_bytes = self.chunk_bytes;
         loop {

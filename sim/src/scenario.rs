@@ -132,6 +132,11 @@ pub struct Faults {
     /// term. 0: off.
     #[serde(default)]
     pub heal_watch_ms: u64,
+    /// Percent chance that a node beginning to copy a snapshot into place
+    /// (a Raft install, or a follower cluster's swap) is crashed right
+    /// there (within a simulated ms), for `downtime_ms`. 0: off.
+    #[serde(default)]
+    pub crash_in_install: u32,
 }
 
 /// Follower clusters and the WAN between them and the leader cluster.

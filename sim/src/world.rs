@@ -709,6 +709,50 @@ fn check_heal(shared: &Shared, cluster: u64, isolated: usize, before: &BTreeMap<
     }
 }
 
+/// Crashes nodes of one cluster as they begin copying a snapshot into place
+/// (`faults.crash_in_install` percent of the time), so that the restart
+/// path that finishes an interrupted install is taken in most runs rather
+/// than by luck. Shares the fault loop's record of nodes down.
+async fn crash_installers(
+    f: crate::scenario::Faults,
+    handle: Handle,
+    ids: Vec<NodeId>,
+    down: Arc<Mutex<BTreeMap<usize, Down>>>,
+    max_down: usize,
+    shared: Arc<Shared>,
+    until_ns: u64,
+) {
+    while shared.now_ns() < until_ns {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        for id in probes::take_began(&ids) {
+            let Some(victim) = ids.iter().position(|x| *x == id) else { continue };
+            if rand_range(1, 100) > u64::from(f.crash_in_install) {
+                continue;
+            }
+            {
+                // One more node than the fault loop takes down: installs
+                // happen on replicas returning from a fault, usually while
+                // another one is down.
+                let mut d = down.lock().unwrap_or_else(|p| p.into_inner());
+                if d.len() > max_down || d.contains_key(&victim) {
+                    continue;
+                }
+                d.insert(victim, Down::Crashed);
+            }
+            probes::crashing(id);
+            handle.kill(id);
+            let (down, handle) = (down.clone(), handle.clone());
+            let downtime = Duration::from_millis(rand_range(f.downtime_ms[0], f.downtime_ms[1]));
+            tokio::spawn(async move {
+                tokio::time::sleep(downtime).await;
+                if down.lock().unwrap_or_else(|p| p.into_inner()).remove(&victim) == Some(Down::Crashed) {
+                    restart(&handle, id);
+                }
+            });
+        }
+    }
+}
+
 async fn fault_loop(sc: Scenario, cluster: u64, handle: Handle, ids: Vec<NodeId>, shared: Arc<Shared>, until_ns: u64) {
     let f = &sc.faults;
     let weights = [f.crash, f.pause, f.partition, f.one_way, f.isolate, f.loss, f.swizzle];
@@ -717,6 +761,17 @@ async fn fault_loop(sc: Scenario, cluster: u64, handle: Handle, ids: Vec<NodeId>
     let n = ids.len();
     let down: Arc<Mutex<BTreeMap<usize, Down>>> = Arc::new(Mutex::new(BTreeMap::new()));
     let max_down = ((n - 1) / 2).max(1);
+    if f.crash_in_install > 0 {
+        tokio::spawn(crash_installers(
+            f.clone(),
+            handle.clone(),
+            ids.clone(),
+            down.clone(),
+            max_down,
+            shared.clone(),
+            until_ns,
+        ));
+    }
     let heal_net = |net: &NetSim| {
         for a in &ids {
             net.unclog_node(*a);

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use armada_core::probe::Probe;
 use armada_sim::scenario::Scenario;
 use armada_sim::world::{run, Verdict};
 
@@ -104,15 +105,31 @@ fn a_returning_isolated_node_does_not_depose_the_leader() {
     assert_passes("isolate-heal-3.toml", 1);
 }
 
-/// snapshots-crash-3 seed 186 (seed 21 until snapshot builds began to wait
-/// for transfers in flight): a crash lands inside a Raft snapshot install
+/// snapshots-crash-3 seed 5 (seed 21, then 186, before the scenario aimed
+/// crashes at installs): a crash lands inside a Raft snapshot install
 /// (after its marker was synced, before its last write); the replica
 /// finishes the install from the staged chunks when it restarts, and every
 /// checker (S9 at the seam, R6 at the end) still passes. Asserts that the
 /// path is reached, so a change that moves it off this seed is noticed.
 #[test]
 fn a_crash_inside_a_snapshot_install_is_finished_on_restart() {
-    let r = run(&scenario("snapshots-crash-3.toml"), 186, None);
+    let r = run(&scenario("snapshots-crash-3.toml"), 5, None);
     assert_eq!(r.verdict, Verdict::Pass, "{:#?}", r.failures);
     assert!(r.installs_resumed >= 1, "no install was interrupted on this seed any more: pick another");
+    assert!(hits(&r, Probe::SnapshotInstallFinishedAfterCrash) >= 1);
+}
+
+/// followers-snapshot seed 4: a follower replica crashes while it swaps a
+/// leader snapshot into place (its table half copied, reads kept out); the
+/// swap is finished from its record when the node restarts, before the
+/// group serves, and the follower ends equal to the leader (R4).
+#[test]
+fn a_crash_inside_a_follower_snapshot_swap_is_finished_on_restart() {
+    let r = run(&scenario("followers-snapshot.toml"), 4, None);
+    assert_eq!(r.verdict, Verdict::Pass, "{:#?}", r.failures);
+    assert!(hits(&r, Probe::FollowerSwapFinishedAfterCrash) >= 1, "no swap was interrupted on this seed any more");
+}
+
+fn hits(r: &armada_sim::world::Report, p: Probe) -> u64 {
+    r.probes.iter().find(|(q, _)| *q == p).map_or(0, |(_, n)| *n)
 }

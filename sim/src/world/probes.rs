@@ -3,8 +3,8 @@
 //! vote or a committed index was persisted), and the probes a sweep must
 //! reach.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use armada_core::probe::{self, Probe};
@@ -15,31 +15,50 @@ use madsim::time::Instant;
 /// counts as "right after" it.
 const RIGHT_AFTER: Duration = Duration::from_millis(100);
 
-/// When each node last persisted its vote and a committed index. One run
-/// per process (the sweep runs each seed in a child), so a global is safe.
-static RECENT: Mutex<BTreeMap<NodeId, [Option<Instant>; 2]>> = Mutex::new(BTreeMap::new());
+thread_local! {
+    /// When each node last persisted its vote and a committed index. Per
+    /// thread, as the probe counts: one world runs on one thread.
+    static RECENT: RefCell<BTreeMap<NodeId, [Option<Instant>; 2]>> = const { RefCell::new(BTreeMap::new()) };
+    /// Nodes that began a snapshot install or swap since the fault loop
+    /// last looked (`faults.crash_in_install`).
+    static BEGAN: RefCell<Vec<NodeId>> = const { RefCell::new(Vec::new()) };
+}
 
 fn hook(p: Probe) {
+    if matches!(p, Probe::SnapshotInstallBegan | Probe::FollowerSwapBegan) {
+        BEGAN.with_borrow_mut(|b| b.push(madsim::plugin::node()));
+        return;
+    }
     let slot = match p {
         Probe::VoteSaved => 0,
         Probe::CommittedSaved => 1,
         _ => return,
     };
     let node = madsim::plugin::node();
-    RECENT.lock().unwrap_or_else(|p| p.into_inner()).entry(node).or_default()[slot] = Some(Instant::now());
+    RECENT.with_borrow_mut(|r| r.entry(node).or_default()[slot] = Some(Instant::now()));
 }
 
 /// Starts counting for a run: installs the hook and clears every count.
 pub fn start() {
     probe::set_hook(hook);
     let _ = probe::take();
-    RECENT.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    RECENT.with_borrow_mut(|r| r.clear());
+    BEGAN.with_borrow_mut(|b| b.clear());
+}
+
+/// The nodes among `ids` that began an install or swap since the last call.
+pub fn take_began(ids: &[NodeId]) -> Vec<NodeId> {
+    BEGAN.with_borrow_mut(|began| {
+        let (mine, others): (Vec<NodeId>, Vec<NodeId>) = began.drain(..).partition(|id| ids.contains(id));
+        *began = others;
+        mine
+    })
 }
 
 /// The world is about to crash `node`.
 pub fn crashing(node: NodeId) {
     let now = Instant::now();
-    let recent = RECENT.lock().unwrap_or_else(|p| p.into_inner()).remove(&node).unwrap_or_default();
+    let recent = RECENT.with_borrow_mut(|r| r.remove(&node)).unwrap_or_default();
     let soon = |t: Option<Instant>| t.is_some_and(|t| now.duration_since(t) <= RIGHT_AFTER);
     if soon(recent[0]) {
         probe::hit(Probe::VoteSavedThenCrash);
@@ -56,7 +75,15 @@ pub fn finish() -> Vec<(Probe, u64)> {
 
 /// Probes a CI sweep need not reach yet, each with the reason; every other
 /// probe is required (`sweep --require-probes`).
-pub const NOT_REQUIRED: &[(Probe, &str)] = &[];
+pub const NOT_REQUIRED: &[(Probe, &str)] = &[
+    (
+        Probe::ReplicatedGap,
+        "a follower's worker asks from its applied revision + 1 over an ordered stream: a gap needs a stale \
+         worker or a lost change-stream message, and no fault makes either yet",
+    ),
+    (Probe::FollowerTableDeleted, "no scenario deletes tables while followers stream them yet"),
+    (Probe::FollowerTableRecreated, "no scenario re-creates a deleted table while followers stream it yet"),
+];
 
 /// Whether a sweep must reach `p`.
 pub fn required(p: Probe) -> bool {
