@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
-use armada_sim::history::{Op, OpKind, OpResult, Outcome};
+use armada_sim::history::{CasBy, Op, OpKind, OpResult, Outcome};
 use armada_sim::linearizability::check;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -45,7 +45,7 @@ fn generate(seed: u64, clients: u32, keys: u32, ops: u32) -> (Vec<Op>, BTreeSet<
                 truth.insert(key.clone(), new.clone());
                 committed.insert(new.clone());
             }
-            (OpKind::Cas { key, expect, new }, OpResult::Cas { succeeded: ok, revision: 0 })
+            (OpKind::Cas { key, expect, new, by: CasBy::Value }, OpResult::Cas { succeeded: ok, revision: 0 })
         } else {
             let deleted = u64::from(truth.remove(&key).is_some());
             (OpKind::Delete { key }, OpResult::Delete { deleted, revision: 0 })
