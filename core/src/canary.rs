@@ -49,10 +49,14 @@ pub enum Canary {
     CompactionStepDropsVersion = 16,
     /// A txn compare on the mod revision compares the create revision.
     CompareModAsCreate = 17,
+    /// A follower cluster keeps its table when the leader cluster deleted
+    /// and re-created it under the same name (it deletes only tables whose
+    /// name disappeared, and its table workers ignore the leader's table id).
+    RecreatedTableKept = 18,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 17] = [
+    pub const ALL: [Canary; 18] = [
         Canary::AckBeforeFsync,
         Canary::StaleRead,
         Canary::ReuseRevision,
@@ -70,6 +74,7 @@ impl Canary {
         Canary::RevisionPartApplied,
         Canary::CompactionStepDropsVersion,
         Canary::CompareModAsCreate,
+        Canary::RecreatedTableKept,
     ];
 
     pub fn name(self) -> &'static str {
@@ -91,6 +96,7 @@ impl Canary {
             Canary::RevisionPartApplied => "revision-part-applied",
             Canary::CompactionStepDropsVersion => "compaction-step-drops-version",
             Canary::CompareModAsCreate => "compare-mod-as-create",
+            Canary::RecreatedTableKept => "recreated-table-kept",
         }
     }
 

@@ -63,6 +63,13 @@ pub enum TableCommand {
     /// (see [`crate::mvcc`]); proposed by the group's leader while one is
     /// pending. Takes no revision.
     CompactStep,
+    /// Follower clusters: records which leader-cluster table (its id) this
+    /// table mirrors, before anything of it is applied; a later incarnation
+    /// of the same name (deleted and re-created on the leader cluster) is
+    /// then told apart.
+    SetUpstream {
+        table_id: u64,
+    },
 }
 
 /// The result of a [`TableCommand`].
@@ -79,6 +86,7 @@ pub enum TableReply {
     CompactStepped {
         more: bool,
     },
+    UpstreamSet,
 }
 
 impl TableReply {
@@ -92,7 +100,7 @@ impl TableReply {
             TableReply::Replicated(r) => r.revision,
             TableReply::SnapshotStaged => 0,
             TableReply::SnapshotCommitted(r) => r.clone().unwrap_or(0),
-            TableReply::CompactStepped { .. } => 0,
+            TableReply::CompactStepped { .. } | TableReply::UpstreamSet => 0,
         }
     }
 }
@@ -116,7 +124,8 @@ impl TableCommand {
             | TableCommand::Replicate { .. }
             | TableCommand::SnapshotChunk { .. }
             | TableCommand::SnapshotCommit { .. }
-            | TableCommand::CompactStep => Ok(()),
+            | TableCommand::CompactStep
+            | TableCommand::SetUpstream { .. } => Ok(()),
         }
     }
 
@@ -143,6 +152,9 @@ impl TableCommand {
             TableCommand::CompactStep => {
                 let (wb, more) = store.compaction_step()?;
                 return Ok((wb, Ok(TableReply::CompactStepped { more })));
+            }
+            TableCommand::SetUpstream { table_id } => {
+                return Ok((store.set_upstream_table(*table_id), Ok(TableReply::UpstreamSet)));
             }
         };
         match reply {
@@ -322,6 +334,7 @@ impl fmt::Display for Command {
             }
             Command::Table(TableCommand::SnapshotCommit { revision, .. }) => write!(f, "snapshot_commit(@{revision})"),
             Command::Table(TableCommand::CompactStep) => write!(f, "compact_step"),
+            Command::Table(TableCommand::SetUpstream { table_id }) => write!(f, "set_upstream({table_id})"),
         }
     }
 }

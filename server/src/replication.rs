@@ -744,7 +744,8 @@ async fn reconcile_catalog(node: &Node, update: &pb::CatalogUpdate, known: &mut 
     };
     let upstream: BTreeMap<&str, u64> = update.tables.iter().map(|t| (t.name.as_str(), t.id)).collect();
     for t in &local {
-        let recreated = matches!((known.get(&t.name), upstream.get(t.name.as_str())), (Some(a), Some(b)) if a != b);
+        let recreated = matches!((known.get(&t.name), upstream.get(t.name.as_str())), (Some(a), Some(b)) if a != b)
+            && !armada_core::canary::active(armada_core::canary::Canary::RecreatedTableKept);
         if !upstream.contains_key(t.name.as_str()) || recreated {
             info!(table = %t.name, "table deleted on the leader cluster; deleting it here");
             match node.delete_table_internal(&t.name).await {
@@ -834,6 +835,9 @@ async fn tail(f: &Follower, group: GroupId, table: &str, rotate: bool) -> Result
         if !f.node.is_leader(&g) {
             return Ok(());
         }
+        if !same_incarnation(f, group, table, msg.table_id).await? {
+            return Ok(());
+        }
         f.note_leader_revision(table, msg.leader_revision, f.node.table_revision(group));
         if msg.snapshot_needed != 0 {
             info!(table, first_retained = msg.snapshot_needed, "behind the leader's history: installing a snapshot");
@@ -868,6 +872,36 @@ async fn tail(f: &Follower, group: GroupId, table: &str, rotate: bool) -> Result
             }
         }
         follow_compaction(f, group, table, msg.compacted_revision).await?;
+    }
+}
+
+/// Whether this follower's table mirrors the leader-cluster table
+/// `table_id` streams from. The first stream records the id (before
+/// anything is applied). A different id means the leader cluster deleted
+/// the table and created it again under the same name, which the catalog
+/// worker may never see (its memory of ids does not survive a restart or a
+/// move to another node): the old incarnation is deleted here, and the
+/// catalog worker creates the table afresh, which then streams from the
+/// start. (A follower kept the old incarnation at the same revision as the
+/// new one, with other contents; found by followers-churn.)
+async fn same_incarnation(f: &Follower, group: GroupId, table: &str, table_id: u64) -> Result<bool, String> {
+    if table_id == 0 {
+        return Ok(true);
+    }
+    let recorded = Mvcc::new(&**f.node.engine(), data_ns(group)).upstream_table().map_err(|e| e.to_string())?;
+    match recorded {
+        Some(id) if id == table_id => Ok(true),
+        Some(_) if armada_core::canary::active(armada_core::canary::Canary::RecreatedTableKept) => Ok(true),
+        Some(id) => {
+            warn!(table, was = id, now = table_id, "the leader cluster re-created this table: deleting this copy");
+            f.node.delete_table_internal(table).await.map_err(|e| e.to_string())?;
+            armada_core::probe!(FollowerTableRecreated);
+            Ok(false)
+        }
+        None => {
+            f.node.write_internal(table, TableCommand::SetUpstream { table_id }).await.map_err(|e| e.to_string())?;
+            Ok(true)
+        }
     }
 }
 

@@ -255,7 +255,18 @@ pub struct Scenario {
     /// small tables take many steps with writes and faults between them.
     #[serde(default)]
     pub compaction_step_records: usize,
+    /// When non-zero, a table named [`CHURN_TABLE`] is created, written
+    /// (three keys), deleted and created again every this many simulated ms
+    /// while the workload runs, so follower clusters see tables deleted and
+    /// re-created under the same name while they stream. It ends created
+    /// and written, and R4 requires every follower to end with its state.
+    #[serde(default)]
+    pub table_churn_ms: u64,
 }
+
+/// The table [`Scenario::table_churn_ms`] deletes and re-creates (no client
+/// of the workload uses it).
+pub const CHURN_TABLE: &str = "churn";
 
 fn d_liveness() -> u64 {
     30

@@ -32,7 +32,7 @@ mod followers;
 pub mod probes;
 use crate::history::{CasBy, Op, OpKind, OpResult, Outcome};
 use crate::linearizability;
-use crate::scenario::Scenario;
+use crate::scenario::{Scenario, CHURN_TABLE};
 use followers::{cluster_ip, cluster_of, global_group, node_key};
 
 /// How a run ended.
@@ -1391,6 +1391,10 @@ async fn world(sc: Scenario, shared: Arc<Shared>) {
         let node = handle.create_node().name(format!("client-{c}")).ip(ip.parse().expect("valid ip")).build();
         clients.push(node.spawn(client_main(c, sc.clone(), members.clone(), shared.clone(), until_ns)));
     }
+    if sc.table_churn_ms > 0 {
+        let node = handle.create_node().name("churn").ip("10.1.0.4".parse().expect("valid ip")).build();
+        clients.push(node.spawn(churn_main(sc.clone(), members.clone(), shared.clone(), until_ns)));
+    }
     if sc.backups > 0 {
         let node = handle.create_node().name("backup").ip("10.1.0.3".parse().expect("valid ip")).build();
         clients.push(node.spawn(backup_main(sc.clone(), members.clone(), shared.clone(), until_ns)));
@@ -1408,6 +1412,74 @@ async fn world(sc: Scenario, shared: Arc<Shared>) {
         let _ = checker.spawn(followers::follower_liveness(sc.clone(), shared.clone())).await;
     }
     sampler.abort();
+}
+
+/// Deletes and re-creates [`CHURN_TABLE`] every `table_churn_ms` until
+/// `until_ns`, writing three keys into each incarnation (values name the
+/// incarnation); then leaves it created and written. Failures (faults,
+/// no leader) are retried; nothing here is recorded in the history, the
+/// followers' final state is what R4 checks.
+async fn churn_main(sc: Scenario, members: BTreeMap<u64, ArmadaNode>, shared: Arc<Shared>, until_ns: u64) {
+    let mut generation = 0u64;
+    let mut attempt = 0u64;
+    let addr = |attempt: u64| format!("http://{}", members[&(attempt % sc.nodes as u64 + 1)].api_addr);
+    let mut step = |create: bool| {
+        attempt += 1;
+        let addr = addr(attempt);
+        async move {
+            let Ok(mut c) = pb::tables_client::TablesClient::connect(addr).await else { return false };
+            let name = CHURN_TABLE.to_string();
+            let r = if create {
+                c.create(pb::CreateTableRequest { name }).await.map(|_| ())
+            } else {
+                c.delete(pb::DeleteTableRequest { name }).await.map(|_| ())
+            };
+            match r {
+                Ok(()) => true,
+                Err(s) => {
+                    (create && s.code() == tonic::Code::AlreadyExists) || (!create && s.code() == tonic::Code::NotFound)
+                }
+            }
+        }
+    };
+    let fill = |generation: u64, attempt: u64| {
+        let addr = addr(attempt);
+        async move {
+            let Ok(mut c) = pb::kv_client::KvClient::connect(addr).await else { return false };
+            for k in ["a", "b", "c"] {
+                let put = pb::PutRequest {
+                    table: CHURN_TABLE.into(),
+                    key: k.as_bytes().to_vec(),
+                    value: format!("g{generation}-{k}").into_bytes(),
+                    prev_kv: false,
+                };
+                if c.put(put).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        }
+    };
+    loop {
+        // Create and fill (retrying), then hold it for a while.
+        while !step(true).await {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        generation += 1;
+        let mut tries = 0;
+        while !fill(generation, generation + tries).await && tries < 50 {
+            tries += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if shared.now_ns() >= until_ns {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(rand_range(sc.table_churn_ms / 2, sc.table_churn_ms))).await;
+        while !step(false).await {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(rand_range(0, sc.table_churn_ms / 2))).await;
+    }
 }
 
 /// Runs one seed of a scenario, with `canary` switched on (if any).

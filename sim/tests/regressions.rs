@@ -130,6 +130,19 @@ fn a_crash_inside_a_follower_snapshot_swap_is_finished_on_restart() {
     assert!(hits(&r, Probe::FollowerSwapFinishedAfterCrash) >= 1, "no swap was interrupted on this seed any more");
 }
 
+/// followers-churn seed 2: the leader cluster deleted a table and created
+/// it again under the same name; the follower cluster's catalog worker had
+/// restarted (its memory of table ids with it) and kept the old
+/// incarnation, which ended at the new one's revision with other contents
+/// (R4). Table workers now record the leader table id they mirror and
+/// delete a copy of an older incarnation.
+#[test]
+fn a_table_recreated_on_the_leader_cluster_is_recreated_on_followers() {
+    let r = run(&scenario("followers-churn.toml"), 2, None);
+    assert_eq!(r.verdict, Verdict::Pass, "{:#?}", r.failures);
+    assert!(hits(&r, Probe::FollowerTableRecreated) >= 1, "no re-creation was seen on this seed any more");
+}
+
 fn hits(r: &armada_sim::world::Report, p: Probe) -> u64 {
     r.probes.iter().find(|(q, _)| *q == p).map_or(0, |(_, n)| *n)
 }

@@ -561,6 +561,26 @@ impl Mvcc<'_> {
     fn swap_key(&self) -> Vec<u8> {
         self.key_with(b'w', &[])
     }
+
+    fn upstream_key(&self) -> Vec<u8> {
+        self.key_with(b'u', &[])
+    }
+
+    /// Follower clusters: the id of the leader-cluster table this table
+    /// mirrors, once recorded.
+    pub fn upstream_table(&self) -> Result<Option<u64>, EngineError> {
+        match self.engine.get(&self.upstream_key())? {
+            Some(b) => Ok(Some(decode(&b, "upstream table id")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The batch recording the leader-cluster table this table mirrors.
+    pub fn set_upstream_table(&self, table_id: u64) -> WriteBatch {
+        let mut wb = WriteBatch::new();
+        wb.put(self.upstream_key(), encode(&table_id));
+        wb
+    }
 }
 
 /// A checked follower snapshot being copied into place (see

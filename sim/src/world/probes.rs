@@ -75,15 +75,11 @@ pub fn finish() -> Vec<(Probe, u64)> {
 
 /// Probes a CI sweep need not reach yet, each with the reason; every other
 /// probe is required (`sweep --require-probes`).
-pub const NOT_REQUIRED: &[(Probe, &str)] = &[
-    (
-        Probe::ReplicatedGap,
-        "a follower's worker asks from its applied revision + 1 over an ordered stream: a gap needs a stale \
+pub const NOT_REQUIRED: &[(Probe, &str)] = &[(
+    Probe::ReplicatedGap,
+    "a follower's worker asks from its applied revision + 1 over an ordered stream: a gap needs a stale \
          worker or a lost change-stream message, and no fault makes either yet",
-    ),
-    (Probe::FollowerTableDeleted, "no scenario deletes tables while followers stream them yet"),
-    (Probe::FollowerTableRecreated, "no scenario re-creates a deleted table while followers stream it yet"),
-];
+)];
 
 /// Whether a sweep must reach `p`.
 pub fn required(p: Probe) -> bool {
