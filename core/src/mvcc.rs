@@ -351,31 +351,11 @@ impl<'e> Mvcc<'e> {
     /// Live key-values of `[start, end)` as of revision `rev`, ascending.
     fn live_at(&self, start: &[u8], end: Option<&[u8]>, rev: u64) -> Result<Vec<KeyValue>, EngineError> {
         let mut out = Vec::new();
-        self.visit_past(start, end, rev, &mut |kv| {
+        self.visit_at(start, end, rev, &mut |kv| {
             out.push(kv);
             true
         })?;
         Ok(out)
-    }
-
-    /// [`Mvcc::visit_at`], seeking a single key's newest version at or below
-    /// `rev` instead of scanning its whole history.
-    fn visit_past(
-        &self,
-        start: &[u8],
-        end: Option<&[u8]>,
-        rev: u64,
-        visit: &mut dyn FnMut(KeyValue) -> bool,
-    ) -> Result<(), EngineError> {
-        if let Some(e) = end {
-            if e.len() == start.len() + 1 && e.starts_with(start) && e[start.len()] == 0 {
-                if let Some(kv) = self.key_at(start, rev)? {
-                    visit(kv);
-                }
-                return Ok(());
-            }
-        }
-        self.visit_at(start, end, rev, visit)
     }
 
     /// One page of `[start, end)` as of revision `requested` (0: the
@@ -410,7 +390,9 @@ impl<'e> Mvcc<'e> {
     }
 
     /// Visits the key-values of `[start, end)` live at revision `rev`, in
-    /// ascending key order, one at a time, until `visit` returns false.
+    /// ascending key order, one at a time, until `visit` returns false. A
+    /// single key seeks its newest version at or below `rev` instead of
+    /// scanning its whole history.
     fn visit_at(
         &self,
         start: &[u8],
@@ -418,6 +400,14 @@ impl<'e> Mvcc<'e> {
         rev: u64,
         visit: &mut dyn FnMut(KeyValue) -> bool,
     ) -> Result<(), EngineError> {
+        if let Some(e) = end {
+            if e.len() == start.len() + 1 && e.starts_with(start) && e[start.len()] == 0 {
+                if let Some(kv) = self.key_at(start, rev)? {
+                    visit(kv);
+                }
+                return Ok(());
+            }
+        }
         let (lo, hi) = self.history_bounds(start, end);
         let prefix_len = self.ns.len() + 1;
         // The newest version at or below `rev` of the key being scanned.
@@ -1081,7 +1071,7 @@ impl WriteTxn<'_, '_> {
         } else if rev == self.state.current {
             self.store.visit_now(&start, end.as_deref(), &mut offer)?;
         } else {
-            self.store.visit_past(&start, end.as_deref(), rev, &mut offer)?;
+            self.store.visit_at(&start, end.as_deref(), rev, &mut offer)?;
         }
         let kvs = selection.finish()?;
         within_limit(shape_range(req, kvs, count, self.visible_revision()), limit)
