@@ -74,6 +74,9 @@ mod sim_main {
             /// Fail when a required coverage probe was reached by no seed.
             #[arg(long)]
             require_probes: bool,
+            /// Print a progress line (to stderr) every this many runs.
+            #[arg(long)]
+            progress: Option<usize>,
         },
         /// Run each canary until a checker catches it or N seeds pass.
         Canaries {
@@ -311,7 +314,7 @@ mod sim_main {
                     4
                 }
             }
-            Cmd::Sweep { paths, seeds, start, jobs, require_probes } => {
+            Cmd::Sweep { paths, seeds, start, jobs, require_probes, progress } => {
                 let files = match collect(&paths) {
                     Ok(f) => f,
                     Err(e) => {
@@ -341,7 +344,12 @@ mod sim_main {
                             if r.verdict != Verdict::Pass {
                                 print!("{}", r.output);
                             }
-                            results.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+                            let mut all = results.lock().unwrap_or_else(|p| p.into_inner());
+                            all.push(r);
+                            if progress.is_some_and(|every| every > 0 && all.len().is_multiple_of(every)) {
+                                let failed = all.iter().filter(|r| r.verdict != Verdict::Pass).count();
+                                eprintln!("sweep progress: {}/{} runs, {failed} failed", all.len(), work.len());
+                            }
                         });
                     }
                 });
