@@ -409,10 +409,8 @@ impl<'e> Mvcc<'e> {
             }
         }
         let (lo, hi) = self.history_bounds(start, end);
-        let prefix_len = self.ns.len() + 1;
         // The newest version at or below `rev` of the key being scanned.
         let mut pending: Option<(Vec<u8>, u64, Version)> = None;
-        let mut err = None;
         let mut stopped = false;
         let flush = |p: Option<(Vec<u8>, u64, Version)>, visit: &mut dyn FnMut(KeyValue) -> bool| -> bool {
             match p {
@@ -429,36 +427,50 @@ impl<'e> Mvcc<'e> {
                 None => true,
             }
         };
-        self.engine.scan(&lo, &hi, &mut |k, v| {
-            let (key, at) = match split_escaped(&k[prefix_len..]) {
-                Ok(x) => x,
-                Err(e) => {
-                    err = Some(e);
-                    return false;
-                }
-            };
+        self.scan_history(&lo, &hi, rev, &mut |key, at, _, version| {
             if pending.as_ref().is_some_and(|(pk, _, _)| *pk != key) && !flush(pending.take(), visit) {
                 stopped = true;
                 return false;
             }
-            if at <= rev {
-                match decode::<Version>(v, "history record") {
-                    Ok(version) => pending = Some((key, at, version)),
-                    Err(e) => {
-                        err = Some(e);
-                        return false;
-                    }
-                }
+            if let Some(version) = version {
+                pending = Some((key, at, version));
             }
             true
         })?;
-        if let Some(e) = err {
-            return Err(e);
-        }
         if !stopped {
             flush(pending, visit);
         }
         Ok(())
+    }
+
+    /// Scans the history records with engine keys in `[from, to)`, in order,
+    /// giving `visit` each record's key, revision and engine key, and its
+    /// decoded version when the revision is at or below `decode_upto`
+    /// (`None` above it), until `visit` returns false. A record that does
+    /// not decode ends the scan with its error.
+    fn scan_history(
+        &self,
+        from: &[u8],
+        to: &[u8],
+        decode_upto: u64,
+        visit: &mut dyn FnMut(Vec<u8>, u64, &[u8], Option<Version>) -> bool,
+    ) -> Result<(), EngineError> {
+        let prefix_len = self.ns.len() + 1;
+        let mut err = None;
+        self.engine.scan(from, to, &mut |k, v| {
+            let record = split_escaped(&k[prefix_len..]).and_then(|(key, at)| {
+                let version = if at <= decode_upto { Some(decode::<Version>(v, "history record")?) } else { None };
+                Ok((key, at, version))
+            });
+            match record {
+                Ok((key, at, version)) => visit(key, at, k, version),
+                Err(e) => {
+                    err = Some(e);
+                    false
+                }
+            }
+        })?;
+        err.map_or(Ok(()), Err)
     }
 
     /// Visits the live key-values of `[start, end)` now, ascending, until
@@ -609,7 +621,6 @@ impl<'e> Mvcc<'e> {
             k
         };
         let revision = cursor.revision;
-        let prefix_len = self.ns.len() + 1;
         let budget = self.compaction_step;
         if crate::canary::active(crate::canary::Canary::CompactionStepDropsVersion) {
             // The canary takes a step boundary for the end of the key it
@@ -623,15 +634,7 @@ impl<'e> Mvcc<'e> {
         }
         let mut visited = 0usize;
         let mut stopped = false;
-        let mut err = None;
-        self.engine.scan(&from, &hi, &mut |k, v| {
-            let (key, at) = match split_escaped(&k[prefix_len..]) {
-                Ok(x) => x,
-                Err(e) => {
-                    err = Some(e);
-                    return false;
-                }
-            };
+        self.scan_history(&from, &hi, revision, &mut |key, at, k, version| {
             if cursor.newest.as_ref().is_some_and(|(nk, _, _)| *nk != key) {
                 if let Some((_, ek, true)) = cursor.newest.take() {
                     crate::probe!(CompactionRemovedTombstone);
@@ -646,14 +649,8 @@ impl<'e> Mvcc<'e> {
             if at == revision {
                 crate::probe!(CompactionAtAVersion);
             }
-            if at <= revision {
-                let tomb = match decode::<Version>(v, "history record") {
-                    Ok(ver) => ver.value.is_none(),
-                    Err(e) => {
-                        err = Some(e);
-                        return false;
-                    }
-                };
+            if let Some(version) = version {
+                let tomb = version.value.is_none();
                 if let Some((_, ek, _)) = cursor.newest.replace((key, k.to_vec(), tomb)) {
                     batch.delete(ek);
                 }
@@ -666,9 +663,6 @@ impl<'e> Mvcc<'e> {
             }
             true
         })?;
-        if let Some(e) = err {
-            return Err(e);
-        }
         if stopped {
             batch.put(self.cursor_key(), encode(&cursor));
             return Ok(true);
