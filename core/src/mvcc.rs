@@ -166,6 +166,10 @@ struct CompactionCursor {
     newest: Option<(Vec<u8>, Vec<u8>, bool)>,
 }
 
+/// What [`Mvcc::scan_history`] gives each record: its key, revision,
+/// engine key and (at or below the revision asked for) decoded version.
+type HistoryVisitor<'a> = dyn FnMut(Vec<u8>, u64, &[u8], Option<Version>) -> bool + 'a;
+
 /// One table's multi-version store, borrowed over an engine.
 pub struct Mvcc<'e> {
     engine: &'e dyn Engine,
@@ -453,7 +457,7 @@ impl<'e> Mvcc<'e> {
         from: &[u8],
         to: &[u8],
         decode_upto: u64,
-        visit: &mut dyn FnMut(Vec<u8>, u64, &[u8], Option<Version>) -> bool,
+        visit: &mut HistoryVisitor<'_>,
     ) -> Result<(), EngineError> {
         let prefix_len = self.ns.len() + 1;
         let mut err = None;
