@@ -53,10 +53,16 @@ pub enum Canary {
     /// and re-created it under the same name (it deletes only tables whose
     /// name disappeared, and its table workers ignore the leader's table id).
     RecreatedTableKept = 18,
+    /// A node whose storage failed goes on running: Raft stopped the group
+    /// that hit the error, and nothing stops the node.
+    StorageFailureIgnored = 19,
+    /// A delete that finds nothing to delete still writes a tombstone, so
+    /// it takes a revision (etcd creates none).
+    EmptyDeleteTakesRevision = 20,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 18] = [
+    pub const ALL: [Canary; 20] = [
         Canary::AckBeforeFsync,
         Canary::StaleRead,
         Canary::ReuseRevision,
@@ -75,6 +81,8 @@ impl Canary {
         Canary::CompactionStepDropsVersion,
         Canary::CompareModAsCreate,
         Canary::RecreatedTableKept,
+        Canary::StorageFailureIgnored,
+        Canary::EmptyDeleteTakesRevision,
     ];
 
     pub fn name(self) -> &'static str {
@@ -97,6 +105,8 @@ impl Canary {
             Canary::CompactionStepDropsVersion => "compaction-step-drops-version",
             Canary::CompareModAsCreate => "compare-mod-as-create",
             Canary::RecreatedTableKept => "recreated-table-kept",
+            Canary::StorageFailureIgnored => "storage-failure-ignored",
+            Canary::EmptyDeleteTakesRevision => "empty-delete-takes-revision",
         }
     }
 

@@ -21,6 +21,10 @@ pub enum EngineError {
     Backend(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The engine, or the task that syncs it, was closed (a shutdown, or a
+    /// simulated crash): the call was abandoned, no write or sync failed.
+    #[error("storage closed: {0}")]
+    Closed(String),
 }
 
 /// One operation of an atomic [`WriteBatch`].
@@ -198,6 +202,9 @@ struct Disk {
     /// Writes since the last sync, oldest first: each key and its value
     /// before the write (`None`: it did not exist).
     undo: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Where each batch written since the last sync begins in `undo`,
+    /// oldest first: a torn crash keeps whole batches only.
+    batches: Vec<usize>,
     /// Incarnation of the engine that may use the disk; an engine opened
     /// before the latest crash is fenced off.
     owner: u64,
@@ -207,7 +214,20 @@ impl Disk {
     /// What a crash does: unsynced writes vanish, and the engine that made
     /// them can no longer touch the disk.
     fn crash(&mut self) {
-        while let Some((key, before)) = self.undo.pop() {
+        self.crash_keeping(0);
+    }
+
+    /// A crash that keeps the first `keep` of the batches written since the
+    /// last sync (all of them when `keep` is larger) and loses the rest: the
+    /// page cache had written some of them back when the power went. Still
+    /// within the engine's contract (the durable state is a prefix of the
+    /// write history that includes every synced write); a real engine's log
+    /// keeps whole batches, so a torn batch is never half kept.
+    fn crash_keeping(&mut self, keep: usize) {
+        let cut = self.batches.get(keep).copied().unwrap_or(self.undo.len());
+        self.batches.clear();
+        while self.undo.len() > cut {
+            let Some((key, before)) = self.undo.pop() else { break };
             match before {
                 Some(v) => {
                     self.map.insert(key, v);
@@ -217,6 +237,7 @@ impl Disk {
                 }
             }
         }
+        self.undo.clear();
         self.owner += 1;
     }
 
@@ -258,6 +279,21 @@ impl DurableImage {
         let mut d = self.lock();
         d.crash();
         f(&mut d.map)
+    }
+
+    /// Batches written since the last sync (what a crash now may lose).
+    pub fn unsynced_batches(&self) -> usize {
+        self.lock().batches.len()
+    }
+
+    /// Crashes the disk now, keeping the first `keep` unsynced batches and
+    /// losing the later ones (see [`Disk::crash_keeping`]); the engine open
+    /// on it is fenced. Returns how many batches it lost.
+    pub fn crash_keeping(&self, keep: usize) -> usize {
+        let mut d = self.lock();
+        let lost = d.batches.len().saturating_sub(keep);
+        d.crash_keeping(keep);
+        lost
     }
     fn lock(&self) -> std::sync::MutexGuard<'_, Disk> {
         // A poisoned lock means a thread panicked while applying a batch;
@@ -310,7 +346,7 @@ impl MemEngine {
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Disk>, EngineError> {
         let d = self.disk.lock();
         if d.owner != self.incarnation {
-            return Err(EngineError::Backend("engine closed: its disk was reopened after a crash".into()));
+            return Err(EngineError::Closed("engine closed: its disk was reopened after a crash".into()));
         }
         Ok(d)
     }
@@ -356,6 +392,8 @@ impl Engine for MemEngine {
         if d.undo.len().saturating_add(batch.ops.len()) > MEM_ENGINE_UNSYNCED_WRITES_MAX {
             return Err(EngineError::Backend(format!("more than {MEM_ENGINE_UNSYNCED_WRITES_MAX} unsynced writes")));
         }
+        let start = d.undo.len();
+        d.batches.push(start);
         for op in batch.ops {
             d.apply(op);
         }
@@ -376,7 +414,9 @@ impl Engine for MemEngine {
     }
 
     fn sync(&self) -> Result<(), EngineError> {
-        self.lock()?.undo.clear();
+        let mut d = self.lock()?;
+        d.undo.clear();
+        d.batches.clear();
         Ok(())
     }
 }
@@ -635,6 +675,46 @@ mod tests {
             prop_assert_eq!(&seen, &durable);
             prop_assert!(e.get(&[0]).is_err(), "the engine from before the crash is fenced");
             prop_assert!(e.write(WriteBatch::new()).is_err());
+        });
+    }
+
+    /// A torn crash keeps exactly the first `keep` unsynced batches: the
+    /// reopened engine holds the state after the last sync plus those
+    /// batches, whole, and nothing of the later ones.
+    #[test]
+    fn torn_crash_keeps_a_prefix_of_whole_batches() {
+        use proptest::prelude::*;
+        let op = prop_oneof![
+            (0u8..6, 0u8..4).prop_map(|(k, v)| BatchOp::Put { key: vec![k], value: vec![v] }),
+            (0u8..6).prop_map(|k| BatchOp::Delete { key: vec![k] }),
+            (0u8..6, 0u8..6).prop_map(|(a, b)| BatchOp::DeleteRange { start: vec![a], end: vec![b] }),
+        ];
+        let batches = proptest::collection::vec((proptest::collection::vec(op, 0..4), any::<bool>()), 0..20);
+        proptest!(|(batches in batches, keep in 0usize..8)| {
+            let disk = DurableImage::new();
+            let e = MemEngine::open(disk.clone());
+            let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+            // The state after the last sync, then after each later batch.
+            let mut states = vec![model.clone()];
+            for (ops, sync) in batches {
+                let batch = WriteBatch { ops };
+                model_apply(&mut model, &batch);
+                e.write(batch).unwrap();
+                states.push(model.clone());
+                if sync {
+                    e.sync().unwrap();
+                    states = vec![model.clone()];
+                }
+            }
+            prop_assert_eq!(disk.unsynced_batches(), states.len() - 1);
+            let lost = disk.crash_keeping(keep);
+            let kept = keep.min(states.len() - 1);
+            prop_assert_eq!(lost, states.len() - 1 - kept);
+            prop_assert!(e.get(&[0]).is_err(), "the engine from before the crash is fenced");
+            let reopened = MemEngine::open(disk.clone());
+            let mut seen = BTreeMap::new();
+            reopened.scan(&[], &[0xff], &mut |k, v| { seen.insert(k.to_vec(), v.to_vec()); true }).unwrap();
+            prop_assert_eq!(&seen, &states[kept]);
         });
     }
 

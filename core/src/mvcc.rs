@@ -1123,6 +1123,9 @@ impl WriteTxn<'_, '_> {
         for kv in &doomed {
             self.record(&kv.key, None);
         }
+        if doomed.is_empty() && crate::canary::active(crate::canary::Canary::EmptyDeleteTakesRevision) {
+            self.record(&req.key, None);
+        }
         Ok(DeleteRangeResponse {
             revision: self.visible_revision(),
             deleted: doomed.len() as u64,

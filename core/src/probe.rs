@@ -95,13 +95,21 @@ pub enum Probe {
     SnapshotInstallBegan,
     /// A follower cluster's replica began swapping a snapshot into place.
     FollowerSwapBegan,
+    /// A node stopped serving because a storage write or sync failed.
+    StorageFailureStopped,
+    /// A crash kept some of the writes made since the last sync (a torn
+    /// crash), not none.
+    TornCrashKeptWrites,
+    /// A sync waited on a slow or stalling disk (the simulator's slow-disk
+    /// fault).
+    SyncSlowed,
 }
 
 /// Number of probes.
 pub const COUNT: usize = Probe::ALL.len();
 
 impl Probe {
-    pub const ALL: [Probe; 40] = [
+    pub const ALL: [Probe; 43] = [
         Probe::LogTruncated,
         Probe::LogPurged,
         Probe::VoteSavedThenCrash,
@@ -142,6 +150,9 @@ impl Probe {
         Probe::CommittedSaved,
         Probe::SnapshotInstallBegan,
         Probe::FollowerSwapBegan,
+        Probe::StorageFailureStopped,
+        Probe::TornCrashKeptWrites,
+        Probe::SyncSlowed,
     ];
 
     pub fn name(self) -> &'static str {
@@ -186,6 +197,9 @@ impl Probe {
             Probe::CommittedSaved => "committed-saved",
             Probe::SnapshotInstallBegan => "snapshot-install-began",
             Probe::FollowerSwapBegan => "follower-swap-began",
+            Probe::StorageFailureStopped => "storage-failure-stopped",
+            Probe::TornCrashKeptWrites => "torn-crash-kept-writes",
+            Probe::SyncSlowed => "sync-slowed",
         }
     }
 

@@ -131,7 +131,7 @@ impl FlushDone {
 impl Drop for FlushDone {
     fn drop(&mut self) {
         if let Some(f) = self.0.take() {
-            f(Err(EngineError::Backend("flush abandoned (node shutting down)".into())))
+            f(Err(EngineError::Closed("flush abandoned (node shutting down)".into())))
         }
     }
 }

@@ -56,7 +56,10 @@ impl BatchingFlusher {
                 }
                 let result = engine.sync();
                 for done in waiting {
-                    done.done(result.as_ref().map(|_| ()).map_err(|e| EngineError::Backend(e.to_string())));
+                    done.done(result.as_ref().map(|_| ()).map_err(|e| match e {
+                        EngineError::Closed(m) => EngineError::Closed(m.clone()),
+                        e => EngineError::Backend(e.to_string()),
+                    }));
                 }
             }
         });
@@ -74,9 +77,14 @@ impl Flusher for BatchingFlusher {
         } else {
             done
         };
-        if let Err(e) = self.tx.try_send((reason, done)) {
-            let (_, done) = e.into_inner();
-            done.done(Err(EngineError::Backend(format!("flush queue full ({FLUSH_QUEUE_MAX}) or stopped"))));
+        match self.tx.try_send((reason, done)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full((_, done))) => {
+                done.done(Err(EngineError::Backend(format!("flush queue full ({FLUSH_QUEUE_MAX}): the disk is stuck"))))
+            }
+            Err(mpsc::error::TrySendError::Closed((_, done))) => {
+                done.done(Err(EngineError::Closed("the sync task has stopped".into())))
+            }
         }
     }
 }

@@ -61,6 +61,9 @@ pub enum LaunchError {
     Server(&'static str, String),
     #[error("final sync of storage: {0}")]
     Sync(String),
+    /// The node stopped on a storage failure (see `Node::fail`); restart it.
+    #[error("stopped: {0}")]
+    Failed(String),
 }
 
 /// A running node and everything that serves it.
@@ -205,12 +208,18 @@ impl Launched {
     /// gracefully: servers finish in-flight requests, Raft stops, storage
     /// is synced.
     pub async fn run_until(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), LaunchError> {
+        let node = self.node.clone();
+        let mut storage_failure = None;
         let failed = {
             let servers = &mut self.servers;
             let first_exit = futures::future::select_all(servers.iter_mut().map(|(_, h)| h));
             tokio::select! {
                 biased;
                 _ = shutdown => None,
+                why = node.failed() => {
+                    storage_failure = Some(why);
+                    None
+                }
                 (res, i, _) = first_exit => Some((i, res)),
             }
         };
@@ -246,6 +255,11 @@ impl Launched {
         self.node.shutdown().await;
         self.raft_server.abort();
         self.transport.close();
+        if let Some(why) = storage_failure {
+            // Nothing more is written or synced: what the disk holds is what
+            // the restart recovers from.
+            return Err(LaunchError::Failed(why));
+        }
         self.engine.sync().map_err(|e| LaunchError::Sync(e.to_string()))?;
         match error {
             Some(e) => Err(e),

@@ -15,6 +15,7 @@ pub mod compactor;
 pub mod config;
 pub mod convert;
 pub mod etcd;
+pub mod failstop;
 pub mod flusher;
 #[cfg(not(madsim))]
 pub mod http;

@@ -375,6 +375,9 @@ pub struct Node {
     /// started the same group, two Raft instances over one storage (openraft
     /// panicked: "new membership has to have a greater log_id").
     syncing: tokio::sync::Mutex<()>,
+    /// Set once a storage write or sync failed (see [`Node::fail`]);
+    /// never cleared: only a restart recovers.
+    stop: Arc<crate::failstop::FailStop>,
 }
 
 /// The ids of recently received forwarded requests, oldest first.
@@ -414,6 +417,12 @@ impl Node {
             raft_snapshots: Default::default(),
             revisions: Default::default(),
         });
+        // Every write and sync of the node goes through these, so the first
+        // one that fails stops the node before anyone hears of it.
+        let stop = Arc::new(crate::failstop::FailStop::default());
+        let engine: Arc<dyn Engine> = Arc::new(crate::failstop::FailStopEngine { inner: engine, stop: stop.clone() });
+        let flusher: Arc<dyn Flusher> =
+            Arc::new(crate::failstop::FailStopFlusher { inner: flusher, stop: stop.clone() });
         let node = Arc::new(Node {
             cfg,
             notifier,
@@ -428,6 +437,7 @@ impl Node {
             next_staging: std::sync::atomic::AtomicU64::new(0),
             syncing: tokio::sync::Mutex::new(()),
             seen_forwards: std::sync::Mutex::new(Default::default()),
+            stop,
         });
         node.open_group(GroupId::META, String::new(), GroupKind::Meta).await?;
         node.sync_groups().await;
@@ -450,6 +460,25 @@ impl Node {
 
     pub fn id(&self) -> u64 {
         self.cfg.id
+    }
+
+    /// Stops serving for good (see `crate::failstop`): every later request
+    /// is refused, and the process is expected to exit (see
+    /// [`Node::failed`]) so that a supervisor restarts it from what is
+    /// durable. Called by the node's engine and flusher at the first failed
+    /// write or sync; the first reason sticks.
+    pub fn fail(&self, reason: String) {
+        self.stop.fail(reason)
+    }
+
+    /// Why the node stopped serving, if it did.
+    pub fn failure(&self) -> Option<&str> {
+        self.stop.reason()
+    }
+
+    /// Resolves with the reason once the node stops.
+    pub async fn failed(&self) -> String {
+        self.stop.stopped().await
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -682,6 +711,9 @@ impl Node {
     /// Executes a client request here, forwarding it further if another node
     /// leads (the transport handler calls this for forwarded requests).
     pub async fn execute(&self, req: ClientRequest) -> Result<ClientReply, ApiError> {
+        if let Some(why) = self.failure() {
+            return Err(ApiError::Unavailable(format!("node {} has stopped: {why}", self.cfg.id)));
+        }
         let local = match &req {
             ClientRequest::Write { table, cmd, hops } => {
                 self.write_local(table, cmd.clone(), *hops).await.map(|(r, h)| ClientReply::Write(r, h))
@@ -849,6 +881,9 @@ impl Node {
         max_keys: usize,
         max_bytes: usize,
     ) -> Result<(Vec<armada_core::kv::KeyValue>, bool), ApiError> {
+        if let Some(why) = self.failure() {
+            return Err(ApiError::Unavailable(format!("node {} has stopped: {why}", self.cfg.id)));
+        }
         let group = self.table_group(table, 0).await?;
         if self.table_revision(group.id) < rev {
             self.wait_for_revision(group.id, rev, self.cfg.request_timeout).await;

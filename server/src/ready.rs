@@ -55,6 +55,9 @@ impl Readiness {
         if !self.listeners_bound.load(Ordering::SeqCst) {
             waiting.push("listeners are not bound yet".to_string());
         }
+        if let Some(why) = node.failure() {
+            waiting.push(format!("the node has stopped: {why}"));
+        }
         let groups = node.status();
         let name = |t: &str| if t.is_empty() { "(catalog)".to_string() } else { format!("table {t:?}") };
         if !groups.iter().any(|g| g.table.is_empty()) {

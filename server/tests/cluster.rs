@@ -262,3 +262,74 @@ async fn a_range_over_the_response_limit_is_refused_clearly() {
     let (r, _) = retry(|| nodes[0].range("t", &keys, false)).await.expect("keys");
     assert_eq!(r.kvs.len(), 10);
 }
+
+/// An engine whose writes start failing when told to (a disk gone bad).
+struct FailingEngine {
+    inner: MemEngine,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+impl Engine for FailingEngine {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, armada_core::EngineError> {
+        self.inner.get(key)
+    }
+    fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), armada_core::EngineError> {
+        self.inner.scan(start, end, visit)
+    }
+    fn last(&self, start: &[u8], end: &[u8]) -> Result<Option<armada_core::engine::Pair>, armada_core::EngineError> {
+        self.inner.last(start, end)
+    }
+    fn write(&self, batch: armada_core::engine::WriteBatch) -> Result<(), armada_core::EngineError> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(armada_core::EngineError::Backend("No space left on device".into()));
+        }
+        self.inner.write(batch)
+    }
+    fn sync(&self) -> Result<(), armada_core::EngineError> {
+        self.inner.sync()
+    }
+    fn view(
+        &self,
+        start: &[u8],
+        end: &[u8],
+    ) -> Result<Arc<dyn armada_core::engine::EngineView>, armada_core::EngineError> {
+        self.inner.view(start, end)
+    }
+}
+
+/// A node whose storage fails stops: the failed write is not acknowledged,
+/// `failed()` resolves with the reason, and every later request is refused
+/// (the process then exits and its supervisor restarts it).
+#[tokio::test(flavor = "current_thread")]
+async fn a_node_whose_storage_fails_stops_and_acknowledges_nothing() {
+    let engine = Arc::new(FailingEngine { inner: MemEngine::new(), fail: std::sync::atomic::AtomicBool::new(false) });
+    let members = BTreeMap::from([(1, ArmadaNode { raft_addr: "raft-1".into(), api_addr: "api-1".into() })]);
+    let cfg = NodeConfig { id: 1, members, raft: RaftTuning::default(), request_timeout: Duration::from_secs(2) };
+    let router = LocalRouter::new();
+    let dyn_engine: Arc<dyn Engine> = engine.clone();
+    let node = Node::start(cfg, dyn_engine.clone(), Arc::new(InlineFlusher(dyn_engine)), Arc::new(router.transport()))
+        .await
+        .expect("node starts");
+    retry(|| node.create_table("t")).await.expect("create table");
+    let put = |v: &str| {
+        TableCommand::Put(PutRequest { key: b"k".to_vec(), value: v.as_bytes().to_vec(), ..Default::default() })
+    };
+    retry(|| node.write("t", put("1"))).await.expect("a write before the failure");
+    assert!(node.failure().is_none());
+    engine.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = node.write("t", put("2")).await;
+    assert!(r.is_err(), "a write the disk refused was acknowledged: {r:?}");
+    let why = tokio::time::timeout(Duration::from_secs(5), node.failed()).await.expect("the node stops");
+    assert!(why.contains("No space left on device"), "reason: {why}");
+    match node.write("t", put("3")).await {
+        Err(ApiError::Unavailable(m)) => assert!(m.contains("has stopped"), "{m}"),
+        other => panic!("a stopped node answered {other:?}"),
+    }
+    let read = node.range("t", &RangeRequest { key: b"k".to_vec(), ..Default::default() }, true).await;
+    assert!(matches!(read, Err(ApiError::Unavailable(_))), "a stopped node served a read: {read:?}");
+}

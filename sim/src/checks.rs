@@ -2,7 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use armada_core::GroupId;
+use armada_core::command::TableReply;
+use armada_core::kv::KvError;
+use armada_core::{Command, CommandResponse, GroupId};
 
 use crate::history::{Op, OpKind, OpResult, Outcome};
 
@@ -257,5 +259,221 @@ impl LeaderLog {
                 self.leaders.insert((group, term), node);
             }
         }
+    }
+}
+
+/// M1: every table command a leader-cluster replica applies gives the reply
+/// the reference model ([`armada_core::model::KvModel`]) gives when it runs
+/// the table's log in order, and leaves the table at the model's revision:
+/// which commands create a revision (a delete that deletes nothing, a txn
+/// whose branch writes nothing, create none), `prev_kv`, deleted counts,
+/// each compare's outcome, the ranges inside transactions. The model runs
+/// once per log index, the first time a replica applies it; later replicas
+/// (and replays after a restart) are compared with what it predicted.
+#[derive(Default)]
+pub struct ModelLog {
+    groups: BTreeMap<GroupId, GroupModel>,
+    pub violations: Vec<String>,
+    /// Table commands checked against the model.
+    pub checked: u64,
+}
+
+struct GroupModel {
+    model: armada_core::model::KvModel,
+    /// The next log index the model runs.
+    next: u64,
+    /// Per index: the table's revision after it and the reply (`None`:
+    /// not a command the model covers, or not a table command).
+    predicted: BTreeMap<u64, (u64, Option<Result<TableReply, KvError>>)>,
+}
+
+impl ModelLog {
+    /// A leader-cluster replica applied entry `index` of table group
+    /// `group`, leaving the table at `revision`.
+    pub fn applied(
+        &mut self,
+        node: u64,
+        group: GroupId,
+        index: u64,
+        revision: u64,
+        command: Option<&Command>,
+        response: &CommandResponse,
+    ) {
+        let g = self.groups.entry(group).or_insert_with(|| GroupModel {
+            model: armada_core::model::KvModel::new(),
+            next: index,
+            predicted: BTreeMap::new(),
+        });
+        if index == g.next {
+            let reply = match command {
+                Some(Command::Table(c)) => g.model.apply(c),
+                _ => None,
+            };
+            g.predicted.insert(index, (g.model.current(), reply));
+            g.next += 1;
+        }
+        let Some((want_rev, want)) = g.predicted.get(&index) else {
+            if self.violations.len() < 5 {
+                self.violations.push(format!(
+                    "M1 node {node} applied index {index} of group {group} before any replica applied index {} \
+                     (the model runs the log in order)",
+                    g.next
+                ));
+            }
+            return;
+        };
+        self.checked += 1;
+        let got = match response {
+            CommandResponse::Table(r) => Some(r),
+            _ => None,
+        };
+        let reply_differs = match (want, got) {
+            (Some(w), Some(g)) => w != g,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if (revision != *want_rev || reply_differs) && self.violations.len() < 5 {
+            self.violations.push(format!(
+                "M1 node {node} applied index {index} of group {group} ({}) and is at revision {revision} with \
+                 reply {got:?}; the reference model is at revision {want_rev} with reply {want:?}",
+                command.map_or("no command".to_string(), |c| c.to_string()),
+            ));
+        }
+    }
+}
+
+impl ModelLog {
+    /// M2: every read a client got (linearizable or serializable, latest or
+    /// at a past revision, one key or a range) is the table as the
+    /// reference model had it at the revision the read reports (its header
+    /// revision, or the revision asked for): values and mod revisions, and
+    /// no key too many or too few. `groups` maps each table to its
+    /// leader-cluster group. Linearizability (S1) says a read is recent
+    /// enough; this says it is a consistent image of one revision.
+    pub fn check_reads(&self, history: &[Op], groups: &BTreeMap<String, GroupId>) -> Result<u64, String> {
+        let mut checked = 0;
+        for op in history {
+            let Outcome::Ok(r) = &op.outcome else { continue };
+            let Some(model) = groups.get(&op.table).and_then(|g| self.groups.get(g)).map(|g| &g.model) else {
+                continue;
+            };
+            let header = r.revision();
+            let (key_range, at) = match (&op.kind, r) {
+                (OpKind::Get { key, .. }, OpResult::Get { .. }) => ((key.clone(), String::new()), header),
+                (OpKind::GetAt { key, revision }, OpResult::Get { .. }) => ((key.clone(), String::new()), *revision),
+                (OpKind::Range, OpResult::Range { .. }) => (("k".to_string(), "l".to_string()), header),
+                _ => continue,
+            };
+            if header > model.current() || at > header {
+                return Err(format!(
+                    "M2 {:?} on table {} reported revision {header} (read at {at}); the table's log reached only {}",
+                    op.kind,
+                    op.table,
+                    model.current()
+                ));
+            }
+            let want: Vec<(String, String, u64)> = model
+                .live(key_range.0.as_bytes(), key_range.1.as_bytes(), at)
+                .into_iter()
+                .map(|kv| {
+                    (
+                        String::from_utf8_lossy(&kv.key).into_owned(),
+                        String::from_utf8_lossy(&kv.value).into_owned(),
+                        kv.mod_revision,
+                    )
+                })
+                .collect();
+            let got: Vec<(String, String, u64)> = match r {
+                OpResult::Get { value, .. } => {
+                    value.iter().map(|(v, m)| (key_range.0.clone(), v.clone(), *m)).collect()
+                }
+                OpResult::Range { kvs, .. } => kvs.clone(),
+                _ => continue,
+            };
+            if got != want {
+                return Err(format!(
+                    "M2 {:?} by client {} on table {} at revision {at} returned {got:?}; the table at {at} held \
+                     {want:?}",
+                    op.kind, op.client, op.table
+                ));
+            }
+            checked += 1;
+        }
+        Ok(checked)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use armada_core::kv::{DeleteRangeRequest, PutRequest};
+    use armada_core::TableCommand;
+
+    fn put(k: &str, v: &str) -> Command {
+        Command::Table(TableCommand::Put(PutRequest { key: k.into(), value: v.into(), prev_kv: false }))
+    }
+
+    /// The table log of one group as three replicas apply it: the model
+    /// predicts each reply, and a replica that answers otherwise, or ends
+    /// at another revision, is a violation.
+    #[test]
+    fn m1_compares_every_replica_with_the_model() {
+        let g = GroupId(7);
+        let mut log = ModelLog::default();
+        let mut model = armada_core::model::KvModel::new();
+        let cmds = [
+            put("k0", "a"),
+            put("k0", "b"),
+            Command::Table(TableCommand::DeleteRange(DeleteRangeRequest { key: "k9".into(), ..Default::default() })),
+        ];
+        for (i, c) in cmds.iter().enumerate() {
+            let Command::Table(tc) = c else { unreachable!() };
+            let reply = model.apply(tc).expect("a modelled command");
+            for node in 1..=3 {
+                log.applied(node, g, i as u64 + 1, model.current(), Some(c), &CommandResponse::Table(reply.clone()));
+            }
+        }
+        assert!(log.violations.is_empty(), "{:?}", log.violations);
+        assert_eq!(log.checked, 9);
+        // A delete of nothing that took a revision anyway.
+        let bad =
+            Command::Table(TableCommand::DeleteRange(DeleteRangeRequest { key: "k8".into(), ..Default::default() }));
+        let Command::Table(tc) = &bad else { unreachable!() };
+        let mut wrong = model.clone();
+        let reply = wrong.apply(tc).expect("a modelled command");
+        log.applied(1, g, 4, model.current() + 1, Some(&bad), &CommandResponse::Table(reply));
+        assert_eq!(log.violations.len(), 1, "{:?}", log.violations);
+    }
+
+    /// M2 fails a read whose value is not the one the table held at the
+    /// revision the read reports, and passes the right one.
+    #[test]
+    fn m2_fails_a_read_that_is_no_image_of_its_revision() {
+        let g = GroupId(7);
+        let mut log = ModelLog::default();
+        let mut model = armada_core::model::KvModel::new();
+        for (i, c) in [put("k0", "a"), put("k0", "b")].iter().enumerate() {
+            let Command::Table(tc) = c else { unreachable!() };
+            let reply = model.apply(tc).expect("a modelled command");
+            log.applied(1, g, i as u64 + 1, model.current(), Some(c), &CommandResponse::Table(reply));
+        }
+        let groups = BTreeMap::from([("t0".to_string(), g)]);
+        let read = |value: &str, mod_rev: u64, revision: u64| Op {
+            client: 1,
+            table: "t0".into(),
+            kind: OpKind::Get { key: "k0".into(), serializable: true },
+            invoke_ns: 0,
+            complete_ns: 1,
+            outcome: Outcome::Ok(OpResult::Get { value: Some((value.into(), mod_rev)), revision }),
+        };
+        assert_eq!(log.check_reads(&[read("b", 3, 3), read("a", 2, 2)], &groups), Ok(2));
+        assert!(log.check_reads(&[read("a", 2, 3)], &groups).is_err(), "a stale value under a newer header");
+        assert!(log.check_reads(&[read("b", 3, 4)], &groups).is_err(), "a header beyond the log");
+        let range = Op {
+            kind: OpKind::Range,
+            outcome: Outcome::Ok(OpResult::Range { kvs: vec![], revision: 3 }),
+            ..read("b", 3, 3)
+        };
+        assert!(log.check_reads(&[range], &groups).is_err(), "a range missing a live key");
     }
 }

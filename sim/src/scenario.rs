@@ -137,6 +137,28 @@ pub struct Faults {
     /// there (within a simulated ms), for `downtime_ms`. 0: off.
     #[serde(default)]
     pub crash_in_install: u32,
+    /// Weight of a failed disk: for `downtime_ms`, one node's writes fail
+    /// (an I/O error), or its syncs fail (a failed fsync), or both (a full
+    /// disk). The node must stop serving, never acknowledge what it could
+    /// not make durable, and recover from what it synced when restarted
+    /// (see `world::disk`, check D1).
+    #[serde(default)]
+    pub disk_error: u32,
+    /// Weight of a slow disk: for `downtime_ms`, each sync of one node takes
+    /// `slow_disk_ms` more (long values are stalls).
+    #[serde(default)]
+    pub slow_disk: u32,
+    #[serde(default = "d_slow_disk")]
+    pub slow_disk_ms: [u64; 2],
+    /// Percent of crashes that are torn: the disk keeps a seeded number of
+    /// the batches written since the last sync (whole batches, oldest
+    /// first) instead of none.
+    #[serde(default)]
+    pub torn_crash: u32,
+}
+
+fn d_slow_disk() -> [u64; 2] {
+    [20, 1500]
 }
 
 /// Follower clusters and the WAN between them and the leader cluster.
@@ -164,7 +186,8 @@ pub struct Followers {
     pub wan_latency_ms: [u64; 2],
     /// Relative weights of WAN faults: partition a follower cluster from the
     /// leader cluster, a delay spike, reset every WAN connection of a follower
-    /// cluster, and crash every node of a follower cluster at once.
+    /// cluster, crash every node of a follower cluster at once (and
+    /// `asymmetry`, below).
     #[serde(default)]
     pub partition: u32,
     #[serde(default)]
@@ -173,6 +196,11 @@ pub struct Followers {
     pub reset: u32,
     #[serde(default)]
     pub cluster_crash: u32,
+    /// Weight of WAN asymmetry: one direction of a follower cluster's WAN
+    /// (to or from the leader cluster) stalls or slows down while the other
+    /// flows.
+    #[serde(default)]
+    pub asymmetry: u32,
     /// Simulated ms between WAN fault steps.
     #[serde(default = "d_interval")]
     pub interval_ms: [u64; 2],
@@ -324,6 +352,7 @@ impl Scenario {
             ("latency_ms", f.latency_ms),
             ("fsync_ms", f.fsync_ms),
             ("downtime_ms", f.downtime_ms),
+            ("slow_disk_ms", f.slow_disk_ms),
         ] {
             if r[0] > r[1] {
                 return Err(format!("faults.{name}: lower bound above upper bound"));
@@ -331,6 +360,9 @@ impl Scenario {
         }
         if !(0.0..=1.0).contains(&f.loss_rate) || !(0.0..=1.0).contains(&f.duplicate_rate) {
             return Err("faults rates must be within 0..=1".into());
+        }
+        if f.torn_crash > 100 || f.crash_in_install > 100 {
+            return Err("faults.torn_crash and faults.crash_in_install are percentages (0..=100)".into());
         }
         if let Some(fl) = &self.followers {
             if !(1..=FOLLOWER_CLUSTERS_MAX).contains(&fl.clusters) {

@@ -13,11 +13,11 @@ use armada_core::command::TableReply;
 use armada_core::engine::DurableImage;
 use armada_core::kv::RequestOp;
 use armada_core::mvcc::{Fnv64, Mvcc};
-use armada_core::raft::{data_ns, ApplyObserver, ArmadaNode, FlushReason};
-use armada_core::{Command, CommandResponse, Engine, GroupId, MemEngine, TableCommand};
+use armada_core::raft::{data_ns, ApplyObserver, ArmadaNode};
+use armada_core::{Command, CommandResponse, Engine, GroupId, TableCommand};
 use armada_net::sim::{SimFaults, SimTransport};
 use armada_proto::v1 as pb;
-use armada_server::flusher::{BatchingFlusher, DiskModel};
+use armada_server::flusher::BatchingFlusher;
 use armada_server::network::RaftHandler;
 use armada_server::node::{Node, NodeConfig, NodeHooks, RaftTuning};
 use armada_server::service::{router, Api};
@@ -28,11 +28,13 @@ use tonic::transport::Channel;
 
 use crate::checks::{self, ApplyLog, LeaderLog};
 
+mod disk;
 mod followers;
 pub mod probes;
 use crate::history::{CasBy, Op, OpKind, OpResult, Outcome};
 use crate::linearizability;
 use crate::scenario::{Scenario, CHURN_TABLE};
+use disk::{DiskFault, NodeDisk, SimDisk};
 use followers::{cluster_ip, cluster_of, global_group, node_key};
 
 /// How a run ended.
@@ -111,6 +113,12 @@ struct Shared {
     backups_checked: Mutex<u64>,
     repl: Mutex<followers::ReplLog>,
     follower_ops: Mutex<Vec<followers::FOp>>,
+    /// Every node's disk, and nodes that stopped on a storage failure.
+    disks: disk::Disks,
+    /// D1 failures (a node that went on serving on a failed disk).
+    stops: Mutex<Vec<String>>,
+    /// M1: the leader cluster's table logs run through the reference model.
+    models: Mutex<checks::ModelLog>,
 }
 
 impl Shared {
@@ -165,6 +173,10 @@ impl ApplyObserver for Observer {
         self.shared.trace(&[self.node, group.0, index, digest]);
         self.repl.applied(&self.shared, group, command, response);
         let group = global_group(self.repl.cluster, group);
+        if let (0, Some(rev)) = (self.repl.cluster, revision) {
+            let mut models = self.shared.models.lock().unwrap_or_else(|p| p.into_inner());
+            models.applied(self.node, group, index, rev, command, response);
+        }
         let mut log = self.shared.apply.lock().unwrap_or_else(|p| p.into_inner());
         if log.record(self.node, group, index, term, digest, revision, self.repl.cluster != 0) {
             // First application of this index: note the values it wrote.
@@ -208,20 +220,6 @@ fn written_values(command: Option<&Command>, response: &CommandResponse) -> Vec<
             }
         }
         _ => Vec::new(),
-    }
-}
-
-/// The simulated disk: syncs take a seeded random time; canaries lie.
-struct SimDisk {
-    fsync_ms: [u64; 2],
-}
-
-impl DiskModel for SimDisk {
-    fn sync_delay(&self) -> Duration {
-        Duration::from_micros(rand_range(self.fsync_ms[0] * 1000, self.fsync_ms[1] * 1000))
-    }
-    fn ack_before_sync(&self, reason: FlushReason) -> bool {
-        reason == FlushReason::Append && canary::active(Canary::AckBeforeFsync)
     }
 }
 
@@ -289,17 +287,16 @@ async fn node_main(
     cluster: u64,
     leader_nodes: u64,
     cfg: NodeConfig,
-    disk: DurableImage,
+    disk: Arc<NodeDisk>,
     starts: Arc<AtomicU32>,
     sc: Scenario,
     shared: Arc<Shared>,
 ) {
     if starts.fetch_add(1, Ordering::SeqCst) > 0 {
-        canary_on_restart(&disk);
+        canary_on_restart(&disk.image);
     }
-    let engine: Arc<dyn Engine> = Arc::new(MemEngine::open(disk));
-    let flusher =
-        Arc::new(BatchingFlusher::start(engine.clone(), Arc::new(SimDisk { fsync_ms: sc.fsync_ms(cluster) })));
+    let engine: Arc<dyn Engine> = Arc::new(disk.open());
+    let flusher = Arc::new(BatchingFlusher::start(engine.clone(), Arc::new(SimDisk(disk.clone()))));
     let transport = Arc::new(
         SimTransport::new(SimFaults { duplicate_rate: sc.faults.duplicate_rate })
             .await
@@ -313,7 +310,14 @@ async fn node_main(
     };
     let hooks = NodeHooks { apply_observer: Some(Arc::new(observer)) };
     let me = cfg.me().cloned().expect("the node is a member");
-    let node = Node::start_with(cfg, engine, flusher, transport, hooks).await.expect("node starts on its own disk");
+    let node = match Node::start_with(cfg, engine, flusher, transport, hooks).await {
+        Ok(n) => n,
+        Err(e) => {
+            // Only a failed disk may stop a start (the reaper checks).
+            shared.disks.stopped(madsim::plugin::node(), format!("start failed: {e}"));
+            return;
+        }
+    };
     shared.registry.lock().unwrap_or_else(|p| p.into_inner()).insert(key, Arc::downgrade(&node));
     // Leader cluster nodes serve follower clusters; follower nodes stream.
     let _follower = if cluster == 0 {
@@ -337,8 +341,17 @@ async fn node_main(
         }
     });
     let api_addr: SocketAddr = me.api_addr.parse().expect("simulated addresses are well-formed");
-    if let Err(e) = router(Api::new(node)).serve(api_addr).await {
-        tracing::warn!("api server stopped: {e:?}");
+    let failed = node.clone();
+    tokio::select! {
+        r = router(Api::new(node)).serve(api_addr) => {
+            if let Err(e) = r {
+                tracing::warn!("api server stopped: {e:?}");
+            }
+        }
+        why = failed.failed() => {
+            // The process would exit here; the world's reaper kills it.
+            shared.disks.stopped(madsim::plugin::node(), why);
+        }
     }
 }
 
@@ -662,6 +675,72 @@ async fn client_main(cid: u32, sc: Scenario, members: BTreeMap<u64, ArmadaNode>,
 enum Down {
     Crashed,
     Paused,
+    /// Its disk fails (`faults.disk_error`); the node stops itself and the
+    /// reaper kills it.
+    DiskFailed,
+}
+
+/// Crashes node `id`: `torn_pct` percent of crashes are torn (the disk
+/// keeps a seeded number of the batches written since its last sync).
+fn crash_node(shared: &Shared, handle: &Handle, id: NodeId, torn_pct: u32) {
+    probes::crashing(id);
+    handle.kill(id);
+    if let Some(d) = shared.disks.get(id) {
+        d.set_killed();
+    }
+    if torn_pct > 0 && rand_range(1, 100) <= u64::from(torn_pct) {
+        if let Some(d) = shared.disks.get(id) {
+            let unsynced = d.image.unsynced_batches();
+            let keep = rand_range(0, unsynced as u64) as usize;
+            d.image.crash_keeping(keep);
+            shared.trace(&[0x7042, unsynced as u64, keep as u64]);
+            if keep > 0 {
+                armada_core::probe!(TornCrashKeptWrites);
+            }
+        }
+    }
+}
+
+/// How long after a disk fault ends a node whose engine failed has to have
+/// stopped (D1): well above the node's failure check interval.
+const FAIL_STOP_GRACE: Duration = Duration::from_millis(200);
+
+/// Kills every node that stopped itself on a storage failure, as its
+/// process exiting would; the disk fault's window restarts it (a node that
+/// stops with no disk fault is a finding).
+async fn reaper(shared: Arc<Shared>, handle: Handle, torn_pct: u32) {
+    loop {
+        shared.disks.wait_stopped().await;
+        for (id, why) in shared.disks.take_stopped() {
+            if shared.disks.get(id).is_some_and(|d| d.broken()) {
+                armada_core::probe!(StorageFailureStopped);
+            } else {
+                shared.liveness.lock().unwrap_or_else(|p| p.into_inner()).push(format!(
+                    "node {id:?} stopped at {:.3}s with no disk fault: {why}",
+                    shared.now_ns() as f64 / 1e9
+                ));
+            }
+            crash_node(&shared, &handle, id, torn_pct);
+        }
+    }
+}
+
+/// The end of a disk fault on node index `victim`: the disk works again;
+/// a node whose engine failed must have stopped (D1) and is restarted.
+async fn end_disk_fault(shared: &Shared, handle: &Handle, id: NodeId, disk: &NodeDisk) {
+    disk.set_fault(None);
+    if !disk.broken() {
+        return;
+    }
+    tokio::time::sleep(FAIL_STOP_GRACE).await;
+    if disk.broken() && !disk.killed() {
+        shared.stops.lock().unwrap_or_else(|p| p.into_inner()).push(format!(
+            "D1 fail-stop: node {id:?}'s storage failed, and {FAIL_STOP_GRACE:?} after the disk fault ended \
+             (at {:.3}s) the node was still serving",
+            shared.now_ns() as f64 / 1e9
+        ));
+    }
+    restart(handle, id);
 }
 
 /// Injects faults until `until_ns`, then heals everything.
@@ -739,8 +818,7 @@ async fn crash_installers(
                 }
                 d.insert(victim, Down::Crashed);
             }
-            probes::crashing(id);
-            handle.kill(id);
+            crash_node(&shared, &handle, id, f.torn_crash);
             let (down, handle) = (down.clone(), handle.clone());
             let downtime = Duration::from_millis(rand_range(f.downtime_ms[0], f.downtime_ms[1]));
             tokio::spawn(async move {
@@ -755,7 +833,7 @@ async fn crash_installers(
 
 async fn fault_loop(sc: Scenario, cluster: u64, handle: Handle, ids: Vec<NodeId>, shared: Arc<Shared>, until_ns: u64) {
     let f = &sc.faults;
-    let weights = [f.crash, f.pause, f.partition, f.one_way, f.isolate, f.loss, f.swizzle];
+    let weights = [f.crash, f.pause, f.partition, f.one_way, f.isolate, f.loss, f.swizzle, f.disk_error, f.slow_disk];
     let total: u32 = weights.iter().sum();
     let net = NetSim::current();
     let n = ids.len();
@@ -811,8 +889,7 @@ async fn fault_loop(sc: Scenario, cluster: u64, handle: Handle, ids: Vec<NodeId>
                 d.insert(victim, kind);
                 drop(d);
                 if kind == Down::Crashed {
-                    probes::crashing(ids[victim]);
-                    handle.kill(ids[victim]);
+                    crash_node(&shared, &handle, ids[victim], f.torn_crash);
                 } else {
                     handle.pause(ids[victim]);
                 }
@@ -824,8 +901,39 @@ async fn fault_loop(sc: Scenario, cluster: u64, handle: Handle, ids: Vec<NodeId>
                     match k {
                         Some(Down::Crashed) => restart(&handle, id),
                         Some(Down::Paused) => handle.resume(id),
-                        None => {}
+                        Some(Down::DiskFailed) | None => {}
                     }
+                });
+            }
+            7 => {
+                let Some(disk) = shared.disks.get(ids[victim]) else { continue };
+                {
+                    let mut d = down.lock().unwrap_or_else(|p| p.into_inner());
+                    if d.len() >= max_down || d.contains_key(&victim) {
+                        continue;
+                    }
+                    d.insert(victim, Down::DiskFailed);
+                }
+                let fault = DiskFault::ALL[rand_range(0, DiskFault::ALL.len() as u64 - 1) as usize];
+                shared.trace(&[0xd15c, fault as u64]);
+                disk.set_fault(Some(fault));
+                let (down, handle, id, shared) = (down.clone(), handle.clone(), ids[victim], shared.clone());
+                let lasting = Duration::from_millis(rand_range(f.downtime_ms[0], f.downtime_ms[1]));
+                tokio::spawn(async move {
+                    tokio::time::sleep(lasting).await;
+                    let mine = down.lock().unwrap_or_else(|p| p.into_inner()).remove(&victim);
+                    if mine == Some(Down::DiskFailed) {
+                        end_disk_fault(&shared, &handle, id, &disk).await;
+                    }
+                });
+            }
+            8 => {
+                let Some(disk) = shared.disks.get(ids[victim]) else { continue };
+                disk.set_slow(Some(f.slow_disk_ms));
+                let lasting = Duration::from_millis(rand_range(f.downtime_ms[0], f.downtime_ms[1]));
+                tokio::spawn(async move {
+                    tokio::time::sleep(lasting).await;
+                    disk.set_slow(None);
                 });
             }
             2 => {
@@ -871,12 +979,22 @@ async fn fault_loop(sc: Scenario, cluster: u64, handle: Handle, ids: Vec<NodeId>
         }
     }
     heal_net(&net);
+    for id in &ids {
+        if let Some(d) = shared.disks.get(*id) {
+            d.set_slow(None);
+        }
+    }
     let pending: Vec<(usize, Down)> =
         std::mem::take(&mut *down.lock().unwrap_or_else(|p| p.into_inner())).into_iter().collect();
     for (i, k) in pending {
         match k {
             Down::Crashed => restart(&handle, ids[i]),
             Down::Paused => handle.resume(ids[i]),
+            Down::DiskFailed => {
+                if let Some(d) = shared.disks.get(ids[i]) {
+                    end_disk_fault(&shared, &handle, ids[i], &d).await;
+                }
+            }
         }
     }
 }
@@ -1256,7 +1374,8 @@ fn build_cluster(handle: &Handle, sc: &Scenario, cluster: u64, nodes: u64, share
             raft: tuning.clone(),
             request_timeout: Duration::from_secs(2),
         };
-        let disk = DurableImage::new();
+        let disk = NodeDisk::new(sc.fsync_ms(cluster));
+        let registered = disk.clone();
         let starts = Arc::new(AtomicU32::new(0));
         let (sc2, shared2) = (sc.clone(), shared.clone());
         let leader_nodes = sc.nodes as u64;
@@ -1277,6 +1396,7 @@ fn build_cluster(handle: &Handle, sc: &Scenario, cluster: u64, nodes: u64, share
                 )
             })
             .build();
+        shared.disks.insert(node.id(), registered);
         ids.push(node.id());
     }
     ids
@@ -1326,6 +1446,7 @@ async fn world(sc: Scenario, shared: Arc<Shared>) {
     }
     let until_ns = shared.now_ns() + sc.duration_s * 1_000_000_000;
     let sampler = tokio::spawn(leader_sampler(shared.clone(), u64::MAX));
+    let reaper = tokio::spawn(reaper(shared.clone(), handle.clone(), sc.faults.torn_crash));
     let faults = tokio::spawn(fault_loop(sc.clone(), 0, handle.clone(), ids.clone(), shared.clone(), until_ns));
     // Follower clusters, each behind its own WAN proxy; the last one may
     // start late.
@@ -1412,6 +1533,7 @@ async fn world(sc: Scenario, shared: Arc<Shared>) {
         let _ = checker.spawn(followers::follower_liveness(sc.clone(), shared.clone())).await;
     }
     sampler.abort();
+    reaper.abort();
 }
 
 /// Deletes and re-creates [`CHURN_TABLE`] every `table_churn_ms` until
@@ -1507,6 +1629,9 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
                 backups_checked: Mutex::new(0),
                 repl: Mutex::new(Default::default()),
                 follower_ops: Mutex::new(Vec::new()),
+                disks: Default::default(),
+                stops: Mutex::new(Vec::new()),
+                models: Mutex::new(Default::default()),
             });
             shared.trace_str(&sc2.name);
             world(sc2, shared.clone()).await;
@@ -1555,6 +1680,8 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
     safety.extend(shared.apply.lock().unwrap_or_else(|p| p.into_inner()).violations.iter().take(5).cloned());
     safety.extend(shared.leaders.lock().unwrap_or_else(|p| p.into_inner()).violations.iter().take(5).cloned());
     safety.extend(shared.replicas.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned());
+    safety.extend(shared.stops.lock().unwrap_or_else(|p| p.into_inner()).iter().take(5).cloned());
+    safety.extend(shared.models.lock().unwrap_or_else(|p| p.into_inner()).violations.iter().cloned());
     if let Err(e) = checks::revisions(&history) {
         safety.push(e);
     }
@@ -1567,6 +1694,23 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
     }
     if let Err(e) = linearizability::check(&history, &keys, &committed) {
         safety.push(e.to_string());
+    }
+    {
+        // M2: the leader cluster's group of each table the clients used.
+        let mut groups = BTreeMap::new();
+        for t in 0..sc.tables {
+            let name = table_name(t);
+            let id = shared.nodes().iter().filter(|(k, _)| cluster_of(*k) == 0).find_map(|(_, n)| {
+                armada_core::command::Catalog::new(&**n.engine(), data_ns(GroupId::META)).get(&name).ok()?.map(|i| i.id)
+            });
+            if let Some(id) = id {
+                groups.insert(name, global_group(0, id));
+            }
+        }
+        let models = shared.models.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = models.check_reads(&history, &groups) {
+            safety.push(e);
+        }
     }
     let (repl_failures, mut lag) = followers::check(&shared);
     safety.extend(repl_failures);

@@ -6,190 +6,23 @@ use super::*;
 use crate::engine::MemEngine;
 use proptest::prelude::*;
 
-/// One key's history: (revision, `None` = tombstone | `Some((create, version, value))`).
-type KeyHistory = Vec<(u64, Option<(u64, u64, Vec<u8>)>)>;
-
-/// The reference: full histories, no compaction of data (only of access).
-#[derive(Debug, Clone)]
-struct Model {
-    hist: BTreeMap<Vec<u8>, KeyHistory>,
-    current: u64,
-    compacted: u64,
-}
+/// The reference: [`crate::model::KvModel`], driven by this test's ops.
+struct Model(crate::model::KvModel);
 
 impl Model {
     fn new() -> Self {
-        Self { hist: BTreeMap::new(), current: REVISION_INITIAL, compacted: 0 }
+        Self(crate::model::KvModel::new())
     }
 
-    fn get_at(&self, key: &[u8], rev: u64) -> Option<KeyValue> {
-        let h = self.hist.get(key)?;
-        let (mod_revision, v) = h.iter().rev().find(|(r, _)| *r <= rev)?;
-        let (create_revision, version, value) = v.clone()?;
-        Some(KeyValue { key: key.to_vec(), create_revision, mod_revision: *mod_revision, version, value })
-    }
-
-    fn live(&self, key: &[u8], end: &[u8], rev: u64) -> Vec<KeyValue> {
-        self.hist.keys().filter(|k| in_interval(k, key, end)).filter_map(|k| self.get_at(k, rev)).collect()
-    }
-
-    fn check_rev(&self, requested: u64, current: u64) -> Result<u64, KvError> {
-        if requested == 0 {
-            Ok(current)
-        } else if requested > current {
-            Err(KvError::FutureRevision { requested, current })
-        } else if requested < self.compacted {
-            Err(KvError::Compacted { requested, compacted: self.compacted })
-        } else {
-            Ok(requested)
-        }
-    }
-
-    /// A range inside a transaction that is writing at `self.current + 1`:
-    /// "latest" sees the transaction's own writes.
-    fn range_in(&self, r: &RangeRequest, writing: bool) -> Result<RangeResponse, KvError> {
-        r.validate()?;
-        let rev = self.check_rev(r.revision, self.current)?;
-        let read_at = if r.revision == 0 && writing { self.current + 1 } else { rev };
-        let mut kvs = self.live(&r.key, &r.range_end, read_at);
-        let count = kvs.len() as u64;
-        if r.count_only {
-            return Ok(RangeResponse { revision: 0, kvs: vec![], more: false, count });
-        }
-        let filtered = r.min_mod_revision != 0
-            || r.max_mod_revision != 0
-            || r.min_create_revision != 0
-            || r.max_create_revision != 0;
-        if r.sort_order == SortOrder::None && !filtered && r.limit > 0 {
-            kvs.truncate(r.limit as usize + 1);
-        }
-        kvs.retain(|kv| {
-            (r.min_mod_revision == 0 || kv.mod_revision >= r.min_mod_revision)
-                && (r.max_mod_revision == 0 || kv.mod_revision <= r.max_mod_revision)
-                && (r.min_create_revision == 0 || kv.create_revision >= r.min_create_revision)
-                && (r.max_create_revision == 0 || kv.create_revision <= r.max_create_revision)
-        });
-        let mut sorted = kvs.clone();
-        let key_of = |kv: &KeyValue| -> (Vec<u8>, u64) {
-            match r.sort_target {
-                SortTarget::Key => (kv.key.clone(), 0),
-                SortTarget::Version => (vec![], kv.version),
-                SortTarget::Create => (vec![], kv.create_revision),
-                SortTarget::Mod => (vec![], kv.mod_revision),
-                SortTarget::Value => (kv.value.clone(), 0),
-            }
-        };
-        sorted.sort_by_key(key_of);
-        if r.sort_order == SortOrder::Descend {
-            // Stable descending: reverse the order of targets, ties by key.
-            sorted = kvs.clone();
-            sorted.sort_by_key(|kv| std::cmp::Reverse(key_of(kv)));
-        }
-        let more = r.limit > 0 && sorted.len() as u64 > r.limit;
-        if more {
-            sorted.truncate(r.limit as usize);
-        }
-        if r.keys_only {
-            sorted.iter_mut().for_each(|kv| kv.value.clear());
-        }
-        Ok(RangeResponse { revision: 0, kvs: sorted, more, count })
-    }
-
-    fn write(&mut self, key: &[u8], v: Option<Vec<u8>>) {
-        let rev = self.current + 1;
-        let prev = self.get_at(key, rev);
-        let rec = v.map(|value| match &prev {
-            Some(p) => (p.create_revision, p.version + 1, value),
-            None => (rev, 1, value),
-        });
-        let h = self.hist.entry(key.to_vec()).or_default();
-        if h.last().is_some_and(|(r, _)| *r == rev) {
-            h.pop();
-        }
-        h.push((rev, rec));
-    }
-
-    fn compare(&self, c: &Compare) -> bool {
-        let end = if c.range_end.is_empty() { vec![] } else { c.range_end.clone() };
-        let kvs = self.live(&c.key, &end, self.current + 1);
-        if kvs.is_empty() {
-            if matches!(c.target, CompareTarget::Value(_)) {
-                return false;
-            }
-            return compare_one(c, &KeyValue::default());
-        }
-        kvs.iter().all(|kv| compare_one(c, kv))
+    fn current(&self) -> u64 {
+        self.0.current()
     }
 
     fn apply(&mut self, op: &Op) -> Result<Resp, KvError> {
         match op {
-            Op::Range(r) => {
-                let mut resp = self.range_in(r, false)?;
-                resp.revision = self.current;
-                Ok(Resp::Range(resp))
-            }
-            Op::Compact(rev) => {
-                if *rev > self.current {
-                    return Err(KvError::FutureRevision { requested: *rev, current: self.current });
-                }
-                if *rev <= self.compacted {
-                    return Err(KvError::Compacted { requested: *rev, compacted: self.compacted });
-                }
-                self.compacted = *rev;
-                Ok(Resp::Compact(CompactResponse { revision: self.current }))
-            }
-            Op::Txn(t) => {
-                t.validate()?;
-                let mut scratch = self.clone();
-                let succeeded = t.compare.iter().all(|c| scratch.compare(c));
-                let ops = if succeeded { &t.success } else { &t.failure };
-                for o in ops {
-                    if let RequestOp::Range(r) = o {
-                        r.validate()?;
-                        scratch.check_rev(r.revision, scratch.current)?;
-                    }
-                }
-                let mut changed = false;
-                let mut responses = vec![];
-                for o in ops {
-                    responses.push(match o {
-                        RequestOp::Range(r) => {
-                            let mut resp = scratch.range_in(r, changed)?;
-                            resp.revision = scratch.current + u64::from(changed);
-                            ResponseOp::Range(resp)
-                        }
-                        RequestOp::Put(p) => {
-                            p.validate()?;
-                            let prev = scratch.get_at(&p.key, scratch.current + 1);
-                            scratch.write(&p.key, Some(p.value.clone()));
-                            changed = true;
-                            ResponseOp::Put(PutResponse {
-                                revision: scratch.current + 1,
-                                prev_kv: if p.prev_kv { prev } else { None },
-                            })
-                        }
-                        RequestOp::DeleteRange(d) => {
-                            d.validate()?;
-                            let doomed = scratch.live(&d.key, &d.range_end, scratch.current + 1);
-                            for kv in &doomed {
-                                scratch.write(&kv.key, None);
-                                changed = true;
-                            }
-                            ResponseOp::DeleteRange(DeleteRangeResponse {
-                                revision: scratch.current + u64::from(changed),
-                                deleted: doomed.len() as u64,
-                                prev_kvs: if d.prev_kv { doomed } else { vec![] },
-                            })
-                        }
-                    });
-                }
-                if changed {
-                    scratch.current += 1;
-                }
-                let revision = scratch.current;
-                *self = scratch;
-                Ok(Resp::Txn(TxnResponse { revision, succeeded, responses }))
-            }
+            Op::Range(r) => self.0.range(r).map(Resp::Range),
+            Op::Compact(rev) => self.0.compact(*rev).map(Resp::Compact),
+            Op::Txn(t) => self.0.txn(t).map(Resp::Txn),
         }
     }
 }
@@ -343,7 +176,7 @@ proptest! {
             let got = store_apply(&engine, op);
             prop_assert_eq!(&got, &want, "op #{}: {:?}", i, op);
             let state = Mvcc::new(&engine, b"t1/".to_vec()).rev_state().unwrap();
-            prop_assert_eq!(state.current, model.current);
+            prop_assert_eq!(state.current, model.current());
         }
     }
 

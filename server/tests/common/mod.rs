@@ -8,12 +8,29 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_armada");
 
+/// Ports this test process handed out already. The OS may give the same
+/// free port to two `bind(0)` calls once the first socket is closed (it
+/// did: one node got the same port for two listeners and refused to
+/// start), so a port is never handed out twice.
+static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+fn unique_port(mut probe: impl FnMut() -> u16) -> u16 {
+    let mut taken = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = probe();
+        if taken.insert(port) {
+            return port;
+        }
+    }
+}
+
 pub fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    unique_port(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
 }
 
 pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    unique_port(|| std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
 }
 
 pub struct Node {

@@ -201,7 +201,17 @@ pub(super) struct Wan {
     pub partitioned: std::sync::atomic::AtomicBool,
     /// Bumped to drop every open connection.
     pub epoch: AtomicU64,
+    /// Asymmetry, per direction ([`UP`]: follower to leader, [`DOWN`]):
+    /// extra delay (ms range) and whether the direction stalls (messages
+    /// wait, in order, until it clears, as TCP retransmits into a one-way
+    /// black hole), while the other direction flows.
+    pub extra_ms: [Mutex<Option<[u64; 2]>>; 2],
+    pub stalled: [std::sync::atomic::AtomicBool; 2],
 }
+
+/// Directions of a WAN link.
+pub(super) const UP: usize = 0;
+pub(super) const DOWN: usize = 1;
 
 impl Wan {
     pub fn new(latency_ms: [u64; 2]) -> Self {
@@ -209,23 +219,32 @@ impl Wan {
             latency_ms: Mutex::new(latency_ms),
             partitioned: std::sync::atomic::AtomicBool::new(false),
             epoch: AtomicU64::new(0),
+            extra_ms: [Mutex::new(None), Mutex::new(None)],
+            stalled: [std::sync::atomic::AtomicBool::new(false), std::sync::atomic::AtomicBool::new(false)],
         }
     }
 
-    fn delay(&self) -> Duration {
+    fn delay(&self, dir: usize) -> Duration {
         let [lo, hi] = *self.latency_ms.lock().unwrap_or_else(|p| p.into_inner());
-        Duration::from_micros(rand_range(lo * 1000, hi * 1000))
+        let mut us = rand_range(lo * 1000, hi * 1000);
+        if let Some([lo, hi]) = *self.extra_ms[dir].lock().unwrap_or_else(|p| p.into_inner()) {
+            us += rand_range(lo * 1000, hi * 1000);
+        }
+        Duration::from_micros(us)
     }
 }
 
 /// Forwards messages from `rx` to `tx`, each delayed by the WAN, in order,
 /// until either side closes or the WAN's epoch moves past `epoch`.
-async fn pump(mut rx: madsim::net::Receiver, tx: madsim::net::Sender, wan: Arc<Wan>, epoch: u64) {
+async fn pump(mut rx: madsim::net::Receiver, tx: madsim::net::Sender, wan: Arc<Wan>, epoch: u64, dir: usize) {
     let (qtx, mut qrx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, madsim::net::Payload)>();
     let wan2 = wan.clone();
     let sender = tokio::spawn(async move {
         while let Some((at, msg)) = qrx.recv().await {
             tokio::time::sleep_until(at).await;
+            while wan2.stalled[dir].load(Ordering::SeqCst) && wan2.epoch.load(Ordering::SeqCst) == epoch {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             if wan2.epoch.load(Ordering::SeqCst) != epoch || tx.send(msg).await.is_err() {
                 return;
             }
@@ -242,7 +261,7 @@ async fn pump(mut rx: madsim::net::Receiver, tx: madsim::net::Sender, wan: Arc<W
         };
         match msg {
             Ok(m) if wan.epoch.load(Ordering::SeqCst) == epoch => {
-                if qtx.send((tokio::time::Instant::now() + wan.delay(), m)).is_err() {
+                if qtx.send((tokio::time::Instant::now() + wan.delay(dir), m)).is_err() {
                     break;
                 }
             }
@@ -273,8 +292,8 @@ pub(super) async fn proxy_main(leader_nodes: u64, wan: Arc<Wan>) {
                     let Ok(out) = madsim::net::Endpoint::bind("0.0.0.0:0").await else { return };
                     let Ok((l_tx, l_rx)) = out.connect1(target).await else { return };
                     let epoch = wan.epoch.load(Ordering::SeqCst);
-                    let up = tokio::spawn(pump(c_rx, l_tx, wan.clone(), epoch));
-                    pump(l_rx, c_tx, wan, epoch).await;
+                    let up = tokio::spawn(pump(c_rx, l_tx, wan.clone(), epoch, UP));
+                    pump(l_rx, c_tx, wan, epoch, DOWN).await;
                     up.abort();
                 });
             }
@@ -360,7 +379,7 @@ pub(super) async fn wan_fault_loop(
     until_ns: u64,
 ) {
     let fl = sc.followers.clone().expect("follower scenario");
-    let weights = [fl.partition, fl.delay, fl.reset, fl.cluster_crash];
+    let weights = [fl.partition, fl.delay, fl.reset, fl.cluster_crash, fl.asymmetry];
     if weights.iter().sum::<u32>() == 0 {
         return;
     }
@@ -387,10 +406,25 @@ pub(super) async fn wan_fault_loop(
             2 => {
                 wan.epoch.fetch_add(1, Ordering::SeqCst);
             }
+            4 => {
+                // One direction only: it stalls (half the time) or is slowed
+                // while the other flows, e.g. requests arrive and answers do not.
+                let dir = if madsim::rand::random::<bool>() { UP } else { DOWN };
+                if madsim::rand::random::<bool>() {
+                    wan.stalled[dir].store(true, Ordering::SeqCst);
+                    tokio::time::sleep(lasting).await;
+                    wan.stalled[dir].store(false, Ordering::SeqCst);
+                } else {
+                    let normal = *wan.latency_ms.lock().unwrap_or_else(|p| p.into_inner());
+                    *wan.extra_ms[dir].lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some([normal[1] * 2, normal[1] * 10 + 200]);
+                    tokio::time::sleep(lasting).await;
+                    *wan.extra_ms[dir].lock().unwrap_or_else(|p| p.into_inner()) = None;
+                }
+            }
             _ => {
                 for id in &clusters[f] {
-                    super::probes::crashing(*id);
-                    handle.kill(*id);
+                    super::crash_node(&shared, &handle, *id, sc.faults.torn_crash);
                 }
                 tokio::time::sleep(lasting).await;
                 for id in &clusters[f] {
