@@ -59,10 +59,15 @@ pub enum Canary {
     /// A delete that finds nothing to delete still writes a tombstone, so
     /// it takes a revision (etcd creates none).
     EmptyDeleteTakesRevision = 20,
+    /// A range at the latest revision sorted by key in either order reads
+    /// only its first `limit + 1` keys, as an ascending one may, so a
+    /// descending sort returns the first keys reversed instead of the last
+    /// ones.
+    LimitBeforeSort = 21,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 20] = [
+    pub const ALL: [Canary; 21] = [
         Canary::AckBeforeFsync,
         Canary::StaleRead,
         Canary::ReuseRevision,
@@ -83,6 +88,7 @@ impl Canary {
         Canary::RecreatedTableKept,
         Canary::StorageFailureIgnored,
         Canary::EmptyDeleteTakesRevision,
+        Canary::LimitBeforeSort,
     ];
 
     pub fn name(self) -> &'static str {
@@ -107,6 +113,7 @@ impl Canary {
             Canary::RecreatedTableKept => "recreated-table-kept",
             Canary::StorageFailureIgnored => "storage-failure-ignored",
             Canary::EmptyDeleteTakesRevision => "empty-delete-takes-revision",
+            Canary::LimitBeforeSort => "limit-before-sort",
         }
     }
 

@@ -777,7 +777,8 @@ fn keys_needed(req: &RangeRequest) -> Option<usize> {
         || req.min_create_revision != 0
         || req.max_create_revision != 0;
     let key_order = req.sort_order == SortOrder::None
-        || (req.sort_order == SortOrder::Ascend && req.sort_target == SortTarget::Key);
+        || (req.sort_order == SortOrder::Ascend && req.sort_target == SortTarget::Key)
+        || (crate::canary::active(crate::canary::Canary::LimitBeforeSort) && req.sort_target == SortTarget::Key);
     if filtered || !key_order || req.limit == 0 {
         return None;
     }

@@ -15,7 +15,8 @@ pub fn revisions(history: &[Op]) -> Result<(), String> {
     let mut owners: BTreeMap<(&str, u64), usize> = BTreeMap::new();
     for (i, op) in history.iter().enumerate() {
         let Outcome::Ok(r) = &op.outcome else { continue };
-        let linearizable = !matches!(op.kind, OpKind::Get { serializable: true, .. });
+        let linearizable =
+            !matches!(op.kind, OpKind::Get { serializable: true, .. } | OpKind::Query { serializable: true, .. });
         if linearizable {
             let seen = last.entry((op.client, op.table.as_str())).or_insert(0);
             if r.revision() < *seen {
@@ -31,7 +32,7 @@ pub fn revisions(history: &[Op]) -> Result<(), String> {
             *seen = r.revision();
         }
         let changed = match r {
-            OpResult::Put { .. } => true,
+            OpResult::Put { .. } | OpResult::PutPrev { .. } => true,
             OpResult::Delete { deleted, .. } => *deleted > 0,
             OpResult::Cas { succeeded, .. } => *succeeded,
             _ => false,
@@ -74,11 +75,15 @@ pub fn reads_at_revision(history: &[Op]) -> Result<(), String> {
             range_deletes.push((&op.table, from, to));
         }
         let key = match &op.kind {
-            OpKind::Put { key, .. } | OpKind::Delete { key } | OpKind::Cas { key, .. } => key.as_str(),
+            OpKind::Put { key, .. }
+            | OpKind::PutPrev { key, .. }
+            | OpKind::Delete { key }
+            | OpKind::Cas { key, .. } => key.as_str(),
             _ => continue,
         };
         match (&op.kind, &op.outcome) {
-            (OpKind::Put { value, .. }, Outcome::Ok(OpResult::Put { revision })) => {
+            (OpKind::Put { value, .. }, Outcome::Ok(OpResult::Put { revision }))
+            | (OpKind::PutPrev { value, .. }, Outcome::Ok(OpResult::PutPrev { revision, .. })) => {
                 writes.entry((&op.table, key)).or_default().push((*revision, Some(value.as_str())))
             }
             (OpKind::Delete { .. }, Outcome::Ok(OpResult::Delete { deleted, revision })) if *deleted > 0 => {
@@ -144,7 +149,7 @@ struct Applied {
 pub fn failed_writes_not_applied(history: &[Op], committed: &std::collections::BTreeSet<String>) -> Result<(), String> {
     for op in history {
         let value = match &op.kind {
-            OpKind::Put { value, .. } => value,
+            OpKind::Put { value, .. } | OpKind::PutPrev { value, .. } => value,
             OpKind::Cas { new, .. } => new,
             _ => continue,
         };
@@ -358,6 +363,43 @@ impl ModelLog {
                 continue;
             };
             let header = r.revision();
+            if header > model.current() {
+                return Err(format!(
+                    "M2 {:?} on table {} reported revision {header}; the table's log reached only {}",
+                    op.kind,
+                    op.table,
+                    model.current()
+                ));
+            }
+            match (&op.kind, r) {
+                (OpKind::PutPrev { key, .. }, OpResult::PutPrev { revision, prev }) => {
+                    let want = model.get_at(key.as_bytes(), revision.saturating_sub(1));
+                    if *prev != want {
+                        return Err(format!(
+                            "M2 put of {key} at revision {revision} on table {} returned the previous version \
+                             {prev:?}; the table held {want:?} before it",
+                            op.table
+                        ));
+                    }
+                    checked += 1;
+                    continue;
+                }
+                (OpKind::Query { req, .. }, OpResult::Query(got)) => {
+                    let want = model.range_at(req, header);
+                    if *got != want {
+                        return Err(format!(
+                            "M2 range {req:?} by client {} on table {} answered {got:?}; the table at revision {} \
+                             answers {want:?}",
+                            op.client,
+                            op.table,
+                            if req.revision == 0 { header } else { req.revision }
+                        ));
+                    }
+                    checked += 1;
+                    continue;
+                }
+                _ => {}
+            }
             let (key_range, at) = match (&op.kind, r) {
                 (OpKind::Get { key, .. }, OpResult::Get { .. }) => ((key.clone(), String::new()), header),
                 (OpKind::GetAt { key, revision }, OpResult::Get { .. }) => ((key.clone(), String::new()), *revision),

@@ -7,6 +7,21 @@ pub enum OpKind {
         key: String,
         value: String,
     },
+    /// A put that asks for the key's previous version (`prev_kv`): M2
+    /// checks it is the key as the table held it just before the put's
+    /// revision.
+    PutPrev {
+        key: String,
+        value: String,
+    },
+    /// A range read with options (limit, count only, keys only, sorting,
+    /// at a revision, serializable or not). Linearizability does not use
+    /// it; M2 checks the whole answer (keys, values, create and mod
+    /// revisions, versions, `count`, `more`) against the model.
+    Query {
+        req: armada_core::kv::RangeRequest,
+        serializable: bool,
+    },
     /// A linearizable (or serializable) read of one key at the latest revision.
     Get {
         key: String,
@@ -71,6 +86,13 @@ pub enum OpResult {
     Put {
         revision: u64,
     },
+    PutPrev {
+        revision: u64,
+        prev: Option<armada_core::kv::KeyValue>,
+    },
+    /// The answer's header revision, keys (with values unless keys only),
+    /// `count` and `more`.
+    Query(armada_core::kv::RangeResponse),
     /// `(value, mod_revision)` of the key, if present.
     Get {
         value: Option<(String, u64)>,
@@ -97,6 +119,8 @@ impl OpResult {
     pub fn revision(&self) -> u64 {
         match self {
             OpResult::Put { revision }
+            | OpResult::PutPrev { revision, .. }
+            | OpResult::Query(armada_core::kv::RangeResponse { revision, .. })
             | OpResult::Get { revision, .. }
             | OpResult::Delete { revision, .. }
             | OpResult::Cas { revision, .. }
@@ -128,7 +152,14 @@ pub struct Op {
 
 impl OpKind {
     pub fn is_write(&self) -> bool {
-        matches!(self, OpKind::Put { .. } | OpKind::Delete { .. } | OpKind::Cas { .. } | OpKind::DeleteRange { .. })
+        matches!(
+            self,
+            OpKind::Put { .. }
+                | OpKind::PutPrev { .. }
+                | OpKind::Delete { .. }
+                | OpKind::Cas { .. }
+                | OpKind::DeleteRange { .. }
+        )
     }
 }
 

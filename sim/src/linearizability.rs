@@ -142,7 +142,7 @@ fn project(history: &[Op], keys: &[String], committed: &BTreeSet<String>) -> BTr
         let (ret, res) = match (&op.outcome, &op.kind) {
             (Outcome::Failed(_), _) => continue,
             (Outcome::Indefinite(_), _) if !op.is_write() => continue,
-            (Outcome::Indefinite(_), OpKind::Put { value, .. }) => {
+            (Outcome::Indefinite(_), OpKind::Put { value, .. } | OpKind::PutPrev { value, .. }) => {
                 if !committed.contains(value) {
                     continue;
                 }
@@ -168,7 +168,9 @@ fn project(history: &[Op], keys: &[String], committed: &BTreeSet<String>) -> BTr
             });
         };
         match (&op.kind, res) {
-            (OpKind::Put { key, value }, _) => {
+            // The previous version a put-with-prev returned is checked by
+            // M2 (it is fixed by the put's revision).
+            (OpKind::Put { key, value } | OpKind::PutPrev { key, value }, _) => {
                 let v = written(&op.table, key, value, &mut names);
                 push(key, KOp::Write(Some(v)), Some(KRes::None));
             }

@@ -111,6 +111,7 @@ mod sim_main {
         if r.installs_resumed > 0 {
             extra.push_str(&format!(" installs_resumed={}", r.installs_resumed));
         }
+        extra.push_str(&format!(" m1_checked={} m2_checked={}", r.model_checked.0, r.model_checked.1));
         if r.backups_checked > 0 {
             extra.push_str(&format!(" backups_checked={}", r.backups_checked));
         }

@@ -56,6 +56,15 @@ pub struct Workload {
     pub delete_range: u32,
     #[serde(default = "d_delete_range_keys")]
     pub delete_range_keys: u32,
+    /// A put asking for the key's previous version (`prev_kv`).
+    #[serde(default)]
+    pub put_prev_kv: u32,
+    /// A range read with random options: one key, a prefix, an open or a
+    /// bounded interval; a limit; count only; keys only; every sort order
+    /// and target; at the latest revision or one the client saw;
+    /// serializable or not (checked whole by M2).
+    #[serde(default)]
+    pub query: u32,
 }
 
 fn d_delete_range_keys() -> u32 {
@@ -83,6 +92,8 @@ impl Default for Workload {
             cas_absent: 0,
             delete_range: 0,
             delete_range_keys: d_delete_range_keys(),
+            put_prev_kv: 0,
+            query: 0,
         }
     }
 }
@@ -392,7 +403,26 @@ impl Scenario {
             }
         }
         let w = &self.workload;
-        if w.put + w.get + w.serializable_get + w.delete + w.cas + w.range + w.read_at_revision + w.compact == 0 {
+        let total = [
+            w.put,
+            w.get,
+            w.serializable_get,
+            w.delete,
+            w.cas,
+            w.range,
+            w.read_at_revision,
+            w.compact,
+            w.put_many,
+            w.cas_mod_revision,
+            w.cas_absent,
+            w.delete_range,
+            w.put_prev_kv,
+            w.query,
+        ]
+        .iter()
+        .map(|w| u64::from(*w))
+        .sum::<u64>();
+        if total == 0 {
             return Err("workload weights are all zero".into());
         }
         Ok(())

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use armada_core::canary::{self, Canary};
 use armada_core::command::TableReply;
 use armada_core::engine::DurableImage;
-use armada_core::kv::RequestOp;
+use armada_core::kv::{KeyValue, RangeRequest, RangeResponse, RequestOp, SortOrder, SortTarget};
 use armada_core::mvcc::{Fnv64, Mvcc};
 use armada_core::raft::{data_ns, ApplyObserver, ArmadaNode};
 use armada_core::{Command, CommandResponse, Engine, GroupId, TableCommand};
@@ -82,6 +82,8 @@ pub struct Report {
     pub installs_resumed: u64,
     /// Backups restored and checked against the source (B1).
     pub backups_checked: u64,
+    /// Table commands M1 compared with the model, and reads M2 checked.
+    pub model_checked: (u64, u64),
     /// Hits of every coverage probe, in `Probe::ALL` order.
     pub probes: Vec<(armada_core::probe::Probe, u64)>,
 }
@@ -406,6 +408,46 @@ async fn perform(conns: &mut Conns, node: u64, table: &str, kind: &OpKind) -> Ou
                 .put(pb::PutRequest { table: t, key: key.into_bytes(), value: value.into_bytes(), prev_kv: false })
                 .await
                 .map(|r| OpResult::Put { revision: rev(&r.into_inner().header) }),
+            OpKind::PutPrev { key, value } => c
+                .put(pb::PutRequest { table: t, key: key.into_bytes(), value: value.into_bytes(), prev_kv: true })
+                .await
+                .map(|r| {
+                    let r = r.into_inner();
+                    OpResult::PutPrev { revision: rev(&r.header), prev: r.prev_kv.map(core_kv) }
+                }),
+            OpKind::Query { req, serializable } => c
+                .range(pb::RangeRequest {
+                    table: t,
+                    key: req.key,
+                    range_end: req.range_end,
+                    limit: req.limit as i64,
+                    revision: req.revision as i64,
+                    sort_order: match req.sort_order {
+                        SortOrder::None => pb::range_request::SortOrder::None,
+                        SortOrder::Ascend => pb::range_request::SortOrder::Ascend,
+                        SortOrder::Descend => pb::range_request::SortOrder::Descend,
+                    } as i32,
+                    sort_target: match req.sort_target {
+                        SortTarget::Key => pb::range_request::SortTarget::Key,
+                        SortTarget::Version => pb::range_request::SortTarget::Version,
+                        SortTarget::Create => pb::range_request::SortTarget::Create,
+                        SortTarget::Mod => pb::range_request::SortTarget::Mod,
+                        SortTarget::Value => pb::range_request::SortTarget::Value,
+                    } as i32,
+                    serializable,
+                    keys_only: req.keys_only,
+                    count_only: req.count_only,
+                })
+                .await
+                .map(|r| {
+                    let r = r.into_inner();
+                    OpResult::Query(RangeResponse {
+                        revision: rev(&r.header),
+                        kvs: r.kvs.into_iter().map(core_kv).collect(),
+                        more: r.more,
+                        count: r.count.max(0) as u64,
+                    })
+                }),
             OpKind::Get { key, serializable } => c
                 .range(pb::RangeRequest { table: t, key: key.into_bytes(), serializable, ..Default::default() })
                 .await
@@ -502,6 +544,52 @@ async fn perform(conns: &mut Conns, node: u64, table: &str, kind: &OpKind) -> Ou
     classify(conns, node, is_write, result)
 }
 
+/// A key-value as the checkers compare it.
+fn core_kv(kv: pb::KeyValue) -> KeyValue {
+    KeyValue {
+        key: kv.key,
+        create_revision: kv.create_revision.max(0) as u64,
+        mod_revision: kv.mod_revision.max(0) as u64,
+        version: kv.version.max(0) as u64,
+        value: kv.value,
+    }
+}
+
+/// A range read with random options over the key set (or a prefix of it),
+/// at the latest revision or at one in `seen` (the client saw it).
+fn random_query(keys: u32, seen: Option<&Vec<u64>>) -> RangeRequest {
+    let (key, range_end) = match rand_range(0, 3) {
+        // Every key of the table's key set, as a prefix.
+        0 => (b"k".to_vec(), b"l".to_vec()),
+        // One key.
+        1 => (key_name(rand_range(0, u64::from(keys) - 1) as u32).into_bytes(), Vec::new()),
+        // Every key from one on ("\0": no end).
+        2 => (key_name(rand_range(0, u64::from(keys) - 1) as u32).into_bytes(), vec![0]),
+        _ => {
+            let a = rand_range(0, u64::from(keys)) as u32;
+            let b = rand_range(0, u64::from(keys)) as u32;
+            (key_name(a.min(b)).into_bytes(), key_name(a.max(b) + 1).into_bytes())
+        }
+    };
+    let sort_order = [SortOrder::None, SortOrder::Ascend, SortOrder::Descend][rand_range(0, 2) as usize];
+    let sort_target = [SortTarget::Key, SortTarget::Version, SortTarget::Create, SortTarget::Mod, SortTarget::Value]
+        [rand_range(0, 4) as usize];
+    RangeRequest {
+        key,
+        range_end,
+        limit: if rand_range(0, 1) == 0 { 0 } else { rand_range(1, u64::from(keys)) },
+        revision: match seen.filter(|v| !v.is_empty() && rand_range(0, 2) == 0) {
+            Some(v) => pick(v),
+            None => 0,
+        },
+        sort_order,
+        sort_target,
+        keys_only: rand_range(0, 4) == 0,
+        count_only: rand_range(0, 9) == 0,
+        ..Default::default()
+    }
+}
+
 /// A client call's outcome: an error that may mean the connection broke
 /// drops it; a write that got no definite answer may have taken effect.
 fn classify<E>(
@@ -572,6 +660,8 @@ async fn client_main(cid: u32, sc: Scenario, members: BTreeMap<u64, ArmadaNode>,
         w.cas_mod_revision,
         w.cas_absent,
         w.delete_range,
+        w.put_prev_kv,
+        w.query,
     ];
     let mut seq = 0u64;
     // Last value and revisions this client saw, to make CAS and reads at a
@@ -606,6 +696,10 @@ async fn client_main(cid: u32, sc: Scenario, members: BTreeMap<u64, ArmadaNode>,
                 let first = rand_range(0, sc.keys as u64 - 1) as u32;
                 let n = w.delete_range_keys.max(1);
                 OpKind::DeleteRange { from: key_name(first), to: key_name(first.saturating_add(n)) }
+            }
+            12 => OpKind::PutPrev { key: key.clone(), value: fresh },
+            13 => {
+                OpKind::Query { req: random_query(sc.keys, seen_revs.get(&table)), serializable: rand_range(0, 1) == 0 }
             }
             5 => OpKind::Range,
             6 => match seen_revs.get(&table).filter(|v| !v.is_empty()) {
@@ -660,7 +754,8 @@ async fn client_main(cid: u32, sc: Scenario, members: BTreeMap<u64, ArmadaNode>,
                 (OpKind::Get { key, .. }, OpResult::Get { value: Some((v, m)), .. }) => {
                     seen_value.insert((table.clone(), key.clone()), (v.clone(), *m));
                 }
-                (OpKind::Put { key, value }, OpResult::Put { revision }) => {
+                (OpKind::Put { key, value }, OpResult::Put { revision })
+                | (OpKind::PutPrev { key, value }, OpResult::PutPrev { revision, .. }) => {
                     seen_value.insert((table.clone(), key.clone()), (value.clone(), *revision));
                 }
                 _ => {}
@@ -1669,6 +1764,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
                 follower_snapshots: 0,
                 installs_resumed: 0,
                 backups_checked: 0,
+                model_checked: (0, 0),
                 probes: probe_hits,
             };
         }
@@ -1695,6 +1791,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
     if let Err(e) = linearizability::check(&history, &keys, &committed) {
         safety.push(e.to_string());
     }
+    let mut reads_checked = 0;
     {
         // M2: the leader cluster's group of each table the clients used.
         let mut groups = BTreeMap::new();
@@ -1708,10 +1805,12 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
             }
         }
         let models = shared.models.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = models.check_reads(&history, &groups) {
-            safety.push(e);
+        match models.check_reads(&history, &groups) {
+            Ok(n) => reads_checked = n,
+            Err(e) => safety.push(e),
         }
     }
+    let model_checked = (shared.models.lock().unwrap_or_else(|p| p.into_inner()).checked, reads_checked);
     let (repl_failures, mut lag) = followers::check(&shared);
     safety.extend(repl_failures);
     lag.sort_by(f64::total_cmp);
@@ -1752,6 +1851,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
         follower_snapshots,
         installs_resumed,
         backups_checked,
+        model_checked,
         probes: probe_hits,
     }
 }
