@@ -92,6 +92,60 @@ pub fn data_ns(group: GroupId) -> Vec<u8> {
     ns
 }
 
+/// A log entry as the log store keeps it: openraft's entry over this
+/// crate's command (it does not depend on the runtime).
+type StoredEntry =
+    openraft::Entry<<LeaderId as openraft::vote::RaftLeaderId>::Committed, EntryPayload<Command, u64, ArmadaNode>>;
+type StoredLogId = openraft::LogId<<LeaderId as openraft::vote::RaftLeaderId>::Committed>;
+
+/// A group's Raft log as its node's storage holds it (for checkers and
+/// tools): the last purged and the recorded committed index, and every
+/// entry left as (term, index, digest), the digest being the one
+/// [`ApplyObserver::applied`] reports for the entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredLog {
+    pub purged: Option<u64>,
+    pub committed: Option<u64>,
+    pub entries: Vec<(u64, u64, u64)>,
+}
+
+/// Reads group `group`'s Raft log from `engine` (see [`StoredLog`]).
+pub fn stored_log(engine: &dyn Engine, group: GroupId) -> Result<StoredLog, io::Error> {
+    let mut out = StoredLog::default();
+    let ns = group_ns(group);
+    let key = |tag: u8| {
+        let mut k = ns.clone();
+        k.push(tag);
+        k
+    };
+    if let Some(b) = engine.get(&key(b'P')).map_err(io_err)? {
+        out.purged = Some(dec::<StoredLogId>(&b, "last purged log id")?.index);
+    }
+    if let Some(b) = engine.get(&key(b'C')).map_err(io_err)? {
+        out.committed = dec::<Option<StoredLogId>>(&b, "committed log id")?.map(|l| l.index);
+    }
+    let mut err = None;
+    engine
+        .scan(&key(b'L'), &key(b'L' + 1), &mut |_, v| match dec::<StoredEntry>(v, "log entry") {
+            Ok(e) => {
+                let mut h = crate::mvcc::Fnv64::new();
+                h.write_bytes(&enc(&e.log_id));
+                h.write_bytes(&enc(&e.payload));
+                out.entries.push((e.log_id.leader_id.term, e.log_id.index, h.finish()));
+                true
+            }
+            Err(e) => {
+                err = Some(e);
+                false
+            }
+        })
+        .map_err(io_err)?;
+    match err {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
 /// Deletes every key of a group (after its table was deleted).
 pub fn delete_group(engine: &dyn Engine, group: GroupId) -> Result<(), EngineError> {
     let ns = group_ns(group);

@@ -283,6 +283,21 @@ fn canary_on_restart(disk: &DurableImage) {
     }
 }
 
+/// S4d: the Raft log of every group on a restarting node's disk (see
+/// `ApplyLog::check_stored_log`).
+fn check_stored_logs(shared: &Shared, cluster: u64, id: u64, engine: &dyn Engine) {
+    let mut apply = shared.apply.lock().unwrap_or_else(|p| p.into_inner());
+    for group in apply.groups_with_prefix(cluster) {
+        let local = GroupId(group.0 & 0xffff_ffff);
+        match armada_core::raft::stored_log(engine, local) {
+            Ok(log) => apply.check_stored_log(node_key(cluster, id), group, &log),
+            Err(e) => apply
+                .violations
+                .push(format!("S4d node {} cannot read group {group}'s log: {e}", node_key(cluster, id))),
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn node_main(
     id: u64,
@@ -298,6 +313,9 @@ async fn node_main(
         canary_on_restart(&disk.image);
     }
     let engine: Arc<dyn Engine> = Arc::new(disk.open());
+    if starts.load(Ordering::SeqCst) > 1 {
+        check_stored_logs(&shared, cluster, id, &*engine);
+    }
     let flusher = Arc::new(BatchingFlusher::start(engine.clone(), Arc::new(SimDisk(disk.clone()))));
     let transport = Arc::new(
         SimTransport::new(SimFaults { duplicate_rate: sc.faults.duplicate_rate })
