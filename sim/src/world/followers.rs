@@ -127,14 +127,17 @@ impl ReplObserver {
         }
         let Some(Command::Table(cmd)) = command else { return };
         let CommandResponse::Table(Ok(reply)) = response else { return };
-        let Some(table) = self.table_name(group) else { return };
-        // R1-R3 key revisions by table name; the churned table restarts its
-        // revisions with every incarnation, so only its final state is
-        // checked (R4).
-        if table == CHURN_TABLE {
-            return;
-        }
+        let Some(mut table) = self.table_name(group) else { return };
         let store = Mvcc::new(&*self.engine, data_ns(group));
+        // R1-R3 key revisions by table name. The churned table restarts its
+        // revisions with every incarnation, so its records are keyed by
+        // incarnation: the leader cluster's table id (a follower table
+        // records the one it mirrors before it applies anything).
+        if table == CHURN_TABLE {
+            let incarnation = if self.cluster == 0 { Some(group.0) } else { store.upstream_table().ok().flatten() };
+            let Some(id) = incarnation else { return };
+            table = format!("{CHURN_TABLE}@{id}");
+        }
         let state = || store.state_digest().ok();
         let now = shared.now_ns();
         let mut log = shared.repl.lock().unwrap_or_else(|p| p.into_inner());
