@@ -124,14 +124,24 @@ pub fn stored_log(engine: &dyn Engine, group: GroupId) -> Result<StoredLog, io::
     if let Some(b) = engine.get(&key(b'C')).map_err(io_err)? {
         out.committed = dec::<Option<StoredLogId>>(&b, "committed log id")?.map(|l| l.index);
     }
+    decode_entries(engine, &key(b'L'), &key(b'L' + 1), |e: StoredEntry| {
+        out.entries.push((e.log_id.leader_id.term, e.log_id.index, entry_digest(&e.log_id, &e.payload)))
+    })?;
+    Ok(out)
+}
+
+/// Decodes every log entry stored in `[start, end)`, in index order.
+fn decode_entries<T: for<'a> Deserialize<'a>>(
+    engine: &dyn Engine,
+    start: &[u8],
+    end: &[u8],
+    mut each: impl FnMut(T),
+) -> Result<(), io::Error> {
     let mut err = None;
     engine
-        .scan(&key(b'L'), &key(b'L' + 1), &mut |_, v| match dec::<StoredEntry>(v, "log entry") {
+        .scan(start, end, &mut |_, v| match dec(v, "log entry") {
             Ok(e) => {
-                let mut h = crate::mvcc::Fnv64::new();
-                h.write_bytes(&enc(&e.log_id));
-                h.write_bytes(&enc(&e.payload));
-                out.entries.push((e.log_id.leader_id.term, e.log_id.index, h.finish()));
+                each(e);
                 true
             }
             Err(e) => {
@@ -140,10 +150,16 @@ pub fn stored_log(engine: &dyn Engine, group: GroupId) -> Result<StoredLog, io::
             }
         })
         .map_err(io_err)?;
-    match err {
-        Some(e) => Err(e),
-        None => Ok(out),
-    }
+    err.map_or(Ok(()), Err)
+}
+
+/// The digest of a log entry that [`ApplyObserver::applied`] reports (and
+/// [`stored_log`] gives for the stored copy).
+fn entry_digest<L: Serialize, P: Serialize>(log_id: &L, payload: &P) -> u64 {
+    let mut h = crate::mvcc::Fnv64::new();
+    h.write_bytes(&enc(log_id));
+    h.write_bytes(&enc(payload));
+    h.finish()
 }
 
 /// Deletes every key of a group (after its table was deleted).
@@ -310,23 +326,8 @@ impl<RT: Runtime> RaftLogReader<ArmadaRaft<RT>> for LogStore<RT> {
             Bound::Unbounded => self.key(b'L' + 1),
         };
         let mut out = Vec::new();
-        let mut err = None;
-        self.engine
-            .scan(&self.entry_key(lo), &hi_key, &mut |_, v| match dec(v, "log entry") {
-                Ok(e) => {
-                    out.push(e);
-                    true
-                }
-                Err(e) => {
-                    err = Some(e);
-                    false
-                }
-            })
-            .map_err(io_err)?;
-        match err {
-            Some(e) => Err(e),
-            None => Ok(out),
-        }
+        decode_entries(&*self.engine, &self.entry_key(lo), &hi_key, |e| out.push(e))?;
+        Ok(out)
     }
 
     async fn read_vote(&mut self) -> Result<Option<VoteOf<ArmadaRaft<RT>>>, io::Error> {
@@ -710,14 +711,7 @@ impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
                 self.gate.open();
             }
             if let Some(obs) = &self.observer {
-                let digest = if obs.wants_digest() {
-                    let mut h = crate::mvcc::Fnv64::new();
-                    h.write_bytes(&enc(&log_id));
-                    h.write_bytes(&enc(&entry.payload));
-                    h.finish()
-                } else {
-                    0
-                };
+                let digest = if obs.wants_digest() { entry_digest(&log_id, &entry.payload) } else { 0 };
                 let revision = self.table_revision()?;
                 let command = match &entry.payload {
                     EntryPayload::Normal(c) => Some(c),

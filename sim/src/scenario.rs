@@ -75,6 +75,30 @@ fn d_put_many_keys() -> u32 {
     8
 }
 
+impl Workload {
+    /// The operation weights in the order the clients draw them. New kinds
+    /// go last: with a weight of 0 they leave older scenarios' random
+    /// draws, and so their runs, unchanged.
+    pub fn weights(&self) -> [u32; 14] {
+        [
+            self.put,
+            self.get,
+            self.serializable_get,
+            self.delete,
+            self.cas,
+            self.range,
+            self.read_at_revision,
+            self.compact,
+            self.put_many,
+            self.cas_mod_revision,
+            self.cas_absent,
+            self.delete_range,
+            self.put_prev_kv,
+            self.query,
+        ]
+    }
+}
+
 impl Default for Workload {
     fn default() -> Self {
         Self {
@@ -402,27 +426,7 @@ impl Scenario {
                 return Err("followers workload weights are all zero".into());
             }
         }
-        let w = &self.workload;
-        let total = [
-            w.put,
-            w.get,
-            w.serializable_get,
-            w.delete,
-            w.cas,
-            w.range,
-            w.read_at_revision,
-            w.compact,
-            w.put_many,
-            w.cas_mod_revision,
-            w.cas_absent,
-            w.delete_range,
-            w.put_prev_kv,
-            w.query,
-        ]
-        .iter()
-        .map(|w| u64::from(*w))
-        .sum::<u64>();
-        if total == 0 {
+        if self.workload.weights().iter().map(|w| u64::from(*w)).sum::<u64>() == 0 {
             return Err("workload weights are all zero".into());
         }
         Ok(())

@@ -663,24 +663,7 @@ async fn perform_many(conns: &mut Conns, node: u64, table: &str, puts: &[(String
 async fn client_main(cid: u32, sc: Scenario, members: BTreeMap<u64, ArmadaNode>, shared: Arc<Shared>, until_ns: u64) {
     let mut conns = Conns { members, kv: BTreeMap::new() };
     let w = &sc.workload;
-    // New kinds go last: with a weight of 0 they leave older scenarios'
-    // random draws, and so their runs, unchanged.
-    let weights = [
-        w.put,
-        w.get,
-        w.serializable_get,
-        w.delete,
-        w.cas,
-        w.range,
-        w.read_at_revision,
-        w.compact,
-        w.put_many,
-        w.cas_mod_revision,
-        w.cas_absent,
-        w.delete_range,
-        w.put_prev_kv,
-        w.query,
-    ];
+    let weights = w.weights();
     let mut seq = 0u64;
     // Last value and revisions this client saw, to make CAS and reads at a
     // revision meaningful.
@@ -798,11 +781,12 @@ enum Down {
 fn crash_node(shared: &Shared, handle: &Handle, id: NodeId, torn_pct: u32) {
     probes::crashing(id);
     handle.kill(id);
-    if let Some(d) = shared.disks.get(id) {
+    let disk = shared.disks.get(id);
+    if let Some(d) = &disk {
         d.set_killed();
     }
     if torn_pct > 0 && rand_range(1, 100) <= u64::from(torn_pct) {
-        if let Some(d) = shared.disks.get(id) {
+        if let Some(d) = disk {
             let unsynced = d.image.unsynced_batches();
             let keep = rand_range(0, unsynced as u64) as usize;
             d.image.crash_keeping(keep);
@@ -815,7 +799,8 @@ fn crash_node(shared: &Shared, handle: &Handle, id: NodeId, torn_pct: u32) {
 }
 
 /// How long after a disk fault ends a node whose engine failed has to have
-/// stopped (D1): well above the node's failure check interval.
+/// been killed (D1). The node stops on the failing call itself; this covers
+/// its report reaching the reaper.
 const FAIL_STOP_GRACE: Duration = Duration::from_millis(200);
 
 /// Kills every node that stopped itself on a storage failure, as its
