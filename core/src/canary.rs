@@ -64,10 +64,14 @@ pub enum Canary {
     /// descending sort returns the first keys reversed instead of the last
     /// ones.
     LimitBeforeSort = 21,
+    /// A linearizable range read of more than one key, or with options (a
+    /// limit, a sort, keys or count only), takes the serializable path and
+    /// skips the read index; a plain single-key read does not.
+    QuerySkipsReadIndex = 22,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 21] = [
+    pub const ALL: [Canary; 22] = [
         Canary::AckBeforeFsync,
         Canary::StaleRead,
         Canary::ReuseRevision,
@@ -89,6 +93,7 @@ impl Canary {
         Canary::StorageFailureIgnored,
         Canary::EmptyDeleteTakesRevision,
         Canary::LimitBeforeSort,
+        Canary::QuerySkipsReadIndex,
     ];
 
     pub fn name(self) -> &'static str {
@@ -114,6 +119,7 @@ impl Canary {
             Canary::StorageFailureIgnored => "storage-failure-ignored",
             Canary::EmptyDeleteTakesRevision => "empty-delete-takes-revision",
             Canary::LimitBeforeSort => "limit-before-sort",
+            Canary::QuerySkipsReadIndex => "query-skips-read-index",
         }
     }
 

@@ -103,13 +103,17 @@ pub enum Probe {
     /// A sync waited on a slow or stalling disk (the simulator's slow-disk
     /// fault).
     SyncSlowed,
+    /// A replica received a Raft snapshot no newer than what it had
+    /// already applied (openraft answers without installing it; the
+    /// replica syncs its log first, see `server/src/network.rs`).
+    SnapshotAlreadyApplied,
 }
 
 /// Number of probes.
 pub const COUNT: usize = Probe::ALL.len();
 
 impl Probe {
-    pub const ALL: [Probe; 43] = [
+    pub const ALL: [Probe; 44] = [
         Probe::LogTruncated,
         Probe::LogPurged,
         Probe::VoteSavedThenCrash,
@@ -153,6 +157,7 @@ impl Probe {
         Probe::StorageFailureStopped,
         Probe::TornCrashKeptWrites,
         Probe::SyncSlowed,
+        Probe::SnapshotAlreadyApplied,
     ];
 
     pub fn name(self) -> &'static str {
@@ -200,6 +205,7 @@ impl Probe {
             Probe::StorageFailureStopped => "storage-failure-stopped",
             Probe::TornCrashKeptWrites => "torn-crash-kept-writes",
             Probe::SyncSlowed => "sync-slowed",
+            Probe::SnapshotAlreadyApplied => "snapshot-already-applied",
         }
     }
 

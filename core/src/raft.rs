@@ -240,7 +240,8 @@ impl Future for FlushWait {
     }
 }
 
-async fn flush_and_wait(flusher: &dyn Flusher, reason: FlushReason) -> Result<(), io::Error> {
+/// Makes every write made so far durable, and waits for it.
+pub async fn flush_and_wait(flusher: &dyn Flusher, reason: FlushReason) -> Result<(), io::Error> {
     let slot: FlushSlot = Arc::new(Mutex::new((None, None)));
     let s2 = slot.clone();
     flusher.flush(

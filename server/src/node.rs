@@ -489,6 +489,12 @@ impl Node {
         &self.engine
     }
 
+    /// Makes every write this node has made durable (one sync of the
+    /// engine), and waits for it. A failed sync stops the node.
+    pub async fn sync(&self) -> Result<(), std::io::Error> {
+        armada_core::raft::flush_and_wait(&*self.flusher, armada_core::raft::FlushReason::Snapshot).await
+    }
+
     fn raft_config(&self) -> Result<Arc<Config>, ApiError> {
         let t = &self.cfg.raft;
         let c = Config {
@@ -849,7 +855,10 @@ impl Node {
             // future revision.
             self.wait_for_revision(group.id, req.revision, FOLLOWER_READ_WAIT).await;
         }
-        if !serializable && !armada_core::canary::active(armada_core::canary::Canary::StaleRead) {
+        if !serializable
+            && !armada_core::canary::active(armada_core::canary::Canary::StaleRead)
+            && !skips_read_index(req)
+        {
             self.linearize(&group, hops, &format!("table {table:?}")).await?;
         }
         let store = Mvcc::new(&*self.engine, data_ns(group.id));
@@ -1216,4 +1225,16 @@ impl Node {
 /// interrupted (see `Mvcc::recover_swap`).
 fn recover_swap(engine: &dyn Engine, id: GroupId, batch_bytes: usize) -> Result<bool, armada_core::EngineError> {
     Mvcc::new(engine, armada_core::raft::data_ns(id)).recover_swap(batch_bytes, &mut |b| engine.write(b))
+}
+
+/// The query-skips-read-index canary: every range read but a plain
+/// single-key one served as if serializable. Always `false` outside
+/// simulation builds.
+fn skips_read_index(req: &RangeRequest) -> bool {
+    armada_core::canary::active(armada_core::canary::Canary::QuerySkipsReadIndex)
+        && (!req.range_end.is_empty()
+            || req.limit > 0
+            || req.sort_order != armada_core::kv::SortOrder::None
+            || req.keys_only
+            || req.count_only)
 }

@@ -21,6 +21,8 @@ enum KOp {
     Write(Option<Sym>),
     Delete,
     Read,
+    /// Whether the key exists (a keys-only or count-only read).
+    Exists,
     Cas(Sym, Sym),
     /// Put the value if the key is absent.
     CasAbsent(Sym),
@@ -31,6 +33,7 @@ enum KRes {
     None,
     Deleted(bool),
     Read(Option<Sym>),
+    Exists(bool),
     Cas(bool),
 }
 
@@ -104,10 +107,33 @@ fn observed(history: &[Op], keys: &[String]) -> BTreeSet<(String, String, String
                     }
                 }
             }
+            (OpKind::PutPrev { key, .. }, Outcome::Ok(OpResult::PutPrev { prev: Some(kv), .. })) => {
+                seen.insert((op.table.clone(), key.clone(), text(&kv.value)));
+            }
+            (OpKind::Query { req, .. }, Outcome::Ok(OpResult::Query(r))) if !req.keys_only => {
+                for kv in &r.kvs {
+                    seen.insert((op.table.clone(), text(&kv.key), text(&kv.value)));
+                }
+            }
             _ => {}
         }
     }
     seen
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Whether `key` is in the range a query names (etcd's conventions: no end
+/// is one key, an end of "\0" is every key from `key` on).
+fn in_query(req: &armada_core::kv::RangeRequest, key: &str) -> bool {
+    let k = key.as_bytes();
+    match req.range_end.as_slice() {
+        [] => k == req.key.as_slice(),
+        [0] => k >= req.key.as_slice(),
+        end => k >= req.key.as_slice() && k < end,
+    }
 }
 
 /// Projects the history onto per-(table, key) register operations.
@@ -168,11 +194,21 @@ fn project(history: &[Op], keys: &[String], committed: &BTreeSet<String>) -> BTr
             });
         };
         match (&op.kind, res) {
-            // The previous version a put-with-prev returned is checked by
-            // M2 (it is fixed by the put's revision).
-            (OpKind::Put { key, value } | OpKind::PutPrev { key, value }, _) => {
+            (OpKind::Put { key, value }, _) => {
                 let v = written(&op.table, key, value, &mut names);
                 push(key, KOp::Write(Some(v)), Some(KRes::None));
+            }
+            // A put-with-prev also reads: the value it replaced (M2 checks
+            // the rest of the previous version against the model).
+            (OpKind::PutPrev { key, value }, r) => {
+                let v = written(&op.table, key, value, &mut names);
+                let kres = match r {
+                    Some(OpResult::PutPrev { prev, .. }) => {
+                        Some(KRes::Read(prev.as_ref().map(|kv| names.id(&text(&kv.value)))))
+                    }
+                    _ => Some(KRes::None),
+                };
+                push(key, KOp::Write(Some(v)), kres);
             }
             (OpKind::Delete { key }, r) => {
                 let kres = match r {
@@ -211,6 +247,27 @@ fn project(history: &[Op], keys: &[String], committed: &BTreeSet<String>) -> BTr
                     push(k, KOp::Read, Some(KRes::Read(v)));
                 }
             }
+            // A linearizable query at the latest revision reads each key of
+            // its range: present with its value (keys only: present), or
+            // absent when the answer is whole (no key cut off by the limit).
+            // Count-only answers say only how many keys exist: for a
+            // one-key range that is whether the key exists.
+            (OpKind::Query { req, serializable: false }, Some(OpResult::Query(r))) if req.revision == 0 => {
+                for k in keys.iter().filter(|k| in_query(req, k)) {
+                    if req.count_only {
+                        if req.range_end.is_empty() {
+                            push(k, KOp::Exists, Some(KRes::Exists(r.count > 0)));
+                        }
+                        continue;
+                    }
+                    match r.kvs.iter().find(|kv| kv.key == k.as_bytes()) {
+                        Some(_) if req.keys_only => push(k, KOp::Exists, Some(KRes::Exists(true))),
+                        Some(kv) => push(k, KOp::Read, Some(KRes::Read(Some(names.id(&text(&kv.value)))))),
+                        None if !r.more => push(k, KOp::Read, Some(KRes::Read(None))),
+                        None => {}
+                    }
+                }
+            }
             // Serializable reads promise no recency; reads at a revision are
             // checked against revisions elsewhere.
             _ => {}
@@ -222,13 +279,21 @@ fn project(history: &[Op], keys: &[String], committed: &BTreeSet<String>) -> BTr
 /// Applies `op` to `state`; `None` if the recorded result is impossible.
 fn step(state: Option<Sym>, op: KOp, res: Option<KRes>) -> Option<Option<Sym>> {
     match op {
-        KOp::Write(v) => Some(v),
+        KOp::Write(v) => match res {
+            // A put that returned the value it replaced.
+            Some(KRes::Read(prev)) if prev != state => None,
+            _ => Some(v),
+        },
         KOp::Delete => match res {
             Some(KRes::Deleted(d)) if d != state.is_some() => None,
             _ => Some(None),
         },
         KOp::Read => match res {
             Some(KRes::Read(v)) if v != state => None,
+            _ => Some(state),
+        },
+        KOp::Exists => match res {
+            Some(KRes::Exists(e)) if e != state.is_some() => None,
             _ => Some(state),
         },
         KOp::CasAbsent(n) => {
@@ -520,6 +585,69 @@ mod tests {
         assert_eq!(check(&h, &keys, &BTreeSet::new()), Ok(()));
         let h = vec![op(0, 10, put("k", "a"), put_ok()), op(20, 30, cas("x", "b"), cas_res(true))];
         assert!(check(&h, &keys, &BTreeSet::new()).is_err());
+    }
+
+    fn kv(k: &str, v: &str) -> armada_core::kv::KeyValue {
+        armada_core::kv::KeyValue { key: k.into(), value: v.into(), ..Default::default() }
+    }
+
+    #[test]
+    fn a_put_with_prev_reads_the_value_it_replaced() {
+        let keys = vec!["k".to_string()];
+        let put_prev = |v: &str| OpKind::PutPrev { key: "k".into(), value: v.into() };
+        let replaced = |p: Option<&str>| Outcome::Ok(OpResult::PutPrev { revision: 0, prev: p.map(|p| kv("k", p)) });
+        let h = vec![op(0, 10, put("k", "a"), put_ok()), op(20, 30, put_prev("b"), replaced(Some("a")))];
+        assert_eq!(check(&h, &keys, &BTreeSet::new()), Ok(()));
+        // The put of "b" replaced nothing although "a" was written before it.
+        let h = vec![op(0, 10, put("k", "a"), put_ok()), op(20, 30, put_prev("b"), replaced(None))];
+        assert!(check(&h, &keys, &BTreeSet::new()).is_err());
+        // A put-with-prev is a write too: a later read sees its value.
+        let h = vec![op(0, 10, put_prev("b"), replaced(None)), op(20, 30, get("k"), got(Some("b")))];
+        assert_eq!(check(&h, &keys, &BTreeSet::new()), Ok(()));
+    }
+
+    #[test]
+    fn a_linearizable_query_reads_every_key_of_its_range() {
+        use armada_core::kv::{RangeRequest, RangeResponse};
+        let keys = vec!["k0".to_string(), "k1".to_string(), "k2".to_string()];
+        let query = |req: RangeRequest| OpKind::Query { req, serializable: false };
+        let answer = |kvs: Vec<armada_core::kv::KeyValue>, more: bool, count: u64| {
+            Outcome::Ok(OpResult::Query(RangeResponse { revision: 0, kvs, more, count }))
+        };
+        let prefix = RangeRequest { key: b"k".to_vec(), range_end: b"l".to_vec(), ..Default::default() };
+        let writes = || vec![op(0, 10, put("k0", "a"), put_ok()), op(0, 10, put("k2", "c"), put_ok())];
+        // Whole answer: both keys with their values.
+        let mut h = writes();
+        h.push(op(20, 30, query(prefix.clone()), answer(vec![kv("k0", "a"), kv("k2", "c")], false, 2)));
+        assert_eq!(check(&h, &keys, &BTreeSet::new()), Ok(()));
+        // Whole answer that misses k2: stale.
+        let mut h = writes();
+        h.push(op(20, 30, query(prefix.clone()), answer(vec![kv("k0", "a")], false, 1)));
+        assert!(check(&h, &keys, &BTreeSet::new()).is_err());
+        // Cut by a limit: a missing key says nothing.
+        let mut h = writes();
+        let limited = RangeRequest { limit: 1, ..prefix.clone() };
+        h.push(op(20, 30, query(limited), answer(vec![kv("k0", "a")], true, 2)));
+        assert_eq!(check(&h, &keys, &BTreeSet::new()), Ok(()));
+        // Keys only: presence is checked, not the value.
+        let mut h = writes();
+        let keys_only = RangeRequest { keys_only: true, ..prefix.clone() };
+        h.push(op(20, 30, query(keys_only.clone()), answer(vec![kv("k0", ""), kv("k2", "")], false, 2)));
+        assert_eq!(check(&h, &keys, &BTreeSet::new()), Ok(()));
+        let mut h = writes();
+        h.push(op(20, 30, query(keys_only), answer(vec![kv("k0", "")], false, 1)));
+        assert!(check(&h, &keys, &BTreeSet::new()).is_err());
+        // Count only on one key: whether it exists.
+        let one = RangeRequest { key: b"k2".to_vec(), count_only: true, ..Default::default() };
+        let mut h = writes();
+        h.push(op(20, 30, query(one), answer(vec![], false, 0)));
+        assert!(check(&h, &keys, &BTreeSet::new()).is_err());
+        // A serializable query or one at a past revision promises no recency.
+        let mut h = writes();
+        h.push(op(20, 30, OpKind::Query { req: prefix.clone(), serializable: true }, answer(vec![], false, 0)));
+        let past = RangeRequest { revision: 1, ..prefix };
+        h.push(op(20, 30, query(past), answer(vec![], false, 0)));
+        assert_eq!(check(&h, &keys, &BTreeSet::new()), Ok(()));
     }
 
     #[test]

@@ -65,6 +65,15 @@ pub struct Workload {
     /// serializable or not (checked whole by M2).
     #[serde(default)]
     pub query: u32,
+    /// The first `readers` clients only read (the read kinds above, by
+    /// their weights) and each stays on one node, client `i` on node
+    /// `i % nodes + 1`, as an application reading near one replica does;
+    /// the other clients then only write.
+    /// Such a client's revisions only go back if its node's do, so S3
+    /// (per client) cannot see a stale answer that follows another
+    /// client's write; S1 (real time across clients) can.
+    #[serde(default)]
+    pub readers: u32,
 }
 
 fn d_delete_range_keys() -> u32 {
@@ -97,6 +106,27 @@ impl Workload {
             self.query,
         ]
     }
+
+    /// The weights client `cid` draws from: with `readers`, a reader's
+    /// keep only the reads, a writer's only the writes (and compaction);
+    /// all of them when that leaves none.
+    pub fn weights_of(&self, cid: u32) -> [u32; 14] {
+        const READS: [usize; 5] = [1, 2, 5, 6, 13];
+        let mut w = self.weights();
+        if self.readers == 0 {
+            return w;
+        }
+        let reader = cid < self.readers;
+        for (i, x) in w.iter_mut().enumerate() {
+            if READS.contains(&i) != reader {
+                *x = 0;
+            }
+        }
+        if w.iter().all(|&x| x == 0) {
+            return self.weights();
+        }
+        w
+    }
 }
 
 impl Default for Workload {
@@ -118,6 +148,7 @@ impl Default for Workload {
             delete_range_keys: d_delete_range_keys(),
             put_prev_kv: 0,
             query: 0,
+            readers: 0,
         }
     }
 }

@@ -159,6 +159,24 @@ fn failed_disks_stop_their_node_and_torn_crashes_recover() {
     assert!(hits(&a, Probe::TornCrashKeptWrites) >= 1, "no torn crash kept writes on this seed any more");
 }
 
+/// disks-3 seed 407: a replica received a Raft snapshot older than what it
+/// had committed; openraft answered at once, without installing it, while
+/// the log entries up to the snapshot still waited for their sync. The
+/// leader took the answer as "holds everything up to the snapshot" and
+/// purged past it; the replica's disk failed (fsync error) before the sync,
+/// it restarted without those entries, and the leader kept sending from
+/// past them for good (a liveness failure on table t0). The replica now
+/// syncs before it answers a snapshot (`server/src/network.rs`). The seed's
+/// run changed with the fix, so snapshots-3 seed 16 asserts the path
+/// (probe `snapshot-already-applied`) is still taken and passes.
+#[test]
+fn a_snapshot_answer_waits_for_the_log_it_vouches_for() {
+    assert_passes("disks-3.toml", 407);
+    let r = run(&scenario("snapshots-3.toml"), 16, None);
+    assert_eq!(r.verdict, Verdict::Pass, "{:#?}", r.failures);
+    assert!(hits(&r, Probe::SnapshotAlreadyApplied) >= 1, "no stale snapshot reached a replica on this seed any more");
+}
+
 fn hits(r: &armada_sim::world::Report, p: Probe) -> u64 {
     r.probes.iter().find(|(q, _)| *q == p).map_or(0, |(_, n)| *n)
 }
