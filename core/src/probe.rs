@@ -107,13 +107,18 @@ pub enum Probe {
     /// already applied (openraft answers without installing it; the
     /// replica syncs its log first, see `server/src/network.rs`).
     SnapshotAlreadyApplied,
+    /// The simulator made a node's Raft clock run fast, or slow, or jump
+    /// forward (its clock fault).
+    ClockFast,
+    ClockSlow,
+    ClockJumped,
 }
 
 /// Number of probes.
 pub const COUNT: usize = Probe::ALL.len();
 
 impl Probe {
-    pub const ALL: [Probe; 44] = [
+    pub const ALL: [Probe; 47] = [
         Probe::LogTruncated,
         Probe::LogPurged,
         Probe::VoteSavedThenCrash,
@@ -158,6 +163,9 @@ impl Probe {
         Probe::TornCrashKeptWrites,
         Probe::SyncSlowed,
         Probe::SnapshotAlreadyApplied,
+        Probe::ClockFast,
+        Probe::ClockSlow,
+        Probe::ClockJumped,
     ];
 
     pub fn name(self) -> &'static str {
@@ -206,6 +214,9 @@ impl Probe {
             Probe::TornCrashKeptWrites => "torn-crash-kept-writes",
             Probe::SyncSlowed => "sync-slowed",
             Probe::SnapshotAlreadyApplied => "snapshot-already-applied",
+            Probe::ClockFast => "clock-fast",
+            Probe::ClockSlow => "clock-slow",
+            Probe::ClockJumped => "clock-jumped",
         }
     }
 

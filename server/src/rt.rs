@@ -13,7 +13,9 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+#[cfg(not(madsim))]
+use std::time::Instant;
 
 use openraft::async_runtime::watch::{RecvError, SendError, Watch, WatchReceiver, WatchSender};
 use openraft::{AsyncRuntime, OptionalSend, OptionalSync};
@@ -25,16 +27,146 @@ pub struct ArmadaRt;
 
 pub use armada_net::time::{timeout, Elapsed, Sleep, Timeout};
 
+#[cfg(not(madsim))]
+type RaftInstant = Instant;
+#[cfg(madsim)]
+type RaftInstant = clock::LocalInstant;
+
+#[cfg(not(madsim))]
 fn until(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
+}
+
+#[cfg(madsim)]
+fn until(deadline: clock::LocalInstant) -> Duration {
+    clock::to_global(deadline - <clock::LocalInstant as openraft::Instant>::now())
+}
+
+#[cfg(not(madsim))]
+fn raft_sleep(d: Duration) -> Sleep {
+    armada_net::time::sleep(d)
+}
+
+#[cfg(madsim)]
+fn raft_sleep(d: Duration) -> Sleep {
+    armada_net::time::sleep(clock::to_global(d))
+}
+
+/// Each simulated node's Raft clock: the simulator's clock faults make a
+/// node's Raft timers (elections, heartbeats, leader leases) run fast or
+/// slow, or jump forward, while the rest of the world keeps simulated time.
+/// Production uses `std::time::Instant` unchanged.
+#[cfg(madsim)]
+pub mod clock {
+    use std::cell::RefCell;
+    use std::collections::BTreeMap;
+    use std::ops::{Add, AddAssign, Sub, SubAssign};
+    use std::time::{Duration, Instant};
+
+    use madsim::task::NodeId;
+
+    /// A node's Raft time: simulated time, scaled by the node's clock rate
+    /// and moved by its jumps since the rate last changed.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+    pub struct LocalInstant(Instant);
+
+    /// Where a node's clock stood when its rate last changed.
+    #[derive(Clone, Copy)]
+    struct Clock {
+        global: Instant,
+        local: Instant,
+        /// Local nanoseconds per simulated nanosecond, in millionths.
+        rate_ppm: u64,
+    }
+
+    thread_local! {
+        static CLOCKS: RefCell<BTreeMap<NodeId, Clock>> = const { RefCell::new(BTreeMap::new()) };
+    }
+
+    fn local_of(c: &Clock, now: Instant) -> Instant {
+        let elapsed = now.saturating_duration_since(c.global);
+        c.local + scale(elapsed, c.rate_ppm, 1_000_000)
+    }
+
+    fn scale(d: Duration, num: u64, den: u64) -> Duration {
+        Duration::from_nanos((d.as_nanos() * u128::from(num) / u128::from(den.max(1))) as u64)
+    }
+
+    fn current() -> Option<Clock> {
+        let node = madsim::plugin::node();
+        CLOCKS.with_borrow(|c| c.get(&node).copied())
+    }
+
+    /// Sets node `node`'s clock rate (1,000,000: real time) from now on,
+    /// and moves it `jump` forward. A clock never goes back.
+    pub fn set(node: NodeId, rate_ppm: u64, jump: Duration) {
+        let now = Instant::now();
+        CLOCKS.with_borrow_mut(|c| {
+            let local = c.get(&node).map_or(now, |k| local_of(k, now)) + jump;
+            c.insert(node, Clock { global: now, local, rate_ppm: rate_ppm.max(1) });
+        });
+    }
+
+    /// Every node's clock back to simulated time (a new world).
+    pub fn reset() {
+        CLOCKS.with_borrow_mut(|c| c.clear());
+    }
+
+    /// The simulated time a local duration takes on this node.
+    pub fn to_global(d: Duration) -> Duration {
+        match current() {
+            Some(c) => scale(d, 1_000_000, c.rate_ppm),
+            None => d,
+        }
+    }
+
+    impl openraft::Instant for LocalInstant {
+        fn now() -> Self {
+            let now = Instant::now();
+            LocalInstant(match current() {
+                Some(c) => local_of(&c, now),
+                None => now,
+            })
+        }
+    }
+
+    impl Add<Duration> for LocalInstant {
+        type Output = Self;
+        fn add(self, d: Duration) -> Self {
+            LocalInstant(self.0 + d)
+        }
+    }
+    impl AddAssign<Duration> for LocalInstant {
+        fn add_assign(&mut self, d: Duration) {
+            self.0 += d;
+        }
+    }
+    impl Sub<Duration> for LocalInstant {
+        type Output = Self;
+        fn sub(self, d: Duration) -> Self {
+            LocalInstant(self.0 - d)
+        }
+    }
+    impl SubAssign<Duration> for LocalInstant {
+        fn sub_assign(&mut self, d: Duration) {
+            self.0 -= d;
+        }
+    }
+    impl Sub<LocalInstant> for LocalInstant {
+        type Output = Duration;
+        fn sub(self, earlier: LocalInstant) -> Duration {
+            self.0.saturating_duration_since(earlier.0)
+        }
+    }
 }
 
 impl AsyncRuntime for ArmadaRt {
     type JoinError = tokio::task::JoinError;
     type JoinHandle<T: OptionalSend + 'static> = tokio::task::JoinHandle<T>;
     type Sleep = Sleep;
-    // Under madsim `std::time::Instant::now()` is simulated time.
-    type Instant = Instant;
+    // Under madsim `std::time::Instant::now()` is simulated time, and each
+    // node's Raft clock is its own (see `clock`).
+    type Instant = RaftInstant;
     type TimeoutError = Elapsed;
     type Timeout<R, T: Future<Output = R> + OptionalSend> = Timeout<T>;
     type ThreadLocalRng = rand_chacha::ChaCha8Rng;
@@ -48,7 +180,7 @@ impl AsyncRuntime for ArmadaRt {
     }
 
     fn sleep(duration: Duration) -> Self::Sleep {
-        armada_net::time::sleep(duration)
+        raft_sleep(duration)
     }
 
     fn sleep_until(deadline: Self::Instant) -> Self::Sleep {
@@ -56,6 +188,8 @@ impl AsyncRuntime for ArmadaRt {
     }
 
     fn timeout<R, F: Future<Output = R> + OptionalSend>(duration: Duration, future: F) -> Self::Timeout<R, F> {
+        #[cfg(madsim)]
+        let duration = clock::to_global(duration);
         timeout(duration, future)
     }
 

@@ -221,10 +221,29 @@ pub struct Faults {
     /// first) instead of none.
     #[serde(default)]
     pub torn_crash: u32,
+    /// Weight of a clock fault: for `downtime_ms`, one node's Raft clock
+    /// (election and heartbeat timers, leader leases) runs at a rate drawn
+    /// from `clock_rate_ppm` (millionths of real time), and half the time
+    /// first jumps forward by `clock_jump_ms`; then it runs at real time
+    /// again (a clock never goes back).
+    #[serde(default)]
+    pub clock: u32,
+    #[serde(default = "d_clock_rate")]
+    pub clock_rate_ppm: [u64; 2],
+    #[serde(default = "d_clock_jump")]
+    pub clock_jump_ms: [u64; 2],
 }
 
 fn d_slow_disk() -> [u64; 2] {
     [20, 1500]
+}
+
+fn d_clock_rate() -> [u64; 2] {
+    [500_000, 2_000_000]
+}
+
+fn d_clock_jump() -> [u64; 2] {
+    [100, 3000]
 }
 
 /// Follower clusters and the WAN between them and the leader cluster.
@@ -419,6 +438,8 @@ impl Scenario {
             ("fsync_ms", f.fsync_ms),
             ("downtime_ms", f.downtime_ms),
             ("slow_disk_ms", f.slow_disk_ms),
+            ("clock_rate_ppm", f.clock_rate_ppm),
+            ("clock_jump_ms", f.clock_jump_ms),
         ] {
             if r[0] > r[1] {
                 return Err(format!("faults.{name}: lower bound above upper bound"));

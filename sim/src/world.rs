@@ -933,7 +933,8 @@ async fn crash_installers(
 
 async fn fault_loop(sc: Scenario, cluster: u64, handle: Handle, ids: Vec<NodeId>, shared: Arc<Shared>, until_ns: u64) {
     let f = &sc.faults;
-    let weights = [f.crash, f.pause, f.partition, f.one_way, f.isolate, f.loss, f.swizzle, f.disk_error, f.slow_disk];
+    let weights =
+        [f.crash, f.pause, f.partition, f.one_way, f.isolate, f.loss, f.swizzle, f.disk_error, f.slow_disk, f.clock];
     let total: u32 = weights.iter().sum();
     let net = NetSim::current();
     let n = ids.len();
@@ -1036,6 +1037,32 @@ async fn fault_loop(sc: Scenario, cluster: u64, handle: Handle, ids: Vec<NodeId>
                     disk.set_slow(None);
                 });
             }
+            9 => {
+                // A clock fault: the node's Raft timers run fast or slow,
+                // after an optional jump forward.
+                let rate = rand_range(f.clock_rate_ppm[0], f.clock_rate_ppm[1]);
+                let jump = if madsim::rand::random::<bool>() {
+                    Duration::from_millis(rand_range(f.clock_jump_ms[0], f.clock_jump_ms[1]))
+                } else {
+                    Duration::ZERO
+                };
+                shared.trace(&[0xc10c, rate, jump.as_millis() as u64]);
+                armada_server::rt::clock::set(ids[victim], rate, jump);
+                if rate > 1_000_000 {
+                    armada_core::probe!(ClockFast);
+                } else if rate < 1_000_000 {
+                    armada_core::probe!(ClockSlow);
+                }
+                if !jump.is_zero() {
+                    armada_core::probe!(ClockJumped);
+                }
+                let id = ids[victim];
+                let lasting = Duration::from_millis(rand_range(f.downtime_ms[0], f.downtime_ms[1]));
+                tokio::spawn(async move {
+                    tokio::time::sleep(lasting).await;
+                    armada_server::rt::clock::set(id, 1_000_000, Duration::ZERO);
+                });
+            }
             2 => {
                 let side: BTreeSet<usize> = (0..n).filter(|_| madsim::rand::random::<bool>()).collect();
                 for a in 0..n {
@@ -1082,6 +1109,9 @@ async fn fault_loop(sc: Scenario, cluster: u64, handle: Handle, ids: Vec<NodeId>
     for id in &ids {
         if let Some(d) = shared.disks.get(*id) {
             d.set_slow(None);
+        }
+        if f.clock > 0 {
+            armada_server::rt::clock::set(*id, 1_000_000, Duration::ZERO);
         }
     }
     let pending: Vec<(usize, Down)> =
@@ -1710,6 +1740,7 @@ async fn churn_main(sc: Scenario, members: BTreeMap<u64, ArmadaNode>, shared: Ar
 pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
     canary::set(canary_on);
     probes::start();
+    armada_server::rt::clock::reset();
     let real_start = std::time::SystemTime::now();
     let mut config = madsim::Config::default();
     config.net.send_latency = Duration::from_millis(sc.faults.latency_ms[0])
