@@ -210,6 +210,11 @@ impl Drop for FlushDone {
 /// Completions must be reported in request order.
 pub trait Flusher: Send + Sync + 'static {
     fn flush(&self, reason: FlushReason, done: FlushDone);
+    /// Syncs run so far and the nanoseconds they took (for metrics; a
+    /// flusher that does not count says zero).
+    fn syncs(&self) -> (u64, u64) {
+        (0, 0)
+    }
 }
 
 /// A flusher that syncs the engine inline: for tests and tools.

@@ -9,7 +9,10 @@
 //! [`FailStopEngine`] and [`FailStopFlusher`] wrap the engine and the
 //! flusher a node runs on and report every failed write or sync to the
 //! node's [`FailStop`] as it happens, on the caller's path: no task polls.
+//! Being on every write and sync, they also count them ([`IoStats`], in
+//! `/metrics`).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use armada_core::engine::{EngineView, Pair, WriteBatch};
@@ -59,10 +62,30 @@ impl FailStop {
     }
 }
 
+/// A node's storage work since it started: what a benchmark divides by its
+/// operations to get the cost of one.
+#[derive(Default)]
+pub struct IoStats {
+    /// Write batches the engine took, and their bytes (keys, values and
+    /// range bounds).
+    pub writes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    /// Flush requests by reason (Raft log appends, votes, snapshots): each
+    /// waits for a sync, and one sync answers every request waiting.
+    pub flush_appends: AtomicU64,
+    pub flush_votes: AtomicU64,
+    pub flush_snapshots: AtomicU64,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
 /// An engine that stops its node at the first failed write or sync.
 pub struct FailStopEngine {
     pub inner: Arc<dyn Engine>,
     pub stop: Arc<FailStop>,
+    pub stats: Arc<IoStats>,
 }
 
 impl Engine for FailStopEngine {
@@ -76,6 +99,8 @@ impl Engine for FailStopEngine {
         self.inner.last(start, end)
     }
     fn write(&self, batch: WriteBatch) -> Result<(), EngineError> {
+        add(&self.stats.writes, 1);
+        add(&self.stats.write_bytes, batch.size_bytes() as u64);
         self.inner.write(batch).inspect_err(|e| self.stop.check("write", e))
     }
     fn sync(&self) -> Result<(), EngineError> {
@@ -97,10 +122,23 @@ impl Engine for FailStopEngine {
 pub struct FailStopFlusher {
     pub inner: Arc<dyn Flusher>,
     pub stop: Arc<FailStop>,
+    pub stats: Arc<IoStats>,
 }
 
 impl Flusher for FailStopFlusher {
+    fn syncs(&self) -> (u64, u64) {
+        self.inner.syncs()
+    }
+
     fn flush(&self, reason: FlushReason, done: FlushDone) {
+        add(
+            match reason {
+                FlushReason::Append => &self.stats.flush_appends,
+                FlushReason::Vote => &self.stats.flush_votes,
+                FlushReason::Snapshot => &self.stats.flush_snapshots,
+            },
+            1,
+        );
         let stop = self.stop.clone();
         self.inner.flush(
             reason,

@@ -2,6 +2,7 @@
 //! flush request that arrives while a sync is running is answered by the next
 //! sync, so concurrent writers share fsyncs.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +39,8 @@ impl DiskModel for RealDisk {}
 pub struct BatchingFlusher {
     tx: mpsc::Sender<(FlushReason, FlushDone)>,
     disk: Arc<dyn DiskModel>,
+    /// Syncs run, and their nanoseconds (the sync alone, not the wait).
+    stats: Arc<(AtomicU64, AtomicU64)>,
 }
 
 impl BatchingFlusher {
@@ -45,6 +48,8 @@ impl BatchingFlusher {
     pub fn start(engine: Arc<dyn Engine>, disk: Arc<dyn DiskModel>) -> Self {
         let (tx, mut rx) = mpsc::channel::<(FlushReason, FlushDone)>(FLUSH_QUEUE_MAX);
         let for_task = disk.clone();
+        let stats = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let counts = stats.clone();
         tokio::spawn(async move {
             let disk = for_task;
             let mut batch = Vec::with_capacity(FLUSH_BATCH_MAX);
@@ -54,7 +59,10 @@ impl BatchingFlusher {
                 if !delay.is_zero() {
                     tokio::time::sleep(delay).await;
                 }
+                let began = std::time::Instant::now();
                 let result = engine.sync();
+                counts.0.fetch_add(1, Ordering::Relaxed);
+                counts.1.fetch_add(began.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 for done in waiting {
                     done.done(result.as_ref().map(|_| ()).map_err(|e| match e {
                         EngineError::Closed(m) => EngineError::Closed(m.clone()),
@@ -63,11 +71,15 @@ impl BatchingFlusher {
                 }
             }
         });
-        Self { tx, disk }
+        Self { tx, disk, stats }
     }
 }
 
 impl Flusher for BatchingFlusher {
+    fn syncs(&self) -> (u64, u64) {
+        (self.stats.0.load(Ordering::Relaxed), self.stats.1.load(Ordering::Relaxed))
+    }
+
     fn flush(&self, reason: FlushReason, done: FlushDone) {
         let done = if self.disk.ack_before_sync(reason) {
             // The lying disk (canaries only): reports the write durable at

@@ -103,6 +103,7 @@ impl Metrics {
             ("armada_raft_leader_id", "Node id of the group's leader as known here (0: none).", |g| g.leader_id),
             ("armada_raft_commit_index", "Committed log index known here.", |g| g.commit_index),
             ("armada_raft_applied_index", "Log index applied here.", |g| g.applied_index),
+            ("armada_raft_last_log_index", "Last log index this replica holds.", |g| g.last_log_index),
             ("armada_raft_purged_index", "Last log index purged here (covered by a snapshot).", |g| g.purged_index),
             ("armada_table_revision", "The table's current revision on this node.", |g| g.revision),
             ("armada_table_compacted_revision", "The table's compaction revision on this node.", |g| g.compacted),
@@ -153,12 +154,87 @@ impl Metrics {
                 }
             }
         }
+        render_costs(&mut out, node);
         out.push_str("# HELP armada_table_storage_bytes Bytes the table takes on this node (log, data, history).\n");
         out.push_str("# TYPE armada_table_storage_bytes gauge\n");
         for (table, bytes) in node.storage_sizes() {
             let _ = writeln!(out, "armada_table_storage_bytes{{table=\"{table}\"}} {bytes}");
         }
         out
+    }
+}
+
+/// The node's counters of work done, for per-operation costs: divide their
+/// change over a benchmark by the operations it ran (`armada bench` does).
+fn render_costs(out: &mut String, node: &Node) {
+    let io = node.io_stats();
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let (syncs, sync_nanos) = node.syncs();
+    let counters = [
+        ("armada_engine_writes_total", "Write batches the storage engine took.", get(&io.writes) as f64),
+        ("armada_engine_write_bytes_total", "Bytes of the engine's write batches.", get(&io.write_bytes) as f64),
+        ("armada_engine_syncs_total", "Syncs (fsyncs) of the storage engine.", syncs as f64),
+        ("armada_engine_sync_seconds_total", "Time spent in engine syncs.", sync_nanos as f64 / 1e9),
+        (
+            "armada_raft_proposals_total",
+            "Commands proposed to Raft groups on this node (one log entry each).",
+            node.proposals() as f64,
+        ),
+    ];
+    for (name, help, v) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+    }
+    let name = "armada_raft_flushes_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Waits for a sync, by reason; one sync answers all waiting.\n# TYPE {name} counter"
+    );
+    for (reason, c) in [("append", &io.flush_appends), ("vote", &io.flush_votes), ("snapshot", &io.flush_snapshots)] {
+        let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {}", get(c));
+    }
+    if let Some(p) = ProcessStats::read() {
+        let _ = writeln!(
+            out,
+            "# HELP process_cpu_seconds_total User and system CPU time of the process.\n\
+             # TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {}",
+            p.cpu_seconds
+        );
+        let _ = writeln!(
+            out,
+            "# HELP process_resident_memory_bytes Resident memory of the process.\n\
+             # TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {}",
+            p.resident_bytes
+        );
+    }
+}
+
+/// The process's CPU time and resident memory, from `/proc` (Linux only).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProcessStats {
+    pub cpu_seconds: f64,
+    pub resident_bytes: u64,
+}
+
+impl ProcessStats {
+    pub fn read() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        Self::parse(&stat, &status)
+    }
+
+    /// `stat`: `/proc/self/stat` (utime and stime are fields 14 and 15, in
+    /// clock ticks of 1/100 s, the kernel's fixed USER_HZ); `status`:
+    /// `/proc/self/status` (`VmRSS:` in kB).
+    fn parse(stat: &str, status: &str) -> Option<Self> {
+        // The command name (field 2) is in parentheses and may hold spaces.
+        let after = &stat[stat.rfind(')')? + 1..];
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        // `after` starts at field 3.
+        let utime: u64 = fields.get(11)?.parse().ok()?;
+        let stime: u64 = fields.get(12)?.parse().ok()?;
+        let rss_kb: u64 =
+            status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().strip_suffix("kB")?.trim().parse().ok()?;
+        Some(Self { cpu_seconds: (utime + stime) as f64 / 100.0, resident_bytes: rss_kb * 1024 })
     }
 }
 
@@ -189,6 +265,18 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn process_stats_parse_proc_files() {
+        let stat = "4242 (armada (node 1)) S 1 4242 4242 0 -1 4194560 500 0 0 0 250 130 0 0 20 0 9 0 100 1000 50";
+        let status = "Name:\tarmada\nVmPeak:\t  99999 kB\nVmRSS:\t   20480 kB\nThreads:\t9\n";
+        let p = ProcessStats::parse(stat, status).unwrap();
+        assert_eq!(p, ProcessStats { cpu_seconds: 3.8, resident_bytes: 20480 * 1024 });
+        assert_eq!(ProcessStats::parse("garbage", status), None);
+        assert_eq!(ProcessStats::parse(stat, "Name: x\n"), None);
+        #[cfg(target_os = "linux")]
+        assert!(ProcessStats::read().is_some_and(|p| p.resident_bytes > 0));
+    }
 
     #[test]
     fn buckets_are_cumulative() {

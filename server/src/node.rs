@@ -244,6 +244,8 @@ pub struct GroupStatus {
     pub term: u64,
     pub commit_index: u64,
     pub applied_index: u64,
+    /// Last log index this replica holds.
+    pub last_log_index: u64,
     /// Last log index purged here (covered by a snapshot); a replica behind
     /// it catches up by snapshot.
     pub purged_index: u64,
@@ -378,6 +380,11 @@ pub struct Node {
     /// Set once a storage write or sync failed (see [`Node::fail`]);
     /// never cleared: only a restart recovers.
     stop: Arc<crate::failstop::FailStop>,
+    /// Storage work since the node started (`/metrics`).
+    io: Arc<crate::failstop::IoStats>,
+    /// Commands proposed to Raft groups on this node (each becomes one log
+    /// entry today; batching would make it more than one per entry).
+    proposals: std::sync::atomic::AtomicU64,
 }
 
 /// The ids of recently received forwarded requests, oldest first.
@@ -420,9 +427,11 @@ impl Node {
         // Every write and sync of the node goes through these, so the first
         // one that fails stops the node before anyone hears of it.
         let stop = Arc::new(crate::failstop::FailStop::default());
-        let engine: Arc<dyn Engine> = Arc::new(crate::failstop::FailStopEngine { inner: engine, stop: stop.clone() });
+        let io = Arc::new(crate::failstop::IoStats::default());
+        let engine: Arc<dyn Engine> =
+            Arc::new(crate::failstop::FailStopEngine { inner: engine, stop: stop.clone(), stats: io.clone() });
         let flusher: Arc<dyn Flusher> =
-            Arc::new(crate::failstop::FailStopFlusher { inner: flusher, stop: stop.clone() });
+            Arc::new(crate::failstop::FailStopFlusher { inner: flusher, stop: stop.clone(), stats: io.clone() });
         let node = Arc::new(Node {
             cfg,
             notifier,
@@ -438,6 +447,8 @@ impl Node {
             syncing: tokio::sync::Mutex::new(()),
             seen_forwards: std::sync::Mutex::new(Default::default()),
             stop,
+            io,
+            proposals: std::sync::atomic::AtomicU64::new(0),
         });
         node.open_group(GroupId::META, String::new(), GroupKind::Meta).await?;
         node.sync_groups().await;
@@ -487,6 +498,21 @@ impl Node {
 
     pub fn engine(&self) -> &Arc<dyn Engine> {
         &self.engine
+    }
+
+    /// Storage work since the node started.
+    pub fn io_stats(&self) -> &crate::failstop::IoStats {
+        &self.io
+    }
+
+    /// Syncs this node's flusher ran since it started, and their nanoseconds.
+    pub fn syncs(&self) -> (u64, u64) {
+        self.flusher.syncs()
+    }
+
+    /// Commands this node proposed to its Raft groups since it started.
+    pub fn proposals(&self) -> u64 {
+        self.proposals.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Makes every write this node has made durable (one sync of the
@@ -807,6 +833,7 @@ impl Node {
 
     async fn propose(&self, group: &Group, cmd: Command, hops: u32) -> Result<CommandResponse, ApiError> {
         let what = if group.name.is_empty() { "the catalog".to_string() } else { format!("table {:?}", group.name) };
+        self.proposals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let fut = group.raft.client_write(cmd);
         match crate::rt::timeout(self.cfg.request_timeout, fut).await {
             Err(_) => Err(ApiError::Indeterminate(format!("write to {what} timed out"))),
@@ -1123,6 +1150,7 @@ impl Node {
                     leader_id: m.current_leader.unwrap_or(0),
                     term: m.current_term,
                     commit_index: m.local_committed.as_ref().map_or(0, |l| l.index),
+                    last_log_index: m.last_log_index.unwrap_or(0),
                     applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
                     purged_index: m.purged.as_ref().map_or(0, |l| l.index),
                     revision,

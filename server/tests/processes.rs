@@ -219,6 +219,30 @@ async fn bad_input_gets_clear_errors_and_the_server_keeps_serving() {
     assert!(metrics.contains("armada_grpc_request_duration_seconds_count{method=\"Put\"} 7"), "{metrics}");
     assert!(metrics.contains("armada_table_revision{table=\"t\"} 2"), "{metrics}");
     assert!(metrics.contains("armada_raft_leader_id{table=\"t\"} 1"), "{metrics}");
+    // The counters a benchmark divides by its operations: the good put
+    // above was proposed, written and synced.
+    let value = |name: &str| -> f64 {
+        let line = metrics.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '));
+        line.and_then(|l| l[name.len()..].trim().parse().ok()).unwrap_or_else(|| panic!("no {name} in {metrics}"))
+    };
+    for name in [
+        "armada_raft_proposals_total",
+        "armada_engine_writes_total",
+        "armada_engine_write_bytes_total",
+        "armada_engine_syncs_total",
+        "armada_raft_flushes_total{reason=\"append\"}",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(value(name) > 0.0, "{name} is 0: {metrics}");
+    }
+    // One sync answers every flush waiting for it: never more syncs than
+    // flushes.
+    let flushes: f64 = ["append", "vote", "snapshot"]
+        .iter()
+        .map(|r| value(&format!("armada_raft_flushes_total{{reason=\"{r}\"}}")))
+        .sum();
+    assert!(value("armada_engine_syncs_total") <= flushes, "{metrics}");
 }
 
 /// Readiness means the node serves: an etcd put sent the moment `/readyz`
