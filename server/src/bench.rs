@@ -36,6 +36,73 @@ pub struct BenchArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// The server's Prometheus endpoint (Armada: http://127.0.0.1:8079/metrics;
+    /// etcd: http://127.0.0.1:2379/metrics), scraped when the measured window
+    /// opens and closes, to report the server's CPU time and fsyncs per
+    /// operation from its own counters.
+    #[arg(long)]
+    pub metrics: Option<String>,
+}
+
+/// The counters a benchmark reads from a server's `/metrics`, and how.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ServerCounters {
+    /// `process_cpu_seconds_total` (Armada and etcd alike).
+    pub cpu_seconds: f64,
+    /// Syncs that make writes durable: Armada's engine syncs; etcd's WAL
+    /// fsyncs plus its backend (bbolt) commits, which fsync too.
+    pub fsyncs: f64,
+}
+
+/// Metric families whose series sum to [`ServerCounters::fsyncs`].
+const FSYNC_FAMILIES: [&str; 3] = [
+    "armada_engine_syncs_total",
+    "etcd_disk_wal_fsync_duration_seconds_count",
+    "etcd_disk_backend_commit_duration_seconds_count",
+];
+
+impl ServerCounters {
+    /// Reads the counters from a Prometheus text exposition (every series
+    /// of a family summed).
+    pub fn parse(text: &str) -> Self {
+        let family = |name: &str| -> f64 {
+            text.lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter_map(|l| {
+                    let rest = l.strip_prefix(name)?;
+                    let rest = match rest.chars().next()? {
+                        ' ' => rest,
+                        '{' => &rest[rest.find('}')? + 1..],
+                        _ => return None,
+                    };
+                    rest.split_whitespace().next()?.parse::<f64>().ok()
+                })
+                .sum()
+        };
+        Self {
+            cpu_seconds: family("process_cpu_seconds_total"),
+            fsyncs: FSYNC_FAMILIES.iter().map(|f| family(f)).sum(),
+        }
+    }
+
+    /// Scrapes `url` (plain HTTP).
+    pub async fn scrape(url: &str) -> anyhow::Result<Self> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let rest = url.strip_prefix("http://").ok_or_else(|| anyhow::anyhow!("--metrics must be an http:// URL"))?;
+        let (host, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+        let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(host)).await??;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes()).await?;
+        let mut body = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut body)).await??;
+        let text = String::from_utf8_lossy(&body);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        anyhow::ensure!(
+            head.starts_with("HTTP/1.") && head.contains(" 200"),
+            "{url}: {}",
+            head.lines().next().unwrap_or("")
+        );
+        Ok(Self::parse(body))
+    }
 }
 
 /// Attempts per key in a `--once` load before it counts as an error.
@@ -83,6 +150,15 @@ pub async fn run(args: &BenchArgs, op: Op) -> anyhow::Result<()> {
     let once = args.once;
     let measure_from = if once { start } else { start + Duration::from_secs(args.warmup) };
     let stop_at = measure_from + Duration::from_secs(args.seconds);
+    // The server's counters as the measured window opens and closes.
+    let scrapes = args.metrics.clone().map(|url| {
+        tokio::spawn(async move {
+            tokio::time::sleep_until(measure_from.into()).await;
+            let first = ServerCounters::scrape(&url).await?;
+            tokio::time::sleep_until(stop_at.into()).await;
+            anyhow::Ok((first, ServerCounters::scrape(&url).await?))
+        })
+    });
     let mut tasks = Vec::new();
     for c in 0..args.clients {
         let ep = crate::listen::endpoint(&args.endpoint)
@@ -156,15 +232,29 @@ pub async fn run(args: &BenchArgs, op: Op) -> anyhow::Result<()> {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let (p50, p99, p999, max) =
         (quantile(&all, 0.5), quantile(&all, 0.99), quantile(&all, 0.999), all.last().copied().unwrap_or_default());
+    // Per operation, from the server's counters over the window (a --once
+    // load has no fixed window: not measured).
+    let costs = match scrapes {
+        Some(t) if !once => {
+            let (a, b) = t.await??;
+            let n = all.len().max(1) as f64;
+            Some(((b.cpu_seconds - a.cpu_seconds) * 1e6 / n, (b.fsyncs - a.fsyncs) / n))
+        }
+        _ => None,
+    };
     if args.json {
         println!(
             "{}",
             json!({"endpoint": args.endpoint, "op": op.name(), "clients": args.clients, "seconds": seconds,
                    "value_size": args.value_size, "ops": all.len(), "errors": errors,
                    "ops_per_second": ops_per_s, "p50_ms": ms(p50), "p99_ms": ms(p99),
-                   "p999_ms": ms(p999), "max_ms": ms(max), "failures": failures_json})
+                   "p999_ms": ms(p999), "max_ms": ms(max), "failures": failures_json,
+                   "server_cpu_us_per_op": costs.map(|c| c.0), "fsyncs_per_op": costs.map(|c| c.1)})
         );
     } else {
+        if let Some((cpu, fsyncs)) = costs {
+            println!("server: {cpu:.1} µs CPU and {fsyncs:.3} fsyncs per operation");
+        }
         println!(
             "{} clients, {seconds:.1} s, {} B values: {} {} ({errors} errors), {ops_per_s:.0}/s, \
              p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
@@ -260,6 +350,22 @@ pub async fn lag(args: &LagArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_counters_sum_their_families() {
+        let armada = "# HELP process_cpu_seconds_total x\n# TYPE process_cpu_seconds_total counter\n\
+                      process_cpu_seconds_total 12.5\narmada_engine_syncs_total 40\n\
+                      armada_engine_syncs_total_extra 99\n";
+        assert_eq!(ServerCounters::parse(armada), ServerCounters { cpu_seconds: 12.5, fsyncs: 40.0 });
+        let etcd = "process_cpu_seconds_total 3\n\
+                    etcd_disk_wal_fsync_duration_seconds_bucket{le=\"0.001\"} 7\n\
+                    etcd_disk_wal_fsync_duration_seconds_count 10\n\
+                    etcd_disk_backend_commit_duration_seconds_count 2\n";
+        assert_eq!(ServerCounters::parse(etcd), ServerCounters { cpu_seconds: 3.0, fsyncs: 12.0 });
+        let labelled = "armada_engine_syncs_total{node=\"1\"} 5\narmada_engine_syncs_total{node=\"2\"} 6\n";
+        assert_eq!(ServerCounters::parse(labelled).fsyncs, 11.0);
+        assert_eq!(ServerCounters::parse(""), ServerCounters::default());
+    }
 
     #[test]
     fn quantiles_pick_the_nearest_rank() {
