@@ -21,6 +21,7 @@ pub mod engine;
 pub mod kv;
 pub mod model;
 pub mod mvcc;
+pub mod overlay;
 pub mod probe;
 pub mod raft;
 pub mod snapshot;

@@ -112,13 +112,16 @@ pub enum Probe {
     ClockFast,
     ClockSlow,
     ClockJumped,
+    /// A state machine applied several log entries in one engine write
+    /// (executing each over the staged writes of the ones before it).
+    ApplyBatched,
 }
 
 /// Number of probes.
 pub const COUNT: usize = Probe::ALL.len();
 
 impl Probe {
-    pub const ALL: [Probe; 47] = [
+    pub const ALL: [Probe; 48] = [
         Probe::LogTruncated,
         Probe::LogPurged,
         Probe::VoteSavedThenCrash,
@@ -166,6 +169,7 @@ impl Probe {
         Probe::ClockFast,
         Probe::ClockSlow,
         Probe::ClockJumped,
+        Probe::ApplyBatched,
     ];
 
     pub fn name(self) -> &'static str {
@@ -217,6 +221,7 @@ impl Probe {
             Probe::ClockFast => "clock-fast",
             Probe::ClockSlow => "clock-slow",
             Probe::ClockJumped => "clock-jumped",
+            Probe::ApplyBatched => "apply-batched",
         }
     }
 

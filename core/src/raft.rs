@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::command::{Catalog, Command, CommandResponse, GroupId, TableCommand, TableReply};
 use crate::engine::{prefix_end, Engine, EngineError, WriteBatch};
 use crate::mvcc::Mvcc;
+use crate::overlay::Overlay;
 use crate::snapshot::{begin_install, GroupView, InstallGate, SnapshotData, SNAPSHOT_CHUNK_BYTES};
 
 /// A cluster member as Raft knows it.
@@ -179,6 +180,25 @@ pub enum FlushReason {
     Snapshot,
 }
 
+/// Counts of a node's Raft storage work, shared by the log stores and state
+/// machines of all its groups (for metrics: entries per append and per
+/// apply write).
+#[derive(Debug, Default)]
+pub struct RaftStats {
+    /// Log appends (one engine write each) and the entries they carried.
+    pub appends: std::sync::atomic::AtomicU64,
+    pub appended_entries: std::sync::atomic::AtomicU64,
+    /// State-machine engine writes and the entries they applied.
+    pub apply_writes: std::sync::atomic::AtomicU64,
+    pub applied_entries: std::sync::atomic::AtomicU64,
+}
+
+impl RaftStats {
+    fn add(counter: &std::sync::atomic::AtomicU64, n: u64) {
+        counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Completion of a flush. Dropping it without calling [`FlushDone::done`]
 /// reports a failure, so a waiter can never hang on an abandoned flush.
 pub struct FlushDone(Option<FlushCallback>);
@@ -279,18 +299,31 @@ pub struct LogStore<RT> {
     engine: Arc<dyn Engine>,
     ns: Vec<u8>,
     flusher: Arc<dyn Flusher>,
+    stats: Arc<RaftStats>,
     _rt: PhantomData<fn() -> RT>,
 }
 
 impl<RT> Clone for LogStore<RT> {
     fn clone(&self) -> Self {
-        Self { engine: self.engine.clone(), ns: self.ns.clone(), flusher: self.flusher.clone(), _rt: PhantomData }
+        Self {
+            engine: self.engine.clone(),
+            ns: self.ns.clone(),
+            flusher: self.flusher.clone(),
+            stats: self.stats.clone(),
+            _rt: PhantomData,
+        }
     }
 }
 
 impl<RT: Runtime> LogStore<RT> {
     pub fn new(engine: Arc<dyn Engine>, group: GroupId, flusher: Arc<dyn Flusher>) -> Self {
-        Self { engine, ns: group_ns(group), flusher, _rt: PhantomData }
+        Self { engine, ns: group_ns(group), flusher, stats: Arc::default(), _rt: PhantomData }
+    }
+
+    /// Counts appends into `stats` (shared with other groups).
+    pub fn with_stats(mut self, stats: Arc<RaftStats>) -> Self {
+        self.stats = stats;
+        self
     }
 
     fn key(&self, tag: u8) -> Vec<u8> {
@@ -394,6 +427,8 @@ impl<RT: Runtime> RaftLogStorage<ArmadaRaft<RT>> for LogStore<RT> {
         for e in entries {
             b.put(self.entry_key(e.log_id.index), enc(&e));
         }
+        RaftStats::add(&self.stats.appends, 1);
+        RaftStats::add(&self.stats.appended_entries, b.ops.len() as u64);
         self.engine.write(b).map_err(io_err)?;
         self.flusher.flush(FlushReason::Append, FlushDone::new(move |r| callback.io_completed(r.map_err(io_err))));
         Ok(())
@@ -487,6 +522,7 @@ pub struct StateMachine<RT> {
     /// the purged log, until the next one is built. Sending the same view on
     /// every attempt lets a broken transfer resume where it stopped.
     current: Option<GroupView>,
+    stats: Arc<RaftStats>,
     _rt: PhantomData<fn() -> RT>,
 }
 
@@ -508,8 +544,15 @@ impl<RT: Runtime> StateMachine<RT> {
             gate: Arc::default(),
             chunk_bytes: SNAPSHOT_CHUNK_BYTES,
             current: None,
+            stats: Arc::default(),
             _rt: PhantomData,
         }
+    }
+
+    /// Counts apply writes into `stats` (shared with other groups).
+    pub fn with_stats(mut self, stats: Arc<RaftStats>) -> Self {
+        self.stats = stats;
+        self
     }
 
     /// The gate readers of this group pass (closed while a snapshot is
@@ -564,13 +607,15 @@ impl<RT: Runtime> StateMachine<RT> {
         }
     }
 
-    fn execute(&self, cmd: &Command) -> Result<(WriteBatch, CommandResponse), io::Error> {
+    /// Executes `cmd` against the state `engine` holds (the engine itself,
+    /// or an [`Overlay`] of the writes of earlier entries not yet written).
+    fn execute(&self, engine: &dyn Engine, cmd: &Command) -> Result<(WriteBatch, CommandResponse), io::Error> {
         let ns = data_ns(self.group);
         match (self.kind, cmd) {
             (GroupKind::Table, Command::Table(t)) => {
                 let (b, r) = t
                     .execute(
-                        &Mvcc::new(&*self.engine, ns)
+                        &Mvcc::new(engine, ns)
                             .with_retention(self.retention)
                             .with_compaction_step(self.compaction_step),
                     )
@@ -578,7 +623,7 @@ impl<RT: Runtime> StateMachine<RT> {
                 Ok((b, CommandResponse::Table(r)))
             }
             (GroupKind::Meta, Command::Meta(m)) => {
-                let (b, r) = Catalog::new(&*self.engine, ns).execute(m).map_err(io_err)?;
+                let (b, r) = Catalog::new(engine, ns).execute(m).map_err(io_err)?;
                 Ok((b, CommandResponse::Meta(r)))
             }
             _ => Ok((WriteBatch::new(), CommandResponse::WrongGroup)),
@@ -656,7 +701,80 @@ impl<RT: Runtime> StateMachine<RT> {
             snapshot: SnapshotData::View(view),
         })
     }
+    /// Whether an entry is applied through the overlay (see [`RaftStateMachine::apply`]).
+    fn stages(&self, payload: &EntryPayload<Command, u64, ArmadaNode>) -> bool {
+        match payload {
+            EntryPayload::Blank | EntryPayload::Membership(_) => true,
+            EntryPayload::Normal(Command::Table(t)) => {
+                self.kind == GroupKind::Table
+                    && matches!(
+                        t,
+                        TableCommand::Put(_)
+                            | TableCommand::DeleteRange(_)
+                            | TableCommand::Txn(_)
+                            | TableCommand::Replicate { .. }
+                    )
+            }
+            EntryPayload::Normal(_) => false,
+        }
+    }
+
+    /// The table's revision as `engine` holds it (`None` for the metadata group).
+    fn revision_in(&self, engine: &dyn Engine) -> Result<Option<u64>, io::Error> {
+        match self.kind {
+            GroupKind::Table => Ok(Some(Mvcc::new(engine, data_ns(self.group)).rev_state().map_err(io_err)?.current)),
+            GroupKind::Meta => Ok(None),
+        }
+    }
+
+    /// Writes what `overlay` staged in one engine write, then reports the
+    /// staged entries.
+    fn write_staged(&self, overlay: &Overlay, staged: &mut Vec<Applied<RT>>) -> Result<(), io::Error> {
+        if staged.is_empty() {
+            return Ok(());
+        }
+        overlay.write_through().map_err(io_err)?;
+        if staged.len() > 1 {
+            crate::probe!(ApplyBatched);
+        }
+        RaftStats::add(&self.stats.apply_writes, 1);
+        RaftStats::add(&self.stats.applied_entries, staged.len() as u64);
+        for a in staged.drain(..) {
+            self.report(a);
+        }
+        Ok(())
+    }
+
+    /// Tells the observer about an applied entry and answers its client.
+    fn report(&self, a: Applied<RT>) {
+        let Applied { entry, responder, response, revision } = a;
+        let log_id = entry.log_id;
+        if let Some(obs) = &self.observer {
+            let digest = if obs.wants_digest() { entry_digest(&log_id, &entry.payload) } else { 0 };
+            let command = match &entry.payload {
+                EntryPayload::Normal(c) => Some(c),
+                _ => None,
+            };
+            obs.applied(self.group, log_id.index, log_id.leader_id.term, digest, revision, command, &response);
+        }
+        if let Some(r) = responder {
+            r.send(response);
+        }
+    }
 }
+
+/// An entry applied (or staged to be) with its reply, waiting to be reported.
+struct Applied<RT: Runtime> {
+    entry: EntryOf<ArmadaRaft<RT>>,
+    responder: Option<openraft::storage::ApplyResponder<ArmadaRaft<RT>>>,
+    response: CommandResponse,
+    revision: Option<u64>,
+}
+
+/// Most entries applied in one engine write.
+const APPLY_BATCH_ENTRIES_MAX: usize = 512;
+/// Bytes staged after which the staged entries are written.
+const APPLY_BATCH_BYTES_MAX: usize = 4 << 20;
 
 /// Builds a snapshot captured when the builder was created.
 pub struct SnapshotBuilder<RT: Runtime> {
@@ -680,14 +798,47 @@ impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
         self.read_applied()
     }
 
+    /// Applies a run of committed entries. Entries that only change table
+    /// data (puts, deletes, transactions, replicated batches, and blank and
+    /// membership entries) are executed one after another over an
+    /// [`Overlay`] and written together, with the applied log id, in one
+    /// engine write; replies are sent (and the observer told) after that
+    /// write. Every other entry writes what is staged first, then applies
+    /// on its own as before.
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
     where
         Strm: Stream<Item = Result<EntryResponder<ArmadaRaft<RT>>, io::Error>> + Unpin + openraft::OptionalSend,
     {
         let (_, mut membership) = self.read_applied()?;
+        let overlay = Overlay::new(self.engine.clone());
+        let mut staged: Vec<Applied<RT>> = Vec::new();
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
             let log_id = entry.log_id;
+            if self.stages(&entry.payload) {
+                let (batch, response) = match &entry.payload {
+                    EntryPayload::Blank => (WriteBatch::new(), CommandResponse::Empty),
+                    EntryPayload::Normal(cmd) => self.execute(&overlay, cmd)?,
+                    EntryPayload::Membership(m) => {
+                        membership = openraft::StoredMembership::new(Some(log_id), m.clone());
+                        (WriteBatch::new(), CommandResponse::Empty)
+                    }
+                };
+                overlay.stage(batch);
+                let mut applied = WriteBatch::new();
+                applied.put(self.applied_key(), enc(&(Some(log_id), membership.clone())));
+                overlay.stage(applied);
+                let revision = match &self.observer {
+                    Some(_) => self.revision_in(&overlay)?,
+                    None => None,
+                };
+                staged.push(Applied { entry, responder, response, revision });
+                if staged.len() >= APPLY_BATCH_ENTRIES_MAX || overlay.staged_bytes() >= APPLY_BATCH_BYTES_MAX {
+                    self.write_staged(&overlay, &mut staged)?;
+                }
+                continue;
+            }
+            self.write_staged(&overlay, &mut staged)?;
             let swap = match &entry.payload {
                 EntryPayload::Normal(Command::Table(TableCommand::SnapshotCommit { revision, count, digest }))
                     if self.kind == GroupKind::Table =>
@@ -703,33 +854,25 @@ impl<RT: Runtime> RaftStateMachine<ArmadaRaft<RT>> for StateMachine<RT> {
                 (b, r)
             } else {
                 match &entry.payload {
-                    EntryPayload::Blank => (WriteBatch::new(), CommandResponse::Empty),
-                    EntryPayload::Normal(cmd) => self.execute(cmd)?,
-                    EntryPayload::Membership(m) => {
-                        membership = openraft::StoredMembership::new(Some(log_id), m.clone());
-                        (WriteBatch::new(), CommandResponse::Empty)
-                    }
+                    EntryPayload::Normal(cmd) => self.execute(&*self.engine, cmd)?,
+                    // Staged above.
+                    EntryPayload::Blank | EntryPayload::Membership(_) => (WriteBatch::new(), CommandResponse::Empty),
                 }
             };
             batch.put(self.applied_key(), enc(&(Some(log_id), membership.clone())));
             self.engine.write(batch).map_err(io_err)?;
+            RaftStats::add(&self.stats.apply_writes, 1);
+            RaftStats::add(&self.stats.applied_entries, 1);
             if swapped {
                 self.gate.open();
             }
-            if let Some(obs) = &self.observer {
-                let digest = if obs.wants_digest() { entry_digest(&log_id, &entry.payload) } else { 0 };
-                let revision = self.table_revision()?;
-                let command = match &entry.payload {
-                    EntryPayload::Normal(c) => Some(c),
-                    _ => None,
-                };
-                obs.applied(self.group, log_id.index, log_id.leader_id.term, digest, revision, command, &response);
-            }
-            if let Some(r) = responder {
-                r.send(response);
-            }
+            let revision = match &self.observer {
+                Some(_) => self.table_revision()?,
+                None => None,
+            };
+            self.report(Applied { entry, responder, response, revision });
         }
-        Ok(())
+        self.write_staged(&overlay, &mut staged)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {

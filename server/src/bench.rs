@@ -1,7 +1,9 @@
-//! `armada bench put|get`: closed-loop benchmarks over etcd's v3 protocol,
-//! so the same client measures Armada and etcd alike. Each client sends one
-//! request at a time and records its latency; throughput and percentiles
-//! cover the measured window only (after a warm-up).
+//! `armada bench put|get|range|txn|mixed`: closed-loop benchmarks over
+//! etcd's v3 protocol, so the same client measures Armada and etcd alike.
+//! Each client sends one request at a time and records its latency;
+//! throughput and percentiles cover the measured window only (after a
+//! warm-up). Clients share `--connections` connections (HTTP/2 streams of
+//! one connection), as etcd's own benchmark tool does with `--conns`.
 
 use std::time::{Duration, Instant};
 
@@ -10,12 +12,21 @@ use serde_json::json;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// etcd v3 endpoint to load (Armada's --etcd-address or an etcd server).
+    /// etcd v3 endpoint to load (Armada's --etcd-address or an etcd
+    /// server); several, comma-separated, share the connections round-robin.
     #[arg(long, default_value = "http://127.0.0.1:2379")]
     pub endpoint: String,
-    /// Concurrent clients, each with its own connection and one request in flight.
+    /// Concurrent clients, each with one request in flight.
     #[arg(long, default_value_t = 64)]
     pub clients: usize,
+    /// Connections the clients share, round-robin (default: one per client).
+    #[arg(long)]
+    pub connections: Option<usize>,
+    /// Endpoint for the reads of `get`, `range` and `mixed` (default:
+    /// --endpoint), e.g. a follower cluster's node while writes go to the
+    /// leader cluster.
+    #[arg(long)]
+    pub read_endpoint: Option<String>,
     /// Measured duration in seconds (after the warm-up).
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
@@ -25,7 +36,9 @@ pub struct BenchArgs {
     /// Value size in bytes.
     #[arg(long, default_value_t = 256)]
     pub value_size: usize,
-    /// Distinct keys per client (keys are overwritten round-robin).
+    /// Distinct keys: per client for `put` (overwritten round-robin); the
+    /// shared pool that `get` and `mixed` read and write, written once
+    /// before the run.
     #[arg(long, default_value_t = 1000)]
     pub keys: usize,
     /// Send each of a client's keys once, then stop: a load of clients ×
@@ -39,7 +52,8 @@ pub struct BenchArgs {
     /// The server's Prometheus endpoint (Armada: http://127.0.0.1:8079/metrics;
     /// etcd: http://127.0.0.1:2379/metrics), scraped when the measured window
     /// opens and closes, to report the server's CPU time and fsyncs per
-    /// operation from its own counters.
+    /// operation from its own counters. Several, comma-separated (every
+    /// member of a cluster), are summed.
     #[arg(long)]
     pub metrics: Option<String>,
 }
@@ -85,6 +99,17 @@ impl ServerCounters {
         }
     }
 
+    /// Scrapes each of the comma-separated `urls` and sums the counters.
+    pub async fn scrape_all(urls: &str) -> anyhow::Result<Self> {
+        let mut sum = Self::default();
+        for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            let c = Self::scrape(url).await?;
+            sum.cpu_seconds += c.cpu_seconds;
+            sum.fsyncs += c.fsyncs;
+        }
+        Ok(sum)
+    }
+
     /// Scrapes `url` (plain HTTP).
     pub async fn scrape(url: &str) -> anyhow::Result<Self> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -122,18 +147,189 @@ pub fn quantile(sorted: &[Duration], q: f64) -> Duration {
 pub enum Op {
     /// A durable put of a `value_size` value.
     Put,
-    /// A single-key get: serializable (local state) or linearizable.
+    /// A single-key get of a pool key: serializable (local state) or
+    /// linearizable.
     Get { serializable: bool },
+    /// A range over `keys` keys (written once before the run), answered
+    /// whole.
+    Range { serializable: bool, keys: usize },
+    /// A compare-and-put transaction: each client owns a key and puts it
+    /// only if its mod revision is the one the client last wrote.
+    Txn,
+    /// Gets (`read_percent` of the requests, spread evenly) and puts of
+    /// pool keys.
+    Mixed { read_percent: u32, serializable: bool },
 }
 
 impl Op {
-    fn name(self) -> &'static str {
+    fn name(self) -> String {
+        let reads = |s: bool| if s { "serializable" } else { "linearizable" };
         match self {
-            Op::Put => "puts",
-            Op::Get { serializable: true } => "serializable gets",
-            Op::Get { serializable: false } => "linearizable gets",
+            Op::Put => "puts".into(),
+            Op::Get { serializable } => format!("{} gets", reads(serializable)),
+            Op::Range { serializable, keys } => format!("{} ranges of {keys} keys", reads(serializable)),
+            Op::Txn => "compare-and-put txns".into(),
+            Op::Mixed { read_percent, serializable } => {
+                format!("{read_percent}% {} gets, {}% puts", reads(serializable), 100 - read_percent)
+            }
         }
     }
+
+    /// Whether the run reads keys written before it starts.
+    fn prefill(self, args: &BenchArgs) -> Option<Vec<Vec<u8>>> {
+        match self {
+            Op::Get { .. } | Op::Mixed { .. } => Some((0..args.keys).map(pool_key).collect()),
+            Op::Range { keys, .. } => Some((0..keys).map(range_key).collect()),
+            Op::Put | Op::Txn => None,
+        }
+    }
+
+    /// Whether request `i` of a client is a read.
+    fn reads(self, i: usize) -> bool {
+        match self {
+            Op::Get { .. } | Op::Range { .. } => true,
+            Op::Put | Op::Txn => false,
+            // Evenly spread: request i reads when the running share of reads
+            // is below the goal.
+            Op::Mixed { read_percent, .. } => {
+                (i * read_percent as usize) / 100 != ((i + 1) * read_percent as usize) / 100
+            }
+        }
+    }
+}
+
+fn pool_key(i: usize) -> Vec<u8> {
+    format!("bench/pool/{i:06}").into_bytes()
+}
+
+fn range_key(i: usize) -> Vec<u8> {
+    format!("bench/range/{i:06}").into_bytes()
+}
+
+/// Writes `keys` once, 16 at a time, before the measured run.
+async fn prefill(
+    client: &pb::kv_client::KvClient<tonic::transport::Channel>,
+    keys: Vec<Vec<u8>>,
+    value: &[u8],
+) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let results: Vec<Result<(), tonic::Status>> = futures::stream::iter(keys)
+        .map(|key| {
+            let mut c = client.clone();
+            let value = value.to_vec();
+            async move { c.put(pb::PutRequest { key, value, ..Default::default() }).await.map(|_| ()) }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
+        anyhow::bail!("writing the keys the benchmark reads: {e}");
+    }
+    Ok(())
+}
+
+/// Connects `n` channels, round-robin over the comma-separated endpoints
+/// in `urls` (the members of a cluster).
+async fn channels(urls: &str, n: usize) -> anyhow::Result<Vec<tonic::transport::Channel>> {
+    let urls: Vec<&str> = urls.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+    anyhow::ensure!(!urls.is_empty(), "no endpoint given");
+    let mut out = Vec::with_capacity(n);
+    for k in 0..n {
+        let url = urls[k % urls.len()];
+        let ep = crate::listen::endpoint(url)
+            .map_err(|e| anyhow::anyhow!("invalid endpoint {url}: {e}"))?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(10));
+        out.push(ep.connect().await?);
+    }
+    Ok(out)
+}
+
+/// One benchmark client: its number, its connections and its transaction
+/// key's last written revision.
+struct Client {
+    c: usize,
+    keys: usize,
+    value: Vec<u8>,
+    writer: pb::kv_client::KvClient<tonic::transport::Channel>,
+    reader: pb::kv_client::KvClient<tonic::transport::Channel>,
+    txn_rev: i64,
+}
+
+impl Client {
+    /// Request `i`: `Ok(false)` when a transaction's compare failed.
+    async fn request(&mut self, op: Op, i: usize) -> Result<bool, tonic::Status> {
+        let Client { c, keys, value, writer, reader, txn_rev } = self;
+        let (c, keys) = (*c, *keys);
+        use pb::compare::{CompareResult, CompareTarget, TargetUnion};
+        let put = |key: Vec<u8>| pb::PutRequest { key, value: value.to_vec(), ..Default::default() };
+        // Pool keys spread over clients so they do not move in step.
+        let pool = || pool_key((c.wrapping_mul(7919) + i) % keys);
+        match op {
+            Op::Put => writer.put(put(format!("bench/{c:04}/{:06}", i % keys).into_bytes())).await.map(|_| true),
+            Op::Get { serializable } | Op::Mixed { serializable, .. } if op.reads(i) => {
+                reader.range(pb::RangeRequest { key: pool(), serializable, ..Default::default() }).await.map(|_| true)
+            }
+            Op::Get { .. } => unreachable!("every get reads"),
+            Op::Mixed { .. } => writer.put(put(pool())).await.map(|_| true),
+            Op::Range { serializable, .. } => reader
+                .range(pb::RangeRequest {
+                    key: b"bench/range/".to_vec(),
+                    range_end: b"bench/range0".to_vec(),
+                    serializable,
+                    ..Default::default()
+                })
+                .await
+                .map(|_| true),
+            Op::Txn => {
+                let key = format!("bench/txn/{c:04}").into_bytes();
+                let r = writer
+                    .txn(pb::TxnRequest {
+                        compare: vec![pb::Compare {
+                            result: CompareResult::Equal as i32,
+                            target: CompareTarget::Mod as i32,
+                            key: key.clone(),
+                            target_union: Some(TargetUnion::ModRevision(*txn_rev)),
+                            ..Default::default()
+                        }],
+                        success: vec![pb::RequestOp {
+                            request: Some(pb::request_op::Request::RequestPut(put(key.clone()))),
+                        }],
+                        failure: vec![pb::RequestOp {
+                            request: Some(pb::request_op::Request::RequestRange(pb::RangeRequest {
+                                key,
+                                ..Default::default()
+                            })),
+                        }],
+                    })
+                    .await?
+                    .into_inner();
+                if r.succeeded {
+                    *txn_rev = r.header.map_or(0, |h| h.revision);
+                } else if let Some(pb::response_op::Response::ResponseRange(rr)) =
+                    r.responses.first().and_then(|o| o.response.as_ref())
+                {
+                    *txn_rev = rr.kvs.first().map_or(0, |kv| kv.mod_revision);
+                }
+                Ok(r.succeeded)
+            }
+        }
+    }
+}
+
+/// Waits (up to a minute) until the last key a run prefilled can be read
+/// at `reader`.
+async fn wait_for_key(reader: &pb::kv_client::KvClient<tonic::transport::Channel>, key: Vec<u8>) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let r =
+            reader.clone().range(pb::RangeRequest { key: key.clone(), serializable: true, ..Default::default() }).await;
+        if r.is_ok_and(|r| !r.into_inner().kvs.is_empty()) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("the prefilled keys did not reach the read endpoint within 60 s")
 }
 
 pub async fn put(args: &BenchArgs) -> anyhow::Result<()> {
@@ -146,6 +342,23 @@ pub async fn run(args: &BenchArgs, op: Op) -> anyhow::Result<()> {
         args.clients > 0 && args.seconds > 0 && args.keys > 0,
         "clients, seconds and keys must be positive"
     );
+    anyhow::ensure!(!matches!(op, Op::Range { keys: 0, .. }), "a range needs at least one key");
+    let conns = args.connections.unwrap_or(args.clients).clamp(1, args.clients);
+    let writers = channels(&args.endpoint, conns).await?;
+    let readers = match &args.read_endpoint {
+        Some(url) => channels(url, conns).await?,
+        None => writers.clone(),
+    };
+    let value = vec![b'x'; args.value_size];
+    if let Some(keys) = op.prefill(args) {
+        let last = keys.last().cloned();
+        prefill(&pb::kv_client::KvClient::new(writers[0].clone()), keys, &value).await?;
+        if let (Some(key), Some(_)) = (last, &args.read_endpoint) {
+            // Reads elsewhere (a follower cluster) start once the last
+            // prefilled key is there.
+            wait_for_key(&pb::kv_client::KvClient::new(readers[0].clone()), key).await?;
+        }
+    }
     let start = Instant::now();
     let once = args.once;
     let measure_from = if once { start } else { start + Duration::from_secs(args.warmup) };
@@ -154,23 +367,26 @@ pub async fn run(args: &BenchArgs, op: Op) -> anyhow::Result<()> {
     let scrapes = args.metrics.clone().map(|url| {
         tokio::spawn(async move {
             tokio::time::sleep_until(measure_from.into()).await;
-            let first = ServerCounters::scrape(&url).await?;
+            let first = ServerCounters::scrape_all(&url).await?;
             tokio::time::sleep_until(stop_at.into()).await;
-            anyhow::Ok((first, ServerCounters::scrape(&url).await?))
+            anyhow::Ok((first, ServerCounters::scrape_all(&url).await?))
         })
     });
     let mut tasks = Vec::new();
     for c in 0..args.clients {
-        let ep = crate::listen::endpoint(&args.endpoint)
-            .map_err(|e| anyhow::anyhow!("invalid endpoint: {e}"))?
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(10));
-        let mut client = pb::kv_client::KvClient::new(ep.connect().await?);
-        let value = vec![b'x'; args.value_size];
+        let mut client = Client {
+            c,
+            keys: args.keys,
+            value: value.clone(),
+            writer: pb::kv_client::KvClient::new(writers[c % conns].clone()),
+            reader: pb::kv_client::KvClient::new(readers[c % conns].clone()),
+            txn_rev: 0,
+        };
         let keys = args.keys;
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut errors = 0u64;
+            let mut compare_failures = 0u64;
             // Failed requests in the measured window (retries included),
             // per gRPC code: how many, and the first message.
             let mut failures: std::collections::BTreeMap<String, (u64, String)> = Default::default();
@@ -181,15 +397,10 @@ pub async fn run(args: &BenchArgs, op: Op) -> anyhow::Result<()> {
                 if (once && i >= keys) || (!once && t0 >= stop_at) {
                     break;
                 }
-                let key = format!("bench/{c:03}/{:06}", i % keys).into_bytes();
-                let result = match op {
-                    Op::Put => {
-                        client.put(pb::PutRequest { key, value: value.clone(), ..Default::default() }).await.map(|_| ())
-                    }
-                    Op::Get { serializable } => {
-                        client.range(pb::RangeRequest { key, serializable, ..Default::default() }).await.map(|_| ())
-                    }
-                };
+                let result = client.request(op, i).await;
+                if matches!(result, Ok(false)) && t0 >= measure_from {
+                    compare_failures += 1;
+                }
                 let ok = result.is_ok();
                 if let (Err(s), true) = (&result, t0 >= measure_from) {
                     let e = failures.entry(format!("{:?}", s.code())).or_insert((0u64, s.message().to_string()));
@@ -210,16 +421,18 @@ pub async fn run(args: &BenchArgs, op: Op) -> anyhow::Result<()> {
                 i += 1;
                 attempts = 0;
             }
-            (lat, errors, failures)
+            (lat, errors, failures, compare_failures)
         }));
     }
     let mut all = Vec::new();
     let mut errors = 0;
     let mut failures: std::collections::BTreeMap<String, (u64, String)> = Default::default();
+    let mut compare_failures = 0u64;
     for t in tasks {
-        let (lat, e, f) = t.await?;
+        let (lat, e, f, cf) = t.await?;
         all.extend(lat);
         errors += e;
+        compare_failures += cf;
         for (code, (n, msg)) in f {
             failures.entry(code).or_insert((0, msg)).0 += n;
         }
@@ -245,7 +458,9 @@ pub async fn run(args: &BenchArgs, op: Op) -> anyhow::Result<()> {
     if args.json {
         println!(
             "{}",
-            json!({"endpoint": args.endpoint, "op": op.name(), "clients": args.clients, "seconds": seconds,
+            json!({"endpoint": args.endpoint, "read_endpoint": args.read_endpoint, "op": op.name(),
+                   "clients": args.clients, "connections": conns, "seconds": seconds,
+                   "compare_failures": compare_failures,
                    "value_size": args.value_size, "ops": all.len(), "errors": errors,
                    "ops_per_second": ops_per_s, "p50_ms": ms(p50), "p99_ms": ms(p99),
                    "p999_ms": ms(p999), "max_ms": ms(max), "failures": failures_json,
@@ -255,9 +470,12 @@ pub async fn run(args: &BenchArgs, op: Op) -> anyhow::Result<()> {
         if let Some((cpu, fsyncs)) = costs {
             println!("server: {cpu:.1} µs CPU and {fsyncs:.3} fsyncs per operation");
         }
+        if compare_failures > 0 {
+            println!("{compare_failures} transactions found another revision than their client wrote");
+        }
         println!(
-            "{} clients, {seconds:.1} s, {} B values: {} {} ({errors} errors), {ops_per_s:.0}/s, \
-             p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+            "{} clients on {conns} connections, {seconds:.1} s, {} B values: {} {} ({errors} errors), \
+             {ops_per_s:.0}/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
             args.clients,
             args.value_size,
             all.len(),
@@ -365,6 +583,21 @@ mod tests {
         let labelled = "armada_engine_syncs_total{node=\"1\"} 5\narmada_engine_syncs_total{node=\"2\"} 6\n";
         assert_eq!(ServerCounters::parse(labelled).fsyncs, 11.0);
         assert_eq!(ServerCounters::parse(""), ServerCounters::default());
+    }
+
+    #[test]
+    fn a_mixed_load_reads_its_share_evenly() {
+        for pct in [0u32, 10, 50, 90, 100] {
+            let op = Op::Mixed { read_percent: pct, serializable: false };
+            let reads = (0..1000).filter(|&i| op.reads(i)).count();
+            assert_eq!(reads, pct as usize * 10, "{pct}%");
+            // Evenly: every window of 100 requests has the share.
+            for w in 0..10 {
+                assert_eq!((w * 100..(w + 1) * 100).filter(|&i| op.reads(i)).count(), pct as usize);
+            }
+        }
+        assert!((0..10).all(|i| Op::Get { serializable: true }.reads(i)));
+        assert!((0..10).all(|i| !Op::Put.reads(i)));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Group commit: one background task makes engine writes durable. Every
+//! Group commit: one background thread (a task under simulation) makes
+//! engine writes durable. Every
 //! flush request that arrives while a sync is running is answered by the next
 //! sync, so concurrent writers share fsyncs.
 
@@ -41,37 +42,130 @@ pub struct BatchingFlusher {
     disk: Arc<dyn DiskModel>,
     /// Syncs run, and their nanoseconds (the sync alone, not the wait).
     stats: Arc<(AtomicU64, AtomicU64)>,
+    #[cfg(not(madsim))]
+    inline: Inline,
+    /// The sync thread, joined when the flusher is dropped: it holds the
+    /// engine, and a RocksDB still open on it while the process exits
+    /// aborted the process (SIGABRT after SIGTERM, `tests/processes.rs`).
+    #[cfg(not(madsim))]
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[cfg(not(madsim))]
+impl Drop for BatchingFlusher {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread's loop.
+        self.tx = mpsc::channel(1).0;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What lets a flush sync on the caller's thread when the sync thread is
+/// idle (native only): at one client, handing every sync to the thread and
+/// back cost two thread wake-ups per put.
+#[cfg(not(madsim))]
+struct Inline {
+    engine: Arc<dyn Engine>,
+    /// Held by whoever syncs and answers (the thread or an inline caller),
+    /// from taking requests until every one is answered, so answers keep
+    /// the order of requests.
+    syncing: Arc<std::sync::Mutex<()>>,
+    /// Requests sent to the thread and not yet taken by it.
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// The sync loop: takes every waiting request, syncs once, answers them all.
+fn sync_round(engine: &dyn Engine, stats: &(AtomicU64, AtomicU64), batch: &mut Vec<(FlushReason, FlushDone)>) {
+    let began = std::time::Instant::now();
+    let result = engine.sync();
+    stats.0.fetch_add(1, Ordering::Relaxed);
+    stats.1.fetch_add(began.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    for (_, done) in batch.drain(..) {
+        done.done(result.as_ref().map(|_| ()).map_err(|e| match e {
+            EngineError::Closed(m) => EngineError::Closed(m.clone()),
+            e => EngineError::Backend(e.to_string()),
+        }));
+    }
 }
 
 impl BatchingFlusher {
-    /// Starts the sync task on the current runtime.
+    /// Starts the sync loop: natively on a thread of its own, so an fsync
+    /// never blocks one of the runtime's worker threads (with two workers,
+    /// a sync task held one of them for most of every second under write
+    /// load); under simulation as a task of the simulated node.
+    #[cfg(madsim)]
     pub fn start(engine: Arc<dyn Engine>, disk: Arc<dyn DiskModel>) -> Self {
-        let (tx, mut rx) = mpsc::channel::<(FlushReason, FlushDone)>(FLUSH_QUEUE_MAX);
-        let for_task = disk.clone();
+        let (tx, rx) = mpsc::channel::<(FlushReason, FlushDone)>(FLUSH_QUEUE_MAX);
         let stats = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
-        let counts = stats.clone();
+        Self::run(engine, disk.clone(), rx, stats.clone());
+        Self { tx, disk, stats }
+    }
+
+    /// Natively, a flush that finds the thread idle and nothing queued
+    /// syncs on the caller's thread (see [`Inline`]); the others queue for
+    /// the thread, which answers all that wait with one sync.
+    #[cfg(not(madsim))]
+    pub fn start(engine: Arc<dyn Engine>, disk: Arc<dyn DiskModel>) -> Self {
+        let (tx, rx) = mpsc::channel::<(FlushReason, FlushDone)>(FLUSH_QUEUE_MAX);
+        let stats = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let inline = Inline { engine: engine.clone(), syncing: Arc::default(), queued: Arc::default() };
+        let thread = Self::run(engine, disk.clone(), rx, stats.clone(), inline.syncing.clone(), inline.queued.clone());
+        Self { tx, disk, stats, inline, thread }
+    }
+
+    #[cfg(madsim)]
+    fn run(
+        engine: Arc<dyn Engine>,
+        disk: Arc<dyn DiskModel>,
+        mut rx: mpsc::Receiver<(FlushReason, FlushDone)>,
+        stats: Arc<(AtomicU64, AtomicU64)>,
+    ) {
         tokio::spawn(async move {
-            let disk = for_task;
             let mut batch = Vec::with_capacity(FLUSH_BATCH_MAX);
             while rx.recv_many(&mut batch, FLUSH_BATCH_MAX).await > 0 {
-                let waiting: Vec<FlushDone> = batch.drain(..).map(|(_, done)| done).collect();
                 let delay = disk.sync_delay();
                 if !delay.is_zero() {
                     tokio::time::sleep(delay).await;
                 }
-                let began = std::time::Instant::now();
-                let result = engine.sync();
-                counts.0.fetch_add(1, Ordering::Relaxed);
-                counts.1.fetch_add(began.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                for done in waiting {
-                    done.done(result.as_ref().map(|_| ()).map_err(|e| match e {
-                        EngineError::Closed(m) => EngineError::Closed(m.clone()),
-                        e => EngineError::Backend(e.to_string()),
-                    }));
-                }
+                sync_round(&*engine, &stats, &mut batch);
             }
         });
-        Self { tx, disk, stats }
+    }
+
+    #[cfg(not(madsim))]
+    fn run(
+        engine: Arc<dyn Engine>,
+        disk: Arc<dyn DiskModel>,
+        mut rx: mpsc::Receiver<(FlushReason, FlushDone)>,
+        stats: Arc<(AtomicU64, AtomicU64)>,
+        syncing: Arc<std::sync::Mutex<()>>,
+        queued: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> Option<std::thread::JoinHandle<()>> {
+        let spawned = std::thread::Builder::new().name("armada-sync".into()).spawn(move || {
+            let mut batch = Vec::with_capacity(FLUSH_BATCH_MAX);
+            // Ends when every sender is gone (the node stopped).
+            while let Some(first) = rx.blocking_recv() {
+                let _turn = syncing.lock().unwrap_or_else(|p| p.into_inner());
+                batch.push(first);
+                while batch.len() < FLUSH_BATCH_MAX {
+                    match rx.try_recv() {
+                        Ok(r) => batch.push(r),
+                        Err(_) => break,
+                    }
+                }
+                queued.fetch_sub(batch.len(), Ordering::SeqCst);
+                let delay = disk.sync_delay();
+                if !delay.is_zero() {
+                    std::thread::sleep(delay);
+                }
+                sync_round(&*engine, &stats, &mut batch);
+            }
+        });
+        // Without the thread nothing is ever made durable: requests then
+        // fail (the channel's receiver is gone) and the node fail-stops.
+        spawned.map_err(|e| tracing::error!("cannot start the sync thread: {e}")).ok()
     }
 }
 
@@ -89,14 +183,45 @@ impl Flusher for BatchingFlusher {
         } else {
             done
         };
+        #[cfg(not(madsim))]
+        let done = match self.inline.try_sync(&self.stats, reason, done) {
+            None => return,
+            Some(done) => done,
+        };
+        #[cfg(not(madsim))]
+        self.inline.queued.fetch_add(1, Ordering::SeqCst);
         match self.tx.try_send((reason, done)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full((_, done))) => {
+                #[cfg(not(madsim))]
+                self.inline.queued.fetch_sub(1, Ordering::SeqCst);
                 done.done(Err(EngineError::Backend(format!("flush queue full ({FLUSH_QUEUE_MAX}): the disk is stuck"))))
             }
             Err(mpsc::error::TrySendError::Closed((_, done))) => {
+                #[cfg(not(madsim))]
+                self.inline.queued.fetch_sub(1, Ordering::SeqCst);
                 done.done(Err(EngineError::Closed("the sync task has stopped".into())))
             }
         }
+    }
+}
+
+#[cfg(not(madsim))]
+impl Inline {
+    /// Syncs and answers `done` here if nothing is queued and no sync is
+    /// running; otherwise gives `done` back to be queued. Answers keep the
+    /// order of requests: a request queued earlier is either still counted
+    /// in `queued` (so this one queues behind it) or was taken by the
+    /// thread, which answers it before releasing `syncing`.
+    fn try_sync(&self, stats: &(AtomicU64, AtomicU64), reason: FlushReason, done: FlushDone) -> Option<FlushDone> {
+        if self.queued.load(Ordering::SeqCst) != 0 {
+            return Some(done);
+        }
+        let Ok(_turn) = self.syncing.try_lock() else { return Some(done) };
+        if self.queued.load(Ordering::SeqCst) != 0 {
+            return Some(done);
+        }
+        sync_round(&*self.engine, stats, &mut vec![(reason, done)]);
+        None
     }
 }

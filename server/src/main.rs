@@ -52,7 +52,9 @@ enum Cmd {
         client: ClientArgs,
     },
     /// Load generators over the etcd v3 protocol (work against etcd too):
-    /// `bench put` (durable puts), `bench get` (single-key reads).
+    /// `bench put` (durable puts), `get` (single-key reads), `range`,
+    /// `txn` (compare and put), `mixed` (gets and puts), `lag` (follower
+    /// replication lag).
     Bench {
         #[command(subcommand)]
         cmd: BenchCmd,
@@ -94,6 +96,30 @@ enum BenchCmd {
         #[command(flatten)]
         args: armada_server::bench::BenchArgs,
         /// Serve from the contacted node's state, without a read index.
+        #[arg(long)]
+        serializable: bool,
+    },
+    /// Closed-loop ranges over a prefix of --range-keys keys (written once
+    /// before the run), linearizable unless --serializable.
+    Range {
+        #[command(flatten)]
+        args: armada_server::bench::BenchArgs,
+        #[arg(long)]
+        serializable: bool,
+        /// Keys in the range.
+        #[arg(long, default_value_t = 100)]
+        range_keys: usize,
+    },
+    /// Closed-loop compare-and-put transactions (each client owns a key and
+    /// puts it if its mod revision is the one the client last wrote).
+    Txn(armada_server::bench::BenchArgs),
+    /// Closed-loop mix of gets and puts over the shared pool of --keys keys.
+    Mixed {
+        #[command(flatten)]
+        args: armada_server::bench::BenchArgs,
+        /// Share of requests that are gets, in percent (the rest are puts).
+        #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(0..=100))]
+        read_percent: u32,
         #[arg(long)]
         serializable: bool,
     },
@@ -174,6 +200,15 @@ async fn main() {
         Cmd::Bench { cmd: BenchCmd::Lag(args) } => armada_server::bench::lag(&args).await,
         Cmd::Bench { cmd: BenchCmd::Get { args, serializable } } => {
             armada_server::bench::run(&args, armada_server::bench::Op::Get { serializable }).await
+        }
+        Cmd::Bench { cmd: BenchCmd::Range { args, serializable, range_keys } } => {
+            armada_server::bench::run(&args, armada_server::bench::Op::Range { serializable, keys: range_keys }).await
+        }
+        Cmd::Bench { cmd: BenchCmd::Txn(args) } => {
+            armada_server::bench::run(&args, armada_server::bench::Op::Txn).await
+        }
+        Cmd::Bench { cmd: BenchCmd::Mixed { args, read_percent, serializable } } => {
+            armada_server::bench::run(&args, armada_server::bench::Op::Mixed { read_percent, serializable }).await
         }
     };
     if let Err(e) = result {

@@ -170,6 +170,7 @@ fn render_costs(out: &mut String, node: &Node) {
     let io = node.io_stats();
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
     let (syncs, sync_nanos) = node.syncs();
+    let raft = node.raft_stats();
     let counters = [
         ("armada_engine_writes_total", "Write batches the storage engine took.", get(&io.writes) as f64),
         ("armada_engine_write_bytes_total", "Bytes of the engine's write batches.", get(&io.write_bytes) as f64),
@@ -180,6 +181,14 @@ fn render_costs(out: &mut String, node: &Node) {
             "Commands proposed to Raft groups on this node (one log entry each).",
             node.proposals() as f64,
         ),
+        ("armada_raft_appends_total", "Raft log appends (one engine write each).", get(&raft.appends) as f64),
+        ("armada_raft_appended_entries_total", "Raft log entries appended.", get(&raft.appended_entries) as f64),
+        (
+            "armada_raft_apply_writes_total",
+            "State-machine engine writes (each applies one or more committed entries).",
+            get(&raft.apply_writes) as f64,
+        ),
+        ("armada_raft_applied_entries_total", "Raft log entries applied.", get(&raft.applied_entries) as f64),
     ];
     for (name, help, v) in counters {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");

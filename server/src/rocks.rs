@@ -33,6 +33,17 @@ impl RocksEngine {
         // Durability comes from syncing the WAL, so it must never be skipped.
         opts.set_manual_wal_flush(false);
         opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
+        // Every put reads the key's latest version and the table's revision
+        // first, and a profile of puts spent an eighth of their CPU in
+        // lookups that searched SST indexes: bloom filters let a lookup skip
+        // files (and the memtable) that do not hold the key, and a block
+        // cache keeps the blocks read recently.
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_bloom_filter(BLOOM_BITS_PER_KEY, false);
+        table.set_block_cache(&rocksdb::Cache::new_hyper_clock_cache(BLOCK_CACHE_BYTES, 0));
+        opts.set_block_based_table_factory(&table);
+        opts.set_memtable_prefix_bloom_ratio(MEMTABLE_BLOOM_RATIO);
+        opts.set_memtable_whole_key_filtering(true);
         let db = DB::open(&opts, dir).map_err(backend)?;
         Ok(Self { db: Arc::new(db) })
     }
@@ -44,6 +55,13 @@ impl RocksEngine {
         ro
     }
 }
+
+/// Bloom filter bits per key in SST files (about 1% false positives).
+const BLOOM_BITS_PER_KEY: f64 = 10.0;
+/// The block cache shared by every table of a node.
+const BLOCK_CACHE_BYTES: usize = 64 << 20;
+/// Share of the memtable's size given to its whole-key bloom filter.
+const MEMTABLE_BLOOM_RATIO: f64 = 0.1;
 
 /// Above this many bytes in SST files, a range's size is RocksDB's estimate
 /// instead of an exact count (which reads the whole range).
