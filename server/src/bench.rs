@@ -372,6 +372,15 @@ pub async fn run(args: &BenchArgs, op: Op) -> anyhow::Result<()> {
             anyhow::Ok((first, ServerCounters::scrape_all(&url).await?))
         })
     });
+    // This client's own CPU over the window: on one machine the client and
+    // the server share the cores, and the client's cost per operation
+    // bounds what any server can reach.
+    let own_cpu = tokio::spawn(async move {
+        tokio::time::sleep_until(measure_from.into()).await;
+        let first = crate::metrics::ProcessStats::read().map(|p| p.cpu_seconds);
+        tokio::time::sleep_until(stop_at.into()).await;
+        first.zip(crate::metrics::ProcessStats::read().map(|p| p.cpu_seconds))
+    });
     let mut tasks = Vec::new();
     for c in 0..args.clients {
         let mut client = Client {
@@ -455,6 +464,10 @@ pub async fn run(args: &BenchArgs, op: Op) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    let client_cpu = match own_cpu.await? {
+        Some((a, b)) if !once => Some((b - a) * 1e6 / all.len().max(1) as f64),
+        _ => None,
+    };
     if args.json {
         println!(
             "{}",
@@ -464,11 +477,15 @@ pub async fn run(args: &BenchArgs, op: Op) -> anyhow::Result<()> {
                    "value_size": args.value_size, "ops": all.len(), "errors": errors,
                    "ops_per_second": ops_per_s, "p50_ms": ms(p50), "p99_ms": ms(p99),
                    "p999_ms": ms(p999), "max_ms": ms(max), "failures": failures_json,
-                   "server_cpu_us_per_op": costs.map(|c| c.0), "fsyncs_per_op": costs.map(|c| c.1)})
+                   "server_cpu_us_per_op": costs.map(|c| c.0), "fsyncs_per_op": costs.map(|c| c.1),
+                   "client_cpu_us_per_op": client_cpu})
         );
     } else {
         if let Some((cpu, fsyncs)) = costs {
             println!("server: {cpu:.1} µs CPU and {fsyncs:.3} fsyncs per operation");
+        }
+        if let Some(cpu) = client_cpu {
+            println!("client: {cpu:.1} µs CPU per operation");
         }
         if compare_failures > 0 {
             println!("{compare_failures} transactions found another revision than their client wrote");

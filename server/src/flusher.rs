@@ -225,3 +225,112 @@ impl Inline {
         None
     }
 }
+
+#[cfg(all(test, not(madsim)))]
+mod tests {
+    use super::*;
+    use armada_core::engine::{EngineView, Pair};
+    use armada_core::{MemEngine, WriteBatch};
+    use std::sync::Mutex;
+
+    /// A memory engine that counts writes and remembers how many writes the
+    /// last sync covered.
+    #[derive(Default)]
+    struct Counting {
+        inner: MemEngine,
+        writes: AtomicU64,
+        synced: AtomicU64,
+    }
+
+    impl Engine for Counting {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+            self.inner.get(key)
+        }
+        fn scan(&self, s: &[u8], e: &[u8], v: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), EngineError> {
+            self.inner.scan(s, e, v)
+        }
+        fn last(&self, s: &[u8], e: &[u8]) -> Result<Option<Pair>, EngineError> {
+            self.inner.last(s, e)
+        }
+        fn write(&self, b: WriteBatch) -> Result<(), EngineError> {
+            self.writes.fetch_add(1, Ordering::SeqCst);
+            self.inner.write(b)
+        }
+        fn sync(&self) -> Result<(), EngineError> {
+            let covered = self.writes.load(Ordering::SeqCst);
+            std::thread::sleep(Duration::from_micros(200));
+            self.synced.fetch_max(covered, Ordering::SeqCst);
+            Ok(())
+        }
+        fn view(&self, s: &[u8], e: &[u8]) -> Result<Arc<dyn EngineView>, EngineError> {
+            self.inner.view(s, e)
+        }
+    }
+
+    /// Writers on several threads each write, then flush, many times: every
+    /// flush is answered only once its write is synced, and each writer
+    /// hears its answers in the order it asked (the thread and the inline
+    /// path take turns).
+    #[test]
+    fn every_answer_follows_its_sync_and_each_writer_hears_in_order() {
+        let engine = Arc::new(Counting::default());
+        let flusher = Arc::new(BatchingFlusher::start(engine.clone(), Arc::new(RealDisk)));
+        let heard: Arc<Mutex<Vec<Vec<u64>>>> = Arc::new(Mutex::new(vec![Vec::new(); 4]));
+        let violations = Arc::new(AtomicU64::new(0));
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                let (engine, flusher, heard, violations) =
+                    (engine.clone(), flusher.clone(), heard.clone(), violations.clone());
+                std::thread::spawn(move || {
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    for i in 0..200u64 {
+                        let mut b = WriteBatch::new();
+                        b.put(format!("{w}/{i}").into_bytes(), b"v".to_vec());
+                        engine.write(b).unwrap();
+                        let mine = engine.writes.load(Ordering::SeqCst);
+                        let (e, h, v, tx) = (engine.clone(), heard.clone(), violations.clone(), tx.clone());
+                        flusher.flush(
+                            FlushReason::Append,
+                            FlushDone::new(move |r| {
+                                if r.is_err() || e.synced.load(Ordering::SeqCst) < mine {
+                                    v.fetch_add(1, Ordering::SeqCst);
+                                }
+                                h.lock().unwrap()[w].push(i);
+                                let _ = tx.send(());
+                            }),
+                        );
+                        // Keep a few flushes in flight, as Raft does.
+                        if i >= 3 {
+                            rx.recv().unwrap();
+                        }
+                    }
+                    for _ in 0..3 {
+                        rx.recv().unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in writers {
+            t.join().unwrap();
+        }
+        assert_eq!(violations.load(Ordering::SeqCst), 0, "an answer came before its write was synced");
+        for (w, order) in heard.lock().unwrap().iter().enumerate() {
+            assert_eq!(order, &(0..200).collect::<Vec<u64>>(), "writer {w} heard its answers out of order");
+        }
+        let (syncs, _) = flusher.syncs();
+        assert!((1..=800).contains(&syncs), "{syncs} syncs for 800 flushes");
+    }
+
+    /// Dropping the flusher ends and joins its thread, which lets go of the
+    /// engine (a RocksDB still held by it aborted the process at exit).
+    #[test]
+    fn dropping_the_flusher_releases_the_engine() {
+        let engine = Arc::new(Counting::default());
+        let flusher = BatchingFlusher::start(engine.clone(), Arc::new(RealDisk));
+        let (tx, rx) = std::sync::mpsc::channel();
+        flusher.flush(FlushReason::Vote, FlushDone::new(move |r| tx.send(r.is_ok()).unwrap()));
+        assert!(rx.recv().unwrap());
+        drop(flusher);
+        assert_eq!(Arc::strong_count(&engine), 1, "the sync thread still holds the engine");
+    }
+}
