@@ -346,7 +346,7 @@ mod tests {
             .lines()
             .filter_map(|l| l.strip_prefix("synced "))
             .filter_map(|n| n.trim().parse().ok())
-            .last()
+            .next_back()
             .expect("the child reported synced writes");
         assert_eq!(last, 3999);
         let logs = std::fs::read_dir(&dir)
