@@ -90,11 +90,26 @@ impl Overlay {
         self.lock().batch.is_empty()
     }
 
-    /// Everything staged, as one batch in staging order; the overlay is
-    /// empty afterwards. Write the batch to the base engine before reading
-    /// through the overlay again.
+    /// Everything staged, as one batch with the effect of the staged
+    /// batches written in order; the overlay is empty afterwards. Write the
+    /// batch to the base engine before reading through the overlay again.
+    ///
+    /// Without range deletions the batch is the last write of each key, in
+    /// key order: keys every entry rewrites (the table's revision, the
+    /// applied log id) reach the engine once per batch, not once per entry.
     pub fn take(&self) -> WriteBatch {
-        std::mem::take(&mut *self.lock()).batch
+        let staged = std::mem::take(&mut *self.lock());
+        if !staged.ranges.is_empty() {
+            return staged.batch;
+        }
+        let mut batch = WriteBatch::new();
+        for (key, value) in staged.points {
+            match value {
+                Some(v) => batch.put(key, v),
+                None => batch.delete(key),
+            }
+        }
+        batch
     }
 
     /// Writes everything staged to the base engine.
