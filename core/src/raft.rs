@@ -588,12 +588,7 @@ impl<RT: Runtime> StateMachine<RT> {
 
     /// The table's current revision (`None` for the metadata group).
     fn table_revision(&self) -> Result<Option<u64>, io::Error> {
-        match self.kind {
-            GroupKind::Table => {
-                Ok(Some(Mvcc::new(&*self.engine, data_ns(self.group)).rev_state().map_err(io_err)?.current))
-            }
-            GroupKind::Meta => Ok(None),
-        }
+        self.revision_in(&*self.engine)
     }
 
     fn applied_key(&self) -> Vec<u8> {
