@@ -19,6 +19,7 @@ pub mod command;
 pub mod compaction;
 pub mod engine;
 pub mod kv;
+pub mod layout;
 pub mod model;
 pub mod mvcc;
 pub mod overlay;

@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::{Catalog, Command, CommandResponse, GroupId, TableCommand, TableReply};
 use crate::engine::{prefix_end, Engine, EngineError, WriteBatch};
+pub use crate::layout::{data_ns, group_ns};
 use crate::mvcc::Mvcc;
 use crate::overlay::Overlay;
 use crate::snapshot::{begin_install, GroupView, InstallGate, SnapshotData, SNAPSHOT_CHUNK_BYTES};
@@ -77,20 +78,6 @@ impl<RT: Runtime> RaftTypeConfig for ArmadaRaft<RT> {
     where
         T: openraft::OptionalSend + 'static;
     type ErrorSource = openraft::impls::BoxedErrorSource;
-}
-
-/// The namespace of a group's keys in the node's engine.
-pub fn group_ns(group: GroupId) -> Vec<u8> {
-    let mut ns = vec![b'g'];
-    ns.extend_from_slice(&group.0.to_be_bytes());
-    ns
-}
-
-/// The namespace of a group's state-machine data (MVCC table or catalog).
-pub fn data_ns(group: GroupId) -> Vec<u8> {
-    let mut ns = group_ns(group);
-    ns.extend_from_slice(b"Sd");
-    ns
 }
 
 /// A log entry as the log store keeps it: openraft's entry over this

@@ -33,8 +33,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::GroupId;
 use crate::engine::{prefix_end, Engine, EngineError, EngineView, Pair, WriteBatch};
+use crate::layout::{data_ns, group_ns};
 use crate::mvcc::Fnv64;
-use crate::raft::{data_ns, group_ns};
 
 /// Bytes of keys and values per snapshot chunk (sent, staged or copied at
 /// install): what one snapshot transfer holds in memory at a time, on the

@@ -18,15 +18,15 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::api::v1::{router, Api};
 use crate::config::ServeConfig;
-use crate::flusher::{BatchingFlusher, RealDisk};
 use crate::listen::{self, ListenerKind, ListenerStats};
-use crate::metrics::Metrics;
-use crate::network::RaftHandler;
+use crate::node::handler::RaftHandler;
 use crate::node::Node;
-use crate::ready::Readiness;
-use crate::rocks::RocksEngine;
-use crate::service::{router, Api};
+use crate::ops::metrics::Metrics;
+use crate::ops::ready::Readiness;
+use crate::storage::flusher::{BatchingFlusher, RealDisk};
+use crate::storage::rocks::RocksEngine;
 
 /// How long a stopping node lets in-flight requests and open streams
 /// finish before it closes their connections.
@@ -123,21 +123,21 @@ pub async fn launch(cfg: &ServeConfig, role: Role) -> Result<Launched, LaunchErr
     let api = router(Api::with_metrics(node.clone(), metrics.clone()));
     servers.push(spawn_grpc("armada.v1 API", api, api_l, stopped()));
     let etcd_addr = etcd_l.local_addr().to_string();
-    let etcd = crate::etcd::router(crate::etcd::EtcdApi::new(
+    let etcd = crate::api::etcd::router(crate::api::etcd::EtcdApi::new(
         node.clone(),
         cfg.etcd_table.clone(),
         metrics.clone(),
         &etcd_addr,
     ));
     servers.push(spawn_grpc("etcd API", etcd, etcd_l, stopped()));
-    let http = crate::http::serve(http_l, node.clone(), metrics.clone(), readiness.clone(), stopped());
+    let http = crate::ops::http::serve(http_l, node.clone(), metrics.clone(), readiness.clone(), stopped());
     servers.push(("HTTP", tokio::spawn(async move { http.await.map_err(|e| e.to_string()) })));
 
     let (ensure_table, follower) = match &role {
         Role::Leader => {
             let node2 = node.clone();
             let table = cfg.etcd_table.clone();
-            let ensure = tokio::spawn(async move { crate::etcd::ensure_table(&node2, &table).await });
+            let ensure = tokio::spawn(async move { crate::api::etcd::ensure_table(&node2, &table).await });
             let repl = crate::replication::router(crate::replication::ReplicationService::new(node.clone()));
             let listener = repl_l.expect("a leader binds its replication listener above");
             servers.push(spawn_grpc("replication", repl, listener, stopped()));

@@ -4,32 +4,37 @@
 //! of its own (that lives in `armada-core`); it decides nothing about the
 //! network's shape (that is `armada-net`'s transport). It runs the same code
 //! under real tokio and under madsim.
+//!
+//! Modules, from the bottom up (each names only modules listed before it,
+//! checked by `ci/check-modules`):
+//!
+//! - [`rt`]: the async runtime seen by openraft and the node (tokio, or
+//!   madsim's tokio in simulation), deterministic watch channels, the clock.
+//! - [`types`]: what the node, the services and the tools share: errors,
+//!   response headers, status reports.
+//! - [`storage`]: the RocksDB engine and the flusher (durability).
+//! - [`node`]: the node runtime: Raft groups, request execution,
+//!   forwarding, the Raft transport's handlers, snapshots, compaction.
+//! - [`replication`]: the leader side of cross-cluster replication (the
+//!   change stream service) and the follower side (its pump and upstream).
+//! - [`ops`]: metrics, readiness and the HTTP endpoint.
+//! - [`api`]: the gRPC services: armada.v1 and etcd v3.
+//! - [`listen`]: listeners and client endpoints.
+//! - [`config`], [`launch`]: a node's configuration and its assembly.
+//! - [`tools`]: the client tools of the `armada` binary (CLI, bench,
+//!   backup); they talk to a node over gRPC and share no state with it.
 
-#[cfg(not(madsim))]
-pub mod backup_cli;
-#[cfg(not(madsim))]
-pub mod bench;
-#[cfg(not(madsim))]
-pub mod cli;
-pub mod compactor;
+pub mod api;
 pub mod config;
-pub mod convert;
-pub mod etcd;
-pub mod failstop;
-pub mod flusher;
-#[cfg(not(madsim))]
-pub mod http;
 #[cfg(all(not(madsim), feature = "rocksdb"))]
 pub mod launch;
 #[cfg(not(madsim))]
 pub mod listen;
-pub mod metrics;
-pub mod network;
 pub mod node;
-pub mod ready;
+pub mod ops;
 pub mod replication;
-#[cfg(feature = "rocksdb")]
-pub mod rocks;
 pub mod rt;
-pub mod service;
-pub mod snapshots;
+pub mod storage;
+#[cfg(not(madsim))]
+pub mod tools;
+pub mod types;

@@ -1,9 +1,9 @@
 //! The `armada` binary: wiring only. `armada leader` runs a node of a
 //! leader cluster; `armada table|kv|cluster` are clients of a running node.
 
-use armada_server::cli::{self, ClientArgs, ClusterCmd, KvCmd, TableCmd};
 use armada_server::config::{self, LogFormat, ServeArgs};
 use armada_server::launch::{launch, Role};
+use armada_server::tools::cli::{self, ClientArgs, ClusterCmd, KvCmd, TableCmd};
 use clap::{Parser, Subcommand};
 use tracing::info;
 
@@ -63,11 +63,11 @@ enum Cmd {
     /// image of a table from a running node; `backup verify F` checks a file.
     Backup {
         #[command(subcommand)]
-        cmd: armada_server::backup_cli::BackupCmd,
+        cmd: armada_server::tools::backup::BackupCmd,
     },
     /// Restore a backup into a new, empty data directory (offline; restore
     /// every member of the new cluster from the same file, then start them).
-    Restore(armada_server::backup_cli::RestoreArgs),
+    Restore(armada_server::tools::backup::RestoreArgs),
     /// Cluster state.
     Cluster {
         #[command(subcommand)]
@@ -90,11 +90,11 @@ struct FollowerArgs {
 #[derive(Subcommand)]
 enum BenchCmd {
     /// Closed-loop puts: throughput and latency percentiles.
-    Put(armada_server::bench::BenchArgs),
+    Put(armada_server::tools::bench::BenchArgs),
     /// Closed-loop single-key gets (linearizable unless --serializable).
     Get {
         #[command(flatten)]
-        args: armada_server::bench::BenchArgs,
+        args: armada_server::tools::bench::BenchArgs,
         /// Serve from the contacted node's state, without a read index.
         #[arg(long)]
         serializable: bool,
@@ -103,7 +103,7 @@ enum BenchCmd {
     /// before the run), linearizable unless --serializable.
     Range {
         #[command(flatten)]
-        args: armada_server::bench::BenchArgs,
+        args: armada_server::tools::bench::BenchArgs,
         #[arg(long)]
         serializable: bool,
         /// Keys in the range.
@@ -112,11 +112,11 @@ enum BenchCmd {
     },
     /// Closed-loop compare-and-put transactions (each client owns a key and
     /// puts it if its mod revision is the one the client last wrote).
-    Txn(armada_server::bench::BenchArgs),
+    Txn(armada_server::tools::bench::BenchArgs),
     /// Closed-loop mix of gets and puts over the shared pool of --keys keys.
     Mixed {
         #[command(flatten)]
-        args: armada_server::bench::BenchArgs,
+        args: armada_server::tools::bench::BenchArgs,
         /// Share of requests that are gets, in percent (the rest are puts).
         #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(0..=100))]
         read_percent: u32,
@@ -125,7 +125,7 @@ enum BenchCmd {
     },
     /// Replication lag as a client sees it: put at the leader cluster, poll
     /// a follower node until the write is there.
-    Lag(armada_server::bench::LagArgs),
+    Lag(armada_server::tools::bench::LagArgs),
 }
 
 fn init_logs(format: LogFormat) {
@@ -194,21 +194,29 @@ async fn main() {
         Cmd::Table { cmd, client } => cli::table(&client, cmd).await,
         Cmd::Kv { cmd, client } => cli::kv(&client, cmd).await,
         Cmd::Cluster { cmd, client } => cli::cluster(&client, cmd).await,
-        Cmd::Backup { cmd } => armada_server::backup_cli::backup(cmd).await,
-        Cmd::Restore(args) => armada_server::backup_cli::restore(args),
-        Cmd::Bench { cmd: BenchCmd::Put(args) } => armada_server::bench::put(&args).await,
-        Cmd::Bench { cmd: BenchCmd::Lag(args) } => armada_server::bench::lag(&args).await,
+        Cmd::Backup { cmd } => armada_server::tools::backup::backup(cmd).await,
+        Cmd::Restore(args) => armada_server::tools::backup::restore(args),
+        Cmd::Bench { cmd: BenchCmd::Put(args) } => armada_server::tools::bench::put(&args).await,
+        Cmd::Bench { cmd: BenchCmd::Lag(args) } => armada_server::tools::bench::lag(&args).await,
         Cmd::Bench { cmd: BenchCmd::Get { args, serializable } } => {
-            armada_server::bench::run(&args, armada_server::bench::Op::Get { serializable }).await
+            armada_server::tools::bench::run(&args, armada_server::tools::bench::Op::Get { serializable }).await
         }
         Cmd::Bench { cmd: BenchCmd::Range { args, serializable, range_keys } } => {
-            armada_server::bench::run(&args, armada_server::bench::Op::Range { serializable, keys: range_keys }).await
+            armada_server::tools::bench::run(
+                &args,
+                armada_server::tools::bench::Op::Range { serializable, keys: range_keys },
+            )
+            .await
         }
         Cmd::Bench { cmd: BenchCmd::Txn(args) } => {
-            armada_server::bench::run(&args, armada_server::bench::Op::Txn).await
+            armada_server::tools::bench::run(&args, armada_server::tools::bench::Op::Txn).await
         }
         Cmd::Bench { cmd: BenchCmd::Mixed { args, read_percent, serializable } } => {
-            armada_server::bench::run(&args, armada_server::bench::Op::Mixed { read_percent, serializable }).await
+            armada_server::tools::bench::run(
+                &args,
+                armada_server::tools::bench::Op::Mixed { read_percent, serializable },
+            )
+            .await
         }
     };
     if let Err(e) = result {

@@ -12,8 +12,9 @@ use armada_core::kv::{KvError, PutRequest, RangeRequest};
 use armada_core::raft::{ArmadaNode, InlineFlusher};
 use armada_core::{Engine, MemEngine, TableCommand};
 use armada_net::local::LocalRouter;
-use armada_server::network::RaftHandler;
-use armada_server::node::{ApiError, Node, NodeConfig, RaftTuning};
+use armada_server::node::handler::RaftHandler;
+use armada_server::node::{Node, NodeConfig, RaftTuning};
+use armada_server::types::ApiError;
 
 mod common;
 

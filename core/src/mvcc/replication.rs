@@ -23,6 +23,12 @@ use crate::kv::KeyValue;
 /// Revisions of changelog a leader keeps by default.
 pub const CHANGELOG_RETENTION_DEFAULT: u64 = 10_000;
 
+/// Most revisions in one change-stream message.
+pub const BATCH_REVISIONS_MAX: usize = 256;
+/// About the most bytes of mutations in one change-stream message (a larger
+/// revision is sent in parts of about this size).
+pub const BATCH_BYTES_MAX: usize = 1 << 20;
+
 /// One key's change in a revision: its new value (`None`: deleted) with the
 /// create revision and version it has after the change (0 when deleted).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -27,7 +27,7 @@ use armada_core::canary::{self, Canary};
 use armada_core::engine::{DurableImage, EngineView, Pair, WriteBatch};
 use armada_core::raft::FlushReason;
 use armada_core::{Engine, EngineError, MemEngine};
-use armada_server::flusher::DiskModel;
+use armada_server::storage::flusher::DiskModel;
 use madsim::task::NodeId;
 
 use super::rand_range;

@@ -377,9 +377,9 @@ pub async fn run(args: &BenchArgs, op: Op) -> anyhow::Result<()> {
     // bounds what any server can reach.
     let own_cpu = tokio::spawn(async move {
         tokio::time::sleep_until(measure_from.into()).await;
-        let first = crate::metrics::ProcessStats::read().map(|p| p.cpu_seconds);
+        let first = crate::ops::metrics::ProcessStats::read().map(|p| p.cpu_seconds);
         tokio::time::sleep_until(stop_at.into()).await;
-        first.zip(crate::metrics::ProcessStats::read().map(|p| p.cpu_seconds))
+        first.zip(crate::ops::metrics::ProcessStats::read().map(|p| p.cpu_seconds))
     });
     let mut tasks = Vec::new();
     for c in 0..args.clients {

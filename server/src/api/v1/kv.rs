@@ -1,54 +1,21 @@
-//! The armada.v1 gRPC services. Each method checks and converts the request
-//! and asks the node, which forwards to the leader itself when needed.
+//! The armada.v1 KV service: Range, IterateRange, Put, DeleteRange, Txn
+//! and Compact on any table.
 
 use std::sync::Arc;
 
 use armada_core::command::TableReply;
-use armada_core::kv::REQUEST_BYTES_MAX;
 use armada_core::TableCommand;
 use armada_proto::v1 as pb;
-use armada_proto::v1::cluster_server::Cluster;
 use armada_proto::v1::kv_server::Kv;
-use armada_proto::v1::tables_server::Tables;
-use prost::Message;
 use tonic::{Request, Response, Status};
 
-use crate::convert::*;
-use crate::metrics::Metrics;
-use crate::node::{ApiError, HeaderInfo, Node};
-
-fn check_size<T: Message>(msg: &T) -> Result<(), Status> {
-    let len = msg.encoded_len();
-    if len > REQUEST_BYTES_MAX {
-        return Err(status(&ApiError::Kv(armada_core::kv::KvError::RequestTooLarge { len: len as u64 })));
-    }
-    Ok(())
-}
-
-/// Shared by the three services.
-#[derive(Clone)]
-pub struct Api {
-    node: Arc<Node>,
-    metrics: Arc<Metrics>,
-}
-
-impl Api {
-    pub fn new(node: Arc<Node>) -> Self {
-        Self::with_metrics(node, Arc::new(Metrics::default()))
-    }
-
-    pub fn with_metrics(node: Arc<Node>, metrics: Arc<Metrics>) -> Self {
-        Self { node, metrics }
-    }
-
-    pub fn node(&self) -> &Arc<Node> {
-        &self.node
-    }
-
-    async fn write(&self, table: &str, cmd: TableCommand) -> Result<(TableReply, HeaderInfo), Status> {
-        self.node.write(table, cmd).await.map_err(|e| status(&e))
-    }
-}
+use super::{check_size, Api};
+use crate::api::v1::convert::{
+    delete_in, delete_out, header, kv_out, put_in, put_out, range_in, range_out, reply_revision, status, txn_in,
+    txn_out,
+};
+use crate::node::Node;
+use crate::types::HeaderInfo;
 
 /// Key-values per `IterateRange` page by default, and at most.
 pub const ITERATE_PAGE_KEYS_DEFAULT: usize = 1000;
@@ -235,124 +202,4 @@ impl Kv for Api {
             })
             .await
     }
-}
-
-#[tonic::async_trait]
-impl Tables for Api {
-    async fn create(
-        &self,
-        request: Request<pb::CreateTableRequest>,
-    ) -> Result<Response<pb::CreateTableResponse>, Status> {
-        self.metrics
-            .timed("TablesCreate", async move {
-                let t = self.node.create_table(&request.into_inner().name).await.map_err(|e| status(&e))?;
-                Ok(Response::new(pb::CreateTableResponse { table: Some(table_out(t)) }))
-            })
-            .await
-    }
-
-    async fn delete(
-        &self,
-        request: Request<pb::DeleteTableRequest>,
-    ) -> Result<Response<pb::DeleteTableResponse>, Status> {
-        self.metrics
-            .timed("TablesDelete", async move {
-                self.node.delete_table(&request.into_inner().name).await.map_err(|e| status(&e))?;
-                Ok(Response::new(pb::DeleteTableResponse {}))
-            })
-            .await
-    }
-
-    async fn list(&self, _request: Request<pb::ListTablesRequest>) -> Result<Response<pb::ListTablesResponse>, Status> {
-        self.metrics
-            .timed("TablesList", async move {
-                let t = self.node.list_tables().await.map_err(|e| status(&e))?;
-                Ok(Response::new(pb::ListTablesResponse { tables: t.into_iter().map(table_out).collect() }))
-            })
-            .await
-    }
-}
-
-#[tonic::async_trait]
-impl Cluster for Api {
-    async fn member_list(
-        &self,
-        _request: Request<pb::MemberListRequest>,
-    ) -> Result<Response<pb::MemberListResponse>, Status> {
-        self.metrics
-            .timed("MemberList", async move {
-                let members = self
-                    .node
-                    .config()
-                    .members
-                    .iter()
-                    .map(|(id, n)| pb::Member {
-                        id: *id,
-                        name: format!("node-{id}"),
-                        raft_address: n.raft_addr.clone(),
-                        api_address: n.api_addr.clone(),
-                    })
-                    .collect();
-                Ok(Response::new(pb::MemberListResponse { members }))
-            })
-            .await
-    }
-
-    async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
-        self.metrics
-            .timed("Status", async move {
-                let groups = self
-                    .node
-                    .status()
-                    .into_iter()
-                    .map(|g| pb::GroupStatus {
-                        table: g.table,
-                        leader_id: g.leader_id,
-                        raft_term: g.term,
-                        raft_commit_index: g.commit_index,
-                        raft_applied_index: g.applied_index,
-                        revision: i64::try_from(g.revision).unwrap_or(i64::MAX),
-                        leader_revision: g.leader_revision,
-                        lag_revisions: g.lag_revisions,
-                        lag_seconds: g.lag_seconds,
-                        replication_state: g.replication.name().to_string(),
-                        replication_error: g.replication.error().to_string(),
-                    })
-                    .collect();
-                let role = if self.node.is_follower() { "follower" } else { "leader" }.to_string();
-                Ok(Response::new(pb::StatusResponse { member_id: self.node.id(), groups, role }))
-            })
-            .await
-    }
-}
-
-type BackupStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl pb::maintenance_server::Maintenance for Api {
-    type BackupStream = BackupStream;
-
-    async fn backup(&self, request: Request<pb::BackupRequest>) -> Result<Response<BackupStream>, Status> {
-        let table = request.into_inner().table;
-        let writer = self.node.backup(&table).await.map_err(|e| status(&e))?;
-        // The view stays alive with the writer (its reader holds it).
-        let stream = futures::stream::unfold(Some(writer), |w| async move {
-            let mut w = w?;
-            match w.next_block() {
-                Ok(Some(data)) => Some((Ok(pb::BackupChunk { data }), Some(w))),
-                Ok(None) => None,
-                Err(e) => Some((Err(Status::internal(format!("reading the backup image: {e}"))), None)),
-            }
-        });
-        Ok(Response::new(Box::pin(stream)))
-    }
-}
-
-/// Builds a tonic router serving all armada.v1 services of `api`.
-pub fn router(api: Api) -> tonic::transport::server::Router {
-    tonic::transport::Server::builder()
-        .add_service(pb::kv_server::KvServer::new(api.clone()))
-        .add_service(pb::tables_server::TablesServer::new(api.clone()))
-        .add_service(pb::maintenance_server::MaintenanceServer::new(api.clone()))
-        .add_service(pb::cluster_server::ClusterServer::new(api))
 }

@@ -10,13 +10,13 @@
 use std::sync::Weak;
 use std::time::Duration;
 
+use crate::node::Node;
+use crate::types::ApiError;
 use armada_core::compaction::{AutoCompactor, Retention};
 use armada_core::mvcc::Mvcc;
 use armada_core::raft::data_ns;
 use armada_core::{GroupId, TableCommand};
 use tracing::{debug, info, warn};
-
-use crate::node::{ApiError, Node};
 
 /// Runs until the node is dropped or turns out to be a follower-cluster
 /// node. Does nothing with [`Retention::Off`].

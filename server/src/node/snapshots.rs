@@ -7,11 +7,10 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, Weak};
 use std::time::Duration;
 
+use crate::node::Node;
 use armada_core::snapshot::BuildPolicy;
 use openraft::async_runtime::WatchReceiver;
 use tracing::debug;
-
-use crate::node::Node;
 
 /// How often every group's log is checked against the build interval.
 pub const BUILD_CHECK_INTERVAL: Duration = Duration::from_millis(200);

@@ -1,5 +1,5 @@
 //! HTTP endpoints for operators: `/healthz` (the process is alive),
-//! `/readyz` (the node serves its APIs: see [`crate::ready`]) and `/metrics`
+//! `/readyz` (the node serves its APIs: see [`crate::ops::ready`]) and `/metrics`
 //! (Prometheus text).
 
 use std::sync::Arc;
@@ -10,9 +10,9 @@ use axum::routing::get;
 use axum::Router;
 
 use crate::listen::Listener;
-use crate::metrics::Metrics;
 use crate::node::Node;
-use crate::ready::Readiness;
+use crate::ops::metrics::Metrics;
+use crate::ops::ready::Readiness;
 
 #[derive(Clone)]
 struct Ctx {

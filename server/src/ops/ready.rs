@@ -15,7 +15,7 @@
 //! 4. on a follower cluster node, every table whose replication worker runs
 //!    here (the node leads the table's group) has heard from the leader
 //!    cluster: not "connecting", not "stalled" (nothing heard for
-//!    [`crate::replication::STALLED_AFTER`]).
+//!    [`crate::types::STALLED_AFTER`]).
 //!
 //! `/healthz` is only liveness (the process answers) and never looks at any
 //! of this.
@@ -27,7 +27,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::node::Node;
-use crate::replication::ReplicationState;
+use crate::types::ReplicationState;
 
 /// What the readiness check needs beyond the node's own state.
 #[derive(Debug)]

@@ -2,34 +2,13 @@
 //! mapping of errors to gRPC status codes. Every client-supplied field is
 //! checked here; nothing a client sends can panic the server.
 
-use armada_core::command::{MetaError, TableInfo, TableReply};
-use armada_core::kv::{self as kv, KvError};
+use armada_core::command::{TableInfo, TableReply};
+use armada_core::kv::{self as kv};
 use armada_proto::v1 as pb;
-use tonic::{Code, Status};
+use tonic::Status;
 
-use crate::node::{ApiError, HeaderInfo};
-
-pub fn status(e: &ApiError) -> Status {
-    match e {
-        ApiError::Kv(k) => match k {
-            KvError::Compacted { .. } | KvError::FutureRevision { .. } => Status::out_of_range(k.to_string()),
-            KvError::ResponseTooLarge { .. } => Status::resource_exhausted(k.to_string()),
-            _ => Status::invalid_argument(k.to_string()),
-        },
-        ApiError::Meta(m) => match m {
-            MetaError::TableExists(_) => Status::already_exists(m.to_string()),
-            MetaError::TableNotFound(_) => Status::not_found(m.to_string()),
-            _ => Status::invalid_argument(m.to_string()),
-        },
-        ApiError::TableNotFound(_) => Status::not_found(e.to_string()),
-        ApiError::Unavailable(_) => Status::unavailable(e.to_string()),
-        ApiError::Indeterminate(_) => Status::new(Code::Unknown, e.to_string()),
-        ApiError::Forward { .. } => Status::internal(format!("request left unforwarded: {e}")),
-        ApiError::Internal(_) => Status::internal(e.to_string()),
-        ApiError::ReadOnly(_) => Status::failed_precondition(e.to_string()),
-        ApiError::Lagging(_) => Status::deadline_exceeded(e.to_string()),
-    }
-}
+pub use crate::types::status;
+use crate::types::HeaderInfo;
 
 fn rev_in(v: i64, what: &str) -> Result<u64, Status> {
     u64::try_from(v).map_err(|_| Status::invalid_argument(format!("{what} must not be negative, got {v}")))

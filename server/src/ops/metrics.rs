@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::node::Node;
-use crate::replication::ReplicationState;
+use crate::types::ReplicationState;
 
 /// Upper bounds (seconds) of the latency histogram buckets.
 pub const LATENCY_BUCKETS_S: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
@@ -98,7 +98,7 @@ impl Metrics {
             (
                 "armada_raft_term",
                 "Raft term of the group on this node.",
-                (|g: &crate::node::GroupStatus| g.term) as fn(&crate::node::GroupStatus) -> u64,
+                (|g: &crate::types::GroupStatus| g.term) as fn(&crate::types::GroupStatus) -> u64,
             ),
             ("armada_raft_leader_id", "Node id of the group's leader as known here (0: none).", |g| g.leader_id),
             ("armada_raft_commit_index", "Committed log index known here.", |g| g.commit_index),
@@ -129,7 +129,7 @@ impl Metrics {
                 (
                     "armada_replication_leader_revision",
                     "Follower: the leader cluster's latest revision of the table as last heard here.",
-                    (|g: &crate::node::GroupStatus| g.leader_revision as f64) as fn(&crate::node::GroupStatus) -> f64,
+                    (|g: &crate::types::GroupStatus| g.leader_revision as f64) as fn(&crate::types::GroupStatus) -> f64,
                 ),
                 ("armada_replication_lag_revisions", "Follower: revisions this node is behind the leader.", |g| {
                     g.lag_revisions as f64

@@ -147,7 +147,8 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         anyhow::bail!("{} already holds a database; restore into a new, empty data directory", db.display());
     }
     std::fs::create_dir_all(&args.data_dir)?;
-    let engine = crate::rocks::RocksEngine::open(&db).map_err(|e| anyhow::anyhow!("opening {}: {e}", db.display()))?;
+    let engine =
+        crate::storage::rocks::RocksEngine::open(&db).map_err(|e| anyhow::anyhow!("opening {}: {e}", db.display()))?;
     let mut restorer = Restorer::new(&engine)?;
     let mut table_id = None;
     let (header, pairs, bytes) = read_file(&args.file, |ev| {

@@ -1,0 +1,65 @@
+//! The armada.v1 gRPC services. Each method checks and converts the request
+//! and asks the node, which forwards to the leader itself when needed.
+pub mod cluster;
+pub mod convert;
+pub mod kv;
+pub mod maintenance;
+pub mod tables;
+
+pub use kv::{ITERATE_PAGE_BYTES, ITERATE_PAGE_KEYS_DEFAULT, ITERATE_PAGE_KEYS_MAX};
+
+use std::sync::Arc;
+
+use armada_core::command::TableReply;
+use armada_core::kv::REQUEST_BYTES_MAX;
+use armada_core::TableCommand;
+use armada_proto::v1 as pb;
+use prost::Message;
+use tonic::Status;
+
+use crate::api::v1::convert::status;
+use crate::node::Node;
+use crate::ops::metrics::Metrics;
+use crate::types::{ApiError, HeaderInfo};
+
+fn check_size<T: Message>(msg: &T) -> Result<(), Status> {
+    let len = msg.encoded_len();
+    if len > REQUEST_BYTES_MAX {
+        return Err(status(&ApiError::Kv(armada_core::kv::KvError::RequestTooLarge { len: len as u64 })));
+    }
+    Ok(())
+}
+
+/// Shared by the three services.
+#[derive(Clone)]
+pub struct Api {
+    node: Arc<Node>,
+    metrics: Arc<Metrics>,
+}
+
+impl Api {
+    pub fn new(node: Arc<Node>) -> Self {
+        Self::with_metrics(node, Arc::new(Metrics::default()))
+    }
+
+    pub fn with_metrics(node: Arc<Node>, metrics: Arc<Metrics>) -> Self {
+        Self { node, metrics }
+    }
+
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    async fn write(&self, table: &str, cmd: TableCommand) -> Result<(TableReply, HeaderInfo), Status> {
+        self.node.write(table, cmd).await.map_err(|e| status(&e))
+    }
+}
+
+/// Builds a tonic router serving all armada.v1 services of `api`.
+pub fn router(api: Api) -> tonic::transport::server::Router {
+    tonic::transport::Server::builder()
+        .add_service(pb::kv_server::KvServer::new(api.clone()))
+        .add_service(pb::tables_server::TablesServer::new(api.clone()))
+        .add_service(pb::maintenance_server::MaintenanceServer::new(api.clone()))
+        .add_service(pb::cluster_server::ClusterServer::new(api))
+}

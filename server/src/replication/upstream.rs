@@ -1,0 +1,88 @@
+//! The follower side's client of the leader cluster: a list of
+//! replication endpoints, tried in turn, for forwarded writes.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use armada_core::command::TableReply;
+use armada_core::TableCommand;
+use armada_proto::replication as pb;
+
+use super::MESSAGE_BYTES_MAX;
+use crate::node::Upstream;
+use crate::types::ApiError;
+
+/// The leader cluster as a follower reaches it: a list of replication
+/// endpoints (`http://host:port`), tried in turn.
+pub struct UpstreamClient {
+    endpoints: Vec<String>,
+    next: Mutex<usize>,
+    timeout: Duration,
+}
+
+impl UpstreamClient {
+    pub fn new(endpoints: Vec<String>, timeout: Duration) -> Self {
+        Self { endpoints, next: Mutex::new(0), timeout }
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// A client for the current endpoint; `rotate` moves to the next first.
+    pub(super) async fn client(
+        &self,
+        rotate: bool,
+    ) -> Result<pb::replication_client::ReplicationClient<tonic::transport::Channel>, String> {
+        let ep = {
+            let mut n = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            if rotate {
+                *n = (*n + 1) % self.endpoints.len().max(1);
+            }
+            self.endpoints.get(*n).cloned().ok_or("no leader cluster address configured")?
+        };
+        #[cfg(not(madsim))]
+        let endpoint = crate::listen::endpoint(&ep)?;
+        // The simulated network has no socket options.
+        #[cfg(madsim)]
+        let endpoint = tonic::transport::Endpoint::from_shared(ep.clone())
+            .map_err(|e| format!("{ep}: {e}"))?
+            .connect_timeout(Duration::from_secs(1));
+        let endpoint = endpoint.timeout(self.timeout);
+        let ch = endpoint.connect().await.map_err(|e| format!("{ep}: {e}"))?;
+        Ok(pb::replication_client::ReplicationClient::new(ch)
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX))
+    }
+}
+
+#[tonic::async_trait]
+impl Upstream for UpstreamClient {
+    async fn write(&self, table: &str, cmd: TableCommand) -> Result<TableReply, ApiError> {
+        let command = postcard::to_stdvec(&cmd).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let mut last = String::new();
+        for attempt in 0..self.endpoints.len().max(1) {
+            let mut c = match self.client(attempt > 0).await {
+                Ok(c) => c,
+                // Not connected: nothing was sent, another endpoint may do.
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            let resp = c
+                .write(pb::WriteRequest { table: table.to_string(), command: command.clone() })
+                .await
+                .map_err(|s| ApiError::Indeterminate(format!("write sent to the leader cluster: {}", s.message())))?
+                .into_inner();
+            if !resp.error.is_empty() {
+                let e: ApiError = postcard::from_bytes(&resp.error)
+                    .map_err(|e| ApiError::Internal(format!("malformed error from the leader cluster: {e}")))?;
+                return Err(e);
+            }
+            return postcard::from_bytes(&resp.reply)
+                .map_err(|e| ApiError::Internal(format!("malformed reply from the leader cluster: {e}")));
+        }
+        Err(ApiError::Unavailable(format!("cannot reach the leader cluster: {last}")))
+    }
+}
