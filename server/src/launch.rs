@@ -18,30 +18,19 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::api::v1::{router, Api};
+use crate::assemble::{assemble, Assembled, Parts, Spec};
 use crate::config::ServeConfig;
 use crate::listen::{self, ListenerKind, ListenerStats};
-use crate::node::handler::RaftHandler;
 use crate::node::Node;
-use crate::ops::metrics::Metrics;
 use crate::ops::ready::Readiness;
-use crate::storage::flusher::{BatchingFlusher, RealDisk};
+use crate::storage::flusher::RealDisk;
 use crate::storage::rocks::RocksEngine;
 
 /// How long a stopping node lets in-flight requests and open streams
 /// finish before it closes their connections.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Which kind of cluster the node belongs to.
-#[derive(Debug, Clone)]
-pub enum Role {
-    /// A leader cluster node: creates the etcd table, serves follower
-    /// clusters on the replication listener.
-    Leader,
-    /// A follower cluster node streaming from these replication endpoints
-    /// of the leader cluster.
-    Follower { leader_endpoints: Vec<String> },
-}
+pub use crate::assemble::Role;
 
 /// A node could not start, or a server failed.
 #[derive(Debug, thiserror::Error)]
@@ -90,13 +79,12 @@ pub async fn launch(cfg: &ServeConfig, role: Role) -> Result<Launched, LaunchErr
         RocksEngine::open(&cfg.data_dir.join("db"))
             .map_err(|e| LaunchError::Storage { path: dir.clone(), message: e.to_string() })?,
     );
-    let flusher = Arc::new(BatchingFlusher::start(engine.clone(), Arc::new(RealDisk)));
     let transport = QuicTransport::bind(cfg.raft_address)
         .map_err(|e| LaunchError::Raft { addr: cfg.raft_address, message: e.to_string() })?;
     let api_l = listen::bind(ListenerKind::Api, cfg.api_address).await?;
     let etcd_l = listen::bind(ListenerKind::Etcd, cfg.etcd_address).await?;
     let http_l = listen::bind(ListenerKind::Http, cfg.rest_address).await?;
-    let repl_l = match role {
+    let repl_l = match &role {
         Role::Leader => Some(listen::bind(ListenerKind::Replication, cfg.replication_address).await?),
         Role::Follower { .. } => None,
     };
@@ -105,11 +93,17 @@ pub async fn launch(cfg: &ServeConfig, role: Role) -> Result<Launched, LaunchErr
         listeners.insert(l.kind(), (l.local_addr(), l.stats()));
     }
 
-    let node = Node::start(cfg.node.clone(), engine.clone(), flusher, transport.clone())
-        .await
-        .map_err(|e| LaunchError::Node(e.to_string()))?;
-    let raft_server = tokio::spawn(transport.clone().serve(Arc::new(RaftHandler { node: Arc::downgrade(&node) })));
-    let metrics = Arc::new(Metrics::default());
+    let etcd_addr = etcd_l.local_addr().to_string();
+    let spec = Spec { node: cfg.node.clone(), role, etcd_table: cfg.etcd_table.clone(), etcd_address: etcd_addr };
+    let parts = Parts {
+        engine: engine.clone(),
+        disk: Arc::new(RealDisk),
+        transport: transport.clone(),
+        hooks: Default::default(),
+    };
+    let Assembled { node, metrics, raft_handler, api, etcd, replication, follower, ensure_table } =
+        assemble(spec, parts).await.map_err(|e| LaunchError::Node(e.to_string()))?;
+    let raft_server = tokio::spawn(transport.clone().serve(raft_handler));
     let readiness = Arc::new(Readiness::new(Some(cfg.etcd_table.clone())));
     let (stop, stop_rx) = watch::channel(false);
     let stopped = move || {
@@ -120,35 +114,13 @@ pub async fn launch(cfg: &ServeConfig, role: Role) -> Result<Launched, LaunchErr
     };
 
     let mut servers: Vec<(&'static str, JoinHandle<Result<(), String>>)> = Vec::new();
-    let api = router(Api::with_metrics(node.clone(), metrics.clone()));
     servers.push(spawn_grpc("armada.v1 API", api, api_l, stopped()));
-    let etcd_addr = etcd_l.local_addr().to_string();
-    let etcd = crate::api::etcd::router(crate::api::etcd::EtcdApi::new(
-        node.clone(),
-        cfg.etcd_table.clone(),
-        metrics.clone(),
-        &etcd_addr,
-    ));
     servers.push(spawn_grpc("etcd API", etcd, etcd_l, stopped()));
     let http = crate::ops::http::serve(http_l, node.clone(), metrics.clone(), readiness.clone(), stopped());
     servers.push(("HTTP", tokio::spawn(async move { http.await.map_err(|e| e.to_string()) })));
-
-    let (ensure_table, follower) = match &role {
-        Role::Leader => {
-            let node2 = node.clone();
-            let table = cfg.etcd_table.clone();
-            let ensure = tokio::spawn(async move { crate::api::etcd::ensure_table(&node2, &table).await });
-            let repl = crate::replication::router(crate::replication::ReplicationService::new(node.clone()));
-            let listener = repl_l.expect("a leader binds its replication listener above");
-            servers.push(spawn_grpc("replication", repl, listener, stopped()));
-            (Some(ensure), None)
-        }
-        Role::Follower { leader_endpoints } => {
-            let up =
-                Arc::new(crate::replication::UpstreamClient::new(leader_endpoints.clone(), cfg.node.request_timeout));
-            (None, Some(crate::replication::Follower::start(node.clone(), up)))
-        }
-    };
+    if let (Some(repl), Some(listener)) = (replication, repl_l) {
+        servers.push(spawn_grpc("replication", repl, listener, stopped()));
+    }
     readiness.set_listeners_bound();
     info!(
         node_id = cfg.node.id,

@@ -20,11 +20,15 @@
 //! - [`ops`]: metrics, readiness and the HTTP endpoint.
 //! - [`api`]: the gRPC services: armada.v1 and etcd v3.
 //! - [`listen`]: listeners and client endpoints.
-//! - [`config`], [`launch`]: a node's configuration and its assembly.
+//! - [`assemble`]: builds a node and its services from a spec and its
+//!   adapters; the production launcher and the simulated world both call it.
+//! - [`config`], [`launch`]: the production node's configuration and its
+//!   launcher (storage, listeners, serving, graceful stop).
 //! - [`tools`]: the client tools of the `armada` binary (CLI, bench,
 //!   backup); they talk to a node over gRPC and share no state with it.
 
 pub mod api;
+pub mod assemble;
 pub mod config;
 #[cfg(all(not(madsim), feature = "rocksdb"))]
 pub mod launch;

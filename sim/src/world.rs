@@ -17,10 +17,8 @@ use armada_core::raft::{data_ns, ApplyObserver, ArmadaNode};
 use armada_core::{Command, CommandResponse, Engine, GroupId, TableCommand};
 use armada_net::sim::{SimFaults, SimTransport};
 use armada_proto::v1 as pb;
-use armada_server::api::v1::{router, Api};
-use armada_server::node::handler::RaftHandler;
+use armada_server::assemble::{assemble, Assembled, Parts, Role, Spec};
 use armada_server::node::{Node, NodeConfig, NodeHooks, RaftTuning};
-use armada_server::storage::flusher::BatchingFlusher;
 use madsim::net::NetSim;
 use madsim::runtime::Handle;
 use madsim::task::NodeId;
@@ -29,6 +27,7 @@ use tonic::transport::Channel;
 use crate::checks::{self, ApplyLog, LeaderLog};
 
 mod disk;
+mod etcd;
 mod followers;
 pub mod probes;
 use crate::history::{CasBy, Op, OpKind, OpResult, Outcome};
@@ -86,6 +85,9 @@ pub struct Report {
     pub model_checked: (u64, u64),
     /// Hits of every coverage probe, in `Probe::ALL` order.
     pub probes: Vec<(armada_core::probe::Probe, u64)>,
+    /// Client operations sent through the etcd v3 API (the rest used
+    /// armada.v1).
+    pub etcd_ops: u64,
 }
 
 /// A client request's deadline; past it the outcome is indefinite.
@@ -121,6 +123,8 @@ struct Shared {
     stops: Mutex<Vec<String>>,
     /// M1: the leader cluster's table logs run through the reference model.
     models: Mutex<checks::ModelLog>,
+    /// Client operations sent through the etcd v3 API.
+    etcd_ops: Mutex<u64>,
 }
 
 impl Shared {
@@ -259,6 +263,12 @@ fn key_name(i: u32) -> String {
     format!("k{i:04}")
 }
 
+/// The table every node's etcd v3 API serves: the scenario's first table,
+/// so that clients of both APIs meet on it (and the same checkers cover it).
+const ETCD_TABLE: &str = "t0";
+/// The etcd v3 API's port on every node.
+const ETCD_PORT: u16 = 2379;
+
 fn table_name(i: u32) -> String {
     format!("t{i}")
 }
@@ -316,7 +326,6 @@ async fn node_main(
     if starts.load(Ordering::SeqCst) > 1 {
         check_stored_logs(&shared, cluster, id, &*engine);
     }
-    let flusher = Arc::new(BatchingFlusher::start(engine.clone(), Arc::new(SimDisk(disk.clone()))));
     let transport = Arc::new(
         SimTransport::new(SimFaults { duplicate_rate: sc.faults.duplicate_rate })
             .await
@@ -328,42 +337,59 @@ async fn node_main(
         shared: shared.clone(),
         repl: followers::ReplObserver::new(cluster, engine.clone(), sc.followers.is_some()),
     };
-    let hooks = NodeHooks { apply_observer: Some(Arc::new(observer)) };
     let me = cfg.me().cloned().expect("the node is a member");
-    let node = match Node::start_with(cfg, engine, flusher, transport, hooks).await {
-        Ok(n) => n,
-        Err(e) => {
-            // Only a failed disk may stop a start (the reaper checks).
-            shared.disks.stopped(madsim::plugin::node(), format!("start failed: {e}"));
-            return;
-        }
+    let ip = me.api_addr.split(':').next().expect("simulated addresses are host:port").to_string();
+    // Leader cluster nodes serve follower clusters; follower nodes stream
+    // through their cluster's WAN proxy.
+    let role = if cluster == 0 {
+        Role::Leader
+    } else {
+        Role::Follower { leader_endpoints: followers::upstream_endpoints(cluster, leader_nodes) }
     };
+    let spec = Spec { node: cfg, role, etcd_table: ETCD_TABLE.to_string(), etcd_address: format!("{ip}:{ETCD_PORT}") };
+    let parts = Parts {
+        engine,
+        disk: Arc::new(SimDisk(disk.clone())),
+        transport,
+        hooks: NodeHooks { apply_observer: Some(Arc::new(observer)) },
+    };
+    let Assembled { node, raft_handler, api, etcd, replication, follower, ensure_table, .. } =
+        match assemble(spec, parts).await {
+            Ok(a) => a,
+            Err(e) => {
+                // Only a failed disk may stop a start (the reaper checks).
+                shared.disks.stopped(madsim::plugin::node(), format!("start failed: {e}"));
+                return;
+            }
+        };
+    // Dropped (and aborted) with this task when the node is killed.
+    let _follower = follower;
+    let _ensure_table = ensure_table.map(AbortOnDrop);
     shared.registry.lock().unwrap_or_else(|p| p.into_inner()).insert(key, Arc::downgrade(&node));
-    // Leader cluster nodes serve follower clusters; follower nodes stream.
-    let _follower = if cluster == 0 {
-        let svc = armada_server::replication::ReplicationService::new(node.clone());
-        let addr: SocketAddr =
-            format!("{}:{}", cluster_ip(0, id), followers::REPLICATION_PORT).parse().expect("valid address");
+    if let Some(repl) = replication {
+        let addr: SocketAddr = format!("{ip}:{}", followers::REPLICATION_PORT).parse().expect("valid address");
         tokio::spawn(async move {
-            if let Err(e) = armada_server::replication::router(svc).serve(addr).await {
+            if let Err(e) = repl.serve(addr).await {
                 tracing::warn!("replication server stopped: {e}");
             }
         });
-        None
-    } else {
-        Some(followers::start_follower(node.clone(), cluster, leader_nodes))
-    };
+    }
     let raft_addr: SocketAddr = me.raft_addr.parse().expect("simulated addresses are well-formed");
-    let handler = Arc::new(RaftHandler { node: Arc::downgrade(&node) });
     tokio::spawn(async move {
-        if let Err(e) = armada_net::sim::serve(raft_addr, handler).await {
+        if let Err(e) = armada_net::sim::serve(raft_addr, raft_handler).await {
             tracing::warn!("raft transport stopped: {e}");
+        }
+    });
+    let etcd_addr: SocketAddr = format!("{ip}:{ETCD_PORT}").parse().expect("valid address");
+    tokio::spawn(async move {
+        if let Err(e) = etcd.serve(etcd_addr).await {
+            tracing::warn!("etcd server stopped: {e}");
         }
     });
     let api_addr: SocketAddr = me.api_addr.parse().expect("simulated addresses are well-formed");
     let failed = node.clone();
     tokio::select! {
-        r = router(Api::new(node)).serve(api_addr) => {
+        r = api.serve(api_addr) => {
             if let Err(e) = r {
                 tracing::warn!("api server stopped: {e:?}");
             }
@@ -375,28 +401,55 @@ async fn node_main(
     }
 }
 
-/// A client's connections, one per node, made on first use.
+/// Aborts a task when dropped (a killed node's tasks end with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A client's connections, one per node and API, made on first use.
 struct Conns {
     members: BTreeMap<u64, ArmadaNode>,
     kv: BTreeMap<u64, pb::kv_client::KvClient<Channel>>,
+    etcd: BTreeMap<u64, etcd::EtcdKv>,
+}
+
+/// A channel to `addr`, or `None` if it cannot be made in time.
+async fn connect(addr: &str) -> Option<Channel> {
+    let ep =
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?.connect_timeout(Duration::from_secs(1));
+    tokio::time::timeout(Duration::from_secs(2), ep.connect()).await.ok()?.ok()
 }
 
 impl Conns {
+    fn new(members: BTreeMap<u64, ArmadaNode>) -> Self {
+        Conns { members, kv: BTreeMap::new(), etcd: BTreeMap::new() }
+    }
     async fn kv(&mut self, node: u64) -> Option<pb::kv_client::KvClient<Channel>> {
         if let Some(c) = self.kv.get(&node) {
             return Some(c.clone());
         }
-        let addr = &self.members.get(&node)?.api_addr;
-        let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .ok()?
-            .connect_timeout(Duration::from_secs(1));
-        let ch = tokio::time::timeout(Duration::from_secs(2), ep.connect()).await.ok()?.ok()?;
-        let c = pb::kv_client::KvClient::new(ch);
+        let c = pb::kv_client::KvClient::new(connect(&self.members.get(&node)?.api_addr).await?);
         self.kv.insert(node, c.clone());
+        Some(c)
+    }
+    /// The node's etcd v3 KV service (same host as its armada.v1 API).
+    async fn etcd(&mut self, node: u64) -> Option<etcd::EtcdKv> {
+        if let Some(c) = self.etcd.get(&node) {
+            return Some(c.clone());
+        }
+        let api = &self.members.get(&node)?.api_addr;
+        let host = api.split(':').next()?;
+        let c = etcd::EtcdKv::new(connect(&format!("{host}:{ETCD_PORT}")).await?);
+        self.etcd.insert(node, c.clone());
         Some(c)
     }
     fn drop_conn(&mut self, node: u64) {
         self.kv.remove(&node);
+        self.etcd.remove(&node);
     }
 }
 
@@ -660,8 +713,18 @@ async fn perform_many(conns: &mut Conns, node: u64, table: &str, puts: &[(String
     classify(conns, node, true, result)
 }
 
+/// Whether an operation on `table` goes through the etcd API (part of the
+/// operations on the etcd table, drawn from the seed); counts those.
+fn via_etcd(shared: &Shared, table: &str) -> bool {
+    if table != ETCD_TABLE || rand_range(1, 100) > etcd::ETCD_SHARE_PCT {
+        return false;
+    }
+    *shared.etcd_ops.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    true
+}
+
 async fn client_main(cid: u32, sc: Scenario, members: BTreeMap<u64, ArmadaNode>, shared: Arc<Shared>, until_ns: u64) {
-    let mut conns = Conns { members, kv: BTreeMap::new() };
+    let mut conns = Conns::new(members);
     let w = &sc.workload;
     let reader = cid < w.readers;
     let weights = w.weights_of(cid);
@@ -722,7 +785,11 @@ async fn client_main(cid: u32, sc: Scenario, members: BTreeMap<u64, ArmadaNode>,
                 let puts: Vec<(String, String)> =
                     (0..n).map(|i| (key_name((first + i) % sc.keys), format!("{fresh}/{i}"))).collect();
                 let invoke_ns = shared.now_ns();
-                let outcome = perform_many(&mut conns, node, &table, &puts).await;
+                let outcome = if via_etcd(&shared, &table) {
+                    etcd::perform_many(&mut conns, node, &puts).await
+                } else {
+                    perform_many(&mut conns, node, &table, &puts).await
+                };
                 let complete_ns = shared.now_ns();
                 for (key, value) in puts {
                     if let Outcome::Ok(r) = &outcome {
@@ -743,7 +810,11 @@ async fn client_main(cid: u32, sc: Scenario, members: BTreeMap<u64, ArmadaNode>,
             }
         };
         let invoke_ns = shared.now_ns();
-        let outcome = perform(&mut conns, node, &table, &kind).await;
+        let outcome = if via_etcd(&shared, &table) {
+            etcd::perform(&mut conns, node, &kind).await
+        } else {
+            perform(&mut conns, node, &table, &kind).await
+        };
         let complete_ns = shared.now_ns();
         if let Outcome::Ok(r) = &outcome {
             let revs = seen_revs.entry(table.clone()).or_default();
@@ -1180,7 +1251,7 @@ fn diagnose(shared: &Shared) -> String {
 /// After faults heal: every table commits a write, every node applies it,
 /// and the final state of every key is read linearizably.
 async fn liveness_and_final_reads(sc: Scenario, members: BTreeMap<u64, ArmadaNode>, shared: Arc<Shared>) {
-    let mut conns = Conns { members, kv: BTreeMap::new() };
+    let mut conns = Conns::new(members);
     let fail = |m: String| shared.liveness.lock().unwrap_or_else(|p| p.into_inner()).push(m);
     for t in 0..sc.tables {
         let table = table_name(t);
@@ -1765,6 +1836,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
                 disks: Default::default(),
                 stops: Mutex::new(Vec::new()),
                 models: Mutex::new(Default::default()),
+                etcd_ops: Mutex::new(0),
             });
             shared.trace_str(&sc2.name);
             world(sc2, shared.clone()).await;
@@ -1804,6 +1876,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
                 backups_checked: 0,
                 model_checked: (0, 0),
                 probes: probe_hits,
+                etcd_ops: 0,
             };
         }
     };
@@ -1872,6 +1945,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
         (a.applied_count, a.snapshots_installed, a.installs_resumed)
     };
     let backups_checked = *shared.backups_checked.lock().unwrap_or_else(|p| p.into_inner());
+    let etcd_ops = *shared.etcd_ops.lock().unwrap_or_else(|p| p.into_inner());
     Report {
         seed,
         verdict,
@@ -1891,5 +1965,6 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
         backups_checked,
         model_checked,
         probes: probe_hits,
+        etcd_ops,
     }
 }

@@ -19,7 +19,6 @@
 use std::sync::atomic::AtomicU64;
 
 use armada_core::mvcc::replication::{ChangesFrom, Mutation};
-use armada_server::replication::{Follower, UpstreamClient};
 
 use super::*;
 
@@ -307,11 +306,10 @@ pub(super) async fn proxy_main(leader_nodes: u64, wan: Arc<Wan>) {
     }
 }
 
-/// Starts the follower side of a node.
-pub(super) fn start_follower(node: Arc<Node>, cluster: u64, leader_nodes: u64) -> Arc<Follower> {
-    let endpoints =
-        (1..=leader_nodes).map(|i| format!("http://{}:{}", proxy_ip(cluster), PROXY_PORT_BASE + i as u16)).collect();
-    Follower::start(node, Arc::new(UpstreamClient::new(endpoints, Duration::from_secs(2))))
+/// The leader cluster's replication endpoints as follower cluster
+/// `cluster` reaches them: through its WAN proxy.
+pub(super) fn upstream_endpoints(cluster: u64, leader_nodes: u64) -> Vec<String> {
+    (1..=leader_nodes).map(|i| format!("http://{}:{}", proxy_ip(cluster), PROXY_PORT_BASE + i as u16)).collect()
 }
 
 /// A follower client: sticks to one node of its follower cluster.
@@ -326,7 +324,7 @@ pub(super) async fn follower_client(
     let fl = sc.followers.clone().expect("follower scenario");
     let api = format!("{}:8443", cluster_ip(cluster, home));
     let members = BTreeMap::from([(home, ArmadaNode { raft_addr: String::new(), api_addr: api })]);
-    let mut conns = Conns { members, kv: BTreeMap::new() };
+    let mut conns = Conns::new(members);
     let weights = [fl.put, fl.get, fl.serializable_get];
     let mut seq = 0u64;
     while shared.now_ns() < until_ns {
