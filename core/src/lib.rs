@@ -15,6 +15,7 @@
 
 pub mod backup;
 pub mod canary;
+pub mod codec;
 pub mod command;
 pub mod compaction;
 pub mod engine;
