@@ -3,13 +3,15 @@
 //! while the table keeps serving), and a reader that checks it as bytes
 //! arrive. Sans-IO: callers move the bytes (a gRPC stream, a file).
 //!
-//! Format, version 1:
+//! Format, version 2 (version 1, read too, differs only in the values: they
+//! had no format version byte, and a reader adds it; see [`crate::codec`]):
 //!
 //! ```text
 //! file   := "ARMADABK" version:u32be frame*
 //! frame  := length:u32be postcard(Frame)
 //! Frame  := Header { table, revision, compacted, source_node, taken_unix_ms }
-//!         | Pairs [(key, value)]          keys relative to the table's data namespace
+//!         | Pairs [(key, value)]          keys relative to the table's data namespace,
+//!                                         values as the engine stores them (versioned records)
 //!         | End { pairs, checksum }       FNV-1a over the header frame's bytes and every pair
 //! ```
 //!
@@ -28,8 +30,10 @@ use crate::snapshot::{ChunkReader, GroupView};
 
 /// The first bytes of every backup file.
 pub const MAGIC: &[u8; 8] = b"ARMADABK";
-/// The format this code writes; it reads this one only.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format this code writes.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format this code reads.
+pub const FORMAT_VERSION_OLDEST: u32 = 1;
 /// Largest frame a reader accepts (a writer's frames are about one chunk).
 pub const FRAME_BYTES_MAX: usize = 64 << 20;
 
@@ -60,7 +64,10 @@ enum Frame {
 pub enum BackupError {
     #[error("not an Armada backup (the file does not start with {MAGIC:?})")]
     NotABackup,
-    #[error("backup format version {0} is not supported (this build reads version {FORMAT_VERSION})")]
+    #[error(
+        "backup format version {0} is not supported (this build reads versions {FORMAT_VERSION_OLDEST} to \
+         {FORMAT_VERSION})"
+    )]
     Version(u32),
     #[error("corrupt backup: {0}")]
     Corrupt(String),
@@ -198,6 +205,8 @@ pub struct BackupReader {
     total: u64,
     /// Bytes after the end frame (at most an etcd trailer).
     tail: Vec<u8>,
+    /// The file's format version (known once the first 12 bytes are in).
+    version: u32,
 }
 
 impl BackupReader {
@@ -228,9 +237,10 @@ impl BackupReader {
                 return Err(BackupError::NotABackup);
             }
             let version = u32::from_be_bytes(self.buf[8..12].try_into().expect("4 bytes"));
-            if version != FORMAT_VERSION {
+            if !(FORMAT_VERSION_OLDEST..=FORMAT_VERSION).contains(&version) {
                 return Err(BackupError::Version(version));
             }
+            self.version = version;
             self.buf.drain(..12);
             self.started = true;
         }
@@ -255,11 +265,18 @@ impl BackupReader {
                     self.hash.write_bytes(whole);
                     events.push(BackupEvent::Header(h));
                 }
-                Frame::Pairs(p) if self.header_seen => {
+                Frame::Pairs(mut p) if self.header_seen => {
                     for (k, v) in &p {
                         hash_pair(&mut self.hash, k, v);
                     }
                     self.pairs += p.len() as u64;
+                    if self.version == 1 {
+                        // Values from before records had format versions
+                        // (the checksum covers them as written).
+                        for (_, v) in p.iter_mut() {
+                            *v = crate::codec::upgrade_v0(v);
+                        }
+                    }
                     events.push(BackupEvent::Pairs(p));
                 }
                 Frame::End { pairs, checksum } if self.header_seen => {
@@ -336,15 +353,19 @@ impl<'e> Restorer<'e> {
     /// Fails unless the engine is empty.
     pub fn new(engine: &'e dyn Engine) -> Result<Self, BackupError> {
         let mut any = false;
-        engine.scan(&[], &[0xff; 9], &mut |_, _| {
-            any = true;
-            false
+        engine.scan(&[], &[0xff; 9], &mut |k, _| {
+            // Only the format marker: an empty directory.
+            any = k != crate::codec::FORMAT_KEY;
+            !any
         })?;
         if any {
             return Err(BackupError::Restore(
                 "the data directory already holds data; restore into a new, empty one".into(),
             ));
         }
+        // Mark the directory with the format of the records restored into
+        // it (an unmarked directory with data is taken for version 0).
+        crate::codec::open_storage(engine).map_err(|e| BackupError::Restore(e.to_string()))?;
         Ok(Self { engine, table: None, batch: WriteBatch::new() })
     }
 
@@ -464,6 +485,9 @@ mod tests {
             id = r.apply(e).unwrap().or(id);
         }
         let id = id.expect("restored");
+        // Marked with the current format: a node opening it must not take
+        // the restored records for unversioned ones.
+        assert_eq!(crate::codec::open_storage(&dst).unwrap(), crate::codec::Opened::Current);
         assert_eq!(Catalog::new(&dst, data_ns(GroupId::META)).get("users").unwrap().map(|t| t.id), Some(id));
         for rev in [150, 200, 301, 0] {
             assert_eq!(range_at(&dst, id, rev), range_at(&*src, g, rev), "at revision {rev}");
@@ -475,14 +499,56 @@ mod tests {
         assert!(matches!(Restorer::new(&dst), Err(BackupError::Restore(_))));
     }
 
+    /// A version-1 file (values without a format version byte, as releases
+    /// before record versions wrote them) restores to the same table.
+    #[test]
+    fn a_version_1_backup_restores_like_the_current_format() {
+        let (src, g) = source(120);
+        let (bytes, _) = backup_bytes(&*src, g, 2_000);
+        let events = read_all(&bytes, 4096).unwrap();
+        // Rewrite it as version 1: the same frames, values unversioned.
+        let mut v1 = MAGIC.to_vec();
+        v1.extend_from_slice(&1u32.to_be_bytes());
+        let mut hash = Fnv64::new();
+        let mut pairs = 0u64;
+        for e in &events {
+            match e {
+                BackupEvent::Header(h) => {
+                    let f = frame_bytes(&Frame::Header(h.clone()));
+                    hash.write_bytes(&f);
+                    v1.extend(f);
+                }
+                BackupEvent::Pairs(p) => {
+                    let old: Vec<Pair> = p.iter().map(|(k, v)| (k.clone(), v[1..].to_vec())).collect();
+                    for (k, v) in &old {
+                        hash_pair(&mut hash, k, v);
+                    }
+                    pairs += old.len() as u64;
+                    v1.extend(frame_bytes(&Frame::Pairs(old)));
+                }
+                BackupEvent::End { .. } => v1.extend(frame_bytes(&Frame::End { pairs, checksum: hash.finish() })),
+            }
+        }
+        let dst = MemEngine::new();
+        let mut r = Restorer::new(&dst).unwrap();
+        let mut id = None;
+        for e in read_all(&v1, 333).unwrap() {
+            id = r.apply(e).unwrap().or(id);
+        }
+        let id = id.expect("restored");
+        for rev in [60, 100, 121, 0] {
+            assert_eq!(range_at(&dst, id, rev), range_at(&*src, g, rev), "at revision {rev}");
+        }
+    }
+
     #[test]
     fn damaged_backups_are_refused_with_the_reason() {
         let (src, g) = source(100);
         let (bytes, _) = backup_bytes(&*src, g, 1_000);
         assert!(matches!(read_all(b"PK\x03\x04 not a backup", 3), Err(BackupError::NotABackup)));
-        let mut v2 = bytes.clone();
-        v2[11] = 2;
-        assert!(matches!(read_all(&v2, 100), Err(BackupError::Version(2))));
+        let mut v3 = bytes.clone();
+        v3[11] = 3;
+        assert!(matches!(read_all(&v3, 100), Err(BackupError::Version(3))));
         // Truncated anywhere: never accepted.
         for cut in [12, 40, bytes.len() / 2, bytes.len() - 1] {
             assert!(read_all(&bytes[..cut], 64).is_err(), "cut at {cut}");

@@ -245,9 +245,7 @@ impl<'e> Catalog<'e> {
 
     pub fn get(&self, name: &str) -> Result<Option<TableInfo>, EngineError> {
         match self.engine.get(&self.table_key(name))? {
-            Some(v) => {
-                postcard::from_bytes(&v).map(Some).map_err(|e| EngineError::Corrupt(format!("catalog entry: {e}")))
-            }
+            Some(v) => crate::codec::decode(&v, "catalog entry").map(Some).map_err(EngineError::from),
             None => Ok(None),
         }
     }
@@ -260,13 +258,13 @@ impl<'e> Catalog<'e> {
         hi.push(b't' + 1);
         let mut out = Vec::new();
         let mut err = None;
-        self.engine.scan(&lo, &hi, &mut |_, v| match postcard::from_bytes(v) {
+        self.engine.scan(&lo, &hi, &mut |_, v| match crate::codec::decode(v, "catalog entry") {
             Ok(t) => {
                 out.push(t);
                 true
             }
             Err(e) => {
-                err = Some(EngineError::Corrupt(format!("catalog entry: {e}")));
+                err = Some(EngineError::from(e));
                 false
             }
         })?;
@@ -287,15 +285,13 @@ impl<'e> Catalog<'e> {
                     return Ok((batch, Err(MetaError::TableExists(name.clone()))));
                 }
                 let counters = match self.engine.get(&self.counters_key())? {
-                    Some(v) => {
-                        postcard::from_bytes(&v).map_err(|e| EngineError::Corrupt(format!("catalog counters: {e}")))?
-                    }
+                    Some(v) => crate::codec::decode(&v, "catalog counters").map_err(EngineError::from)?,
                     None => CatalogCounters { next_table_id: 1 },
                 };
                 let info = TableInfo { name: name.clone(), id: GroupId(counters.next_table_id) };
                 let next = CatalogCounters { next_table_id: counters.next_table_id + 1 };
-                batch.put(self.counters_key(), postcard::to_stdvec(&next).expect("encoding plain data cannot fail"));
-                batch.put(self.table_key(name), postcard::to_stdvec(&info).expect("encoding plain data cannot fail"));
+                batch.put(self.counters_key(), crate::codec::encode(&next));
+                batch.put(self.table_key(name), crate::codec::encode(&info));
                 Ok(MetaReply::Created(info))
             }
             MetaCommand::DeleteTable { name } => match self.get(name)? {

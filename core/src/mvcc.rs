@@ -90,12 +90,13 @@ pub enum MvccError {
     Engine(#[from] EngineError),
 }
 
+/// A stored record (see [`crate::codec`]).
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    postcard::to_stdvec(v).expect("postcard encodes plain structs of owned data without failing")
+    crate::codec::encode(v)
 }
 
 fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, EngineError> {
-    postcard::from_bytes(bytes).map_err(|e| EngineError::Corrupt(format!("{what}: {e}")))
+    Ok(crate::codec::decode(bytes, what)?)
 }
 
 /// Appends the order-preserving, prefix-free encoding of `key` to `out`.

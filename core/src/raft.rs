@@ -145,8 +145,10 @@ fn decode_entries<T: for<'a> Deserialize<'a>>(
 /// [`stored_log`] gives for the stored copy).
 fn entry_digest<L: Serialize, P: Serialize>(log_id: &L, payload: &P) -> u64 {
     let mut h = crate::mvcc::Fnv64::new();
-    h.write_bytes(&enc(log_id));
-    h.write_bytes(&enc(payload));
+    // Plain postcard: a digest compares entries in memory and is never
+    // stored, so it does not carry a format version.
+    h.write_bytes(&postcard::to_stdvec(log_id).expect("postcard encodes a log id"));
+    h.write_bytes(&postcard::to_stdvec(payload).expect("postcard encodes a log entry's payload"));
     h.finish()
 }
 
@@ -273,12 +275,13 @@ fn io_err(e: EngineError) -> io::Error {
     io::Error::other(e.to_string())
 }
 
+/// A stored record (see [`crate::codec`]).
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
-    postcard::to_stdvec(v).expect("postcard encodes owned, in-memory values without failing")
+    crate::codec::encode(v)
 }
 
 fn dec<'a, T: Deserialize<'a>>(b: &'a [u8], what: &str) -> Result<T, io::Error> {
-    postcard::from_bytes(b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("corrupt {what}: {e}")))
+    crate::codec::decode(b, what).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// The Raft log of one group. Cheap to clone; clones share the engine.

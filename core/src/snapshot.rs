@@ -528,7 +528,7 @@ pub fn begin_install(
     let marker = InstallMarker { staging: staged.id, applied };
     gate.close();
     let mut b = WriteBatch::new();
-    b.put(marker_key(group), postcard::to_stdvec(&marker).expect("postcard encodes an install marker"));
+    b.put(marker_key(group), crate::codec::encode(&marker));
     let (lo, hi) = data_range(group);
     b.delete_range(lo, hi);
     engine.write(b)?;
@@ -611,8 +611,7 @@ pub fn recover(engine: Arc<dyn Engine>, group: GroupId, batch_bytes: usize) -> R
         }
         return Ok(false);
     };
-    let marker: InstallMarker = postcard::from_bytes(&bytes)
-        .map_err(|e| EngineError::Corrupt(format!("snapshot install marker of group {group}: {e}")))?;
+    let marker: InstallMarker = crate::codec::decode(&bytes, &format!("snapshot install marker of group {group}"))?;
     // The copy may have been partly done: start it over.
     let mut b = WriteBatch::new();
     let (lo, hi) = data_range(group);

@@ -154,6 +154,16 @@ impl Node {
         if cfg.me().is_none() {
             return Err(ApiError::Internal(format!("node {} is not among the initial members", cfg.id)));
         }
+        // Before anything reads the engine: check (or upgrade) the format
+        // of its values.
+        match armada_core::codec::open_storage(&*engine) {
+            Ok(armada_core::codec::Opened::Upgraded { values }) => {
+                engine.sync().map_err(|e| ApiError::Internal(format!("syncing the upgraded storage: {e}")))?;
+                tracing::info!(values, "upgraded the data directory to format {}", armada_core::codec::FORMAT);
+            }
+            Ok(_) => {}
+            Err(e) => return Err(ApiError::Internal(format!("opening storage: {e}"))),
+        }
         let notifier = Arc::new(Notifier {
             inner: hooks.apply_observer.clone(),
             leader_revisions: Default::default(),

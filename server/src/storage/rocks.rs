@@ -335,8 +335,12 @@ mod tests {
             std::process::abort();
         }
         let dir = tempdir("crash-recycled");
+        // This test's name, from wherever the module sits (a stale name once
+        // made the child run no test and exit 0).
+        let (_, module) = module_path!().split_once("::").expect("a crate-qualified module path");
+        let name = format!("{module}::synced_writes_survive_a_crash_with_recycled_wal_files");
         let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "rocks::tests::synced_writes_survive_a_crash_with_recycled_wal_files", "--nocapture"])
+            .args(["--exact", name.as_str(), "--nocapture"])
             .env(CHILD, &dir)
             .output()
             .unwrap();
