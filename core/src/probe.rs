@@ -105,7 +105,7 @@ pub enum Probe {
     SyncSlowed,
     /// A replica received a Raft snapshot no newer than what it had
     /// already applied (openraft answers without installing it; the
-    /// replica syncs its log first, see `server/src/network.rs`).
+    /// replica syncs its log first, see `server/src/node/handler.rs`).
     SnapshotAlreadyApplied,
     /// The simulator made a node's Raft clock run fast, or slow, or jump
     /// forward (its clock fault).

@@ -388,7 +388,11 @@ async fn node_main(
     });
     let api_addr: SocketAddr = me.api_addr.parse().expect("simulated addresses are well-formed");
     let failed = node.clone();
+    // Biased: an unbiased select picks its first branch from tokio's own
+    // generator, seeded outside the simulation (disks-3 seed 1 ran two ways
+    // in two processes; see `ci/check-modules`).
     tokio::select! {
+        biased;
         r = api.serve(api_addr) => {
             if let Err(e) = r {
                 tracing::warn!("api server stopped: {e:?}");
