@@ -283,3 +283,28 @@ fn check_messages(dir: &Path) {
         assert_eq!(&again, &want[k], "{name}: {k} decodes to what this build encodes");
     }
 }
+
+/// A data directory in a format this build does not know (a newer
+/// release's) stops the node's start with a message saying so, and is left
+/// as it was.
+#[tokio::test(flavor = "current_thread")]
+async fn a_data_directory_of_an_unknown_format_is_refused() {
+    let engine: Arc<dyn Engine> = Arc::new(MemEngine::new());
+    let mut batch = armada_core::engine::WriteBatch::new();
+    batch.put(armada_core::codec::FORMAT_KEY.to_vec(), vec![armada_core::codec::FORMAT + 1]);
+    batch.put(b"g-something".to_vec(), b"\x02newer".to_vec());
+    engine.write(batch).expect("write");
+    let router = LocalRouter::new();
+    let members: BTreeMap<u64, ArmadaNode> =
+        [(1, ArmadaNode { raft_addr: "raft-1".into(), api_addr: "api-1".into() })].into();
+    let cfg = NodeConfig { id: 1, members, raft: RaftTuning::default(), request_timeout: Duration::from_secs(5) };
+    let err =
+        match Node::start(cfg, engine.clone(), Arc::new(InlineFlusher(engine.clone())), Arc::new(router.transport()))
+            .await
+        {
+            Ok(_) => panic!("a node started over a directory of format {}", armada_core::codec::FORMAT + 1),
+            Err(e) => e.to_string(),
+        };
+    assert!(err.contains("format version 2, which this build cannot read"), "{err}");
+    assert_eq!(engine.get(b"g-something").expect("get"), Some(b"\x02newer".to_vec()), "the directory was changed");
+}
