@@ -68,10 +68,13 @@ pub enum Canary {
     /// limit, a sort, keys or count only), takes the serializable path and
     /// skips the read index; a plain single-key read does not.
     QuerySkipsReadIndex = 22,
+    /// The etcd API serves every Range as serializable (it ignores the
+    /// request's `serializable = false`); armada.v1 reads stay linearizable.
+    EtcdReadsSerializable = 23,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 22] = [
+    pub const ALL: [Canary; 23] = [
         Canary::AckBeforeFsync,
         Canary::StaleRead,
         Canary::ReuseRevision,
@@ -94,6 +97,7 @@ impl Canary {
         Canary::EmptyDeleteTakesRevision,
         Canary::LimitBeforeSort,
         Canary::QuerySkipsReadIndex,
+        Canary::EtcdReadsSerializable,
     ];
 
     pub fn name(self) -> &'static str {
@@ -120,6 +124,7 @@ impl Canary {
             Canary::EmptyDeleteTakesRevision => "empty-delete-takes-revision",
             Canary::LimitBeforeSort => "limit-before-sort",
             Canary::QuerySkipsReadIndex => "query-skips-read-index",
+            Canary::EtcdReadsSerializable => "etcd-reads-serializable",
         }
     }
 

@@ -24,7 +24,7 @@ impl pb::kv_server::Kv for EtcdApi {
                 check_size(&r)?;
                 let req = range_in(&r)?;
                 let (resp, h) =
-                    self.node.range(&self.table, &req, r.serializable).await.map_err(|e| etcd_status(&e))?;
+                    self.node.range(&self.table, &req, serializable(&r)).await.map_err(|e| etcd_status(&e))?;
                 Ok(Response::new(self.range_out(resp, h)))
             })
             .await
@@ -88,4 +88,10 @@ impl pb::kv_server::Kv for EtcdApi {
             })
             .await
     }
+}
+
+/// Whether a Range may be served from this node's applied state (the etcd
+/// reads serializable canary makes every Range so).
+fn serializable(r: &pb::RangeRequest) -> bool {
+    r.serializable || armada_core::canary::active(armada_core::canary::Canary::EtcdReadsSerializable)
 }
