@@ -386,6 +386,21 @@ impl SnapshotReceiver {
     /// Stages one chunk. After the last chunk, checks the whole stream and
     /// returns the staged snapshot.
     pub fn accept(&mut self, chunk: SnapshotChunk) -> Result<Option<StagedSnapshot>, SnapshotError> {
+        self.accept_as(chunk, false)
+    }
+
+    /// [`SnapshotReceiver::accept`] for a chunk from a node of the release
+    /// before record formats: its values are version 0. They are checked
+    /// as sent and staged as current records (see [`crate::codec`]).
+    pub fn accept_unversioned(&mut self, chunk: SnapshotChunk) -> Result<Option<StagedSnapshot>, SnapshotError> {
+        self.accept_as(chunk, true)
+    }
+
+    fn accept_as(
+        &mut self,
+        chunk: SnapshotChunk,
+        upgrade_values: bool,
+    ) -> Result<Option<StagedSnapshot>, SnapshotError> {
         if chunk.seq != self.next_seq {
             return Err(SnapshotError::OutOfOrder { expected: self.next_seq, got: chunk.seq });
         }
@@ -404,7 +419,7 @@ impl SnapshotReceiver {
             let mut key = Vec::with_capacity(prefix.len() + k.len());
             key.extend_from_slice(&prefix);
             key.extend_from_slice(&k);
-            b.put(key, v);
+            b.put(key, if upgrade_values { crate::codec::upgrade_v0(&v) } else { v });
             pairs += 1;
         }
         if !b.is_empty() {

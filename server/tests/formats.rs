@@ -145,9 +145,10 @@ fn dump(engine: &dyn Engine) -> Vec<(Vec<u8>, Vec<u8>)> {
     pairs
 }
 
-/// Representative inter-node messages, by name.
+/// Representative inter-node messages, by name, as this build sends them.
 fn messages() -> Vec<(&'static str, Vec<u8>)> {
-    use armada_server::node::wire::{encode, Envelope, RaftReply, RaftRequest};
+    use armada_server::node::wire::{encode_payload, encode_reply, encode_request, WIRE_FORMAT};
+    use armada_server::node::wire::{Envelope, RaftReply, RaftRequest};
     let req = ClientRequest::Write { table: "alpha".into(), cmd: put("k", "v"), hops: 1 };
     let forward = Envelope { group: armada_core::GroupId(7), request: RaftRequest::Client { id: (42, 9), req } };
     let range = ClientRequest::Range {
@@ -161,19 +162,16 @@ fn messages() -> Vec<(&'static str, Vec<u8>)> {
     let reply_err = RaftReply::Client(Err(ApiError::TableNotFound("gone".into())));
     let refused = RaftReply::Refused("stopping".into());
     let resume = Envelope { group: armada_core::GroupId(3), request: RaftRequest::SnapshotResume { stream: 77 } };
+    let compacted = TableReply::Compact(armada_core::kv::CompactResponse { revision: 5 });
     vec![
-        ("forward-write", encode(&forward)),
-        ("forward-range", encode(&forward_range)),
-        ("reply-error", encode(&reply_err)),
-        ("reply-refused", encode(&refused)),
-        ("snapshot-resume", encode(&resume)),
-        ("replication-command", postcard::to_stdvec(&put("key", "value")).expect("encodes")),
-        (
-            "replication-reply",
-            postcard::to_stdvec(&TableReply::Compact(armada_core::kv::CompactResponse { revision: 5 }))
-                .expect("encodes"),
-        ),
-        ("replication-error", postcard::to_stdvec(&ApiError::Unavailable("no leader".into())).expect("encodes")),
+        ("forward-write", encode_request(&forward)),
+        ("forward-range", encode_request(&forward_range)),
+        ("reply-error", encode_reply(&reply_err, WIRE_FORMAT)),
+        ("reply-refused", encode_reply(&refused, WIRE_FORMAT)),
+        ("snapshot-resume", encode_request(&resume)),
+        ("replication-command", encode_payload(&put("key", "value"), WIRE_FORMAT)),
+        ("replication-reply", encode_payload(&compacted, WIRE_FORMAT)),
+        ("replication-error", encode_payload(&ApiError::Unavailable("no leader".into()), WIRE_FORMAT)),
     ]
 }
 
@@ -241,8 +239,13 @@ async fn check_fixture(dir: &Path) {
     check_messages(dir);
 }
 
+fn decoded<T>(r: Result<T, armada_server::node::wire::WireError>, what: &str) -> T {
+    r.unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
 fn check_messages(dir: &Path) {
-    use armada_server::node::wire::{Envelope, RaftReply};
+    use armada_server::node::wire::{decode_payload, decode_reply, decode_request, encode_payload, encode_reply};
+    use armada_server::node::wire::{encode_request, WIRE_FORMAT};
     let name = dir.display();
     let text = std::fs::read_to_string(dir.join("messages.txt")).expect("messages.txt");
     let got: BTreeMap<&str, Vec<u8>> = text
@@ -255,28 +258,25 @@ fn check_messages(dir: &Path) {
     let want: BTreeMap<&str, Vec<u8>> = messages().into_iter().collect();
     assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{name}: message names");
     for (k, bytes) in &got {
-        // Each decodes, and means what the current build means by it: its
-        // re-encoding by this build is what this build writes.
+        // Each decodes (whatever its version), and means what this build
+        // means by it: re-encoded by this build, it is what this build sends.
+        let what = format!("{name}: {k}");
         let again = match *k {
             "forward-write" | "forward-range" | "snapshot-resume" => {
-                let e: Envelope = postcard::from_bytes(bytes).unwrap_or_else(|e| panic!("{name}: {k}: {e}"));
-                armada_server::node::wire::encode(&e)
+                encode_request(&decoded(decode_request(bytes), &what).0)
             }
-            "reply-error" | "reply-refused" => {
-                let r: RaftReply = postcard::from_bytes(bytes).unwrap_or_else(|e| panic!("{name}: {k}: {e}"));
-                armada_server::node::wire::encode(&r)
-            }
+            "reply-error" | "reply-refused" => encode_reply(&decoded(decode_reply(bytes), &what), WIRE_FORMAT),
             "replication-command" => {
-                let c: TableCommand = postcard::from_bytes(bytes).unwrap_or_else(|e| panic!("{name}: {k}: {e}"));
-                postcard::to_stdvec(&c).expect("encodes")
+                let (c, _): (TableCommand, u8) = decoded(decode_payload(bytes), &what);
+                encode_payload(&c, WIRE_FORMAT)
             }
             "replication-reply" => {
-                let c: TableReply = postcard::from_bytes(bytes).unwrap_or_else(|e| panic!("{name}: {k}: {e}"));
-                postcard::to_stdvec(&c).expect("encodes")
+                let (c, _): (TableReply, u8) = decoded(decode_payload(bytes), &what);
+                encode_payload(&c, WIRE_FORMAT)
             }
             "replication-error" => {
-                let c: ApiError = postcard::from_bytes(bytes).unwrap_or_else(|e| panic!("{name}: {k}: {e}"));
-                postcard::to_stdvec(&c).expect("encodes")
+                let (c, _): (ApiError, u8) = decoded(decode_payload(bytes), &what);
+                encode_payload(&c, WIRE_FORMAT)
             }
             other => panic!("{name}: unknown message {other}"),
         };

@@ -57,7 +57,7 @@ impl Node {
     pub(super) async fn forward(&self, raft_addr: &str, req: ClientRequest) -> Result<ClientReply, ApiError> {
         let is_write = req.is_write();
         let id = (self.incarnation, self.next_forward.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-        let bytes = crate::node::wire::encode(&crate::node::wire::Envelope {
+        let bytes = crate::node::wire::encode_request(&crate::node::wire::Envelope {
             group: GroupId::META,
             request: crate::node::wire::RaftRequest::Client { id, req },
         });
@@ -73,7 +73,7 @@ impl Node {
             .call(raft_addr, bytes, self.cfg.request_timeout + FORWARD_MARGIN)
             .await
             .map_err(|e| failed(e.to_string()))?;
-        match postcard::from_bytes::<crate::node::wire::RaftReply>(&resp) {
+        match crate::node::wire::decode_reply(&resp) {
             Ok(crate::node::wire::RaftReply::Client(r)) => r,
             Ok(crate::node::wire::RaftReply::Refused(m)) => Err(failed(m)),
             Ok(_) => Err(failed("mismatched reply".into())),

@@ -13,7 +13,7 @@ use openraft::raft::SnapshotResponse;
 use openraft::type_config::alias::{SnapshotMetaOf, VoteOf};
 use tracing::{info, warn};
 
-use crate::node::wire::{encode, Envelope, RaftReply, RaftRequest};
+use crate::node::wire::{decode_request, encode_reply, RaftReply, RaftRequest, WIRE_FORMAT};
 use crate::node::{Node, C};
 
 /// Where a group's incoming snapshot stands on the receiver.
@@ -50,6 +50,7 @@ async fn receive_chunk(
     stream: u64,
     chunk: SnapshotChunk,
     install: Option<(VoteOf<C>, SnapshotMetaOf<C>)>,
+    legacy_values: bool,
 ) -> Result<RaftReply, String> {
     let seq = chunk.seq;
     let staged = {
@@ -85,7 +86,7 @@ async fn receive_chunk(
         // on a large transfer must not starve the transport (QUIC
         // keep-alives) or the node's other groups.
         let (receiver, result) = crate::rt::blocking(move || {
-            let r = receiver.accept(chunk);
+            let r = if legacy_values { receiver.accept_unversioned(chunk) } else { receiver.accept(chunk) };
             (receiver, r)
         })
         .await?;
@@ -156,12 +157,17 @@ impl Handler for RaftHandler {
         let node = self.node.upgrade();
         Box::pin(async move {
             let Some(node) = node else {
-                return Some(encode(&RaftReply::Refused("node stopping".into())));
+                return Some(encode_reply(&RaftReply::Refused("node stopping".into()), WIRE_FORMAT));
             };
-            let env: Envelope = match postcard::from_bytes(&request) {
+            let (env, version) = match decode_request(&request) {
                 Ok(e) => e,
-                Err(e) => return Some(encode(&RaftReply::Refused(format!("malformed request: {e}")))),
+                // Refused in the oldest format: the sender may be of any release.
+                Err(e) => return Some(encode_reply(&RaftReply::Refused(format!("malformed request: {e}")), 0)),
             };
+            // Answer in the request's format; a request of the release
+            // before formats carries snapshot values without theirs.
+            let encode = |r: &RaftReply| encode_reply(r, version);
+            let legacy_values = version == 0;
             if let RaftRequest::Client { id, req } = env.request {
                 // A duplicate delivery gets no answer: the original's answer
                 // is the one the caller waits for.
@@ -187,13 +193,14 @@ impl Handler for RaftHandler {
                     match postcard::from_bytes::<Vec<(Vec<u8>, Vec<u8>)>>(&data) {
                         Ok(pairs) => {
                             let stream = u64::MAX - node.next_staging_id();
-                            receive_chunk(&node, &group, stream, SnapshotChunk::whole(pairs), Some((vote, meta))).await
+                            let chunk = SnapshotChunk::whole(pairs);
+                            receive_chunk(&node, &group, stream, chunk, Some((vote, meta)), legacy_values).await
                         }
                         Err(e) => Err(format!("malformed snapshot: {e}")),
                     }
                 }
                 RaftRequest::SnapshotChunk { stream, chunk, install } => {
-                    receive_chunk(&node, &group, stream, chunk, install).await
+                    receive_chunk(&node, &group, stream, chunk, install, legacy_values).await
                 }
                 RaftRequest::SnapshotResume { stream } => Ok(resume_point(&group, stream).await),
                 RaftRequest::Client { .. } => Err("client request reached a group".into()),

@@ -19,7 +19,7 @@ use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use openraft::RaftNetworkV2;
 use tracing::{info, warn};
 
-use crate::node::wire::{encode, Envelope, RaftReply, RaftRequest};
+use crate::node::wire::{decode_reply, encode_request, Envelope, RaftReply, RaftRequest};
 use crate::node::C;
 
 /// Creates per-peer clients for one group.
@@ -68,9 +68,9 @@ impl GroupNetwork {
     }
 
     async fn call_within(&self, request: RaftRequest, timeout: Duration) -> Result<RaftReply, String> {
-        let bytes = encode(&Envelope { group: self.group, request });
+        let bytes = encode_request(&Envelope { group: self.group, request });
         let resp = self.transport.call(&self.target_addr, bytes, timeout).await.map_err(|e| e.to_string())?;
-        postcard::from_bytes(&resp).map_err(|e| format!("malformed reply: {e}"))
+        decode_reply(&resp).map_err(|e| e.to_string())
     }
 }
 
@@ -168,7 +168,8 @@ const INSTALL_POLL: Duration = Duration::from_secs(1);
 fn stream_id(sender: u64, meta: &SnapshotMetaOf<C>) -> u64 {
     let mut h = armada_core::mvcc::Fnv64::new();
     h.write_u64(sender);
-    h.write_bytes(&encode(&meta.last_log_id));
+    // Plain postcard: hashed here, never sent or stored.
+    h.write_bytes(&postcard::to_stdvec(&meta.last_log_id).expect("postcard encodes a log id"));
     h.finish()
 }
 

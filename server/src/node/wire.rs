@@ -1,10 +1,22 @@
 //! The messages nodes of one cluster exchange over the cluster transport:
 //! Raft RPCs of every group (tagged with the group's id) and forwarded
-//! client requests, with their replies.
+//! client requests, with their replies; and the postcard payloads inside
+//! the replication API's protobuf messages (a forwarded write, its reply
+//! or error).
+//!
+//! Format (see `docs/formats.md`): `mark ++ version:u8 ++ postcard(value)`.
+//! The mark is one a decoder of the release before versions cannot read as
+//! a message, so such a node refuses a versioned message instead of
+//! misreading it: a request ([`Envelope`]) starts with [`REQUEST_MARK`]
+//! (group 0, then an enum variant of at least 127, which `RaftRequest` does
+//! not have); a reply or payload (enums of fewer than 127 variants) starts
+//! with [`REPLY_MARK`] (a variant of at least 127). Bytes without the mark
+//! are version 0 (that release's), still read; a node answers a request in
+//! the version it came in, so nodes of the previous release can talk to it
+//! during a rolling upgrade.
 //!
 //! Invariant: a variant is only ever appended (postcard encodes an enum's
-//! variant by its position), so that nodes of adjacent releases understand
-//! each other during a rolling upgrade.
+//! variant by its position); an unknown version is refused, never guessed.
 
 use armada_core::snapshot::{ResumePoint, SnapshotChunk};
 use armada_core::GroupId;
@@ -119,6 +131,135 @@ pub enum RaftReply {
     Installing,
 }
 
-pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    postcard::to_stdvec(v).expect("postcard encodes in-memory Raft messages without failing")
+/// The wire format this build sends.
+pub const WIRE_FORMAT: u8 = 1;
+/// The first bytes of a versioned request (see the module docs).
+pub const REQUEST_MARK: [u8; 2] = [0x00, 0xFF];
+/// The first byte of a versioned reply or replication payload.
+pub const REPLY_MARK: [u8; 1] = [0xFF];
+
+/// A message that cannot be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    #[error("wire format version {0} is not one this build reads (0 to {WIRE_FORMAT}); is the peer a newer Armada?")]
+    Unknown(u8),
+    #[error("malformed message (wire format {version}): {reason}")]
+    Malformed { version: u8, reason: String },
+}
+
+fn encode_marked<T: Serialize>(mark: &[u8], version: u8, v: &T) -> Vec<u8> {
+    if version == 0 {
+        return postcard::to_stdvec(v).expect("postcard encodes in-memory messages without failing");
+    }
+    let mut out = mark.to_vec();
+    out.push(version);
+    postcard::to_extend(v, out).expect("postcard encodes in-memory messages without failing")
+}
+
+fn decode_marked<'a, T: Deserialize<'a>>(mark: &[u8], bytes: &'a [u8]) -> Result<(T, u8), WireError> {
+    let (version, body) = match bytes.strip_prefix(mark) {
+        Some(rest) => match rest.split_first() {
+            Some((&v, body)) if (1..=WIRE_FORMAT).contains(&v) => (v, body),
+            Some((&v, _)) => return Err(WireError::Unknown(v)),
+            None => return Err(WireError::Malformed { version: 0, reason: "no version after the mark".into() }),
+        },
+        None => (0, bytes),
+    };
+    let v = postcard::from_bytes(body).map_err(|e| WireError::Malformed { version, reason: e.to_string() })?;
+    Ok((v, version))
+}
+
+/// A request as this build sends it.
+pub fn encode_request(env: &Envelope) -> Vec<u8> {
+    encode_marked(&REQUEST_MARK, WIRE_FORMAT, env)
+}
+
+/// A request of any version this build reads, with its version.
+pub fn decode_request(bytes: &[u8]) -> Result<(Envelope, u8), WireError> {
+    decode_marked(&REQUEST_MARK, bytes)
+}
+
+/// A reply in `version` (the version of the request it answers).
+pub fn encode_reply(reply: &RaftReply, version: u8) -> Vec<u8> {
+    encode_marked(&REPLY_MARK, version, reply)
+}
+
+/// A reply of any version this build reads.
+pub fn decode_reply(bytes: &[u8]) -> Result<RaftReply, WireError> {
+    decode_marked(&REPLY_MARK, bytes).map(|(r, _)| r)
+}
+
+/// A replication payload (a forwarded write, its reply or error) in
+/// `version`.
+pub fn encode_payload<T: Serialize>(v: &T, version: u8) -> Vec<u8> {
+    encode_marked(&REPLY_MARK, version, v)
+}
+
+/// A replication payload of any version this build reads, with its version.
+pub fn decode_payload<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<(T, u8), WireError> {
+    decode_marked(&REPLY_MARK, bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forward() -> Envelope {
+        let req = ClientRequest::Write {
+            table: "t".into(),
+            cmd: TableCommand::Put(armada_core::kv::PutRequest {
+                key: b"k".to_vec(),
+                value: vec![1; 300],
+                prev_kv: false,
+            }),
+            hops: 1,
+        };
+        Envelope { group: GroupId(3), request: RaftRequest::Client { id: (1, 2), req } }
+    }
+
+    #[test]
+    fn versioned_messages_round_trip_and_version_0_is_still_read() {
+        let bytes = encode_request(&forward());
+        assert!(bytes.starts_with(&REQUEST_MARK));
+        let (env, v) = decode_request(&bytes).unwrap();
+        assert_eq!((env.group, v), (GroupId(3), WIRE_FORMAT));
+        let legacy = postcard::to_stdvec(&forward()).unwrap();
+        let (env, v) = decode_request(&legacy).unwrap();
+        assert_eq!((env.group, v), (GroupId(3), 0));
+        let reply = RaftReply::Client(Err(ApiError::Unavailable("x".into())));
+        for version in [0, WIRE_FORMAT] {
+            assert!(matches!(decode_reply(&encode_reply(&reply, version)), Ok(RaftReply::Client(Err(_)))));
+        }
+        let cmd = TableCommand::Compact(7);
+        let (back, v): (TableCommand, u8) = decode_payload(&encode_payload(&cmd, WIRE_FORMAT)).unwrap();
+        assert_eq!((back, v), (cmd, WIRE_FORMAT));
+    }
+
+    /// A node of the release before versions refuses a versioned message
+    /// (its decoder fails on the mark) rather than misreading it.
+    #[test]
+    fn the_previous_release_cannot_misread_a_versioned_message() {
+        assert!(postcard::from_bytes::<Envelope>(&encode_request(&forward())).is_err());
+        let reply = encode_reply(&RaftReply::Refused("r".into()), WIRE_FORMAT);
+        assert!(postcard::from_bytes::<RaftReply>(&reply).is_err());
+        for payload in [
+            encode_payload(&TableCommand::Compact(7), WIRE_FORMAT),
+            encode_payload(&TableReply::UpstreamSet, WIRE_FORMAT),
+            encode_payload(&ApiError::Internal("e".into()), WIRE_FORMAT),
+        ] {
+            assert!(postcard::from_bytes::<TableCommand>(&payload).is_err());
+            assert!(postcard::from_bytes::<TableReply>(&payload).is_err());
+            assert!(postcard::from_bytes::<ApiError>(&payload).is_err());
+        }
+    }
+
+    #[test]
+    fn unknown_versions_are_refused() {
+        let mut bytes = encode_request(&forward());
+        bytes[REQUEST_MARK.len()] = WIRE_FORMAT + 1;
+        assert!(matches!(decode_request(&bytes), Err(WireError::Unknown(2))));
+        assert!(matches!(decode_reply(&[0xFF]), Err(WireError::Malformed { .. })));
+        assert!(matches!(decode_reply(&[0xFF, 9, 0]), Err(WireError::Unknown(9))));
+    }
 }

@@ -216,7 +216,7 @@ impl pb::replication_server::Replication for ReplicationService {
 
     async fn write(&self, request: Request<pb::WriteRequest>) -> Result<Response<pb::WriteResponse>, Status> {
         let r = request.into_inner();
-        let cmd: TableCommand = match postcard::from_bytes(&r.command) {
+        let (cmd, version): (TableCommand, u8) = match crate::node::wire::decode_payload(&r.command) {
             Ok(c) => c,
             Err(e) => return Err(Status::invalid_argument(format!("malformed command: {e}"))),
         };
@@ -224,8 +224,12 @@ impl pb::replication_server::Replication for ReplicationService {
             return Err(Status::invalid_argument("only client writes can be sent on"));
         }
         let resp = match self.node.write(&r.table, cmd).await {
-            Ok((reply, _)) => pb::WriteResponse { reply: encode(&reply), error: Vec::new() },
-            Err(e) => pb::WriteResponse { reply: Vec::new(), error: encode(&e) },
+            // Answered in the command's format (a follower of the previous
+            // release reads only its own).
+            Ok((reply, _)) => {
+                pb::WriteResponse { reply: crate::node::wire::encode_payload(&reply, version), error: Vec::new() }
+            }
+            Err(e) => pb::WriteResponse { reply: Vec::new(), error: crate::node::wire::encode_payload(&e, version) },
         };
         Ok(Response::new(resp))
     }
@@ -292,11 +296,6 @@ impl SnapshotState {
             last,
         }))
     }
-}
-
-/// Postcard encoding of plain owned data (cannot fail; empty if it did).
-fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
-    postcard::to_stdvec(v).unwrap_or_default()
 }
 
 /// A router serving the replication API.

@@ -59,7 +59,7 @@ impl UpstreamClient {
 #[tonic::async_trait]
 impl Upstream for UpstreamClient {
     async fn write(&self, table: &str, cmd: TableCommand) -> Result<TableReply, ApiError> {
-        let command = postcard::to_stdvec(&cmd).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let command = crate::node::wire::encode_payload(&cmd, crate::node::wire::WIRE_FORMAT);
         let mut last = String::new();
         for attempt in 0..self.endpoints.len().max(1) {
             let mut c = match self.client(attempt > 0).await {
@@ -76,11 +76,12 @@ impl Upstream for UpstreamClient {
                 .map_err(|s| ApiError::Indeterminate(format!("write sent to the leader cluster: {}", s.message())))?
                 .into_inner();
             if !resp.error.is_empty() {
-                let e: ApiError = postcard::from_bytes(&resp.error)
+                let (e, _): (ApiError, u8) = crate::node::wire::decode_payload(&resp.error)
                     .map_err(|e| ApiError::Internal(format!("malformed error from the leader cluster: {e}")))?;
                 return Err(e);
             }
-            return postcard::from_bytes(&resp.reply)
+            return crate::node::wire::decode_payload(&resp.reply)
+                .map(|(r, _)| r)
                 .map_err(|e| ApiError::Internal(format!("malformed reply from the leader cluster: {e}")));
         }
         Err(ApiError::Unavailable(format!("cannot reach the leader cluster: {last}")))
