@@ -35,8 +35,6 @@ use armada_proto::replication as pb;
 use futures::Stream;
 use tonic::Status;
 
-use crate::types::ApiError;
-
 pub use armada_core::mvcc::replication::{BATCH_BYTES_MAX, BATCH_REVISIONS_MAX};
 /// Heartbeat interval of an idle change stream or catalog stream.
 pub const HEARTBEAT: Duration = Duration::from_millis(250);
@@ -65,10 +63,6 @@ pub const STREAM_REVISION_BYTES_MAX: usize = MESSAGE_BYTES_MAX / 2;
 pub const ASSEMBLED_REVISION_BYTES_MAX: usize = 1 << 30;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
-
-fn api_status(e: &ApiError) -> Status {
-    crate::types::status(e)
-}
 
 fn changes_out(c: RevisionChanges) -> pb::Revision {
     part_out(RevisionPart { revision: c.revision, mutations: c.mutations, continued: false })

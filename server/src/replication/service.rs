@@ -18,11 +18,12 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use super::{
-    api_status, changes_out, part_out, BoxStream, BATCH_BYTES_MAX, BATCH_REVISIONS_MAX, HEARTBEAT, MESSAGE_BYTES_MAX,
+    changes_out, part_out, BoxStream, BATCH_BYTES_MAX, BATCH_REVISIONS_MAX, HEARTBEAT, MESSAGE_BYTES_MAX,
     SNAPSHOT_CHUNK_BYTES, SNAPSHOT_CHUNK_KEYS, STREAM_REVISION_BYTES_MAX,
 };
 use crate::node::Node;
 use crate::rt::DetReceiver;
+use crate::types::status;
 use openraft::async_runtime::watch::WatchReceiver;
 
 /// The leader cluster's replication API.
@@ -37,7 +38,7 @@ impl ReplicationService {
     }
 
     fn catalog(node: &Node) -> Result<pb::CatalogUpdate, Status> {
-        let tables = node.catalog_list().map_err(|e| api_status(&e))?;
+        let tables = node.catalog_list().map_err(|e| status(&e))?;
         Ok(pb::CatalogUpdate {
             tables: tables.into_iter().map(|t| pb::TableRef { name: t.name, id: t.id.0 }).collect(),
         })
@@ -176,7 +177,7 @@ impl pb::replication_server::Replication for ReplicationService {
 
     async fn changes(&self, request: Request<pb::ChangesRequest>) -> Result<Response<Self::ChangesStream>, Status> {
         let r = request.into_inner();
-        let group = self.node.table_group(&r.table, 0).await.map_err(|e| api_status(&e))?;
+        let group = self.node.table_group(&r.table, 0).await.map_err(|e| status(&e))?;
         let state = ChangesState {
             node: self.node.clone(),
             group: group.id,
@@ -192,7 +193,7 @@ impl pb::replication_server::Replication for ReplicationService {
 
     async fn snapshot(&self, request: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
         let r = request.into_inner();
-        let group = self.node.table_group(&r.table, 0).await.map_err(|e| api_status(&e))?;
+        let group = self.node.table_group(&r.table, 0).await.map_err(|e| status(&e))?;
         let revision = Mvcc::new(&**self.node.engine(), data_ns(group.id))
             .rev_state()
             .map_err(|e| Status::internal(e.to_string()))?
