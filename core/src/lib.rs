@@ -19,6 +19,7 @@ pub mod codec;
 pub mod command;
 pub mod compaction;
 pub mod engine;
+pub mod ids;
 pub mod kv;
 pub mod layout;
 pub mod model;
@@ -27,6 +28,8 @@ pub mod overlay;
 pub mod probe;
 pub mod raft;
 pub mod snapshot;
+pub mod subscription;
 
 pub use command::{Command, CommandResponse, GroupId, MetaCommand, TableCommand};
 pub use engine::{Engine, EngineError, MemEngine, WriteBatch};
+pub use ids::{LogIndex, NodeId, Revision};

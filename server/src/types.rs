@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use armada_core::command::MetaError;
 use armada_core::kv::KvError;
+use armada_core::{LogIndex, NodeId, Revision};
 use tokio::time::Instant;
 use tonic::{Code, Status};
 
-/// A request's failure, as the service layer needs to know it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+/// A request's failure, as the service layer needs to know it. It is not
+/// a wire type: between nodes it travels as `node::wire::RemoteError`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ApiError {
     #[error(transparent)]
@@ -27,10 +29,6 @@ pub enum ApiError {
     /// The request may or may not have been applied.
     #[error("outcome unknown: {0}")]
     Indeterminate(String),
-    /// Another node leads: the request goes to it over the cluster
-    /// transport. Never returned by the public methods, which forward.
-    #[error("forward to node {leader} at {raft_addr}")]
-    Forward { leader: u64, raft_addr: String },
     #[error("internal error: {0}")]
     Internal(String),
     /// The operation is the leader cluster's alone (table creation and
@@ -60,7 +58,6 @@ pub fn status(e: &ApiError) -> Status {
         ApiError::TableNotFound(_) => Status::not_found(e.to_string()),
         ApiError::Unavailable(_) => Status::unavailable(e.to_string()),
         ApiError::Indeterminate(_) => Status::new(Code::Unknown, e.to_string()),
-        ApiError::Forward { .. } => Status::internal(format!("request left unforwarded: {e}")),
         ApiError::Internal(_) => Status::internal(e.to_string()),
         ApiError::ReadOnly(_) => Status::failed_precondition(e.to_string()),
         ApiError::Lagging(_) => Status::deadline_exceeded(e.to_string()),
@@ -71,29 +68,30 @@ pub fn status(e: &ApiError) -> Status {
 #[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct HeaderInfo {
     pub term: u64,
-    pub member_id: u64,
+    pub member_id: NodeId,
 }
 
 /// Per-group state for `Cluster.Status`.
 #[derive(Debug, Clone, Default)]
 pub struct GroupStatus {
     pub table: String,
-    pub leader_id: u64,
+    /// The group's leader as known here.
+    pub leader_id: Option<NodeId>,
     pub term: u64,
-    pub commit_index: u64,
-    pub applied_index: u64,
+    pub commit_index: LogIndex,
+    pub applied_index: LogIndex,
     /// Last log index this replica holds.
-    pub last_log_index: u64,
+    pub last_log_index: LogIndex,
     /// Last log index purged here (covered by a snapshot); a replica behind
     /// it catches up by snapshot.
-    pub purged_index: u64,
-    pub revision: u64,
+    pub purged_index: LogIndex,
+    pub revision: Revision,
     /// The table's compaction revision (reads below it are refused).
-    pub compacted: u64,
+    pub compacted: Revision,
     /// Whether history of a compaction is still being removed, in steps.
     pub compaction_pending: bool,
     /// Follower clusters: see [`crate::types::LagStats`].
-    pub leader_revision: u64,
+    pub leader_revision: Revision,
     pub lag_revisions: u64,
     pub lag_seconds: f64,
     /// Snapshots this node's replication worker installed.
@@ -114,7 +112,7 @@ pub const STALLED_AFTER: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, Default)]
 pub struct LagStats {
     /// The leader cluster's latest revision, as last heard.
-    pub leader_revision: u64,
+    pub leader_revision: Revision,
     /// Since when this follower has been behind a revision it knew of.
     pub behind_since: Option<Instant>,
     /// Snapshots installed by this node's worker.

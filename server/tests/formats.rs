@@ -148,7 +148,7 @@ fn dump(engine: &dyn Engine) -> Vec<(Vec<u8>, Vec<u8>)> {
 /// Representative inter-node messages, by name, as this build sends them.
 fn messages() -> Vec<(&'static str, Vec<u8>)> {
     use armada_server::node::wire::{encode_payload, encode_reply, encode_request, WIRE_FORMAT};
-    use armada_server::node::wire::{Envelope, RaftReply, RaftRequest};
+    use armada_server::node::wire::{Envelope, RaftReply, RaftRequest, RemoteError};
     let req = ClientRequest::Write { table: "alpha".into(), cmd: put("k", "v"), hops: 1 };
     let forward = Envelope { group: armada_core::GroupId(7), request: RaftRequest::Client { id: (42, 9), req } };
     let range = ClientRequest::Range {
@@ -159,7 +159,7 @@ fn messages() -> Vec<(&'static str, Vec<u8>)> {
     };
     let forward_range =
         Envelope { group: armada_core::GroupId::META, request: RaftRequest::Client { id: (1, 2), req: range } };
-    let reply_err = RaftReply::Client(Err(ApiError::TableNotFound("gone".into())));
+    let reply_err = RaftReply::Client(Err(RemoteError::TableNotFound("gone".into())));
     let refused = RaftReply::Refused("stopping".into());
     let resume = Envelope { group: armada_core::GroupId(3), request: RaftRequest::SnapshotResume { stream: 77 } };
     let compacted = TableReply::Compact(armada_core::kv::CompactResponse { revision: 5 });
@@ -171,7 +171,7 @@ fn messages() -> Vec<(&'static str, Vec<u8>)> {
         ("snapshot-resume", encode_request(&resume)),
         ("replication-command", encode_payload(&put("key", "value"), WIRE_FORMAT)),
         ("replication-reply", encode_payload(&compacted, WIRE_FORMAT)),
-        ("replication-error", encode_payload(&ApiError::Unavailable("no leader".into()), WIRE_FORMAT)),
+        ("replication-error", encode_payload(&RemoteError::Unavailable("no leader".into()), WIRE_FORMAT)),
     ]
 }
 
@@ -245,7 +245,7 @@ fn decoded<T>(r: Result<T, armada_server::node::wire::WireError>, what: &str) ->
 
 fn check_messages(dir: &Path) {
     use armada_server::node::wire::{decode_payload, decode_reply, decode_request, encode_payload, encode_reply};
-    use armada_server::node::wire::{encode_request, WIRE_FORMAT};
+    use armada_server::node::wire::{encode_request, RemoteError, WIRE_FORMAT};
     let name = dir.display();
     let text = std::fs::read_to_string(dir.join("messages.txt")).expect("messages.txt");
     let got: BTreeMap<&str, Vec<u8>> = text
@@ -275,7 +275,7 @@ fn check_messages(dir: &Path) {
                 encode_payload(&c, WIRE_FORMAT)
             }
             "replication-error" => {
-                let (c, _): (ApiError, u8) = decoded(decode_payload(bytes), &what);
+                let (c, _): (RemoteError, u8) = decoded(decode_payload(bytes), &what);
                 encode_payload(&c, WIRE_FORMAT)
             }
             other => panic!("{name}: unknown message {other}"),

@@ -15,11 +15,11 @@ use armada_core::command::{MetaReply, TableInfo, TableReply};
 use armada_core::kv::{RangeRequest, RangeResponse};
 use armada_core::mvcc::Mvcc;
 use armada_core::raft::data_ns;
-use armada_core::{Command, CommandResponse, GroupId, MetaCommand, TableCommand};
+use armada_core::{Command, CommandResponse, GroupId, MetaCommand, NodeId, Revision, TableCommand};
 use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
 use openraft::ReadPolicy;
 
-use crate::node::forward::FORWARD_HOPS_MAX;
+use crate::node::forward::Miss;
 use crate::node::group::CATALOG_SYNC_INTERVAL;
 use crate::node::wire::{ClientReply, ClientRequest};
 use crate::node::{Group, Node};
@@ -67,15 +67,16 @@ impl Node {
             }
         };
         match local {
-            Err(ApiError::Forward { raft_addr, .. }) => self.forward(&raft_addr, req.next_hop()).await,
-            other => other,
+            Ok(reply) => Ok(reply),
+            Err(Miss::Failed(e)) => Err(e),
+            Err(Miss::Forward { raft_addr, .. }) => self.forward(&raft_addr, req.next_hop()).await,
         }
     }
 
     pub fn header(&self, group: &Group) -> HeaderInfo {
         let m = group.raft.metrics();
         let term = openraft::async_runtime::WatchReceiver::borrow_watched(&m).current_term;
-        HeaderInfo { term, member_id: self.cfg.id }
+        HeaderInfo { term, member_id: NodeId(self.cfg.id) }
     }
 
     /// A table of this node's applied catalog, from the cache when the
@@ -106,7 +107,16 @@ impl Node {
     /// The group of a table. A table missing from this node's catalog is
     /// looked up at the metadata leader, so a table created through another
     /// node is never reported missing.
-    pub async fn table_group(&self, name: &str, hops: u32) -> Result<Arc<Group>, ApiError> {
+    ///
+    /// For callers that serve a request here only; the request path uses
+    /// [`Node::routed_table_group`], which may send the request on.
+    pub async fn table_group(&self, name: &str) -> Result<Arc<Group>, ApiError> {
+        self.routed_table_group(name, 0).await.map_err(Miss::into_api)
+    }
+
+    /// The group of a table, or the node to send the request to when the
+    /// table is not in this node's catalog and another node leads it.
+    pub(super) async fn routed_table_group(&self, name: &str, hops: u32) -> Result<Arc<Group>, Miss> {
         // A name no table can have is the client's mistake (INVALID_ARGUMENT),
         // not a missing table.
         armada_core::command::validate_table_name(name)?;
@@ -125,14 +135,14 @@ impl Node {
             Some(g) => Ok(g),
             None => {
                 Box::pin(self.sync_groups()).await;
-                self.group(info.id).ok_or_else(|| ApiError::Unavailable(format!("table {name:?} is starting")))
+                self.group(info.id).ok_or_else(|| ApiError::Unavailable(format!("table {name:?} is starting")).into())
             }
         }
     }
 
     /// Waits until this node has applied everything committed before the
     /// call (ReadIndex through the group's leader).
-    pub(super) async fn linearize(&self, group: &Group, hops: u32, what: &str) -> Result<(), ApiError> {
+    pub(super) async fn linearize(&self, group: &Group, hops: u32, what: &str) -> Result<(), Miss> {
         let applied_before = {
             let m = group.raft.metrics();
             let m = openraft::async_runtime::WatchReceiver::borrow_watched(&m);
@@ -140,7 +150,7 @@ impl Node {
         };
         let fut = group.raft.ensure_linearizable(ReadPolicy::ReadIndex);
         match crate::rt::timeout(self.cfg.request_timeout, fut).await {
-            Err(_) => Err(ApiError::Unavailable(format!("read index for {what} timed out"))),
+            Err(_) => Err(ApiError::Unavailable(format!("read index for {what} timed out")).into()),
             Ok(Ok(read)) => {
                 if read.log_id().index > applied_before {
                     armada_core::probe!(ReadIndexWaitedForApply);
@@ -151,26 +161,26 @@ impl Node {
                 Err(self.forward_or_unavailable(f.leader_id, f.leader_node, hops, what))
             }
             Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(e)))) => {
-                Err(ApiError::Unavailable(format!("{what}: {e}")))
+                Err(ApiError::Unavailable(format!("{what}: {e}")).into())
             }
-            Ok(Err(e)) => Err(ApiError::Unavailable(format!("{what}: {e}"))),
+            Ok(Err(e)) => Err(ApiError::Unavailable(format!("{what}: {e}")).into()),
         }
     }
 
-    pub(super) async fn propose(&self, group: &Group, cmd: Command, hops: u32) -> Result<CommandResponse, ApiError> {
+    pub(super) async fn propose(&self, group: &Group, cmd: Command, hops: u32) -> Result<CommandResponse, Miss> {
         let what = if group.name.is_empty() { "the catalog".to_string() } else { format!("table {:?}", group.name) };
         self.proposals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let fut = group.raft.client_write(cmd);
         match crate::rt::timeout(self.cfg.request_timeout, fut).await {
-            Err(_) => Err(ApiError::Indeterminate(format!("write to {what} timed out"))),
+            Err(_) => Err(ApiError::Indeterminate(format!("write to {what} timed out")).into()),
             Ok(Ok(resp)) => Ok(resp.data),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
                 Err(self.forward_or_unavailable(f.leader_id, f.leader_node, hops, &what))
             }
             Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)))) => {
-                Err(ApiError::Indeterminate(format!("leader of {what} changed during the write")))
+                Err(ApiError::Indeterminate(format!("leader of {what} changed during the write")).into())
             }
-            Ok(Err(e)) => Err(ApiError::Indeterminate(format!("{what}: {e}"))),
+            Ok(Err(e)) => Err(ApiError::Indeterminate(format!("{what}: {e}")).into()),
         }
     }
 
@@ -180,14 +190,14 @@ impl Node {
         table: &str,
         cmd: TableCommand,
         hops: u32,
-    ) -> Result<(TableReply, HeaderInfo), ApiError> {
+    ) -> Result<(TableReply, HeaderInfo), Miss> {
         cmd.validate()?;
-        let group = self.table_group(table, hops).await?;
+        let group = self.routed_table_group(table, hops).await?;
         let resp = self.propose(&group, Command::Table(cmd), hops).await?;
         match resp {
             CommandResponse::Table(Ok(r)) => Ok((r, self.header(&group))),
             CommandResponse::Table(Err(e)) => Err(e.into()),
-            other => Err(ApiError::Internal(format!("unexpected response {other:?}"))),
+            other => Err(ApiError::Internal(format!("unexpected response {other:?}")).into()),
         }
     }
 
@@ -199,14 +209,14 @@ impl Node {
         req: &RangeRequest,
         serializable: bool,
         hops: u32,
-    ) -> Result<(RangeResponse, HeaderInfo), ApiError> {
+    ) -> Result<(RangeResponse, HeaderInfo), Miss> {
         req.validate()?;
-        let group = self.table_group(table, hops).await?;
-        if self.is_follower() && req.revision > self.table_revision(group.id) {
+        let group = self.routed_table_group(table, hops).await?;
+        if self.is_follower() && Revision(req.revision) > self.table_revision(group.id) {
             // A follower may not have reached a revision the client saw
             // elsewhere yet: wait briefly; past that, the read fails as a
             // future revision.
-            self.wait_for_revision(group.id, req.revision, FOLLOWER_READ_WAIT).await;
+            self.wait_for_revision(group.id, Revision(req.revision), FOLLOWER_READ_WAIT).await;
         }
         if !serializable
             && !armada_core::canary::active(armada_core::canary::Canary::StaleRead)
@@ -221,12 +231,12 @@ impl Node {
                 if armada_core::canary::active(armada_core::canary::Canary::FollowerReadAhead) {
                     // The canary claims the leader's revision as the read's.
                     let lag = self.lag.read();
-                    r.revision = r.revision.max(lag.get(table).map_or(0, |l| l.leader_revision));
+                    r.revision = r.revision.max(lag.get(table).map_or(0, |l| l.leader_revision.get()));
                 }
                 Ok((r, self.header(&group)))
             }
             Err(armada_core::mvcc::MvccError::Kv(e)) => Err(e.into()),
-            Err(e) => Err(ApiError::Internal(e.to_string())),
+            Err(e) => Err(ApiError::Internal(e.to_string()).into()),
         }
     }
 
@@ -246,9 +256,9 @@ impl Node {
         if let Some(why) = self.failure() {
             return Err(ApiError::Unavailable(format!("node {} has stopped: {why}", self.cfg.id)));
         }
-        let group = self.table_group(table, 0).await?;
-        if self.table_revision(group.id) < rev {
-            self.wait_for_revision(group.id, rev, self.cfg.request_timeout).await;
+        let group = self.table_group(table).await?;
+        if self.table_revision(group.id) < Revision(rev) {
+            self.wait_for_revision(group.id, Revision(rev), self.cfg.request_timeout).await;
         }
         let store = Mvcc::new(&*self.engine, data_ns(group.id));
         match group.read(|| store.page(start, end, rev, max_keys, max_bytes))? {
@@ -265,9 +275,9 @@ impl Node {
     /// writer at its own pace while the table keeps serving.
     pub async fn backup(&self, table: &str) -> Result<armada_core::backup::BackupWriter, ApiError> {
         armada_core::command::validate_table_name(table)?;
-        let group = self.table_group(table, 0).await?;
+        let group = self.table_group(table).await?;
         if self.is_leader(&group) {
-            self.linearize(&group, FORWARD_HOPS_MAX, &format!("table {table:?}")).await?;
+            self.linearize(&group, 0, &format!("table {table:?}")).await.map_err(Miss::into_api)?;
         }
         let view = group
             .read(|| armada_core::snapshot::GroupView::take_for_backup(&self.engine, group.id))?
@@ -283,7 +293,7 @@ impl Node {
     }
 
     /// Creates a table and waits (bounded) until its group runs here.
-    pub(super) async fn create_table_local(&self, name: &str, hops: u32) -> Result<TableInfo, ApiError> {
+    pub(super) async fn create_table_local(&self, name: &str, hops: u32) -> Result<TableInfo, Miss> {
         armada_core::command::validate_table_name(name)?;
         let meta = self.group(GroupId::META).ok_or_else(|| ApiError::Internal("no metadata group".into()))?;
         let resp =
@@ -291,7 +301,7 @@ impl Node {
         let info = match resp {
             CommandResponse::Meta(Ok(MetaReply::Created(info))) => info,
             CommandResponse::Meta(Err(e)) => return Err(e.into()),
-            other => return Err(ApiError::Internal(format!("unexpected response {other:?}"))),
+            other => return Err(ApiError::Internal(format!("unexpected response {other:?}")).into()),
         };
         let deadline = tokio::time::Instant::now() + self.cfg.request_timeout;
         loop {
@@ -309,13 +319,14 @@ impl Node {
                     "table {name:?} was created, but its Raft group had no leader on node {} after {:?}; it will \
                      serve once the group elects one",
                     self.cfg.id, self.cfg.request_timeout
-                )));
+                ))
+                .into());
             }
             tokio::time::sleep(CATALOG_SYNC_INTERVAL).await;
         }
     }
 
-    pub(super) async fn delete_table_local(&self, name: &str, hops: u32) -> Result<TableInfo, ApiError> {
+    pub(super) async fn delete_table_local(&self, name: &str, hops: u32) -> Result<TableInfo, Miss> {
         armada_core::command::validate_table_name(name)?;
         let meta = self.group(GroupId::META).ok_or_else(|| ApiError::Internal("no metadata group".into()))?;
         let resp =
@@ -323,15 +334,15 @@ impl Node {
         match resp {
             CommandResponse::Meta(Ok(MetaReply::Deleted(info))) => Ok(info),
             CommandResponse::Meta(Err(e)) => Err(e.into()),
-            other => Err(ApiError::Internal(format!("unexpected response {other:?}"))),
+            other => Err(ApiError::Internal(format!("unexpected response {other:?}")).into()),
         }
     }
 
     /// Every table, as of a linearizable read of the catalog.
-    pub(super) async fn list_tables_local(&self, hops: u32) -> Result<Vec<TableInfo>, ApiError> {
+    pub(super) async fn list_tables_local(&self, hops: u32) -> Result<Vec<TableInfo>, Miss> {
         let meta = self.group(GroupId::META).ok_or_else(|| ApiError::Internal("no metadata group".into()))?;
         self.linearize(&meta, hops, "the catalog").await?;
-        self.catalog_list()
+        Ok(self.catalog_list()?)
     }
 
     /// Applies a write to a table through its Raft group (forwarded to the
@@ -344,9 +355,9 @@ impl Node {
                 return Err(ApiError::Internal("replication commands are not client writes".into()));
             }
             cmd.validate()?;
-            let group = self.table_group(table, 0).await?;
+            let group = self.table_group(table).await?;
             let reply = up.write(table, cmd).await?;
-            let want = reply.revision();
+            let want = Revision(reply.revision());
             let ok = armada_core::canary::active(armada_core::canary::Canary::AnswerBeforeApply)
                 || self.wait_for_revision(group.id, want, self.cfg.request_timeout).await;
             if !ok {

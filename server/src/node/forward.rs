@@ -25,6 +25,40 @@ pub const FORWARD_MARGIN: Duration = Duration::from_millis(500);
 /// deliveries (duplicates arrive within moments of the original).
 pub const FORWARD_DEDUPE_WINDOW: usize = 4096;
 
+/// Why this node did not serve a request itself: it failed, or another
+/// node leads the group the request needs (the request then goes there,
+/// see [`Node::execute`]). Only the node's own request path sees the
+/// second case; what leaves the node is an [`ApiError`].
+#[derive(Debug)]
+pub(crate) enum Miss {
+    Failed(ApiError),
+    /// Node `leader`, at `raft_addr`, leads the group of `what`.
+    Forward {
+        leader: u64,
+        raft_addr: String,
+        what: String,
+    },
+}
+
+impl Miss {
+    /// The error for a caller that cannot forward: a request served only
+    /// by this node (a page of an iteration, a backup, a group lookup).
+    pub(crate) fn into_api(self) -> ApiError {
+        match self {
+            Miss::Failed(e) => e,
+            Miss::Forward { leader, what, .. } => ApiError::Unavailable(format!(
+                "node {leader} leads {what} and this request is served only where it is sent: retry, or send it to                  node {leader}"
+            )),
+        }
+    }
+}
+
+impl<E: Into<ApiError>> From<E> for Miss {
+    fn from(e: E) -> Miss {
+        Miss::Failed(e.into())
+    }
+}
+
 /// The ids of recently received forwarded requests, oldest first.
 #[derive(Default)]
 pub(super) struct ForwardDedupe {
@@ -39,15 +73,15 @@ impl Node {
         node: Option<ArmadaNode>,
         hops: u32,
         what: &str,
-    ) -> ApiError {
+    ) -> Miss {
         let addr = node
             .map(|n| n.raft_addr)
             .or_else(|| leader.and_then(|l| self.cfg.members.get(&l)).map(|n| n.raft_addr.clone()));
         match (leader, addr) {
             (Some(leader), Some(raft_addr)) if hops < FORWARD_HOPS_MAX && leader != self.cfg.id => {
-                ApiError::Forward { leader, raft_addr }
+                Miss::Forward { leader, raft_addr, what: what.to_string() }
             }
-            _ => ApiError::Unavailable(format!("no leader for {what}")),
+            _ => Miss::Failed(ApiError::Unavailable(format!("no leader for {what}"))),
         }
     }
 
@@ -74,7 +108,7 @@ impl Node {
             .await
             .map_err(|e| failed(e.to_string()))?;
         match crate::node::wire::decode_reply(&resp) {
-            Ok(crate::node::wire::RaftReply::Client(r)) => r,
+            Ok(crate::node::wire::RaftReply::Client(r)) => r.map_err(ApiError::from),
             Ok(crate::node::wire::RaftReply::Refused(m)) => Err(failed(m)),
             Ok(_) => Err(failed("mismatched reply".into())),
             Err(e) => Err(failed(format!("malformed reply: {e}"))),

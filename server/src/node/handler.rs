@@ -13,7 +13,7 @@ use openraft::raft::SnapshotResponse;
 use openraft::type_config::alias::{SnapshotMetaOf, VoteOf};
 use tracing::{info, warn};
 
-use crate::node::wire::{decode_request, encode_reply, RaftReply, RaftRequest, WIRE_FORMAT};
+use crate::node::wire::{decode_request, encode_reply, RaftReply, RaftRequest, RemoteError, WIRE_FORMAT};
 use crate::node::{Node, C};
 
 /// Where a group's incoming snapshot stands on the receiver.
@@ -175,7 +175,7 @@ impl Handler for RaftHandler {
                     armada_core::probe!(ForwardDuplicateDropped);
                     return None;
                 }
-                return Some(encode(&RaftReply::Client(node.execute(req).await)));
+                return Some(encode(&RaftReply::Client(node.execute(req).await.map_err(RemoteError::from))));
             }
             let Some(group) = node.group(env.group) else {
                 return Some(encode(&RaftReply::Refused(format!("group {} not hosted here", env.group))));

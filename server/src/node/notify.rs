@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use armada_core::mvcc::Mvcc;
 use armada_core::raft::{data_ns, ApplyObserver};
-use armada_core::{Command, CommandResponse, GroupId, TableCommand};
+use armada_core::{Command, CommandResponse, GroupId, Revision, TableCommand};
 use openraft::async_runtime::watch::{Watch, WatchReceiver, WatchSender};
 
 use crate::node::Node;
@@ -104,11 +104,11 @@ impl ApplyObserver for Notifier {
 
 impl Node {
     /// The table's revision as applied on this node (0 for the catalog).
-    pub fn table_revision(&self, group: GroupId) -> u64 {
+    pub fn table_revision(&self, group: GroupId) -> Revision {
         if group == GroupId::META {
-            return 0;
+            return Revision(0);
         }
-        Mvcc::new(&*self.engine, data_ns(group)).rev_state().map(|s| s.current).unwrap_or(0)
+        Revision(Mvcc::new(&*self.engine, data_ns(group)).rev_state().map(|s| s.current).unwrap_or(0))
     }
 
     /// Watches the group's applied revision (for the metadata group: its
@@ -116,20 +116,20 @@ impl Node {
     pub fn revision_watch(&self, group: GroupId) -> crate::rt::DetReceiver<u64> {
         let mut m = self.notifier.revisions.lock().unwrap_or_else(|p| p.into_inner());
         m.entry(group)
-            .or_insert_with(|| <crate::rt::DetWatch as Watch>::channel(self.table_revision(group)).0)
+            .or_insert_with(|| <crate::rt::DetWatch as Watch>::channel(self.table_revision(group).get()).0)
             .subscribe()
     }
 
     /// Waits until this node has applied `revision` of the group, at most
     /// `within`. Returns whether it has.
-    pub async fn wait_for_revision(&self, group: GroupId, revision: u64, within: Duration) -> bool {
+    pub async fn wait_for_revision(&self, group: GroupId, revision: Revision, within: Duration) -> bool {
         let mut rx = self.revision_watch(group);
         if self.table_revision(group) >= revision {
             return true;
         }
         let wait = async {
             loop {
-                if *rx.borrow_and_update() >= revision {
+                if *rx.borrow_and_update() >= revision.get() {
                     return;
                 }
                 if rx.changed().await.is_err() {

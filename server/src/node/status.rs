@@ -3,7 +3,7 @@
 
 use armada_core::mvcc::Mvcc;
 use armada_core::raft::data_ns;
-use armada_core::GroupId;
+use armada_core::{GroupId, LogIndex, NodeId, Revision};
 
 use crate::node::Node;
 use crate::types::GroupStatus;
@@ -25,7 +25,7 @@ impl Node {
                     let store = Mvcc::new(&*self.engine, data_ns(g.id));
                     (store.rev_state().unwrap_or_default(), store.compaction_pending().is_ok_and(|p| p.is_some()))
                 };
-                let revision = if g.id == GroupId::META { 0 } else { state.current };
+                let revision = Revision(if g.id == GroupId::META { 0 } else { state.current });
                 // The worker's node hears every heartbeat; the others know
                 // what the last replicated batch they applied carried.
                 let applied_leader_rev = self
@@ -35,8 +35,9 @@ impl Node {
                     .unwrap_or_else(|p| p.into_inner())
                     .get(&g.id)
                     .copied()
-                    .unwrap_or(0);
-                let leader_revision = lag.get(&g.name).map_or(0, |l| l.leader_revision).max(applied_leader_rev);
+                    .unwrap_or_default();
+                let leader_revision =
+                    lag.get(&g.name).map_or(Revision(0), |l| l.leader_revision).max(Revision(applied_leader_rev));
                 let l = lag.get(&g.name);
                 let replication = l.map(|l| l.state(now)).unwrap_or_default();
                 let behind_s =
@@ -51,17 +52,17 @@ impl Node {
                 };
                 GroupStatus {
                     table: g.name.clone(),
-                    leader_id: m.current_leader.unwrap_or(0),
+                    leader_id: m.current_leader.map(NodeId),
                     term: m.current_term,
-                    commit_index: m.local_committed.as_ref().map_or(0, |l| l.index),
-                    last_log_index: m.last_log_index.unwrap_or(0),
-                    applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
-                    purged_index: m.purged.as_ref().map_or(0, |l| l.index),
+                    commit_index: LogIndex(m.local_committed.as_ref().map_or(0, |l| l.index)),
+                    last_log_index: LogIndex(m.last_log_index.unwrap_or(0)),
+                    applied_index: LogIndex(m.last_applied.as_ref().map_or(0, |l| l.index)),
+                    purged_index: LogIndex(m.purged.as_ref().map_or(0, |l| l.index)),
                     revision,
-                    compacted: state.compacted,
+                    compacted: Revision(state.compacted),
                     compaction_pending,
                     leader_revision,
-                    lag_revisions: leader_revision.saturating_sub(revision),
+                    lag_revisions: leader_revision.get().saturating_sub(revision.get()),
                     lag_seconds: behind_s.max(stalled_s),
                     snapshots_installed: l.map_or(0, |l| l.snapshots),
                     raft_snapshots_installed: raft_snapshots.get(&g.id).copied().unwrap_or(0),

@@ -115,7 +115,7 @@ pub enum RaftReply {
     Append(AppendEntriesResponse<C>),
     Vote(VoteResponse<C>),
     Snapshot(SnapshotResponse<C>),
-    Client(Result<ClientReply, ApiError>),
+    Client(Result<ClientReply, RemoteError>),
     /// The receiver could not handle the request (unknown group, stopping,
     /// malformed bytes); the sender backs off and retries.
     Refused(String),
@@ -129,6 +129,62 @@ pub enum RaftReply {
     /// installed: ask again later (an install of gigabytes outlasts the
     /// last chunk's call when the connection breaks meanwhile).
     Installing,
+}
+
+/// A request's failure as it travels between nodes (the answer to a
+/// forwarded request, or a follower's write sent to the leader cluster).
+/// Its own type, so that [`ApiError`] can change without changing the wire:
+/// a variant is only appended, and [`RemoteError::Forward`] keeps the place of
+/// a variant the first release sent (no release sends it any more).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RemoteError {
+    Kv(armada_core::kv::KvError),
+    Meta(armada_core::command::MetaError),
+    TableNotFound(String),
+    Unavailable(String),
+    Indeterminate(String),
+    /// Reserved: the first release's "forward to the leader", which never
+    /// left a node in practice. Read as an internal error.
+    Forward {
+        leader: u64,
+        raft_addr: String,
+    },
+    Internal(String),
+    ReadOnly(String),
+    Lagging(String),
+}
+
+impl From<ApiError> for RemoteError {
+    fn from(e: ApiError) -> RemoteError {
+        match e {
+            ApiError::Kv(k) => RemoteError::Kv(k),
+            ApiError::Meta(m) => RemoteError::Meta(m),
+            ApiError::TableNotFound(t) => RemoteError::TableNotFound(t),
+            ApiError::Unavailable(m) => RemoteError::Unavailable(m),
+            ApiError::Indeterminate(m) => RemoteError::Indeterminate(m),
+            ApiError::Internal(m) => RemoteError::Internal(m),
+            ApiError::ReadOnly(m) => RemoteError::ReadOnly(m),
+            ApiError::Lagging(m) => RemoteError::Lagging(m),
+        }
+    }
+}
+
+impl From<RemoteError> for ApiError {
+    fn from(e: RemoteError) -> ApiError {
+        match e {
+            RemoteError::Kv(k) => ApiError::Kv(k),
+            RemoteError::Meta(m) => ApiError::Meta(m),
+            RemoteError::TableNotFound(t) => ApiError::TableNotFound(t),
+            RemoteError::Unavailable(m) => ApiError::Unavailable(m),
+            RemoteError::Indeterminate(m) => ApiError::Indeterminate(m),
+            RemoteError::Forward { leader, raft_addr } => {
+                ApiError::Internal(format!("the answering node asked to forward to node {leader} at {raft_addr}"))
+            }
+            RemoteError::Internal(m) => ApiError::Internal(m),
+            RemoteError::ReadOnly(m) => ApiError::ReadOnly(m),
+            RemoteError::Lagging(m) => ApiError::Lagging(m),
+        }
+    }
 }
 
 /// The wire format this build sends.
@@ -227,7 +283,7 @@ mod tests {
         let legacy = postcard::to_stdvec(&forward()).unwrap();
         let (env, v) = decode_request(&legacy).unwrap();
         assert_eq!((env.group, v), (GroupId(3), 0));
-        let reply = RaftReply::Client(Err(ApiError::Unavailable("x".into())));
+        let reply = RaftReply::Client(Err(RemoteError::Unavailable("x".into())));
         for version in [0, WIRE_FORMAT] {
             assert!(matches!(decode_reply(&encode_reply(&reply, version)), Ok(RaftReply::Client(Err(_)))));
         }
@@ -246,11 +302,11 @@ mod tests {
         for payload in [
             encode_payload(&TableCommand::Compact(7), WIRE_FORMAT),
             encode_payload(&TableReply::UpstreamSet, WIRE_FORMAT),
-            encode_payload(&ApiError::Internal("e".into()), WIRE_FORMAT),
+            encode_payload(&RemoteError::Internal("e".into()), WIRE_FORMAT),
         ] {
             assert!(postcard::from_bytes::<TableCommand>(&payload).is_err());
             assert!(postcard::from_bytes::<TableReply>(&payload).is_err());
-            assert!(postcard::from_bytes::<ApiError>(&payload).is_err());
+            assert!(postcard::from_bytes::<RemoteError>(&payload).is_err());
         }
     }
 

@@ -100,13 +100,17 @@ impl Metrics {
                 "Raft term of the group on this node.",
                 (|g: &crate::types::GroupStatus| g.term) as fn(&crate::types::GroupStatus) -> u64,
             ),
-            ("armada_raft_leader_id", "Node id of the group's leader as known here (0: none).", |g| g.leader_id),
-            ("armada_raft_commit_index", "Committed log index known here.", |g| g.commit_index),
-            ("armada_raft_applied_index", "Log index applied here.", |g| g.applied_index),
-            ("armada_raft_last_log_index", "Last log index this replica holds.", |g| g.last_log_index),
-            ("armada_raft_purged_index", "Last log index purged here (covered by a snapshot).", |g| g.purged_index),
-            ("armada_table_revision", "The table's current revision on this node.", |g| g.revision),
-            ("armada_table_compacted_revision", "The table's compaction revision on this node.", |g| g.compacted),
+            ("armada_raft_leader_id", "Node id of the group's leader as known here (0: none).", |g| {
+                g.leader_id.map_or(0, u64::from)
+            }),
+            ("armada_raft_commit_index", "Committed log index known here.", |g| g.commit_index.get()),
+            ("armada_raft_applied_index", "Log index applied here.", |g| g.applied_index.get()),
+            ("armada_raft_last_log_index", "Last log index this replica holds.", |g| g.last_log_index.get()),
+            ("armada_raft_purged_index", "Last log index purged here (covered by a snapshot).", |g| {
+                g.purged_index.get()
+            }),
+            ("armada_table_revision", "The table's current revision on this node.", |g| g.revision.get()),
+            ("armada_table_compacted_revision", "The table's compaction revision on this node.", |g| g.compacted.get()),
             (
                 "armada_table_compaction_pending",
                 "1 while history a compaction made unreadable is still being removed, in steps.",
@@ -129,7 +133,8 @@ impl Metrics {
                 (
                     "armada_replication_leader_revision",
                     "Follower: the leader cluster's latest revision of the table as last heard here.",
-                    (|g: &crate::types::GroupStatus| g.leader_revision as f64) as fn(&crate::types::GroupStatus) -> f64,
+                    (|g: &crate::types::GroupStatus| g.leader_revision.get() as f64)
+                        as fn(&crate::types::GroupStatus) -> f64,
                 ),
                 ("armada_replication_lag_revisions", "Follower: revisions this node is behind the leader.", |g| {
                     g.lag_revisions as f64

@@ -64,7 +64,7 @@ impl Readiness {
             waiting.push("the metadata group has not started".to_string());
         }
         for g in &groups {
-            if g.leader_id == 0 {
+            if g.leader_id.is_none() {
                 waiting.push(format!("{}: no Raft leader known", name(&g.table)));
             } else if g.applied_index < g.commit_index {
                 waiting.push(format!(

@@ -2,18 +2,25 @@
 //! deletion, and one worker per table that tails the leader cluster's
 //! change stream into the local Raft group (or installs a snapshot).
 //!
+//! The table worker is a pump: what to request, when to switch to a
+//! snapshot, back off or rotate endpoints is decided by the sans-IO
+//! [`Subscription`] in `armada-core`; the worker carries out its effects
+//! against the leader cluster and the local group.
+//!
 //! Invariant: the workers decide nothing about ordering; the state
 //! machine applies a replicated batch only at `applied_revision + 1`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use std::time::Duration;
+
 use armada_core::command::{TableInfo, TableReply};
-use armada_core::kv::KeyValue;
-use armada_core::mvcc::replication::{AssembleError, RevisionAssembler, RevisionChanges, SnapshotRefusal};
+use armada_core::kv::{KeyValue, KvError};
 use armada_core::mvcc::Mvcc;
 use armada_core::raft::data_ns;
-use armada_core::{GroupId, TableCommand};
+use armada_core::subscription::{self, Effect, Event, Local, SnapshotReason, Subscription};
+use armada_core::{GroupId, Revision, TableCommand};
 use armada_proto::replication as pb;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -85,7 +92,7 @@ impl Follower {
         })
     }
 
-    fn note_leader_revision(&self, table: &str, leader_revision: u64, applied: u64) {
+    fn note_leader_revision(&self, table: &str, leader_revision: Revision, applied: Revision) {
         self.lag.update(table, |s| {
             s.last_contact = Some(Instant::now());
             if s.last_error.take().is_some() || s.stall_logged {
@@ -234,172 +241,124 @@ async fn reconcile_catalog(node: &Node, update: &pb::CatalogUpdate, known: &mut 
     }
 }
 
-/// Tails one table's change stream while this node leads the follower's
-/// group of the table.
+/// How a table worker's subscription is timed and bounded.
+fn subscription_config() -> subscription::Config {
+    subscription::Config {
+        poll: WORKER_POLL,
+        stream_silence: HEARTBEAT * 8,
+        snapshot_silence: HEARTBEAT * 40,
+        backoff_min: BACKOFF_MIN,
+        backoff_max: BACKOFF_MAX,
+        assembled_bytes_max: ASSEMBLED_REVISION_BYTES_MAX,
+    }
+}
+
+type Client = pb::replication_client::ReplicationClient<tonic::transport::Channel>;
+
+/// The stream a table worker has open.
+enum Open {
+    None,
+    Changes(tonic::Streaming<pb::ChangesResponse>),
+    Snapshot(tonic::Streaming<pb::SnapshotResponse>),
+}
+
+/// What a table worker waited for.
+enum Input {
+    Changes(pb::ChangesResponse),
+    Chunk(pb::SnapshotResponse),
+    Closed(Option<String>),
+    Tick,
+}
+
+/// Runs the subscription of `table` (the protocol decisions are in
+/// [`Subscription`]): carries out its effects against the leader cluster and
+/// the local group, reports its events, and feeds it stream messages and
+/// time, until the table is deleted here or the follower stops.
 async fn table_worker(f: std::sync::Weak<Follower>, group: GroupId, table: String) {
-    let mut backoff = BACKOFF_MIN;
-    let mut rotate = false;
+    let epoch = Instant::now();
+    let mut sub = Subscription::new(subscription_config(), Duration::ZERO);
+    let mut client: Option<Client> = None;
+    let mut open = Open::None;
     loop {
-        tokio::time::sleep(WORKER_POLL).await;
+        {
+            let Some(this) = f.upgrade() else { return };
+            while let Some(effect) = sub.poll_effect() {
+                this.perform(&mut sub, effect, epoch, group, &table, &mut client, &mut open).await;
+            }
+            let gone = this.node.group(group).is_none();
+            if gone {
+                sub.handle_stopped();
+            }
+            while let Some(event) = sub.poll_event() {
+                this.report(&table, event);
+            }
+            if gone {
+                return;
+            }
+        }
+        let wait = sub.poll_timeout().map_or(WORKER_POLL, |t| t.saturating_sub(epoch.elapsed()));
+        let input = next_input(&mut open, sub.wants_message(), wait).await;
         let Some(this) = f.upgrade() else { return };
-        let Some(g) = this.node.group(group) else {
-            this.note_active(&table, false);
-            return;
-        };
-        if !this.node.is_leader(&g) {
-            this.note_active(&table, false);
-            continue;
-        }
-        this.note_active(&table, true);
-        match tail(&this, group, &table, rotate).await {
-            Ok(()) => {
-                backoff = BACKOFF_MIN;
-                rotate = false;
-            }
+        let now = epoch.elapsed();
+        let local = match this.local(group) {
+            Ok(l) => l,
             Err(e) => {
-                this.note_error(&table, &e);
-                rotate = true;
-                drop(this);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                sub.handle_failed(now, e);
+                continue;
             }
-        }
-    }
-}
-
-/// One subscription: tails until the stream ends, leadership is lost, or
-/// the leader asks for a snapshot (which is then installed).
-async fn tail(f: &Follower, group: GroupId, table: &str, rotate: bool) -> Result<(), String> {
-    let from = f.node.table_revision(group) + 1;
-    let mut client = f.upstream.client(rotate).await?;
-    let mut stream = client
-        .changes(pb::ChangesRequest { table: table.to_string(), from_revision: from, accepts_parts: true })
-        .await
-        .map_err(|s| s.message().to_string())?
-        .into_inner();
-    // A revision sent in parts is applied once whole; parts of a revision
-    // left incomplete when the stream ends are dropped with it (the next
-    // stream starts at the first revision not applied).
-    let mut assembler = RevisionAssembler::default();
-    loop {
-        let msg = match crate::rt::timeout(HEARTBEAT * 8, stream.message()).await {
-            Err(_) => return Err("change stream silent".into()),
-            Ok(Err(s)) => return Err(s.message().to_string()),
-            Ok(Ok(None)) => return Ok(()),
-            Ok(Ok(Some(m))) => m,
         };
-        let g = f.node.group(group).ok_or("table gone")?;
-        if !f.node.is_leader(&g) {
-            return Ok(());
-        }
-        if !same_incarnation(f, group, table, msg.table_id).await? {
-            return Ok(());
-        }
-        f.note_leader_revision(table, msg.leader_revision, f.node.table_revision(group));
-        if msg.snapshot_needed != 0 {
-            info!(table, first_retained = msg.snapshot_needed, "behind the leader's history: installing a snapshot");
-            install_snapshot(f, table, &mut client).await?;
-            return Ok(());
-        }
-        let mut batch: Vec<RevisionChanges> = Vec::with_capacity(msg.revisions.len());
-        for r in msg.revisions {
-            match assembler.accept(part_in(r), ASSEMBLED_REVISION_BYTES_MAX) {
-                Ok(Some(rev)) => batch.push(rev),
-                Ok(None) => {}
-                Err(e @ AssembleError::TooLarge { .. }) => {
-                    warn!(table, "{e}: installing a snapshot instead");
-                    install_snapshot(f, table, &mut client).await?;
-                    return Ok(());
-                }
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        if !batch.is_empty() {
-            let cmd = TableCommand::Replicate { batch, leader_revision: msg.leader_revision };
-            match f.node.write_internal(table, cmd).await {
-                Ok((TableReply::Replicated(o), _)) => {
-                    f.note_leader_revision(table, msg.leader_revision, o.revision);
-                    if !o.applied {
-                        // A gap or a duplicate: start over from what is applied.
-                        return Ok(());
-                    }
-                }
-                Ok((other, _)) => return Err(format!("unexpected reply {other:?}")),
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        follow_compaction(f, group, table, msg.compacted_revision).await?;
-    }
-}
-
-/// Whether this follower's table mirrors the leader-cluster table
-/// `table_id` streams from. The first stream records the id (before
-/// anything is applied). A different id means the leader cluster deleted
-/// the table and created it again under the same name, which the catalog
-/// worker may never see (its memory of ids does not survive a restart or a
-/// move to another node): the old incarnation is deleted here, and the
-/// catalog worker creates the table afresh, which then streams from the
-/// start. (A follower kept the old incarnation at the same revision as the
-/// new one, with other contents; found by followers-churn.)
-async fn same_incarnation(f: &Follower, group: GroupId, table: &str, table_id: u64) -> Result<bool, String> {
-    if table_id == 0 {
-        return Ok(true);
-    }
-    let recorded = Mvcc::new(&**f.node.engine(), data_ns(group)).upstream_table().map_err(|e| e.to_string())?;
-    match recorded {
-        Some(id) if id == table_id => Ok(true),
-        Some(_) if armada_core::canary::active(armada_core::canary::Canary::RecreatedTableKept) => Ok(true),
-        Some(id) => {
-            warn!(table, was = id, now = table_id, "the leader cluster re-created this table: deleting this copy");
-            f.node.delete_table_internal(table).await.map_err(|e| e.to_string())?;
-            armada_core::probe!(FollowerTableRecreated);
-            Ok(false)
-        }
-        None => {
-            f.node.write_internal(table, TableCommand::SetUpstream { table_id }).await.map_err(|e| e.to_string())?;
-            Ok(true)
+        match input {
+            Input::Tick => sub.handle_tick(now, &local),
+            Input::Closed(error) => sub.handle_closed(now, error),
+            Input::Changes(m) => sub.handle_changes(now, &local, changes_in(m)),
+            Input::Chunk(c) => sub.handle_chunk(now, chunk_in(c)),
         }
     }
 }
 
-/// Compacts this follower's table to the leader cluster's compaction
-/// revision once it has applied that revision (a later message retries
-/// until then), through the table's Raft group like any write.
-async fn follow_compaction(f: &Follower, group: GroupId, table: &str, leader_compacted: u64) -> Result<(), String> {
-    if leader_compacted == 0 || armada_core::canary::active(armada_core::canary::Canary::CompactionNotReplicated) {
-        return Ok(());
-    }
-    let state = Mvcc::new(&**f.node.engine(), data_ns(group)).rev_state().map_err(|e| e.to_string())?;
-    if leader_compacted <= state.compacted || leader_compacted > state.current {
-        return Ok(());
-    }
-    match f.node.write_internal(table, TableCommand::Compact(leader_compacted)).await {
-        Ok(_) => Ok(()),
-        // Compacted meanwhile (by a previous worker of this table).
-        Err(crate::types::ApiError::Kv(armada_core::kv::KvError::Compacted { .. })) => Ok(()),
-        Err(e) => Err(format!("compacting to the leader's revision {leader_compacted}: {e}")),
+/// The next message of the open stream if the subscription waits for one,
+/// or a tick after `wait`.
+async fn next_input(open: &mut Open, wants_message: bool, wait: Duration) -> Input {
+    let closed = |r: Result<Option<()>, tonic::Status>| match r {
+        Ok(_) => Input::Closed(None),
+        Err(s) => Input::Closed(Some(s.message().to_string())),
+    };
+    match open {
+        Open::Changes(s) if wants_message => match crate::rt::timeout(wait, s.message()).await {
+            Err(_) => Input::Tick,
+            Ok(Ok(Some(m))) => Input::Changes(m),
+            Ok(r) => closed(r.map(|_| None)),
+        },
+        Open::Snapshot(s) if wants_message => match crate::rt::timeout(wait, s.message()).await {
+            Err(_) => Input::Tick,
+            Ok(Ok(Some(c))) => Input::Chunk(c),
+            Ok(r) => closed(r.map(|_| None)),
+        },
+        _ => {
+            tokio::time::sleep(wait).await;
+            Input::Tick
+        }
     }
 }
 
-async fn install_snapshot(
-    f: &Follower,
-    table: &str,
-    client: &mut pb::replication_client::ReplicationClient<tonic::transport::Channel>,
-) -> Result<(), String> {
-    let mut stream = client
-        .snapshot(pb::SnapshotRequest { table: table.to_string() })
-        .await
-        .map_err(|s| s.message().to_string())?
-        .into_inner();
-    let mut first = true;
-    let (revision, count, digest) = loop {
-        let chunk = match crate::rt::timeout(HEARTBEAT * 40, stream.message()).await {
-            Err(_) => return Err("snapshot stream silent".into()),
-            Ok(Err(s)) => return Err(s.message().to_string()),
-            Ok(Ok(None)) => return Err("snapshot stream ended early".into()),
-            Ok(Ok(Some(c))) => c,
-        };
-        let kvs: Vec<KeyValue> = chunk
+fn changes_in(m: pb::ChangesResponse) -> subscription::Changes {
+    subscription::Changes {
+        leader_revision: Revision(m.leader_revision),
+        revisions: m.revisions.into_iter().map(part_in).collect(),
+        // 0: absent (proto3 has no optional scalars here).
+        snapshot_needed: (m.snapshot_needed != 0).then_some(Revision(m.snapshot_needed)),
+        table_id: (m.table_id != 0).then_some(GroupId(m.table_id)),
+        compacted_revision: Revision(m.compacted_revision),
+    }
+}
+
+fn chunk_in(c: pb::SnapshotResponse) -> subscription::SnapshotChunk {
+    subscription::SnapshotChunk {
+        revision: Revision(c.revision),
+        count: c.count,
+        digest: c.digest,
+        last: c.last,
+        kvs: c
             .kvs
             .into_iter()
             .map(|k| KeyValue {
@@ -409,27 +368,153 @@ async fn install_snapshot(
                 version: k.version,
                 value: k.value,
             })
-            .collect();
-        let header = (chunk.revision, chunk.count, chunk.digest);
-        let cmd = TableCommand::SnapshotChunk { revision: chunk.revision, first, kvs };
-        f.node.write_internal(table, cmd).await.map_err(|e| e.to_string())?;
-        first = false;
-        if chunk.last {
-            break header;
+            .collect(),
+    }
+}
+
+impl Follower {
+    /// What the subscription of `group` needs to know of the local table.
+    fn local(&self, group: GroupId) -> Result<Local, String> {
+        let g = self.node.group(group).ok_or("table gone")?;
+        let mvcc = Mvcc::new(&**self.node.engine(), data_ns(group));
+        let state = mvcc.rev_state().map_err(|e| e.to_string())?;
+        Ok(Local {
+            leading: self.node.is_leader(&g),
+            applied: Revision(state.current),
+            compacted: Revision(state.compacted),
+            upstream_table: mvcc.upstream_table().map_err(|e| e.to_string())?.map(GroupId),
+        })
+    }
+
+    /// Carries out one effect of the subscription and feeds it the answer.
+    #[allow(clippy::too_many_arguments)]
+    async fn perform(
+        &self,
+        sub: &mut Subscription,
+        effect: Effect,
+        epoch: Instant,
+        group: GroupId,
+        table: &str,
+        client: &mut Option<Client>,
+        open: &mut Open,
+    ) {
+        let write = |cmd| self.node.write_internal(table, cmd);
+        let done = |r: Result<(TableReply, crate::types::HeaderInfo), ApiError>| r.map(drop).map_err(|e| e.to_string());
+        match effect {
+            Effect::Close => *open = Open::None,
+            Effect::Subscribe { from_revision, rotate } => {
+                let request = pb::ChangesRequest {
+                    table: table.to_string(),
+                    from_revision: from_revision.get(),
+                    accepts_parts: true,
+                };
+                let result = match self.upstream.client(rotate).await {
+                    Ok(mut c) => match c.changes(request).await {
+                        Ok(s) => {
+                            *open = Open::Changes(s.into_inner());
+                            *client = Some(c);
+                            Ok(())
+                        }
+                        Err(s) => Err(s.message().to_string()),
+                    },
+                    Err(e) => Err(e),
+                };
+                sub.handle_opened(epoch.elapsed(), result);
+            }
+            Effect::RequestSnapshot => {
+                *open = Open::None;
+                let request = pb::SnapshotRequest { table: table.to_string() };
+                let result = match client.as_mut() {
+                    Some(c) => match c.snapshot(request).await {
+                        Ok(s) => {
+                            *open = Open::Snapshot(s.into_inner());
+                            Ok(())
+                        }
+                        Err(s) => Err(s.message().to_string()),
+                    },
+                    None => Err("no connection to the leader cluster".to_string()),
+                };
+                sub.handle_opened(epoch.elapsed(), result);
+            }
+            Effect::RecordUpstream { table_id } => {
+                let result = done(write(TableCommand::SetUpstream { table_id: table_id.0 }).await);
+                self.answer(sub, epoch, group, result);
+            }
+            Effect::DeleteRecreated { .. } => {
+                let result = self.node.delete_table_internal(table).await.map(drop).map_err(|e| e.to_string());
+                if result.is_ok() {
+                    armada_core::probe!(FollowerTableRecreated);
+                }
+                self.answer(sub, epoch, group, result);
+            }
+            Effect::Compact { revision } => {
+                let result = match write(TableCommand::Compact(revision.get())).await {
+                    // Compacted meanwhile (by a previous worker of this table).
+                    Err(ApiError::Kv(KvError::Compacted { .. })) => Ok(()),
+                    r => done(r),
+                };
+                self.answer(sub, epoch, group, result);
+            }
+            Effect::ProposeChunk { revision, first, kvs } => {
+                let result = done(write(TableCommand::SnapshotChunk { revision: revision.get(), first, kvs }).await);
+                self.answer(sub, epoch, group, result);
+            }
+            Effect::Propose { batch, leader_revision } => {
+                let result =
+                    match write(TableCommand::Replicate { batch, leader_revision: leader_revision.get() }).await {
+                        Ok((TableReply::Replicated(o), _)) => Ok(o),
+                        Ok((other, _)) => Err(format!("unexpected reply {other:?}")),
+                        Err(e) => Err(e.to_string()),
+                    };
+                match self.local(group) {
+                    Ok(local) => sub.handle_proposed(epoch.elapsed(), &local, result),
+                    Err(e) => sub.handle_failed(epoch.elapsed(), e),
+                }
+            }
+            Effect::CommitSnapshot { revision, count, digest } => {
+                let result = match write(TableCommand::SnapshotCommit { revision: revision.get(), count, digest }).await
+                {
+                    Ok((TableReply::SnapshotCommitted(r), _)) => Ok(r),
+                    Ok((other, _)) => Err(format!("unexpected reply {other:?}")),
+                    Err(e) => Err(e.to_string()),
+                };
+                sub.handle_committed(epoch.elapsed(), result);
+            }
         }
-    };
-    match f.node.write_internal(table, TableCommand::SnapshotCommit { revision, count, digest }).await {
-        Ok((TableReply::SnapshotCommitted(Ok(rev)), _)) => {
-            info!(table, revision = rev, keys = count, "snapshot installed");
-            f.lag.update(table, |s| s.snapshots += 1);
-            Ok(())
+    }
+
+    /// Feeds `result` to the subscription with what the table holds now.
+    fn answer(&self, sub: &mut Subscription, epoch: Instant, group: GroupId, result: Result<(), String>) {
+        match self.local(group) {
+            Ok(local) => sub.handle_done(epoch.elapsed(), &local, result),
+            Err(e) => sub.handle_failed(epoch.elapsed(), e),
         }
-        Ok((TableReply::SnapshotCommitted(Err(SnapshotRefusal::Behind { current })), _)) => {
-            debug!(table, current, "snapshot not needed any more");
-            Ok(())
+    }
+
+    /// Status and logs of what the subscription of `table` reported.
+    fn report(&self, table: &str, event: Event) {
+        match event {
+            Event::Active(active) => self.note_active(table, active),
+            Event::Contact { leader_revision, applied } => self.note_leader_revision(table, leader_revision, applied),
+            Event::Failed(e) => self.note_error(table, &e.to_string()),
+            Event::SnapshotStarted(SnapshotReason::HistoryGone { first_retained }) => {
+                info!(
+                    table,
+                    first_retained = first_retained.get(),
+                    "behind the leader's history: installing a snapshot"
+                )
+            }
+            Event::SnapshotStarted(SnapshotReason::TooLarge(e)) => warn!(table, "{e}: installing a snapshot instead"),
+            Event::SnapshotInstalled { revision, keys } => {
+                info!(table, revision = revision.get(), keys, "snapshot installed");
+                self.lag.update(table, |s| s.snapshots += 1);
+            }
+            Event::SnapshotNotNeeded { current } => {
+                debug!(table, current = current.get(), "snapshot not needed any more")
+            }
+            Event::Recreated { was, now } => {
+                warn!(table, was = was.0, now = now.0, "the leader cluster re-created this table: deleting this copy")
+            }
         }
-        Ok((TableReply::SnapshotCommitted(Err(r)), _)) => Err(format!("snapshot refused: {r:?}")),
-        Ok((other, _)) => Err(format!("unexpected reply {other:?}")),
-        Err(e) => Err(e.to_string()),
     }
 }

@@ -78,7 +78,7 @@ impl ChangesState {
     /// compaction revision, as every message carries them.
     fn state_now(&self) -> (u64, u64) {
         let compacted = Mvcc::new(&**self.node.engine(), data_ns(self.group)).rev_state().map_or(0, |s| s.compacted);
-        (self.node.table_revision(self.group), compacted)
+        (self.node.table_revision(self.group).get(), compacted)
     }
 
     async fn next_message(&mut self) -> Option<Result<pb::ChangesResponse, Status>> {
@@ -177,7 +177,7 @@ impl pb::replication_server::Replication for ReplicationService {
 
     async fn changes(&self, request: Request<pb::ChangesRequest>) -> Result<Response<Self::ChangesStream>, Status> {
         let r = request.into_inner();
-        let group = self.node.table_group(&r.table, 0).await.map_err(|e| status(&e))?;
+        let group = self.node.table_group(&r.table).await.map_err(|e| status(&e))?;
         let state = ChangesState {
             node: self.node.clone(),
             group: group.id,
@@ -193,7 +193,7 @@ impl pb::replication_server::Replication for ReplicationService {
 
     async fn snapshot(&self, request: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
         let r = request.into_inner();
-        let group = self.node.table_group(&r.table, 0).await.map_err(|e| status(&e))?;
+        let group = self.node.table_group(&r.table).await.map_err(|e| status(&e))?;
         let revision = Mvcc::new(&**self.node.engine(), data_ns(group.id))
             .rev_state()
             .map_err(|e| Status::internal(e.to_string()))?
@@ -230,7 +230,10 @@ impl pb::replication_server::Replication for ReplicationService {
             Ok((reply, _)) => {
                 pb::WriteResponse { reply: crate::node::wire::encode_payload(&reply, version), error: Vec::new() }
             }
-            Err(e) => pb::WriteResponse { reply: Vec::new(), error: crate::node::wire::encode_payload(&e, version) },
+            Err(e) => pb::WriteResponse {
+                reply: Vec::new(),
+                error: crate::node::wire::encode_payload(&crate::node::wire::RemoteError::from(e), version),
+            },
         };
         Ok(Response::new(resp))
     }

@@ -76,9 +76,9 @@ impl Upstream for UpstreamClient {
                 .map_err(|s| ApiError::Indeterminate(format!("write sent to the leader cluster: {}", s.message())))?
                 .into_inner();
             if !resp.error.is_empty() {
-                let (e, _): (ApiError, u8) = crate::node::wire::decode_payload(&resp.error)
+                let (e, _): (crate::node::wire::RemoteError, u8) = crate::node::wire::decode_payload(&resp.error)
                     .map_err(|e| ApiError::Internal(format!("malformed error from the leader cluster: {e}")))?;
-                return Err(e);
+                return Err(e.into());
             }
             return crate::node::wire::decode_payload(&resp.reply)
                 .map(|(r, _)| r)

@@ -31,7 +31,7 @@ impl pb::cluster_server::Cluster for EtcdApi {
                     .collect();
                 let term = self.node.status().iter().find(|g| g.table == self.table).map_or(0, |g| g.term);
                 Ok(Response::new(pb::MemberListResponse {
-                    header: self.header(HeaderInfo { term, member_id: me }, 0),
+                    header: self.header(HeaderInfo { term, member_id: me.into() }, 0),
                     members,
                 }))
             })

@@ -24,17 +24,17 @@ impl pb::maintenance_server::Maintenance for EtcdApi {
         &self,
         _request: Request<pb::DefragmentRequest>,
     ) -> Result<Response<pb::DefragmentResponse>, Status> {
-        let group = self.node.table_group(&self.table, 0).await.map_err(|e| etcd_status(&e))?;
+        let group = self.node.table_group(&self.table).await.map_err(|e| etcd_status(&e))?;
         let engine = self.node.engine().clone();
         blocking(move || engine.defragment()).await?.map_err(|e| Status::internal(format!("etcdserver: {e}")))?;
         let h = self.node.header(&group);
-        Ok(Response::new(pb::DefragmentResponse { header: self.header(h, self.node.table_revision(group.id)) }))
+        Ok(Response::new(pb::DefragmentResponse { header: self.header(h, self.node.table_revision(group.id).get()) }))
     }
 
     /// A hash of everything this node stores for the etcd table (live keys
     /// and history): equal on members that agree.
     async fn hash(&self, _request: Request<pb::HashRequest>) -> Result<Response<pb::HashResponse>, Status> {
-        let group = self.node.table_group(&self.table, 0).await.map_err(|e| etcd_status(&e))?;
+        let group = self.node.table_group(&self.table).await.map_err(|e| etcd_status(&e))?;
         let (node, id) = (self.node.clone(), group.id);
         let hash = blocking(move || {
             let mut h = Fnv64::new();
@@ -49,7 +49,7 @@ impl pb::maintenance_server::Maintenance for EtcdApi {
         .await?
         .map_err(|e| Status::internal(format!("etcdserver: {e}")))?;
         let h = self.node.header(&group);
-        Ok(Response::new(pb::HashResponse { header: self.header(h, self.node.table_revision(group.id)), hash }))
+        Ok(Response::new(pb::HashResponse { header: self.header(h, self.node.table_revision(group.id).get()), hash }))
     }
 
     /// A hash of the key-values live at a revision (0: now), with the
@@ -57,7 +57,7 @@ impl pb::maintenance_server::Maintenance for EtcdApi {
     async fn hash_kv(&self, request: Request<pb::HashKvRequest>) -> Result<Response<pb::HashKvResponse>, Status> {
         let revision = u64::try_from(request.into_inner().revision)
             .map_err(|_| Status::invalid_argument("etcdserver: revision must not be negative"))?;
-        let group = self.node.table_group(&self.table, 0).await.map_err(|e| etcd_status(&e))?;
+        let group = self.node.table_group(&self.table).await.map_err(|e| etcd_status(&e))?;
         let (node, id) = (self.node.clone(), group.id);
         let (hash, rev, compacted) = blocking(move || {
             armada_core::mvcc::Mvcc::new(&**node.engine(), armada_core::raft::data_ns(id)).hash_kv(revision)
@@ -74,7 +74,7 @@ impl pb::maintenance_server::Maintenance for EtcdApi {
     /// The etcd table's backup, in Armada's backup format.
     async fn snapshot(&self, _request: Request<pb::SnapshotRequest>) -> Result<Response<SnapshotStream>, Status> {
         let writer = self.node.backup(&self.table).await.map_err(|e| etcd_status(&e))?;
-        let group = self.node.table_group(&self.table, 0).await.map_err(|e| etcd_status(&e))?;
+        let group = self.node.table_group(&self.table).await.map_err(|e| etcd_status(&e))?;
         let mut header = self.header(self.node.header(&group), writer.revision());
         // etcdctl's `snapshot save` wants the stream to end with zero
         // padding to a multiple of 512 bytes and a SHA-256 of all before it.
@@ -133,19 +133,19 @@ impl pb::maintenance_server::Maintenance for EtcdApi {
                     .ok_or_else(|| etcd_status(&ApiError::TableNotFound(self.table.clone())))?;
                 let db_size: u64 = sizes.iter().map(|(_, s)| s).sum();
                 let in_use = sizes.iter().find(|(t, _)| t == table).map_or(0, |(_, s)| *s);
-                let h = HeaderInfo { term: g.term, member_id: self.node.id() };
+                let h = HeaderInfo { term: g.term, member_id: self.node.id().into() };
                 let mut errors = Vec::new();
-                if g.leader_id == 0 {
+                if g.leader_id.is_none() {
                     errors.push("etcdserver: no leader".to_string());
                 }
                 Ok(Response::new(pb::StatusResponse {
-                    header: self.header(h, g.revision),
+                    header: self.header(h, g.revision.get()),
                     version: ETCD_API_VERSION.to_string(),
                     db_size: to_i64(db_size),
-                    leader: g.leader_id,
-                    raft_index: g.commit_index,
+                    leader: g.leader_id.map_or(0, u64::from),
+                    raft_index: g.commit_index.get(),
                     raft_term: g.term,
-                    raft_applied_index: g.applied_index,
+                    raft_applied_index: g.applied_index.get(),
                     errors,
                     db_size_in_use: to_i64(in_use),
                     is_learner: false,

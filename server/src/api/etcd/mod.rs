@@ -56,7 +56,7 @@ pub fn etcd_status(e: &ApiError) -> Status {
         ApiError::Indeterminate(_) => Status::unavailable("etcdserver: request timed out"),
         ApiError::ReadOnly(_) => Status::failed_precondition(format!("etcdserver: {e}")),
         ApiError::Lagging(_) => Status::deadline_exceeded(format!("etcdserver: {e}")),
-        ApiError::Forward { .. } | ApiError::Internal(_) => Status::internal(format!("etcdserver: {e}")),
+        ApiError::Internal(_) => Status::internal(format!("etcdserver: {e}")),
     }
 }
 
@@ -107,7 +107,7 @@ impl EtcdApi {
     fn header(&self, h: HeaderInfo, revision: u64) -> Option<pb::ResponseHeader> {
         Some(pb::ResponseHeader {
             cluster_id: self.cluster_id,
-            member_id: h.member_id,
+            member_id: h.member_id.get(),
             revision: to_i64(revision),
             raft_term: h.term,
         })

@@ -40,12 +40,12 @@ impl Cluster for Api {
                     .into_iter()
                     .map(|g| pb::GroupStatus {
                         table: g.table,
-                        leader_id: g.leader_id,
+                        leader_id: g.leader_id.map_or(0, u64::from),
                         raft_term: g.term,
-                        raft_commit_index: g.commit_index,
-                        raft_applied_index: g.applied_index,
-                        revision: i64::try_from(g.revision).unwrap_or(i64::MAX),
-                        leader_revision: g.leader_revision,
+                        raft_commit_index: g.commit_index.get(),
+                        raft_applied_index: g.applied_index.get(),
+                        revision: i64::try_from(g.revision.get()).unwrap_or(i64::MAX),
+                        leader_revision: g.leader_revision.get(),
                         lag_revisions: g.lag_revisions,
                         lag_seconds: g.lag_seconds,
                         replication_state: g.replication.name().to_string(),

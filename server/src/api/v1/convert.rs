@@ -21,7 +21,7 @@ pub fn rev_out(v: u64) -> i64 {
 }
 
 pub fn header(h: HeaderInfo, revision: u64) -> Option<pb::ResponseHeader> {
-    Some(pb::ResponseHeader { revision: rev_out(revision), raft_term: h.term, member_id: h.member_id })
+    Some(pb::ResponseHeader { revision: rev_out(revision), raft_term: h.term, member_id: h.member_id.get() })
 }
 
 pub fn kv_out(k: kv::KeyValue) -> pb::KeyValue {

@@ -90,7 +90,7 @@ impl Kv for Api {
         if r.limit < 0 || r.revision < 0 {
             return Err(Status::invalid_argument("limit and revision must not be negative"));
         }
-        let group = self.node.table_group(&r.table, 0).await.map_err(|e| status(&e))?;
+        let group = self.node.table_group(&r.table).await.map_err(|e| status(&e))?;
         // The revision every page is read at: the one asked for; or this
         // node's applied revision (serializable); or, linearizable, the
         // table's revision after a read index at its leader (a one-key read
@@ -100,7 +100,7 @@ impl Kv for Api {
         let revision = if r.revision > 0 {
             r.revision as u64
         } else if r.serializable {
-            self.node.table_revision(group.id)
+            self.node.table_revision(group.id).get()
         } else {
             let probe = armada_core::kv::RangeRequest { key: r.key.clone(), keys_only: true, ..Default::default() };
             self.node.range(&r.table, &probe, false).await.map_err(|e| status(&e))?.0.revision
