@@ -282,7 +282,13 @@ async fn table_worker(f: std::sync::Weak<Follower>, group: GroupId, table: Strin
     loop {
         {
             let Some(this) = f.upgrade() else { return };
-            while let Some(effect) = sub.poll_effect() {
+            loop {
+                // Events first: status learns the leader's revision before
+                // the batch that message carried is proposed.
+                while let Some(event) = sub.poll_event() {
+                    this.report(&table, event);
+                }
+                let Some(effect) = sub.poll_effect() else { break };
                 this.perform(&mut sub, effect, epoch, group, &table, &mut client, &mut open).await;
             }
             let gone = this.node.group(group).is_none();
