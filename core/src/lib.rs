@@ -29,6 +29,7 @@ pub mod probe;
 pub mod raft;
 pub mod snapshot;
 pub mod subscription;
+pub mod watch;
 
 pub use command::{Command, CommandResponse, GroupId, MetaCommand, TableCommand};
 pub use engine::{Engine, EngineError, MemEngine, WriteBatch};
