@@ -579,3 +579,152 @@ async fn etcdctl_maintenance_commands_work_against_armada() {
     node.kill9();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Opens an etcd watch stream: a sender of requests and the responses.
+async fn watch_stream(
+    endpoint: &str,
+) -> (tokio::sync::mpsc::Sender<pb::WatchRequest>, tonic::Streaming<pb::WatchResponse>) {
+    let ep = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}")).unwrap();
+    let mut client = pb::watch_client::WatchClient::new(ep.connect().await.expect("connect"));
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let requests = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let responses = client.watch(requests).await.expect("watch stream").into_inner();
+    (tx, responses)
+}
+
+fn create(key: &str, range_end: &str, start: i64, prev_kv: bool) -> pb::WatchRequest {
+    pb::WatchRequest {
+        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(pb::WatchCreateRequest {
+            key: key.into(),
+            range_end: range_end.into(),
+            start_revision: start,
+            prev_kv,
+            ..Default::default()
+        })),
+    }
+}
+
+async fn next(responses: &mut tonic::Streaming<pb::WatchResponse>) -> pb::WatchResponse {
+    tokio::time::timeout(Duration::from_secs(10), responses.message())
+        .await
+        .expect("a watch response within 10 s")
+        .expect("the stream stays up")
+        .expect("the stream does not end")
+}
+
+/// (type, key, value, mod revision, prev value) of each event.
+fn events(r: &pb::WatchResponse) -> Vec<(i32, String, String, i64, Option<String>)> {
+    let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    r.events
+        .iter()
+        .map(|e| {
+            let kv = e.kv.clone().unwrap_or_default();
+            (e.r#type, s(&kv.key), s(&kv.value), kv.mod_revision, e.prev_kv.as_ref().map(|p| s(&p.value)))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_history_and_live_events() {
+    let cluster = single_node("watch");
+    let ep = cluster.nodes[0].etcd.clone();
+    let mut kv = wait_ready_node(&cluster.nodes[0]).await;
+    let put = |k: &str, v: &str| pb::PutRequest { key: k.into(), value: v.into(), ..Default::default() };
+    // Revisions 2, 3, 4 (1 is the table's creation).
+    for (k, v) in [("a", "1"), ("b", "2"), ("a", "3")] {
+        kv.put(put(k, v)).await.unwrap();
+    }
+    let (tx, mut rx) = watch_stream(&ep).await;
+    // From the past, with prev_kv, on the key "a".
+    tx.send(create("a", "", 2, true)).await.unwrap();
+    let r = next(&mut rx).await;
+    assert!(r.created && r.watch_id == 0 && r.header.as_ref().unwrap().revision == 4, "{r:?}");
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        got.extend(events(&next(&mut rx).await));
+    }
+    assert_eq!(got, vec![(0, "a".into(), "1".into(), 2, None), (0, "a".into(), "3".into(), 4, Some("1".into()))]);
+    // From now, on every key from "" on; then a live put and a delete.
+    tx.send(create("", "\0", 0, false)).await.unwrap();
+    let r = next(&mut rx).await;
+    assert!(r.created && r.watch_id == 1, "{r:?}");
+    kv.put(put("c", "4")).await.unwrap();
+    kv.delete_range(pb::DeleteRangeRequest { key: "a".into(), ..Default::default() }).await.unwrap();
+    let mut by_watcher: std::collections::BTreeMap<i64, Vec<_>> = Default::default();
+    while by_watcher.values().map(Vec::len).sum::<usize>() < 3 {
+        let r = next(&mut rx).await;
+        by_watcher.entry(r.watch_id).or_default().extend(events(&r));
+    }
+    assert_eq!(by_watcher[&0], vec![(1, "a".into(), String::new(), 6, Some("3".into()))]);
+    assert_eq!(by_watcher[&1], vec![(0, "c".into(), "4".into(), 5, None), (1, "a".into(), String::new(), 6, None)]);
+    // Cancel: answered, then nothing more for that watcher.
+    tx.send(pb::WatchRequest {
+        request_union: Some(pb::watch_request::RequestUnion::CancelRequest(pb::WatchCancelRequest { watch_id: 1 })),
+    })
+    .await
+    .unwrap();
+    let r = next(&mut rx).await;
+    assert!(r.canceled && r.watch_id == 1, "{r:?}");
+    // Progress: the stream-wide answer carries the revision.
+    tx.send(pb::WatchRequest {
+        request_union: Some(pb::watch_request::RequestUnion::ProgressRequest(pb::WatchProgressRequest {})),
+    })
+    .await
+    .unwrap();
+    let r = next(&mut rx).await;
+    assert!(r.watch_id == -1 && r.header.as_ref().unwrap().revision == 6 && r.events.is_empty(), "{r:?}");
+    // Compacted: a watcher from below the compaction is cancelled with it.
+    kv.compact(pb::CompactionRequest { revision: 5, ..Default::default() }).await.unwrap();
+    tx.send(create("a", "", 3, false)).await.unwrap();
+    let created = next(&mut rx).await;
+    assert!(created.created && !created.canceled, "{created:?}");
+    let r = next(&mut rx).await;
+    assert!(r.canceled && r.compact_revision == 5 && r.watch_id == created.watch_id, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_watch_works_against_armada() {
+    require("etcdctl", "etcd-client");
+    let cluster = single_node("etcdctl-watch");
+    let ep = cluster.nodes[0].etcd.clone();
+    wait_ready_node(&cluster.nodes[0]).await;
+    for (k, v) in [("foo", "bar"), ("foo1", "b1"), ("zoo", "z")] {
+        assert!(etcdctl(&ep, &["put", k, v], None).0);
+    }
+    // etcdctl watch runs until killed: give it the history and stop it.
+    let mut child = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={ep}"))
+        .args(["watch", "foo", "--prefix", "--rev", "1", "--prev-kv"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn etcdctl");
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut out = String::new();
+        let mut buf = [0u8; 256];
+        while !out.contains("b2") {
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+        out
+    });
+    // A live event after the history.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(etcdctl(&ep, &["put", "foo1", "b2"], None).0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !reader.is_finished() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let stderr = child.wait_with_output().map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default();
+    let out = reader.join().unwrap();
+    assert_eq!(
+        out, "PUT\nfoo\nbar\nPUT\nfoo1\nb1\nPUT\nfoo1\nb1\nfoo1\nb2\n",
+        "etcdctl watch printed (stderr: {stderr})"
+    );
+}

@@ -247,6 +247,17 @@ impl WatchStream {
         self.watchers.values().any(|w| w.spec.prev_kv)
     }
 
+    /// Whether responses wait to be sent.
+    pub fn has_responses(&self) -> bool {
+        !self.outbox.is_empty()
+    }
+
+    /// Whether applied revisions are queued now (the outbox is within its
+    /// bound); when not, the driver need not read them.
+    pub fn accepts_applied(&self) -> bool {
+        self.outbox_bytes <= self.config.outbox_bytes_max
+    }
+
     /// The next response to send.
     pub fn poll_response(&mut self) -> Option<WatchResponse> {
         let r = self.outbox.pop_front()?;

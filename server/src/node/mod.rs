@@ -24,6 +24,7 @@ pub mod notify;
 pub mod raft_client;
 pub mod snapshots;
 pub mod status;
+pub mod watch;
 pub mod wire;
 
 pub use config::{NodeConfig, RaftTuning, MAX_RESPONSE_BYTES_DEFAULT};

@@ -10,7 +10,7 @@ use tonic::Status;
 use super::{non_negative, to_i64, unsupported, EtcdApi};
 use crate::types::HeaderInfo;
 
-fn kv_out(k: kv::KeyValue) -> pb::KeyValue {
+pub(super) fn kv_out(k: kv::KeyValue) -> pb::KeyValue {
     pb::KeyValue {
         key: k.key,
         create_revision: to_i64(k.create_revision),

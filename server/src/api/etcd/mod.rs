@@ -1,5 +1,6 @@
-//! etcd v3 compatibility: the `etcdserverpb` KV service, Maintenance.Status
-//! and Cluster.MemberList, served over one Armada table (`--etcd-table`).
+//! etcd v3 compatibility: the `etcdserverpb` KV and Watch services,
+//! Maintenance and Cluster.MemberList, served over one Armada table
+//! (`--etcd-table`).
 //!
 //! Requests become the same core commands as armada.v1 requests, so
 //! revisions, versions and transaction semantics are the table's. What
@@ -13,6 +14,7 @@ pub mod cluster;
 pub mod convert;
 pub mod kv;
 pub mod maintenance;
+pub mod watch;
 
 pub use convert::{delete_in, put_in, range_in, txn_in};
 
@@ -123,7 +125,8 @@ pub fn router(api: EtcdApi) -> tonic::transport::server::Router {
     tonic::transport::Server::builder()
         .add_service(pb::kv_server::KvServer::new(api.clone()))
         .add_service(pb::maintenance_server::MaintenanceServer::new(api.clone()))
-        .add_service(pb::cluster_server::ClusterServer::new(api))
+        .add_service(pb::cluster_server::ClusterServer::new(api.clone()))
+        .add_service(pb::watch_server::WatchServer::new(api))
 }
 
 /// Creates the etcd table unless it exists, retrying while the cluster has

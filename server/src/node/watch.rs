@@ -1,0 +1,214 @@
+//! The pump of a client watch stream: one task per stream carries out what
+//! [`WatchStream`] (in `armada-core`) decides. It reads the revisions the
+//! table applies on this node from its changelog as the group's revision
+//! watch moves, answers the machine's history requests from the same
+//! changelog, looks up `prev_kv` where a watcher asked for it, and sends the
+//! machine's responses as the client reads them. The API services (etcd
+//! Watch, armada.v1 Watch) only convert messages.
+//!
+//! Invariant: the pump decides nothing about which events a watcher gets;
+//! it never holds more than the machine's outbox bound plus one changelog
+//! batch for a stream, so a slow client cannot grow a node's memory.
+
+use std::time::Duration;
+
+use armada_core::kv::{KeyValue, RangeRequest, REVISION_INITIAL};
+use armada_core::mvcc::replication::{ChangesFrom, RevisionChanges, BATCH_BYTES_MAX};
+use armada_core::mvcc::Mvcc;
+use armada_core::raft::data_ns;
+use armada_core::watch::{
+    self, EventKind, History, HistoryRequest, RevisionEvents, TableState, WatchEvent, WatchResponse, WatchSpec,
+    WatchStream,
+};
+use armada_core::{GroupId, Revision};
+use openraft::async_runtime::watch::WatchReceiver as _;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::node::Node;
+
+/// What a client sends on a watch stream.
+#[derive(Debug, Clone)]
+pub enum WatchInput {
+    Create(WatchSpec),
+    Cancel(i64),
+    Progress,
+}
+
+/// Most revisions read from the changelog at once.
+const READ_REVISIONS_MAX: usize = 256;
+
+impl Node {
+    /// What the table of `group` holds here now.
+    fn watch_table_state(&self, group: GroupId) -> TableState {
+        let state = Mvcc::new(&*self.engine, data_ns(group)).rev_state().unwrap_or_default();
+        TableState { current: Revision(state.current), compacted: Revision(state.compacted) }
+    }
+
+    /// Serves one client watch stream on the table of `group` until the
+    /// client goes away (`input` closes or `output` is dropped) or the
+    /// table is deleted.
+    pub async fn serve_watch(
+        &self,
+        group: GroupId,
+        mut input: mpsc::Receiver<WatchInput>,
+        output: mpsc::Sender<WatchResponse>,
+    ) {
+        let mut revisions = self.revision_watch(group);
+        let table = self.watch_table_state(group);
+        let mut fed = table.current;
+        let mut stream = WatchStream::new(watch::Config::default(), table);
+        let epoch = Instant::now();
+        loop {
+            while let Some(request) = stream.poll_history() {
+                let history = self.read_history(group, request);
+                stream.handle_history(history, self.watch_table_state(group));
+            }
+            let pending = stream.has_responses();
+            let wait = stream.poll_timeout().map_or(Duration::from_secs(3600), |t| t.saturating_sub(epoch.elapsed()));
+            tokio::select! {
+                biased;
+                msg = input.recv() => match msg {
+                    None => return,
+                    Some(WatchInput::Create(spec)) => stream.handle_create(spec, self.watch_table_state(group)),
+                    Some(WatchInput::Cancel(id)) => stream.handle_cancel(id),
+                    Some(WatchInput::Progress) => stream.handle_progress_request(),
+                },
+                permit = output.reserve(), if pending => match (permit, stream.poll_response()) {
+                    (Ok(permit), Some(r)) => permit.send(r),
+                    (Err(_), _) => return,
+                    (Ok(_), None) => {}
+                },
+                changed = revisions.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    fed = self.feed_applied(group, fed, &mut stream);
+                }
+                _ = tokio::time::sleep(wait) => stream.handle_tick(epoch.elapsed()),
+            }
+            if self.group(group).is_none() {
+                return;
+            }
+        }
+    }
+
+    /// Passes the revisions applied after `fed` to the stream; returns the
+    /// last revision passed.
+    fn feed_applied(&self, group: GroupId, mut fed: Revision, stream: &mut WatchStream) -> Revision {
+        loop {
+            let table = self.watch_table_state(group);
+            if fed >= table.current {
+                return fed;
+            }
+            if !stream.accepts_applied() {
+                // Not queued anyway: the watchers owed these revisions read
+                // them from history once the client catches up.
+                stream.handle_applied(&[], table);
+                return table.current;
+            }
+            let mvcc = Mvcc::new(&*self.engine, data_ns(group));
+            match mvcc.changes_from(fed.get() + 1, READ_REVISIONS_MAX, BATCH_BYTES_MAX) {
+                Ok(ChangesFrom::Changes(changes)) if !changes.is_empty() => {
+                    let last = Revision(changes.last().map_or(fed.get(), |c| c.revision));
+                    let events = self.events_of(group, changes, stream.wants_prev_kv());
+                    stream.handle_applied(&events, self.watch_table_state(group));
+                    fed = last;
+                }
+                Ok(_) => {
+                    // The changelog has a hole here (a snapshot was
+                    // installed): watchers owed these revisions are answered
+                    // as compacted when they ask for history.
+                    stream.handle_applied(&[], table);
+                    return table.current;
+                }
+                Err(e) => {
+                    debug!(%group, "watch: reading the changelog: {e}");
+                    return fed;
+                }
+            }
+        }
+    }
+
+    /// The machine's history request, from the changelog.
+    fn read_history(&self, group: GroupId, request: HistoryRequest) -> History {
+        let mvcc = Mvcc::new(&*self.engine, data_ns(group));
+        let state = mvcc.rev_state().unwrap_or_default();
+        let first_readable = mvcc.first_retained(state).max(state.compacted + 1);
+        if request.from.get() < first_readable {
+            return History::Compacted { first_retained: Revision(first_readable) };
+        }
+        let max = usize::try_from(request.max_revisions).unwrap_or(usize::MAX).max(1);
+        // A table's first revision is the empty table: no changelog entry,
+        // no events (a watch from revision 1 starts with the first write).
+        let mut history: Vec<RevisionEvents> = (request.from.get()..=REVISION_INITIAL.min(state.current))
+            .map(|r| RevisionEvents { revision: Revision(r), events: Vec::new() })
+            .collect();
+        let from = request.from.get().max(REVISION_INITIAL + 1);
+        if from > state.current || history.len() >= max {
+            return History::Revisions(history);
+        }
+        match mvcc.changes_from(from, max - history.len(), BATCH_BYTES_MAX) {
+            Ok(ChangesFrom::Changes(changes)) => {
+                history.extend(self.events_of(group, changes, request.prev_kv));
+                History::Revisions(history)
+            }
+            Ok(ChangesFrom::NeedSnapshot { first_retained }) => {
+                History::Compacted { first_retained: Revision(first_retained) }
+            }
+            Err(e) => {
+                debug!(%group, "watch: reading history: {e}");
+                History::Revisions(Vec::new())
+            }
+        }
+    }
+
+    /// The watch events of changelog entries, with each key's previous
+    /// value when `prev_kv`.
+    fn events_of(&self, group: GroupId, changes: Vec<RevisionChanges>, prev_kv: bool) -> Vec<RevisionEvents> {
+        let mvcc = Mvcc::new(&*self.engine, data_ns(group));
+        changes
+            .into_iter()
+            .map(|c| {
+                let revision = c.revision;
+                let events = c
+                    .mutations
+                    .into_iter()
+                    .map(|m| {
+                        let prev = if prev_kv { previous(&mvcc, &m.key, revision) } else { None };
+                        match m.value {
+                            Some(value) => WatchEvent {
+                                kind: EventKind::Put,
+                                kv: KeyValue {
+                                    key: m.key,
+                                    create_revision: m.create_revision,
+                                    mod_revision: revision,
+                                    version: m.version,
+                                    value,
+                                },
+                                prev_kv: prev,
+                            },
+                            None => WatchEvent {
+                                kind: EventKind::Delete,
+                                kv: KeyValue { key: m.key, mod_revision: revision, ..KeyValue::default() },
+                                prev_kv: prev,
+                            },
+                        }
+                    })
+                    .collect();
+                RevisionEvents { revision: Revision(revision), events }
+            })
+            .collect()
+    }
+}
+
+/// The key's value just before `revision`, if it had one and that history
+/// is still kept.
+fn previous(mvcc: &Mvcc<'_>, key: &[u8], revision: u64) -> Option<KeyValue> {
+    if revision <= 1 {
+        return None;
+    }
+    let req = RangeRequest { key: key.to_vec(), revision: revision - 1, ..RangeRequest::default() };
+    mvcc.range(&req).ok().and_then(|r| r.kvs.into_iter().next())
+}
