@@ -359,3 +359,81 @@ async fn a_revision_above_the_grpc_default_limit_replicates_and_a_stall_is_repor
     let log = std::fs::read_to_string(root.join("f.log")).unwrap_or_default();
     assert!(log.contains("WARN") && log.contains("replication"), "no warning logged:\n{log}");
 }
+
+/// A follower cluster serves etcd watches from its own applied state, with
+/// the leader cluster's revisions: history from a past revision, then live
+/// events as writes at the leader arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_serves_watches_with_the_leaders_revisions() {
+    use armada_proto::etcd as epb;
+    let leader = Cluster::new(1, "watch-leader");
+    wait_ready(&leader.nodes[0].http, Duration::from_secs(30)).await;
+    let etcd_kv = |ep: String| async move {
+        let ch = channel(&ep).await?;
+        Ok::<_, String>(epb::kv_client::KvClient::new(ch))
+    };
+    let mut lkv = etcd_kv(leader.nodes[0].etcd.clone()).await.unwrap();
+    let put = |k: String, v: &str| epb::PutRequest { key: k.into_bytes(), value: v.into(), ..Default::default() };
+    let mut revisions = Vec::new();
+    for i in 0..5 {
+        let r = lkv.put(put(format!("w{i}"), "x")).await.unwrap().into_inner();
+        revisions.push(r.header.unwrap().revision);
+    }
+    let root = std::env::temp_dir().join(format!("armada-proc-watch-followers-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let follower = start_follower(&root, "wf", &leader.nodes[0].replication);
+    let fep = follower.nodes[0].etcd.clone();
+    let last = *revisions.last().unwrap();
+    eventually(Duration::from_secs(60), "the follower reaches the leader's revision", || {
+        let fep = fep.clone();
+        async move {
+            let mut f = etcd_kv(fep).await?;
+            let r = f
+                .range(epb::RangeRequest { key: b"w0".to_vec(), serializable: true, ..Default::default() })
+                .await
+                .map_err(|s| s.to_string())?
+                .into_inner();
+            let rev = r.header.map_or(0, |h| h.revision);
+            if rev >= last {
+                Ok(())
+            } else {
+                Err(format!("at revision {rev}"))
+            }
+        }
+    })
+    .await;
+    let mut wc = epb::watch_client::WatchClient::new(channel(&fep).await.unwrap());
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let requests = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let mut responses = wc.watch(requests).await.expect("watch at the follower").into_inner();
+    tx.send(epb::WatchRequest {
+        request_union: Some(epb::watch_request::RequestUnion::CreateRequest(epb::WatchCreateRequest {
+            key: b"w".to_vec(),
+            range_end: b"x".to_vec(),
+            start_revision: revisions[0],
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    // A write at the leader after the watch started: a live event.
+    let r = lkv.put(put("w9".into(), "live")).await.unwrap().into_inner();
+    revisions.push(r.header.unwrap().revision);
+    let mut seen: Vec<(String, i64)> = Vec::new();
+    while seen.len() < revisions.len() {
+        let r = tokio::time::timeout(Duration::from_secs(20), responses.message())
+            .await
+            .expect("events within 20 s")
+            .expect("the stream stays up")
+            .expect("the stream does not end");
+        assert!(!r.canceled, "{r:?}");
+        for e in r.events {
+            let kv = e.kv.unwrap();
+            seen.push((String::from_utf8_lossy(&kv.key).into_owned(), kv.mod_revision));
+        }
+    }
+    let keys = ["w0", "w1", "w2", "w3", "w4", "w9"];
+    let want: Vec<(String, i64)> = keys.iter().zip(&revisions).map(|(k, r)| (k.to_string(), *r)).collect();
+    assert_eq!(seen, want, "the follower's events carry the leader's revisions, in order");
+}
