@@ -71,10 +71,12 @@ pub enum Canary {
     /// The etcd API serves every Range as serializable (it ignores the
     /// request's `serializable = false`); armada.v1 reads stay linearizable.
     EtcdReadsSerializable = 23,
+    /// A watch response with more than one event loses its last event.
+    WatchDropsEvent = 24,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 23] = [
+    pub const ALL: [Canary; 24] = [
         Canary::AckBeforeFsync,
         Canary::StaleRead,
         Canary::ReuseRevision,
@@ -98,6 +100,7 @@ impl Canary {
         Canary::LimitBeforeSort,
         Canary::QuerySkipsReadIndex,
         Canary::EtcdReadsSerializable,
+        Canary::WatchDropsEvent,
     ];
 
     pub fn name(self) -> &'static str {
@@ -125,6 +128,7 @@ impl Canary {
             Canary::LimitBeforeSort => "limit-before-sort",
             Canary::QuerySkipsReadIndex => "query-skips-read-index",
             Canary::EtcdReadsSerializable => "etcd-reads-serializable",
+            Canary::WatchDropsEvent => "watch-drops-event",
         }
     }
 

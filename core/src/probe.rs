@@ -115,13 +115,18 @@ pub enum Probe {
     /// A state machine applied several log entries in one engine write
     /// (executing each over the staged writes of the ones before it).
     ApplyBatched,
+    /// A watcher was answered as compacted (its start, or the history it
+    /// was owed, is gone).
+    WatchCompacted,
+    /// A watcher behind the applied revisions was given history.
+    WatchHistoryServed,
 }
 
 /// Number of probes.
 pub const COUNT: usize = Probe::ALL.len();
 
 impl Probe {
-    pub const ALL: [Probe; 48] = [
+    pub const ALL: [Probe; 50] = [
         Probe::LogTruncated,
         Probe::LogPurged,
         Probe::VoteSavedThenCrash,
@@ -170,6 +175,8 @@ impl Probe {
         Probe::ClockSlow,
         Probe::ClockJumped,
         Probe::ApplyBatched,
+        Probe::WatchCompacted,
+        Probe::WatchHistoryServed,
     ];
 
     pub fn name(self) -> &'static str {
@@ -222,6 +229,8 @@ impl Probe {
             Probe::ClockSlow => "clock-slow",
             Probe::ClockJumped => "clock-jumped",
             Probe::ApplyBatched => "apply-batched",
+            Probe::WatchCompacted => "watch-compacted",
+            Probe::WatchHistoryServed => "watch-history-served",
         }
     }
 

@@ -375,6 +375,11 @@ pub struct Scenario {
     /// and written, and R4 requires every follower to end with its state.
     #[serde(default)]
     pub table_churn_ms: u64,
+    /// Clients that watch the etcd table through the etcd Watch API, moving
+    /// between the leader cluster's nodes and resuming where they left off
+    /// (W1 checks every event they see).
+    #[serde(default)]
+    pub watchers: u32,
 }
 
 /// The table [`Scenario::table_churn_ms`] deletes and re-creates (no client
@@ -424,6 +429,9 @@ impl Scenario {
         }
         if !(1..=CLIENTS_MAX).contains(&self.clients) {
             return Err(format!("clients must be 1..={CLIENTS_MAX}"));
+        }
+        if self.watchers > CLIENTS_MAX {
+            return Err(format!("watchers must be at most {CLIENTS_MAX}"));
         }
         if !(1..=KEYS_MAX).contains(&self.keys) {
             return Err(format!("keys must be 1..={KEYS_MAX}"));

@@ -30,6 +30,7 @@ mod disk;
 mod etcd;
 mod followers;
 pub mod probes;
+mod watchers;
 use crate::history::{CasBy, Op, OpKind, OpResult, Outcome};
 use crate::linearizability;
 use crate::scenario::{Scenario, CHURN_TABLE};
@@ -88,6 +89,8 @@ pub struct Report {
     /// Client operations sent through the etcd v3 API (the rest used
     /// armada.v1).
     pub etcd_ops: u64,
+    /// Events the watchers received (W1 checks every one).
+    pub watch_events: u64,
 }
 
 /// A client request's deadline; past it the outcome is indefinite.
@@ -125,6 +128,8 @@ struct Shared {
     models: Mutex<checks::ModelLog>,
     /// Client operations sent through the etcd v3 API.
     etcd_ops: Mutex<u64>,
+    /// W1: what the watchers saw, and the etcd table's history.
+    watch: Mutex<watchers::WatchLog>,
 }
 
 impl Shared {
@@ -163,6 +168,8 @@ struct Observer {
     node: u64,
     shared: Arc<Shared>,
     repl: followers::ReplObserver,
+    /// Record the etcd table's history for W1 (worlds with watchers).
+    watch: bool,
 }
 
 impl ApplyObserver for Observer {
@@ -178,6 +185,14 @@ impl ApplyObserver for Observer {
     ) {
         self.shared.trace(&[self.node, group.0, index, digest]);
         self.repl.applied(&self.shared, group, command, response);
+        if let (true, 0, Some(Command::Table(cmd)), CommandResponse::Table(Ok(reply))) =
+            (self.watch, self.repl.cluster, command, response)
+        {
+            if cmd.is_client_write() && self.repl.table_name(group).as_deref() == Some(ETCD_TABLE) {
+                let mut log = self.shared.watch.lock().unwrap_or_else(|p| p.into_inner());
+                log.applied(self.repl.engine(), group, reply.revision());
+            }
+        }
         let group = global_group(self.repl.cluster, group);
         if let (0, Some(rev)) = (self.repl.cluster, revision) {
             let mut models = self.shared.models.lock().unwrap_or_else(|p| p.into_inner());
@@ -336,6 +351,7 @@ async fn node_main(
         node: key,
         shared: shared.clone(),
         repl: followers::ReplObserver::new(cluster, engine.clone(), sc.followers.is_some()),
+        watch: sc.watchers > 0,
     };
     let me = cfg.me().cloned().expect("the node is a member");
     let ip = me.api_addr.split(':').next().expect("simulated addresses are host:port").to_string();
@@ -1723,6 +1739,11 @@ async fn world(sc: Scenario, shared: Arc<Shared>) {
         let node = handle.create_node().name("churn").ip("10.1.0.4".parse().expect("valid ip")).build();
         clients.push(node.spawn(churn_main(sc.clone(), members.clone(), shared.clone(), until_ns)));
     }
+    for w in 0..sc.watchers {
+        let ip = format!("10.3.{}.{}", w / 200, w % 200 + 1);
+        let node = handle.create_node().name(format!("watcher-{w}")).ip(ip.parse().expect("valid ip")).build();
+        clients.push(node.spawn(watchers::watcher_main(w, sc.clone(), members.clone(), shared.clone(), until_ns)));
+    }
     if sc.backups > 0 {
         let node = handle.create_node().name("backup").ip("10.1.0.3".parse().expect("valid ip")).build();
         clients.push(node.spawn(backup_main(sc.clone(), members.clone(), shared.clone(), until_ns)));
@@ -1841,6 +1862,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
                 stops: Mutex::new(Vec::new()),
                 models: Mutex::new(Default::default()),
                 etcd_ops: Mutex::new(0),
+                watch: Mutex::new(Default::default()),
             });
             shared.trace_str(&sc2.name);
             world(sc2, shared.clone()).await;
@@ -1881,6 +1903,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
                 model_checked: (0, 0),
                 probes: probe_hits,
                 etcd_ops: 0,
+                watch_events: 0,
             };
         }
     };
@@ -1926,6 +1949,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
         }
     }
     let model_checked = (shared.models.lock().unwrap_or_else(|p| p.into_inner()).checked, reads_checked);
+    safety.extend(watchers::check(&shared));
     let (repl_failures, mut lag) = followers::check(&shared);
     safety.extend(repl_failures);
     lag.sort_by(f64::total_cmp);
@@ -1950,6 +1974,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
     };
     let backups_checked = *shared.backups_checked.lock().unwrap_or_else(|p| p.into_inner());
     let etcd_ops = *shared.etcd_ops.lock().unwrap_or_else(|p| p.into_inner());
+    let watch_events = shared.watch.lock().unwrap_or_else(|p| p.into_inner()).events_seen;
     Report {
         seed,
         verdict,
@@ -1970,5 +1995,6 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
         model_checked,
         probes: probe_hits,
         etcd_ops,
+        watch_events,
     }
 }

@@ -306,6 +306,7 @@ impl WatchStream {
         self.push(WatchResponse { watch_id: id, revision: table.current, created: true, ..WatchResponse::default() });
         let next = spec.start_revision.filter(|r| r.get() > 0).unwrap_or(table.current.next());
         if next <= table.compacted {
+            crate::probe!(WatchCompacted);
             return self.push(compacted(id, table));
         }
         self.watchers.insert(id, Watcher { spec, next, sent_since_tick: false });
@@ -347,6 +348,7 @@ impl WatchStream {
         match history {
             History::Revisions(revisions) => {
                 if let Some(last) = revisions.last() {
+                    crate::probe!(WatchHistoryServed);
                     self.table.current = self.table.current.max(last.revision);
                 }
                 let ids: Vec<i64> = self.watchers.keys().copied().collect();
@@ -358,6 +360,7 @@ impl WatchStream {
                 let gone: Vec<i64> =
                     self.watchers.iter().filter(|(_, w)| w.next < first_retained).map(|(id, _)| *id).collect();
                 for id in gone {
+                    crate::probe!(WatchCompacted);
                     self.watchers.remove(&id);
                     let t = TableState { compacted: Revision(first_retained.get().saturating_sub(1)), ..self.table };
                     self.push(compacted(id, t));
@@ -433,6 +436,9 @@ impl WatchStream {
                 }
                 events.push(e);
             }
+        }
+        if crate::canary::active(crate::canary::Canary::WatchDropsEvent) && events.len() > 1 {
+            events.pop();
         }
         let (fragment, limit) = (spec.fragment, self.config.response_bytes_max);
         let revision = Revision(last - 1);

@@ -109,23 +109,36 @@ impl Node {
                 return table.current;
             }
             let mvcc = Mvcc::new(&*self.engine, data_ns(group));
-            match mvcc.changes_from(fed.get() + 1, READ_REVISIONS_MAX, BATCH_BYTES_MAX) {
+            let read = if fed >= table.compacted {
+                mvcc.changes_from(fed.get() + 1, READ_REVISIONS_MAX, BATCH_BYTES_MAX)
+            } else {
+                Ok(ChangesFrom::Changes(Vec::new()))
+            };
+            let events = match read {
                 Ok(ChangesFrom::Changes(changes)) if !changes.is_empty() => {
                     let last = Revision(changes.last().map_or(fed.get(), |c| c.revision));
-                    let events = self.events_of(group, changes, stream.wants_prev_kv());
-                    stream.handle_applied(&events, self.watch_table_state(group));
-                    fed = last;
+                    self.events_of(group, changes, stream.wants_prev_kv()).map(|e| (e, last))
                 }
-                Ok(_) => {
-                    // The changelog has a hole here (a snapshot was
-                    // installed): watchers owed these revisions are answered
-                    // as compacted when they ask for history.
-                    stream.handle_applied(&[], table);
-                    return table.current;
-                }
+                Ok(_) => None,
                 Err(e) => {
                     debug!(%group, "watch: reading the changelog: {e}");
                     return fed;
+                }
+            };
+            match events {
+                Some((events, last)) => {
+                    stream.handle_applied(&events, self.watch_table_state(group));
+                    fed = last;
+                }
+                None => {
+                    // The table was compacted past revisions not passed on
+                    // yet (this task ran behind the apply), or the changelog
+                    // has a hole here (a snapshot was installed): watchers
+                    // owed these revisions are answered as compacted when
+                    // they ask for history, as etcd answers a watcher
+                    // behind its compaction.
+                    stream.handle_applied(&[], table);
+                    return table.current;
                 }
             }
         }
@@ -150,10 +163,14 @@ impl Node {
             return History::Revisions(history);
         }
         match mvcc.changes_from(from, max - history.len(), BATCH_BYTES_MAX) {
-            Ok(ChangesFrom::Changes(changes)) => {
-                history.extend(self.events_of(group, changes, request.prev_kv));
-                History::Revisions(history)
-            }
+            Ok(ChangesFrom::Changes(changes)) => match self.events_of(group, changes, request.prev_kv) {
+                Some(events) => {
+                    history.extend(events);
+                    History::Revisions(history)
+                }
+                // Compacted while it was read.
+                None => History::Compacted { first_retained: self.watch_table_state(group).compacted.next() },
+            },
             Ok(ChangesFrom::NeedSnapshot { first_retained }) => {
                 History::Compacted { first_retained: Revision(first_retained) }
             }
@@ -165,8 +182,9 @@ impl Node {
     }
 
     /// The watch events of changelog entries, with each key's previous
-    /// value when `prev_kv`.
-    fn events_of(&self, group: GroupId, changes: Vec<RevisionChanges>, prev_kv: bool) -> Vec<RevisionEvents> {
+    /// value when `prev_kv`; `None` when a previous value is needed and the
+    /// table was compacted past it.
+    fn events_of(&self, group: GroupId, changes: Vec<RevisionChanges>, prev_kv: bool) -> Option<Vec<RevisionEvents>> {
         let mvcc = Mvcc::new(&*self.engine, data_ns(group));
         changes
             .into_iter()
@@ -176,8 +194,8 @@ impl Node {
                     .mutations
                     .into_iter()
                     .map(|m| {
-                        let prev = if prev_kv { previous(&mvcc, &m.key, revision) } else { None };
-                        match m.value {
+                        let prev = if prev_kv { previous(&mvcc, &m.key, revision)? } else { None };
+                        Some(match m.value {
                             Some(value) => WatchEvent {
                                 kind: EventKind::Put,
                                 kv: KeyValue {
@@ -194,21 +212,21 @@ impl Node {
                                 kv: KeyValue { key: m.key, mod_revision: revision, ..KeyValue::default() },
                                 prev_kv: prev,
                             },
-                        }
+                        })
                     })
-                    .collect();
-                RevisionEvents { revision: Revision(revision), events }
+                    .collect::<Option<Vec<_>>>()?;
+                Some(RevisionEvents { revision: Revision(revision), events })
             })
             .collect()
     }
 }
 
-/// The key's value just before `revision`, if it had one and that history
-/// is still kept.
-fn previous(mvcc: &Mvcc<'_>, key: &[u8], revision: u64) -> Option<KeyValue> {
-    if revision <= 1 {
-        return None;
+/// The key's value just before `revision` (`Some(None)`: it had none);
+/// `None` when that history is compacted away (or cannot be read).
+fn previous(mvcc: &Mvcc<'_>, key: &[u8], revision: u64) -> Option<Option<KeyValue>> {
+    if revision <= REVISION_INITIAL {
+        return Some(None);
     }
     let req = RangeRequest { key: key.to_vec(), revision: revision - 1, ..RangeRequest::default() };
-    mvcc.range(&req).ok().and_then(|r| r.kvs.into_iter().next())
+    mvcc.range(&req).ok().map(|r| r.kvs.into_iter().next())
 }

@@ -107,7 +107,13 @@ impl ReplObserver {
         Self { cluster, engine, enabled, names: Mutex::new(BTreeMap::new()) }
     }
 
-    fn table_name(&self, group: GroupId) -> Option<String> {
+    /// The node's engine.
+    pub fn engine(&self) -> &dyn Engine {
+        &*self.engine
+    }
+
+    /// The name of the table of `group` in this node's catalog.
+    pub fn table_name(&self, group: GroupId) -> Option<String> {
         let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = names.get(&group) {
             return Some(n.clone());

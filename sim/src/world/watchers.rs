@@ -1,0 +1,248 @@
+//! Watchers of the etcd table in the simulated world, and checker W1.
+//!
+//! Each watcher is a client of the etcd Watch API on the leader cluster's
+//! nodes. It watches one key or every key of the workload, with or without
+//! `prev_kv`, from the table's first revision or from "now"; it moves to
+//! another node from time to time (and whenever its stream breaks),
+//! resuming at the revision after the last event it saw, as etcd clients
+//! do. Every stream it opens is a segment of its record.
+//!
+//! W1 (safety, every seed): each segment's events are exactly the table's
+//! history restricted to the watcher's range, from the segment's start, in
+//! order, with no gap or duplicate, each with the `prev_kv` the history
+//! gives (the key's value before the event); a segment cancelled as
+//! compacted was still owed a revision at or below the compaction revision
+//! it names. The
+//! history is the leader cluster's: every revision's mutations as first
+//! applied there, read from the applying node's changelog.
+
+use armada_proto::etcd as epb;
+
+use super::*;
+
+/// One event as a watcher saw it: (revision, key, put?, value, prev value).
+pub(super) type Seen = (u64, String, bool, String, Option<String>);
+
+/// One stream of one watcher.
+#[derive(Debug, Clone)]
+pub(super) struct Segment {
+    pub watcher: u32,
+    pub node: u64,
+    /// `None`: every key of the workload; `Some(k)`: the key `k` alone.
+    pub key: Option<String>,
+    pub prev_kv: bool,
+    /// The first revision the stream owes (known once created).
+    pub start: u64,
+    pub events: Vec<Seen>,
+    /// The stream was cancelled as compacted at this revision.
+    pub compacted: Option<u64>,
+}
+
+/// What the watchers saw, and the history to compare it with.
+#[derive(Debug, Default)]
+pub(super) struct WatchLog {
+    pub segments: Vec<Segment>,
+    /// The etcd table's mutations per revision, as first applied on the
+    /// leader cluster.
+    pub history: BTreeMap<u64, Vec<armada_core::mvcc::replication::Mutation>>,
+    pub events_seen: u64,
+}
+
+impl WatchLog {
+    /// Records revision `revision` of the etcd table as applied on a leader
+    /// cluster node (the first record of a revision wins).
+    pub fn applied(&mut self, engine: &dyn Engine, group: GroupId, revision: u64) {
+        if self.history.contains_key(&revision) {
+            return;
+        }
+        let store = Mvcc::new(engine, data_ns(group));
+        if let Ok(armada_core::mvcc::replication::ChangesFrom::Changes(cs)) =
+            store.changes_from(revision, 1, usize::MAX)
+        {
+            if let Some(c) = cs.into_iter().next().filter(|c| c.revision == revision) {
+                self.history.insert(revision, c.mutations);
+            }
+        }
+    }
+}
+
+fn create(key: &Option<String>, start: u64, prev_kv: bool) -> epb::WatchRequest {
+    let (key, range_end) = match key {
+        Some(k) => (k.clone().into_bytes(), Vec::new()),
+        // Every key of the workload: "k0000" .. "k9999".
+        None => (b"k".to_vec(), b"l".to_vec()),
+    };
+    epb::WatchRequest {
+        request_union: Some(epb::watch_request::RequestUnion::CreateRequest(epb::WatchCreateRequest {
+            key,
+            range_end,
+            start_revision: start as i64,
+            prev_kv,
+            ..Default::default()
+        })),
+    }
+}
+
+/// How long a watcher stays on one stream before it moves to another node.
+const STREAM_MS: [u64; 2] = [500, 4000];
+
+/// One watcher: streams from the leader cluster's nodes until `until_ns`
+/// plus a moment for the last writes to arrive.
+pub(super) async fn watcher_main(
+    wid: u32,
+    sc: Scenario,
+    members: BTreeMap<u64, ArmadaNode>,
+    shared: Arc<Shared>,
+    until_ns: u64,
+) {
+    let key = (rand_range(0, 1) == 0).then(|| key_name(rand_range(0, u64::from(sc.keys.max(1) - 1)) as u32));
+    let prev_kv = rand_range(0, 1) == 0;
+    // 0: from the next revision; 1: from the table's first.
+    let mut next: u64 = rand_range(0, 1);
+    let stop_ns = until_ns + 2_000_000_000;
+    while shared.now_ns() < stop_ns {
+        // Now and then a watcher starts over from the table's first
+        // revision (a client that lists from scratch): below the
+        // compaction once there is one.
+        if rand_range(0, 4) == 0 {
+            next = 1;
+        }
+        let node = rand_range(1, sc.nodes as u64);
+        let Some(host) = members.get(&node).and_then(|m| m.api_addr.split(':').next().map(str::to_string)) else {
+            return;
+        };
+        let Some(channel) = connect(&format!("{host}:{ETCD_PORT}")).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let mut client = epb::watch_client::WatchClient::new(channel);
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let requests = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+        if tx.send(create(&key, next, prev_kv)).await.is_err() {
+            continue;
+        }
+        let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(2), client.watch(requests)).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let mut stream = resp.into_inner();
+        let mut seg =
+            Segment { watcher: wid, node, key: key.clone(), prev_kv, start: next, events: vec![], compacted: None };
+        let leave_at = shared.now_ns() + rand_range(STREAM_MS[0], STREAM_MS[1]) * 1_000_000;
+        let mut created = false;
+        while shared.now_ns() < leave_at.min(stop_ns) {
+            let r = match tokio::time::timeout(Duration::from_millis(250), stream.message()).await {
+                Err(_) => continue,
+                Ok(Ok(Some(r))) => r,
+                Ok(_) => break,
+            };
+            if r.created {
+                created = true;
+                if seg.start == 0 {
+                    seg.start = r.header.as_ref().map_or(0, |h| h.revision.max(0) as u64) + 1;
+                }
+                if r.canceled {
+                    break;
+                }
+                continue;
+            }
+            if r.canceled {
+                if r.compact_revision > 0 {
+                    seg.compacted = Some(r.compact_revision as u64);
+                }
+                break;
+            }
+            for e in r.events {
+                let kv = e.kv.unwrap_or_default();
+                let put = e.r#type == epb::event::EventType::Put as i32;
+                let prev = e.prev_kv.map(|p| utf8(p.value));
+                seg.events.push((kv.mod_revision.max(0) as u64, utf8(kv.key), put, utf8(kv.value), prev));
+            }
+        }
+        drop(tx);
+        if !created {
+            continue;
+        }
+        // Resume after the last event seen; a compacted start begins anew
+        // from the next revision.
+        next = match (seg.compacted, seg.events.last()) {
+            (Some(_), _) => 0,
+            (None, Some(e)) => e.0 + 1,
+            (None, None) => seg.start,
+        };
+        shared.trace(&[u64::from(wid), seg.start, seg.events.len() as u64]);
+        let mut log = shared.watch.lock().unwrap_or_else(|p| p.into_inner());
+        log.events_seen += seg.events.len() as u64;
+        log.segments.push(seg);
+    }
+}
+
+/// W1: every segment saw exactly its share of the history.
+pub(super) fn check(shared: &Shared) -> Vec<String> {
+    let log = shared.watch.lock().unwrap_or_else(|p| p.into_inner());
+    let mut failures = Vec::new();
+    for seg in &log.segments {
+        if let Some(c) = seg.compacted {
+            // The first revision it was still owed must be compacted away.
+            let owed = seg.events.last().map_or(seg.start, |e| e.0 + 1);
+            if owed > c {
+                failures.push(format!(
+                    "W1 watcher {} on node {}: cancelled as compacted at {c}, but it was owed revision {owed} on",
+                    seg.watcher, seg.node
+                ));
+            }
+        }
+        // Replay the history to the segment's start, then compare event by
+        // event.
+        let mut state: BTreeMap<String, String> = BTreeMap::new();
+        let mut want: Vec<Seen> = Vec::new();
+        let last = seg.events.last().map_or(0, |e| e.0);
+        let mut expected_rev = REVISION_FIRST;
+        for (&rev, mutations) in log.history.range(..=last.max(seg.start)) {
+            if rev != expected_rev {
+                failures.push(format!("W1: the recorded history has no revision {expected_rev} (next is {rev})"));
+                return failures;
+            }
+            expected_rev = rev + 1;
+            for m in mutations {
+                let k = utf8(m.key.clone());
+                let prev = state.get(&k).cloned();
+                match &m.value {
+                    Some(v) => {
+                        state.insert(k.clone(), utf8(v.clone()));
+                    }
+                    None => {
+                        state.remove(&k);
+                    }
+                }
+                if rev < seg.start || rev > last || seg.key.as_ref().is_some_and(|key| *key != k) {
+                    continue;
+                }
+                let value = m.value.clone().map(utf8).unwrap_or_default();
+                want.push((rev, k, m.value.is_some(), value, if seg.prev_kv { prev } else { None }));
+            }
+        }
+        if seg.events != want {
+            let at = seg.events.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(seg.events.len().min(want.len()));
+            failures.push(format!(
+                "W1 watcher {} on node {} from revision {} ({}): event {at} is {:?}, the history gives {:?} ({} events \
+                 seen, {} in the history to revision {last})",
+                seg.watcher,
+                seg.node,
+                seg.start,
+                seg.key.as_deref().unwrap_or("every key"),
+                seg.events.get(at),
+                want.get(at),
+                seg.events.len(),
+                want.len()
+            ));
+        }
+        if failures.len() >= 5 {
+            break;
+        }
+    }
+    failures
+}
+
+/// The first revision with mutations (revision 1 is the empty table).
+const REVISION_FIRST: u64 = armada_core::kv::REVISION_INITIAL + 1;
