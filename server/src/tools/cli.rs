@@ -78,6 +78,25 @@ pub enum KvCmd {
         #[arg(long)]
         digest: bool,
     },
+    /// Print the events of a key (or of every key with a prefix) as they
+    /// happen, from a past revision first when `--rev` is given, until
+    /// interrupted (or `--count` events were printed).
+    Watch {
+        table: String,
+        key: String,
+        /// Every key starting with KEY.
+        #[arg(long)]
+        prefix: bool,
+        /// Start at this revision (default: the next one).
+        #[arg(long = "rev", default_value_t = 0)]
+        revision: i64,
+        /// Print each event's previous value too.
+        #[arg(long)]
+        prev_kv: bool,
+        /// Stop after this many events (0: never).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+    },
     /// Delete a key, or every key with a prefix.
     Del {
         table: String,
@@ -309,6 +328,45 @@ pub async fn kv(args: &ClientArgs, cmd: KvCmd) -> anyhow::Result<()> {
                     json!({"revision": header_rev(&r.header), "count": r.count, "more": r.more,
                            "kvs": r.kvs.iter().map(kv_json).collect::<Vec<_>>()})
                 ),
+            }
+        }
+        KvCmd::Watch { table, key, prefix, revision, prev_kv, count } => {
+            let range_end = if prefix { prefix_end(key.as_bytes()) } else { vec![] };
+            let key = if prefix && key.is_empty() { vec![0] } else { key.into_bytes() };
+            let req =
+                pb::WatchRequest { table, key, range_end, start_revision: revision, prev_kv, ..Default::default() };
+            let mut stream = c.watch(req).await.map_err(status_err)?.into_inner();
+            let mut printed = 0u64;
+            while let Some(r) = stream.message().await.map_err(status_err)? {
+                if r.compact_revision > 0 {
+                    anyhow::bail!(
+                        "the watch's start is compacted (compaction revision {}): start at a later revision",
+                        r.compact_revision
+                    );
+                }
+                for e in &r.events {
+                    let put = e.r#type == pb::event::EventType::Put as i32;
+                    let kind = if put { "PUT" } else { "DELETE" };
+                    let kv = e.kv.clone().unwrap_or_default();
+                    match args.output {
+                        Output::Human => {
+                            println!("{kind}");
+                            if let Some(p) = &e.prev_kv {
+                                println!("{}\n{}", text(&p.key), text(&p.value));
+                            }
+                            println!("{}\n{}", text(&kv.key), text(&kv.value));
+                        }
+                        Output::Json => println!(
+                            "{}",
+                            json!({"type": kind, "revision": kv.mod_revision, "kv": kv_json(&kv),
+                                   "prev_kv": e.prev_kv.as_ref().map(kv_json)})
+                        ),
+                    }
+                    printed += 1;
+                    if count > 0 && printed >= count {
+                        return Ok(());
+                    }
+                }
             }
         }
         KvCmd::Del { table, key, prefix } => {

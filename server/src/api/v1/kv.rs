@@ -75,6 +75,11 @@ impl Iteration {
 #[tonic::async_trait]
 impl Kv for Api {
     type IterateRangeStream = IterateStream;
+    type WatchStream = super::watch::WatchStream;
+
+    async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        self.watch_stream(request).await
+    }
 
     async fn iterate_range(
         &self,

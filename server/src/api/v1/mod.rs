@@ -5,6 +5,7 @@ pub mod convert;
 pub mod kv;
 pub mod maintenance;
 pub mod tables;
+pub mod watch;
 
 pub use kv::{ITERATE_PAGE_BYTES, ITERATE_PAGE_KEYS_DEFAULT, ITERATE_PAGE_KEYS_MAX};
 
