@@ -1,7 +1,7 @@
 //! Watchers of the etcd table in the simulated world, and checker W1.
 //!
-//! Each watcher is a client of the etcd Watch API on the leader cluster's
-//! nodes. It watches one key or every key of the workload, with or without
+//! Each watcher is a client of the etcd Watch API or of armada.v1's Watch
+//! (half each) on the leader cluster's nodes. It watches one key or every key of the workload, with or without
 //! `prev_kv`, from the table's first revision or from "now"; it moves to
 //! another node from time to time (and whenever its stream breaks),
 //! resuming at the revision after the last event it saw, as etcd clients
@@ -28,6 +28,8 @@ pub(super) type Seen = (u64, String, bool, String, Option<String>);
 pub(super) struct Segment {
     pub watcher: u32,
     pub node: u64,
+    /// The API it watched through.
+    pub api: &'static str,
     /// `None`: every key of the workload; `Some(k)`: the key `k` alone.
     pub key: Option<String>,
     pub prev_kv: bool,
@@ -83,6 +85,100 @@ fn create(key: &Option<String>, start: u64, prev_kv: bool) -> epb::WatchRequest 
     }
 }
 
+/// A response of either API, as the watcher needs it.
+struct Resp {
+    created: bool,
+    canceled: bool,
+    compact_revision: u64,
+    /// The header's revision.
+    revision: u64,
+    events: Vec<Seen>,
+}
+
+/// An open watch stream of either API.
+enum Stream {
+    /// The etcd stream, and the sender that keeps its request side open
+    /// (held, never used again).
+    Etcd(tonic::Streaming<epb::WatchResponse>, #[allow(dead_code)] tokio::sync::mpsc::Sender<epb::WatchRequest>),
+    V1(tonic::Streaming<pb::WatchResponse>),
+}
+
+impl Stream {
+    /// The next response; `None` when the stream ended or failed.
+    async fn next(&mut self) -> Option<Resp> {
+        let rev = |v: i64| v.max(0) as u64;
+        match self {
+            Stream::Etcd(s, _) => {
+                let r = s.message().await.ok()??;
+                let events = r
+                    .events
+                    .into_iter()
+                    .map(|e| {
+                        let kv = e.kv.unwrap_or_default();
+                        let put = e.r#type == epb::event::EventType::Put as i32;
+                        (rev(kv.mod_revision), utf8(kv.key), put, utf8(kv.value), e.prev_kv.map(|p| utf8(p.value)))
+                    })
+                    .collect();
+                Some(Resp {
+                    created: r.created,
+                    canceled: r.canceled,
+                    compact_revision: rev(r.compact_revision),
+                    revision: r.header.map_or(0, |h| rev(h.revision)),
+                    events,
+                })
+            }
+            Stream::V1(s) => {
+                let r = s.message().await.ok()??;
+                let events = r
+                    .events
+                    .into_iter()
+                    .map(|e| {
+                        let kv = e.kv.unwrap_or_default();
+                        let put = e.r#type == pb::event::EventType::Put as i32;
+                        (rev(kv.mod_revision), utf8(kv.key), put, utf8(kv.value), e.prev_kv.map(|p| utf8(p.value)))
+                    })
+                    .collect();
+                Some(Resp {
+                    created: r.created,
+                    canceled: r.compact_revision > 0,
+                    compact_revision: rev(r.compact_revision),
+                    revision: r.header.map_or(0, |h| rev(h.revision)),
+                    events,
+                })
+            }
+        }
+    }
+}
+
+/// Opens a watch stream on `host` through either API.
+async fn open(host: &str, via_v1: bool, key: &Option<String>, start: u64, prev_kv: bool) -> Option<Stream> {
+    if via_v1 {
+        let channel = connect(&format!("{host}:8443")).await?;
+        let (key, range_end) = match key {
+            Some(k) => (k.clone().into_bytes(), Vec::new()),
+            None => (b"k".to_vec(), b"l".to_vec()),
+        };
+        let req = pb::WatchRequest {
+            table: ETCD_TABLE.to_string(),
+            key,
+            range_end,
+            start_revision: start as i64,
+            prev_kv,
+            ..Default::default()
+        };
+        let mut client = pb::kv_client::KvClient::new(channel);
+        let resp = tokio::time::timeout(Duration::from_secs(2), client.watch(req)).await.ok()?.ok()?;
+        return Some(Stream::V1(resp.into_inner()));
+    }
+    let channel = connect(&format!("{host}:{ETCD_PORT}")).await?;
+    let mut client = epb::watch_client::WatchClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let requests = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    tx.send(create(key, start, prev_kv)).await.ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(2), client.watch(requests)).await.ok()?.ok()?;
+    Some(Stream::Etcd(resp.into_inner(), tx))
+}
+
 /// How long a watcher stays on one stream before it moves to another node.
 const STREAM_MS: [u64; 2] = [500, 4000];
 
@@ -97,6 +193,8 @@ pub(super) async fn watcher_main(
 ) {
     let key = (rand_range(0, 1) == 0).then(|| key_name(rand_range(0, u64::from(sc.keys.max(1) - 1)) as u32));
     let prev_kv = rand_range(0, 1) == 0;
+    // Half the watchers use the etcd Watch API, half armada.v1's.
+    let via_v1 = rand_range(0, 1) == 0;
     // 0: from the next revision; 1: from the table's first.
     let mut next: u64 = rand_range(0, 1);
     let stop_ns = until_ns + 2_000_000_000;
@@ -111,35 +209,32 @@ pub(super) async fn watcher_main(
         let Some(host) = members.get(&node).and_then(|m| m.api_addr.split(':').next().map(str::to_string)) else {
             return;
         };
-        let Some(channel) = connect(&format!("{host}:{ETCD_PORT}")).await else {
+        let Some(mut stream) = open(&host, via_v1, &key, next, prev_kv).await else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        let mut client = epb::watch_client::WatchClient::new(channel);
-        let (tx, rx) = tokio::sync::mpsc::channel(2);
-        let requests = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
-        if tx.send(create(&key, next, prev_kv)).await.is_err() {
-            continue;
-        }
-        let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(2), client.watch(requests)).await else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
+        let mut seg = Segment {
+            watcher: wid,
+            node,
+            api: if via_v1 { "armada.v1" } else { "etcd" },
+            key: key.clone(),
+            prev_kv,
+            start: next,
+            events: vec![],
+            compacted: None,
         };
-        let mut stream = resp.into_inner();
-        let mut seg =
-            Segment { watcher: wid, node, key: key.clone(), prev_kv, start: next, events: vec![], compacted: None };
         let leave_at = shared.now_ns() + rand_range(STREAM_MS[0], STREAM_MS[1]) * 1_000_000;
         let mut created = false;
         while shared.now_ns() < leave_at.min(stop_ns) {
-            let r = match tokio::time::timeout(Duration::from_millis(250), stream.message()).await {
+            let r = match tokio::time::timeout(Duration::from_millis(250), stream.next()).await {
                 Err(_) => continue,
-                Ok(Ok(Some(r))) => r,
-                Ok(_) => break,
+                Ok(Some(r)) => r,
+                Ok(None) => break,
             };
             if r.created {
                 created = true;
                 if seg.start == 0 {
-                    seg.start = r.header.as_ref().map_or(0, |h| h.revision.max(0) as u64) + 1;
+                    seg.start = r.revision + 1;
                 }
                 if r.canceled {
                     break;
@@ -148,18 +243,13 @@ pub(super) async fn watcher_main(
             }
             if r.canceled {
                 if r.compact_revision > 0 {
-                    seg.compacted = Some(r.compact_revision as u64);
+                    seg.compacted = Some(r.compact_revision);
                 }
                 break;
             }
-            for e in r.events {
-                let kv = e.kv.unwrap_or_default();
-                let put = e.r#type == epb::event::EventType::Put as i32;
-                let prev = e.prev_kv.map(|p| utf8(p.value));
-                seg.events.push((kv.mod_revision.max(0) as u64, utf8(kv.key), put, utf8(kv.value), prev));
-            }
+            seg.events.extend(r.events);
         }
-        drop(tx);
+        drop(stream);
         if !created {
             continue;
         }
@@ -225,10 +315,11 @@ pub(super) fn check(shared: &Shared) -> Vec<String> {
         if seg.events != want {
             let at = seg.events.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(seg.events.len().min(want.len()));
             failures.push(format!(
-                "W1 watcher {} on node {} from revision {} ({}): event {at} is {:?}, the history gives {:?} ({} events \
-                 seen, {} in the history to revision {last})",
+                "W1 watcher {} on node {} ({}) from revision {} ({}): event {at} is {:?}, the history gives {:?} ({} \
+                 events seen, {} in the history to revision {last})",
                 seg.watcher,
                 seg.node,
+                seg.api,
                 seg.start,
                 seg.key.as_deref().unwrap_or("every key"),
                 seg.events.get(at),
