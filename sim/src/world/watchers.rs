@@ -68,12 +68,17 @@ impl WatchLog {
     }
 }
 
-fn create(key: &Option<String>, start: u64, prev_kv: bool) -> epb::WatchRequest {
-    let (key, range_end) = match key {
+/// The key and range end a watcher asks for: its key alone, or every key
+/// of the workload ("k0000" .. "k9999").
+fn key_range(key: &Option<String>) -> (Vec<u8>, Vec<u8>) {
+    match key {
         Some(k) => (k.clone().into_bytes(), Vec::new()),
-        // Every key of the workload: "k0000" .. "k9999".
         None => (b"k".to_vec(), b"l".to_vec()),
-    };
+    }
+}
+
+fn create(key: &Option<String>, start: u64, prev_kv: bool) -> epb::WatchRequest {
+    let (key, range_end) = key_range(key);
     epb::WatchRequest {
         request_union: Some(epb::watch_request::RequestUnion::CreateRequest(epb::WatchCreateRequest {
             key,
@@ -103,6 +108,11 @@ enum Stream {
     V1(tonic::Streaming<pb::WatchResponse>),
 }
 
+/// What a watcher records of one event.
+fn seen(put: bool, key: Vec<u8>, value: Vec<u8>, mod_revision: i64, prev_value: Option<Vec<u8>>) -> Seen {
+    (mod_revision.max(0) as u64, utf8(key), put, utf8(value), prev_value.map(utf8))
+}
+
 impl Stream {
     /// The next response; `None` when the stream ended or failed.
     async fn next(&mut self) -> Option<Resp> {
@@ -110,13 +120,13 @@ impl Stream {
         match self {
             Stream::Etcd(s, _) => {
                 let r = s.message().await.ok()??;
+                let put = epb::event::EventType::Put as i32;
                 let events = r
                     .events
                     .into_iter()
                     .map(|e| {
                         let kv = e.kv.unwrap_or_default();
-                        let put = e.r#type == epb::event::EventType::Put as i32;
-                        (rev(kv.mod_revision), utf8(kv.key), put, utf8(kv.value), e.prev_kv.map(|p| utf8(p.value)))
+                        seen(e.r#type == put, kv.key, kv.value, kv.mod_revision, e.prev_kv.map(|p| p.value))
                     })
                     .collect();
                 Some(Resp {
@@ -129,13 +139,13 @@ impl Stream {
             }
             Stream::V1(s) => {
                 let r = s.message().await.ok()??;
+                let put = pb::event::EventType::Put as i32;
                 let events = r
                     .events
                     .into_iter()
                     .map(|e| {
                         let kv = e.kv.unwrap_or_default();
-                        let put = e.r#type == pb::event::EventType::Put as i32;
-                        (rev(kv.mod_revision), utf8(kv.key), put, utf8(kv.value), e.prev_kv.map(|p| utf8(p.value)))
+                        seen(e.r#type == put, kv.key, kv.value, kv.mod_revision, e.prev_kv.map(|p| p.value))
                     })
                     .collect();
                 Some(Resp {
@@ -154,10 +164,7 @@ impl Stream {
 async fn open(host: &str, via_v1: bool, key: &Option<String>, start: u64, prev_kv: bool) -> Option<Stream> {
     if via_v1 {
         let channel = connect(&format!("{host}:8443")).await?;
-        let (key, range_end) = match key {
-            Some(k) => (k.clone().into_bytes(), Vec::new()),
-            None => (b"k".to_vec(), b"l".to_vec()),
-        };
+        let (key, range_end) = key_range(key);
         let req = pb::WatchRequest {
             table: ETCD_TABLE.to_string(),
             key,

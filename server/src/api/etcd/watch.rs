@@ -97,7 +97,8 @@ impl pb::watch_server::Watch for EtcdApi {
                 }
             }
         });
-        let api = self.clone();
+        // Shared by every response of the stream (an `EtcdApi` holds strings).
+        let api = std::sync::Arc::new(self.clone());
         let responses = futures::stream::unfold((out_rx, err_rx, group), move |(mut out, mut err, group)| {
             let api = api.clone();
             async move {

@@ -9,24 +9,13 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use super::Api;
-use crate::api::v1::convert::{header, status};
+use crate::api::v1::convert::{header, kv_out, rev_out, status};
 use crate::node::watch::WatchInput;
 
 pub type WatchStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
 
 /// Responses queued between the stream's task and the client.
 const CHANNEL_DEPTH: usize = 16;
-
-fn kv_out(k: armada_core::kv::KeyValue) -> pb::KeyValue {
-    let i = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    pb::KeyValue {
-        key: k.key,
-        create_revision: i(k.create_revision),
-        mod_revision: i(k.mod_revision),
-        version: i(k.version),
-        value: k.value,
-    }
-}
 
 fn event_out(e: WatchEvent) -> pb::Event {
     let kind = match e.kind {
@@ -93,7 +82,7 @@ impl Api {
                 let msg = pb::WatchResponse {
                     header: header(node.header(&group), r.revision.get()),
                     created: r.created,
-                    compact_revision: i64::try_from(r.compact_revision.get()).unwrap_or(i64::MAX),
+                    compact_revision: rev_out(r.compact_revision.get()),
                     events: r.events.into_iter().map(event_out).collect(),
                 };
                 Some((Ok(msg), (out, tx, canceled)))
