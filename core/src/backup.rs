@@ -431,6 +431,7 @@ mod tests {
                 key: format!("key{:02}", i % 20).into_bytes(),
                 value: format!("value-{i}-").repeat(5).into_bytes(),
                 prev_kv: false,
+                ..Default::default()
             });
             let (b, r) = put.execute(&store).unwrap();
             r.unwrap();

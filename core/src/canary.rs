@@ -73,10 +73,17 @@ pub enum Canary {
     EtcdReadsSerializable = 23,
     /// A watch response with more than one event loses its last event.
     WatchDropsEvent = 24,
+    /// A node that stops leading a table keeps its lease deadlines, and
+    /// uses them when it leads again: it expires leases by its own old
+    /// clock, not knowing the keep-alives another leader acknowledged
+    /// meanwhile.
+    LeaseKeepsDeadlines = 25,
+    /// The leader revokes a lease when half its TTL is left.
+    LeaseExpiresAtHalfTtl = 26,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 24] = [
+    pub const ALL: [Canary; 26] = [
         Canary::AckBeforeFsync,
         Canary::StaleRead,
         Canary::ReuseRevision,
@@ -101,6 +108,8 @@ impl Canary {
         Canary::QuerySkipsReadIndex,
         Canary::EtcdReadsSerializable,
         Canary::WatchDropsEvent,
+        Canary::LeaseKeepsDeadlines,
+        Canary::LeaseExpiresAtHalfTtl,
     ];
 
     pub fn name(self) -> &'static str {
@@ -129,6 +138,8 @@ impl Canary {
             Canary::QuerySkipsReadIndex => "query-skips-read-index",
             Canary::EtcdReadsSerializable => "etcd-reads-serializable",
             Canary::WatchDropsEvent => "watch-drops-event",
+            Canary::LeaseKeepsDeadlines => "lease-keeps-deadlines",
+            Canary::LeaseExpiresAtHalfTtl => "lease-expires-at-half-ttl",
         }
     }
 

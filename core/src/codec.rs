@@ -23,8 +23,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{Engine, EngineError, WriteBatch};
 
-/// The format this build writes.
-pub const FORMAT: u8 = 1;
+/// The format this build writes. Version 2 added lease ids to key-values,
+/// versions, changelog mutations and puts (see [`added_in_2`]).
+pub const FORMAT: u8 = 2;
 /// The oldest format [`decode`] reads.
 pub const FORMAT_OLDEST: u8 = 1;
 
@@ -70,13 +71,63 @@ pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, 
     if !(FORMAT_OLDEST..=FORMAT).contains(&version) {
         return Err(FormatError::Unknown { what: what.to_string(), version });
     }
-    // Version 1 is the only one so far; a later version matches here and
-    // converts what an older one decodes to.
-    postcard::from_bytes(body).map_err(|e| FormatError::Malformed {
+    // Versions 1 and 2 differ only in fields version 2 added, which a
+    // version-1 body lacks: the layout tells those fields (see
+    // [`added_in_2`]) to take their defaults without reading.
+    with_layout(version, || postcard::from_bytes(body)).map_err(|e| FormatError::Malformed {
         what: what.to_string(),
         version,
         reason: e.to_string(),
     })
+}
+
+thread_local! {
+    /// The layout being encoded or decoded on this thread (see [`with_layout`]).
+    static LAYOUT: std::cell::Cell<u8> = const { std::cell::Cell::new(FORMAT) };
+}
+
+/// Runs `f` (an encoding or a decoding) in the field layout of record format
+/// `version`: fields added after `version` are neither written nor read
+/// (decoded as their defaults). Encoding and decoding outside it use the
+/// current layout. The wire formats map their versions onto these
+/// (`armada_server::node::wire`).
+pub fn with_layout<R>(version: u8, f: impl FnOnce() -> R) -> R {
+    let before = LAYOUT.with(|l| l.replace(version));
+    let out = f();
+    LAYOUT.with(|l| l.set(before));
+    out
+}
+
+/// The layout in effect (see [`with_layout`]).
+pub fn layout() -> u8 {
+    LAYOUT.with(|l| l.get())
+}
+
+/// `#[serde(default, with = "crate::codec::added_in_2")]` on a field that
+/// format 2 added: in a compact (postcard) encoding under a layout before 2
+/// the field takes no bytes and decodes as its default; in a human-readable
+/// one (JSON) it is an ordinary field.
+pub mod added_in_2 {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    fn absent(human_readable: bool) -> bool {
+        !human_readable && super::layout() < 2
+    }
+
+    pub fn serialize<T: Serialize, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        if absent(s.is_human_readable()) {
+            // postcard writes nothing for a unit.
+            return s.serialize_unit();
+        }
+        v.serialize(s)
+    }
+
+    pub fn deserialize<'de, T: Deserialize<'de> + Default, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
+        if absent(d.is_human_readable()) {
+            return Ok(T::default());
+        }
+        T::deserialize(d)
+    }
 }
 
 /// A version-0 value (written before formats had versions) as version 1:
@@ -95,6 +146,9 @@ pub enum Opened {
     Fresh,
     /// Already in the current format.
     Current,
+    /// A directory of an older format whose records this build reads as
+    /// they are: only its marker was changed.
+    Marked { from: u8 },
     /// A version-0 directory, rewritten into the current format: this many
     /// values (counting those a restart had already done).
     Upgraded { values: u64 },
@@ -123,6 +177,16 @@ pub enum OpenError {
 pub fn open_storage(engine: &dyn Engine) -> Result<Opened, OpenError> {
     match engine.get(FORMAT_KEY)? {
         Some(v) if v == [FORMAT] => return Ok(Opened::Current),
+        // Records carry their own versions from 1 on: marking the directory
+        // with the current format is the whole upgrade (a build that reads
+        // only older formats then refuses it, as it must, since what this
+        // build writes next it could not read).
+        Some(v) if v.len() == 1 && (FORMAT_OLDEST..FORMAT).contains(&v[0]) => {
+            let mut b = WriteBatch::new();
+            b.put(FORMAT_KEY.to_vec(), vec![FORMAT]);
+            engine.write(b)?;
+            return Ok(Opened::Marked { from: v[0] });
+        }
         Some(v) if v.len() == 1 => return Err(OpenError::Unsupported { found: v[0] }),
         Some(v) => return Err(OpenError::Marker(v)),
         None => {}
@@ -208,11 +272,53 @@ mod tests {
         bytes[0] = FORMAT + 1;
         let e = decode::<Sample>(&bytes, "a sample").unwrap_err();
         assert_eq!(e, FormatError::Unknown { what: "a sample".into(), version: FORMAT + 1 });
-        assert!(e.to_string().contains("format version 2 is not one this build reads"), "{e}");
+        assert!(e.to_string().contains("format version 3 is not one this build reads"), "{e}");
         bytes[0] = 0;
         assert!(matches!(decode::<Sample>(&bytes, "x"), Err(FormatError::Unknown { version: 0, .. })));
         assert!(matches!(decode::<Sample>(&[], "x"), Err(FormatError::Empty { .. })));
-        assert!(matches!(decode::<Sample>(&[FORMAT, 9], "x"), Err(FormatError::Malformed { version: 1, .. })));
+        assert!(matches!(decode::<Sample>(&[FORMAT, 9], "x"), Err(FormatError::Malformed { version: FORMAT, .. })));
+    }
+
+    #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+    struct Grown {
+        a: u64,
+        #[serde(default, with = "added_in_2")]
+        b: u64,
+        c: Vec<u8>,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct GrownV1 {
+        a: u64,
+        c: Vec<u8>,
+    }
+
+    /// A version-1 record of a type that version 2 grew decodes with the
+    /// new field at its default, nested or not; under layout 1 the type
+    /// encodes exactly as version 1 did (what a node answers a peer of the
+    /// previous release).
+    #[test]
+    fn fields_added_in_2_are_absent_from_version_1_records() {
+        let old = vec![GrownV1 { a: 7, c: vec![1, 2] }, GrownV1 { a: 8, c: vec![] }];
+        let mut bytes = vec![1u8];
+        bytes.extend(postcard::to_stdvec(&old).unwrap());
+        let back: Vec<Grown> = decode(&bytes, "grown").unwrap();
+        assert_eq!(back, vec![Grown { a: 7, b: 0, c: vec![1, 2] }, Grown { a: 8, b: 0, c: vec![] }]);
+        let new = Grown { a: 1, b: 9, c: vec![3] };
+        assert_eq!(decode::<Grown>(&encode(&new), "grown").unwrap(), new);
+        let as_v1 = with_layout(1, || postcard::to_stdvec(&new).unwrap());
+        assert_eq!(as_v1, postcard::to_stdvec(&GrownV1 { a: 1, c: vec![3] }).unwrap());
+        assert_eq!(layout(), FORMAT, "the layout is restored");
+    }
+
+    #[test]
+    fn a_version_1_directory_is_marked_with_the_current_format() {
+        let e = MemEngine::new();
+        let mut b = WriteBatch::new();
+        b.put(FORMAT_KEY.to_vec(), vec![1]);
+        e.write(b).unwrap();
+        assert_eq!(open_storage(&e).unwrap(), Opened::Marked { from: 1 });
+        assert_eq!(open_storage(&e).unwrap(), Opened::Current);
     }
 
     #[test]
@@ -273,7 +379,7 @@ mod tests {
         e.write(b).unwrap();
         let err = open_storage(&e).unwrap_err();
         assert!(matches!(err, OpenError::Unsupported { found } if found == FORMAT + 1));
-        assert!(err.to_string().contains("format version 2, which this build cannot read"), "{err}");
+        assert!(err.to_string().contains("format version 3, which this build cannot read"), "{err}");
         let mut b = WriteBatch::new();
         b.put(FORMAT_KEY.to_vec(), b"bogus".to_vec());
         e.write(b).unwrap();

@@ -70,6 +70,20 @@ pub enum TableCommand {
     SetUpstream {
         table_id: u64,
     },
+    /// Grants a lease (`id` 0: the table picks the next free id) of `ttl`
+    /// seconds (see [`crate::lease`]).
+    LeaseGrant {
+        id: i64,
+        ttl: i64,
+    },
+    /// Revokes a lease, deleting its keys in one revision: a client's
+    /// request, or the leader's when the lease ran out.
+    LeaseRevoke {
+        id: i64,
+    },
+    /// The leader's record of leases' remaining times (milliseconds; 0
+    /// clears one), so that a new leader does not restart them.
+    LeaseCheckpoint(Vec<(i64, u64)>),
 }
 
 /// The result of a [`TableCommand`].
@@ -87,6 +101,9 @@ pub enum TableReply {
         more: bool,
     },
     UpstreamSet,
+    LeaseGranted(crate::lease::GrantResponse),
+    LeaseRevoked(crate::lease::RevokeResponse),
+    LeaseCheckpointed,
 }
 
 impl TableReply {
@@ -100,7 +117,9 @@ impl TableReply {
             TableReply::Replicated(r) => r.revision,
             TableReply::SnapshotStaged => 0,
             TableReply::SnapshotCommitted(r) => r.clone().unwrap_or(0),
-            TableReply::CompactStepped { .. } | TableReply::UpstreamSet => 0,
+            TableReply::CompactStepped { .. } | TableReply::UpstreamSet | TableReply::LeaseCheckpointed => 0,
+            TableReply::LeaseGranted(g) => g.revision,
+            TableReply::LeaseRevoked(r) => r.revision,
         }
     }
 }
@@ -111,7 +130,12 @@ impl TableCommand {
     pub fn is_client_write(&self) -> bool {
         matches!(
             self,
-            TableCommand::Put(_) | TableCommand::DeleteRange(_) | TableCommand::Txn(_) | TableCommand::Compact(_)
+            TableCommand::Put(_)
+                | TableCommand::DeleteRange(_)
+                | TableCommand::Txn(_)
+                | TableCommand::Compact(_)
+                | TableCommand::LeaseGrant { .. }
+                | TableCommand::LeaseRevoke { .. }
         )
     }
 
@@ -125,7 +149,15 @@ impl TableCommand {
             | TableCommand::SnapshotChunk { .. }
             | TableCommand::SnapshotCommit { .. }
             | TableCommand::CompactStep
-            | TableCommand::SetUpstream { .. } => Ok(()),
+            | TableCommand::SetUpstream { .. }
+            | TableCommand::LeaseRevoke { .. }
+            | TableCommand::LeaseCheckpoint(_) => Ok(()),
+            TableCommand::LeaseGrant { ttl, .. } => {
+                if *ttl > crate::lease::LEASE_TTL_MAX {
+                    return Err(KvError::LeaseTtlTooLarge { ttl: *ttl });
+                }
+                Ok(())
+            }
         }
     }
 
@@ -138,6 +170,9 @@ impl TableCommand {
             TableCommand::DeleteRange(d) => txn.delete_range(d).map(TableReply::DeleteRange),
             TableCommand::Txn(t) => txn.txn(t).map(TableReply::Txn),
             TableCommand::Compact(rev) => txn.compact(*rev).map(TableReply::Compact),
+            TableCommand::LeaseGrant { id, ttl } => txn.lease_grant(*id, *ttl).map(TableReply::LeaseGranted),
+            TableCommand::LeaseRevoke { id } => txn.lease_revoke(*id).map(TableReply::LeaseRevoked),
+            TableCommand::LeaseCheckpoint(c) => txn.lease_checkpoint(c).map(|()| TableReply::LeaseCheckpointed),
             TableCommand::Replicate { batch, .. } => {
                 let (wb, outcome) = store.apply_replicated(batch)?;
                 return Ok((wb, Ok(TableReply::Replicated(outcome))));
@@ -331,6 +366,9 @@ impl fmt::Display for Command {
             Command::Table(TableCommand::SnapshotCommit { revision, .. }) => write!(f, "snapshot_commit(@{revision})"),
             Command::Table(TableCommand::CompactStep) => write!(f, "compact_step"),
             Command::Table(TableCommand::SetUpstream { table_id }) => write!(f, "set_upstream({table_id})"),
+            Command::Table(TableCommand::LeaseGrant { id, ttl }) => write!(f, "lease_grant({id}, {ttl}s)"),
+            Command::Table(TableCommand::LeaseRevoke { id }) => write!(f, "lease_revoke({id})"),
+            Command::Table(TableCommand::LeaseCheckpoint(c)) => write!(f, "lease_checkpoint({} leases)", c.len()),
         }
     }
 }

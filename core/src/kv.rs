@@ -26,6 +26,9 @@ pub struct KeyValue {
     pub mod_revision: u64,
     pub version: u64,
     pub value: Vec<u8>,
+    /// The lease the key is attached to (0: none); see [`crate::lease`].
+    #[serde(default, with = "crate::codec::added_in_2")]
+    pub lease: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -85,6 +88,16 @@ pub struct PutRequest {
     pub key: Vec<u8>,
     pub value: Vec<u8>,
     pub prev_kv: bool,
+    /// Attaches the key to this lease (0: to none, detaching it from any).
+    #[serde(default, with = "crate::codec::added_in_2")]
+    pub lease: i64,
+    /// Keeps the key's current value (`value` must be empty; the key must
+    /// exist).
+    #[serde(default, with = "crate::codec::added_in_2")]
+    pub ignore_value: bool,
+    /// Keeps the key's current lease (`lease` must be 0; the key must exist).
+    #[serde(default, with = "crate::codec::added_in_2")]
+    pub ignore_lease: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -123,6 +136,8 @@ pub enum CompareTarget {
     CreateRevision(i64),
     ModRevision(i64),
     Value(Vec<u8>),
+    /// The key's lease id (0: none).
+    Lease(i64),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -196,6 +211,19 @@ pub enum KvError {
          fewer keys (limit, a narrower range, keys_only, count_only) or raise --max-response-bytes"
     )]
     ResponseTooLarge { bytes: u64, keys: u64, limit: u64 },
+    #[error("requested lease not found (lease {id}: never granted, revoked, or expired)")]
+    LeaseNotFound { id: i64 },
+    #[error("lease already exists (lease {id})")]
+    LeaseExists { id: i64 },
+    #[error("too large lease TTL ({ttl} s; at most {max} s)", max = crate::lease::LEASE_TTL_MAX)]
+    LeaseTtlTooLarge { ttl: i64 },
+    /// `ignore_value` or `ignore_lease` on a key that does not exist.
+    #[error("key not found")]
+    KeyNotFound,
+    #[error("value is provided")]
+    ValueProvided,
+    #[error("lease is provided")]
+    LeaseProvided,
 }
 
 /// Bytes a range response's key-values take on the wire, about.
@@ -253,10 +281,21 @@ impl RangeRequest {
 }
 
 impl PutRequest {
+    /// A put of `value` at `key`, with no lease and no flags.
+    pub fn new(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
+        PutRequest { key: key.into(), value: value.into(), ..Default::default() }
+    }
+
     pub fn validate(&self) -> Result<(), KvError> {
         check_key(&self.key)?;
         if self.value.len() > VALUE_BYTES_MAX {
             return Err(KvError::ValueTooLarge { len: self.value.len() as u64 });
+        }
+        if self.ignore_value && !self.value.is_empty() {
+            return Err(KvError::ValueProvided);
+        }
+        if self.ignore_lease && self.lease != 0 {
+            return Err(KvError::LeaseProvided);
         }
         Ok(())
     }
@@ -339,7 +378,7 @@ mod tests {
     use super::*;
 
     fn put(k: &[u8]) -> RequestOp {
-        RequestOp::Put(PutRequest { key: k.to_vec(), value: b"v".to_vec(), prev_kv: false })
+        RequestOp::Put(PutRequest { key: k.to_vec(), value: b"v".to_vec(), prev_kv: false, ..Default::default() })
     }
     fn del(k: &[u8], end: &[u8]) -> RequestOp {
         RequestOp::DeleteRange(DeleteRangeRequest { key: k.to_vec(), range_end: end.to_vec(), prev_kv: false })
@@ -358,11 +397,16 @@ mod tests {
     #[test]
     fn limits_are_typed_errors() {
         let big_key = vec![b'k'; KEY_BYTES_MAX + 1];
-        let p = PutRequest { key: big_key, value: vec![], prev_kv: false };
+        let p = PutRequest { key: big_key, value: vec![], prev_kv: false, ..Default::default() };
         assert_eq!(p.validate(), Err(KvError::KeyTooLarge { len: KEY_BYTES_MAX as u64 + 1 }));
-        let p = PutRequest { key: b"k".to_vec(), value: vec![0; VALUE_BYTES_MAX + 1], prev_kv: false };
+        let p = PutRequest {
+            key: b"k".to_vec(),
+            value: vec![0; VALUE_BYTES_MAX + 1],
+            prev_kv: false,
+            ..Default::default()
+        };
         assert!(matches!(p.validate(), Err(KvError::ValueTooLarge { .. })));
-        let p = PutRequest { key: vec![], value: vec![], prev_kv: false };
+        let p = PutRequest { key: vec![], value: vec![], prev_kv: false, ..Default::default() };
         assert_eq!(p.validate(), Err(KvError::EmptyKey));
         let t = TxnRequest { success: vec![put(b"a"); TXN_OPS_MAX + 1], ..Default::default() };
         assert!(matches!(t.validate(), Err(KvError::TooManyTxnOps { .. })));

@@ -22,6 +22,7 @@ pub mod engine;
 pub mod ids;
 pub mod kv;
 pub mod layout;
+pub mod lease;
 pub mod model;
 pub mod mvcc;
 pub mod overlay;

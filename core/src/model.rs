@@ -18,8 +18,8 @@ use crate::kv::{
     REVISION_INITIAL,
 };
 
-/// One key's history: (revision, `None` = deleted | `Some((create, version, value))`).
-pub type KeyHistory = Vec<(u64, Option<(u64, u64, Vec<u8>)>)>;
+/// One key's history: (revision, `None` = deleted | `Some((create, version, value, lease))`).
+pub type KeyHistory = Vec<(u64, Option<(u64, u64, Vec<u8>, i64)>)>;
 
 /// A table as the model sees it: full histories, and the compaction
 /// revision (which limits reads, not what the model keeps).
@@ -28,6 +28,10 @@ pub struct KvModel {
     hist: BTreeMap<Vec<u8>, KeyHistory>,
     current: u64,
     compacted: u64,
+    /// Granted leases: id -> TTL.
+    leases: BTreeMap<i64, i64>,
+    /// Where a grant without an id starts looking.
+    next_lease: i64,
 }
 
 impl Default for KvModel {
@@ -38,7 +42,7 @@ impl Default for KvModel {
 
 impl KvModel {
     pub fn new() -> Self {
-        Self { hist: BTreeMap::new(), current: REVISION_INITIAL, compacted: 0 }
+        Self { hist: BTreeMap::new(), current: REVISION_INITIAL, compacted: 0, leases: BTreeMap::new(), next_lease: 1 }
     }
 
     /// The table's revision.
@@ -55,8 +59,8 @@ impl KvModel {
     pub fn get_at(&self, key: &[u8], rev: u64) -> Option<KeyValue> {
         let h = self.hist.get(key)?;
         let (mod_revision, v) = h.iter().rev().find(|(r, _)| *r <= rev)?;
-        let (create_revision, version, value) = v.clone()?;
-        Some(KeyValue { key: key.to_vec(), create_revision, mod_revision: *mod_revision, version, value })
+        let (create_revision, version, value, lease) = v.clone()?;
+        Some(KeyValue { key: key.to_vec(), create_revision, mod_revision: *mod_revision, version, value, lease })
     }
 
     /// Every key of the interval live at `rev`, in key order.
@@ -141,12 +145,12 @@ impl KvModel {
         Ok(resp)
     }
 
-    fn write(&mut self, key: &[u8], v: Option<Vec<u8>>) {
+    fn write(&mut self, key: &[u8], v: Option<(Vec<u8>, i64)>) {
         let rev = self.current + 1;
         let prev = self.get_at(key, rev);
-        let rec = v.map(|value| match &prev {
-            Some(p) => (p.create_revision, p.version + 1, value),
-            None => (rev, 1, value),
+        let rec = v.map(|(value, lease)| match &prev {
+            Some(p) => (p.create_revision, p.version + 1, value, lease),
+            None => (rev, 1, value, lease),
         });
         let h = self.hist.entry(key.to_vec()).or_default();
         if h.last().is_some_and(|(r, _)| *r == rev) {
@@ -193,6 +197,36 @@ impl KvModel {
                 self.check_rev(r.revision)?;
             }
         }
+        // A put's own refusals (a missing lease, or a missing key to keep
+        // the value or lease of), found with the keys' existence as the
+        // operations before it leave them.
+        let mut exists: BTreeMap<Vec<u8>, bool> = BTreeMap::new();
+        for o in ops {
+            match o {
+                RequestOp::Put(p) => {
+                    let live = match exists.get(&p.key) {
+                        Some(e) => *e,
+                        None => self.get_at(&p.key, self.current).is_some(),
+                    };
+                    if (p.ignore_value || p.ignore_lease) && !live {
+                        return Err(KvError::KeyNotFound);
+                    }
+                    if p.lease != 0 && !self.leases.contains_key(&p.lease) {
+                        return Err(KvError::LeaseNotFound { id: p.lease });
+                    }
+                    exists.insert(p.key.clone(), true);
+                }
+                RequestOp::DeleteRange(d) => {
+                    let mut keys: Vec<Vec<u8>> =
+                        self.live(&d.key, &d.range_end, self.current).into_iter().map(|kv| kv.key).collect();
+                    keys.extend(exists.keys().filter(|k| in_interval(k, &d.key, &d.range_end)).cloned());
+                    for k in keys {
+                        exists.insert(k, false);
+                    }
+                }
+                RequestOp::Range(_) => {}
+            }
+        }
         let mut changed = false;
         let mut responses = vec![];
         for o in ops {
@@ -206,7 +240,15 @@ impl KvModel {
                 }
                 RequestOp::Put(p) => {
                     let prev = self.get_at(&p.key, self.current + 1);
-                    self.write(&p.key, Some(p.value.clone()));
+                    let value = match (&prev, p.ignore_value) {
+                        (Some(kv), true) => kv.value.clone(),
+                        _ => p.value.clone(),
+                    };
+                    let lease = match (&prev, p.ignore_lease) {
+                        (Some(kv), true) => kv.lease,
+                        _ => p.lease,
+                    };
+                    self.write(&p.key, Some((value, lease)));
                     changed = true;
                     ResponseOp::Put(PutResponse {
                         revision: self.current + 1,
@@ -233,6 +275,49 @@ impl KvModel {
         Ok(TxnResponse { revision: self.current, succeeded, responses })
     }
 
+    /// Grants a lease: a taken id is refused; id 0 takes the next free one.
+    pub fn lease_grant(&mut self, id: i64, ttl: i64) -> Result<crate::lease::GrantResponse, KvError> {
+        if ttl > crate::lease::LEASE_TTL_MAX {
+            return Err(KvError::LeaseTtlTooLarge { ttl });
+        }
+        let ttl = ttl.max(crate::lease::LEASE_TTL_MIN);
+        let id = if id == 0 {
+            let mut next = self.next_lease;
+            while self.leases.contains_key(&next) {
+                next += 1;
+            }
+            self.next_lease = next + 1;
+            next
+        } else if self.leases.contains_key(&id) {
+            return Err(KvError::LeaseExists { id });
+        } else {
+            id
+        };
+        self.leases.insert(id, ttl);
+        Ok(crate::lease::GrantResponse { id, ttl, revision: self.current })
+    }
+
+    /// Revokes a lease: its live keys are deleted in one revision.
+    pub fn lease_revoke(&mut self, id: i64) -> Result<crate::lease::RevokeResponse, KvError> {
+        if self.leases.remove(&id).is_none() {
+            return Err(KvError::LeaseNotFound { id });
+        }
+        let doomed: Vec<Vec<u8>> = self
+            .hist
+            .keys()
+            .filter_map(|k| self.get_at(k, self.current))
+            .filter(|kv| kv.lease == id)
+            .map(|kv| kv.key)
+            .collect();
+        for k in &doomed {
+            self.write(k, None);
+        }
+        if !doomed.is_empty() {
+            self.current += 1;
+        }
+        Ok(crate::lease::RevokeResponse { revision: self.current })
+    }
+
     /// Applies a committed table command as the state machine must, and
     /// returns the reply it must give; `None` for commands the model does
     /// not cover (follower-cluster replication, compaction steps, which
@@ -257,6 +342,9 @@ impl KvModel {
             }
             TableCommand::Txn(t) => self.txn(t).map(TableReply::Txn),
             TableCommand::Compact(rev) => self.compact(*rev).map(TableReply::Compact),
+            TableCommand::LeaseGrant { id, ttl } => self.lease_grant(*id, *ttl).map(TableReply::LeaseGranted),
+            TableCommand::LeaseRevoke { id } => self.lease_revoke(*id).map(TableReply::LeaseRevoked),
+            TableCommand::LeaseCheckpoint(_) => Ok(TableReply::LeaseCheckpointed),
             _ => return None,
         })
     }
@@ -270,6 +358,7 @@ fn holds(c: &Compare, kv: &KeyValue) -> bool {
         CompareTarget::Version(v) => i128::from(kv.version).cmp(&i128::from(*v)),
         CompareTarget::CreateRevision(v) => i128::from(kv.create_revision).cmp(&i128::from(*v)),
         CompareTarget::ModRevision(v) => i128::from(kv.mod_revision).cmp(&i128::from(*v)),
+        CompareTarget::Lease(v) => kv.lease.cmp(v),
     };
     match c.op {
         CompareOp::Equal => ord == Ordering::Equal,

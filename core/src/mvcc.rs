@@ -57,6 +57,8 @@ struct Version {
     create_revision: u64,
     version: u64,
     value: Option<Vec<u8>>,
+    #[serde(default, with = "crate::codec::added_in_2")]
+    lease: i64,
 }
 
 /// The latest live version of a key.
@@ -66,6 +68,8 @@ struct Latest {
     mod_revision: u64,
     version: u64,
     value: Vec<u8>,
+    #[serde(default, with = "crate::codec::added_in_2")]
+    lease: i64,
 }
 
 impl Latest {
@@ -76,6 +80,7 @@ impl Latest {
             mod_revision: self.mod_revision,
             version: self.version,
             value: self.value.clone(),
+            lease: self.lease,
         }
     }
 }
@@ -257,6 +262,7 @@ impl<'e> Mvcc<'e> {
             mod_revision: u64::from_be_bytes(at),
             version: version.version,
             value,
+            lease: version.lease,
         }))
     }
 
@@ -283,6 +289,73 @@ impl<'e> Mvcc<'e> {
             None => self.key_with(b'l' + 1, &[]),
         };
         (lo, hi)
+    }
+
+    fn lease_key(&self, id: i64) -> Vec<u8> {
+        self.key_with(b'e', &id.to_be_bytes())
+    }
+
+    fn attachment_key(&self, id: i64, key: &[u8]) -> Vec<u8> {
+        let mut k = self.key_with(b'a', &id.to_be_bytes());
+        k.extend_from_slice(key);
+        k
+    }
+
+    /// Lease `id`, if granted and not revoked.
+    pub fn lease(&self, id: i64) -> Result<Option<crate::lease::StoredLease>, EngineError> {
+        match self.engine.get(&self.lease_key(id))? {
+            Some(b) => Ok(Some(decode(&b, "lease record")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every lease of the table, by id.
+    pub fn leases(&self) -> Result<Vec<(i64, crate::lease::StoredLease)>, EngineError> {
+        let (lo, hi) = (self.key_with(b'e', &[]), self.key_with(b'e' + 1, &[]));
+        let mut out = Vec::new();
+        let mut err = None;
+        self.engine.scan(&lo, &hi, &mut |k, v| {
+            let id = k[k.len().saturating_sub(8)..].try_into().map(i64::from_be_bytes);
+            match (id, decode(v, "lease record")) {
+                (Ok(id), Ok(l)) => {
+                    out.push((id, l));
+                    true
+                }
+                (Err(_), _) => {
+                    err = Some(EngineError::Corrupt("lease key: bad id".into()));
+                    false
+                }
+                (_, Err(e)) => {
+                    err = Some(e);
+                    false
+                }
+            }
+        })?;
+        match err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// The keys attached to lease `id`, in order.
+    pub fn lease_keys(&self, id: i64) -> Result<Vec<Vec<u8>>, EngineError> {
+        let lo = self.key_with(b'a', &id.to_be_bytes());
+        let hi = prefix_end(&lo).unwrap_or_else(|| self.key_with(b'a' + 1, &[]));
+        let skip = lo.len();
+        let mut keys = Vec::new();
+        self.engine.scan(&lo, &hi, &mut |k, _| {
+            keys.push(k[skip..].to_vec());
+            true
+        })?;
+        Ok(keys)
+    }
+
+    /// The id a grant without one gets next (before skipping taken ones).
+    fn next_lease_id(&self) -> Result<i64, EngineError> {
+        match self.engine.get(&self.key_with(b'i', &[]))? {
+            Some(b) => decode(&b, "next lease id"),
+            None => Ok(1),
+        }
     }
 
     /// The table's revision state.
@@ -426,6 +499,7 @@ impl<'e> Mvcc<'e> {
                         mod_revision,
                         version: v.version,
                         value,
+                        lease: v.lease,
                     }),
                     None => true,
                 },
@@ -1077,12 +1151,29 @@ impl WriteTxn<'_, '_> {
         within_limit(shape_range(req, kvs, count, self.visible_revision()), limit)
     }
 
-    fn record(&mut self, key: &[u8], latest: Option<Latest>) {
+    /// Writes the key's next version (`None`: a deletion); `prev_lease` is
+    /// the lease of the version it replaces, whose attachment moves to the
+    /// new one's.
+    fn record(&mut self, key: &[u8], latest: Option<Latest>, prev_lease: i64) {
         let rev = self.write_revision();
         let version = match &latest {
-            Some(l) => Version { create_revision: l.create_revision, version: l.version, value: Some(l.value.clone()) },
-            None => Version { create_revision: 0, version: 0, value: None },
+            Some(l) => Version {
+                create_revision: l.create_revision,
+                version: l.version,
+                value: Some(l.value.clone()),
+                lease: l.lease,
+            },
+            None => Version { create_revision: 0, version: 0, value: None, lease: 0 },
         };
+        let lease = latest.as_ref().map_or(0, |l| l.lease);
+        if lease != prev_lease {
+            if prev_lease != 0 {
+                self.batch.delete(self.store.attachment_key(prev_lease, key));
+            }
+            if lease != 0 {
+                self.batch.put(self.store.attachment_key(lease, key), Vec::new());
+            }
+        }
         self.batch.put(self.store.history_key(key, rev), encode(&version));
         match &latest {
             Some(l) => self.batch.put(self.store.latest_key(key), encode(l)),
@@ -1094,14 +1185,25 @@ impl WriteTxn<'_, '_> {
     pub fn put(&mut self, req: &PutRequest) -> Result<PutResponse, MvccError> {
         req.validate()?;
         let prev = self.latest(&req.key)?;
+        if (req.ignore_value || req.ignore_lease) && prev.is_none() {
+            return Err(KvError::KeyNotFound.into());
+        }
+        if req.lease != 0 && self.store.lease(req.lease)?.is_none() {
+            return Err(KvError::LeaseNotFound { id: req.lease }.into());
+        }
         let rev = self.write_revision();
+        let prev_lease = prev.as_ref().map_or(0, |p| p.lease);
         let next = Latest {
             create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
             mod_revision: rev,
             version: prev.as_ref().map_or(1, |p| p.version + 1),
-            value: req.value.clone(),
+            value: match (&prev, req.ignore_value) {
+                (Some(p), true) => p.value.clone(),
+                _ => req.value.clone(),
+            },
+            lease: if req.ignore_lease { prev_lease } else { req.lease },
         };
-        self.record(&req.key, Some(next));
+        self.record(&req.key, Some(next), prev_lease);
         let prev_kv = if req.prev_kv { prev.map(|p| p.to_kv(&req.key)) } else { None };
         Ok(PutResponse { revision: rev, prev_kv })
     }
@@ -1123,10 +1225,10 @@ impl WriteTxn<'_, '_> {
             crate::probe!(RangeDeleteMany);
         }
         for kv in &doomed {
-            self.record(&kv.key, None);
+            self.record(&kv.key, None, kv.lease);
         }
         if doomed.is_empty() && crate::canary::active(crate::canary::Canary::EmptyDeleteTakesRevision) {
-            self.record(&req.key, None);
+            self.record(&req.key, None, 0);
         }
         Ok(DeleteRangeResponse {
             revision: self.visible_revision(),
@@ -1219,6 +1321,63 @@ impl WriteTxn<'_, '_> {
         Ok(CompactResponse { revision: self.state.current })
     }
 
+    /// Grants lease `id` (0: the next free id) for `ttl` seconds (at least
+    /// [`crate::lease::LEASE_TTL_MIN`]). Takes no revision.
+    pub fn lease_grant(&mut self, id: i64, ttl: i64) -> Result<crate::lease::GrantResponse, MvccError> {
+        use crate::lease::{StoredLease, LEASE_TTL_MAX, LEASE_TTL_MIN};
+        if ttl > LEASE_TTL_MAX {
+            return Err(KvError::LeaseTtlTooLarge { ttl }.into());
+        }
+        let ttl = ttl.max(LEASE_TTL_MIN);
+        let id = if id != 0 {
+            if self.store.lease(id)?.is_some() {
+                return Err(KvError::LeaseExists { id }.into());
+            }
+            id
+        } else {
+            let mut next = self.store.next_lease_id()?;
+            while self.store.lease(next)?.is_some() {
+                next = next.checked_add(1).unwrap_or(1);
+            }
+            self.batch.put(self.store.key_with(b'i', &[]), encode(&next.checked_add(1).unwrap_or(1)));
+            next
+        };
+        self.batch.put(self.store.lease_key(id), encode(&StoredLease { ttl, remaining_ms: 0 }));
+        Ok(crate::lease::GrantResponse { id, ttl, revision: self.state.current })
+    }
+
+    /// Revokes lease `id`: deletes every key attached to it (in one
+    /// revision, if there is any) and the lease.
+    pub fn lease_revoke(&mut self, id: i64) -> Result<crate::lease::RevokeResponse, MvccError> {
+        if self.store.lease(id)?.is_none() {
+            return Err(KvError::LeaseNotFound { id }.into());
+        }
+        for key in self.store.lease_keys(id)? {
+            // The index is kept in the same batches as the keys; a key whose
+            // latest version is on another lease would be a corrupt index,
+            // and is left alone.
+            if let Some(l) = self.latest(&key)? {
+                if l.lease == id {
+                    self.record(&key, None, id);
+                }
+            }
+        }
+        self.batch.delete(self.store.lease_key(id));
+        Ok(crate::lease::RevokeResponse { revision: self.visible_revision() })
+    }
+
+    /// Records checkpointed remaining times (0 clears one) of the leases
+    /// that exist.
+    pub fn lease_checkpoint(&mut self, checkpoints: &[(i64, u64)]) -> Result<(), MvccError> {
+        for &(id, remaining_ms) in checkpoints {
+            if let Some(mut l) = self.store.lease(id)? {
+                l.remaining_ms = remaining_ms;
+                self.batch.put(self.store.lease_key(id), encode(&l));
+            }
+        }
+        Ok(())
+    }
+
     /// Ends the transaction: returns the batch to write (empty if nothing
     /// changed) and the table's revision after it.
     pub fn finish(mut self) -> (WriteBatch, RevState) {
@@ -1233,6 +1392,7 @@ impl WriteTxn<'_, '_> {
                     value: latest.as_ref().map(|l| l.value.clone()),
                     create_revision: latest.as_ref().map_or(0, |l| l.create_revision),
                     version: latest.as_ref().map_or(0, |l| l.version),
+                    lease: latest.as_ref().map_or(0, |l| l.lease),
                 })
                 .collect();
             self.batch.put(self.store.changelog_key(state.current), encode(&mutations));
@@ -1259,6 +1419,8 @@ fn probe_compare(c: &Compare, holds: bool) {
         (CompareTarget::CreateRevision(_), false) => Probe::CompareCreateFalse,
         (CompareTarget::ModRevision(_), true) => Probe::CompareModTrue,
         (CompareTarget::ModRevision(_), false) => Probe::CompareModFalse,
+        // The simulated workload compares no lease.
+        (CompareTarget::Lease(_), _) => return,
     });
 }
 
@@ -1275,6 +1437,7 @@ fn compare_one(c: &Compare, kv: &KeyValue) -> bool {
             };
             (compared as i64).cmp(v)
         }
+        CompareTarget::Lease(v) => kv.lease.cmp(v),
     };
     match c.op {
         CompareOp::Equal => ord.is_eq(),

@@ -27,10 +27,12 @@ pub struct ArmadaRt;
 
 pub use armada_net::time::{timeout, Elapsed, Sleep, Timeout};
 
+/// The clock Raft's timers (and leases) run on: the node's own (in
+/// simulation, subject to the simulator's clock faults).
 #[cfg(not(madsim))]
-type RaftInstant = Instant;
+pub type RaftInstant = Instant;
 #[cfg(madsim)]
-type RaftInstant = clock::LocalInstant;
+pub type RaftInstant = clock::LocalInstant;
 
 #[cfg(not(madsim))]
 fn until(deadline: Instant) -> Duration {

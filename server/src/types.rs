@@ -48,6 +48,9 @@ pub fn status(e: &ApiError) -> Status {
         ApiError::Kv(k) => match k {
             KvError::Compacted { .. } | KvError::FutureRevision { .. } => Status::out_of_range(k.to_string()),
             KvError::ResponseTooLarge { .. } => Status::resource_exhausted(k.to_string()),
+            KvError::LeaseNotFound { .. } => Status::not_found(k.to_string()),
+            KvError::LeaseExists { .. } => Status::already_exists(k.to_string()),
+            KvError::LeaseTtlTooLarge { .. } => Status::out_of_range(k.to_string()),
             _ => Status::invalid_argument(k.to_string()),
         },
         ApiError::Meta(m) => match m {

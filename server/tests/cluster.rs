@@ -61,7 +61,8 @@ async fn three_nodes_replicate_writes_and_serve_linearizable_reads() {
     assert_eq!(info.name, "t");
     // Writes through every node: followers forward to the leader.
     for i in 0..6u8 {
-        let put = TableCommand::Put(PutRequest { key: vec![b'k', i], value: vec![i], prev_kv: false });
+        let put =
+            TableCommand::Put(PutRequest { key: vec![b'k', i], value: vec![i], prev_kv: false, ..Default::default() });
         let node = &nodes[usize::from(i) % nodes.len()];
         let (reply, _) = retry(|| node.write("t", put.clone())).await.expect("put");
         assert!(matches!(reply, TableReply::Put(p) if p.revision == 2 + u64::from(i)));
@@ -104,7 +105,12 @@ async fn a_create_whose_group_has_no_leader_in_time_says_so() {
     }
     let again = node.create_table("t").await;
     assert!(matches!(again, Err(ApiError::Meta(armada_core::command::MetaError::TableExists(_)))), "{again:?}");
-    let put = TableCommand::Put(PutRequest { key: b"k".to_vec(), value: b"v".to_vec(), prev_kv: false });
+    let put = TableCommand::Put(PutRequest {
+        key: b"k".to_vec(),
+        value: b"v".to_vec(),
+        prev_kv: false,
+        ..Default::default()
+    });
     retry(|| node.write("t", put.clone())).await.expect("the table serves once its group elects");
 }
 
@@ -224,7 +230,8 @@ async fn tables_created_back_to_back_all_accept_writes() {
         assert!(Arc::ptr_eq(first, &now), "group {id} was started a second time over the same storage");
     }
     for i in 0..30 {
-        let put = TableCommand::Put(PutRequest { key: b"k".to_vec(), value: vec![1], prev_kv: false });
+        let put =
+            TableCommand::Put(PutRequest { key: b"k".to_vec(), value: vec![1], prev_kv: false, ..Default::default() });
         let name = format!("t{i}");
         retry(|| nodes[0].write(&name, put.clone())).await.unwrap_or_else(|e| panic!("write to {name}: {e}"));
     }
@@ -239,7 +246,12 @@ async fn a_range_over_the_response_limit_is_refused_clearly() {
     let nodes = cluster_with(1, tuning, Duration::from_secs(5)).await;
     retry(|| nodes[0].create_table("t")).await.expect("create table");
     for i in 0..10u8 {
-        let put = TableCommand::Put(PutRequest { key: vec![b'k', i], value: vec![b'v'; 1024], prev_kv: false });
+        let put = TableCommand::Put(PutRequest {
+            key: vec![b'k', i],
+            value: vec![b'v'; 1024],
+            prev_kv: false,
+            ..Default::default()
+        });
         retry(|| nodes[0].write("t", put.clone())).await.expect("put");
     }
     let all = RangeRequest { key: b"k".to_vec(), range_end: b"l".to_vec(), ..Default::default() };

@@ -72,7 +72,12 @@ where
 }
 
 fn put(key: &str, value: &str) -> TableCommand {
-    TableCommand::Put(PutRequest { key: key.as_bytes().to_vec(), value: value.as_bytes().to_vec(), prev_kv: false })
+    TableCommand::Put(PutRequest {
+        key: key.as_bytes().to_vec(),
+        value: value.as_bytes().to_vec(),
+        prev_kv: false,
+        ..Default::default()
+    })
 }
 
 /// The fixed workload: two tables, puts, a delete, a range delete, a
@@ -109,7 +114,12 @@ async fn workload(node: &Node) {
             op: CompareOp::Equal,
             target: CompareTarget::Value(b"second".to_vec()),
         }],
-        success: vec![RequestOp::Put(PutRequest { key: b"k20".to_vec(), value: b"txn".to_vec(), prev_kv: false })],
+        success: vec![RequestOp::Put(PutRequest {
+            key: b"k20".to_vec(),
+            value: b"txn".to_vec(),
+            prev_kv: false,
+            ..Default::default()
+        })],
         failure: Vec::new(),
     };
     retry(|| node.write("alpha", TableCommand::Txn(txn.clone()))).await;

@@ -521,7 +521,12 @@ mod tests {
     use armada_core::TableCommand;
 
     fn put(k: &str, v: &str) -> Command {
-        Command::Table(TableCommand::Put(PutRequest { key: k.into(), value: v.into(), prev_kv: false }))
+        Command::Table(TableCommand::Put(PutRequest {
+            key: k.into(),
+            value: v.into(),
+            prev_kv: false,
+            ..Default::default()
+        }))
     }
 
     /// The table log of one group as three replicas apply it: the model

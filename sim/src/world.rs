@@ -643,6 +643,7 @@ fn core_kv(kv: pb::KeyValue) -> KeyValue {
         mod_revision: kv.mod_revision.max(0) as u64,
         version: kv.version.max(0) as u64,
         value: kv.value,
+        lease: kv.lease,
     }
 }
 

@@ -37,6 +37,9 @@ pub struct Mutation {
     pub value: Option<Vec<u8>>,
     pub create_revision: u64,
     pub version: u64,
+    /// The key's lease after the change (0: none, and for a deletion).
+    #[serde(default, with = "crate::codec::added_in_2")]
+    pub lease: i64,
 }
 
 /// Every mutation of one write transaction, in key order.
@@ -62,6 +65,11 @@ impl RevisionChanges {
             }
             h.write_u64(m.create_revision);
             h.write_u64(m.version);
+            // Only when set, so digests of lease-free revisions are what they
+            // were before leases existed.
+            if m.lease != 0 {
+                h.write_u64(m.lease as u64);
+            }
         }
         h.finish()
     }
@@ -207,6 +215,9 @@ pub fn digest_kv(h: &mut Fnv64, kv: &KeyValue) {
     h.write_u64(kv.mod_revision);
     h.write_u64(kv.version);
     h.write_bytes(&kv.value);
+    if kv.lease != 0 {
+        h.write_u64(kv.lease as u64);
+    }
 }
 
 impl Mvcc<'_> {
@@ -346,8 +357,12 @@ impl Mvcc<'_> {
         let mut wb = WriteBatch::new();
         for c in batch {
             for m in &c.mutations {
-                let version =
-                    Version { create_revision: m.create_revision, version: m.version, value: m.value.clone() };
+                let version = Version {
+                    create_revision: m.create_revision,
+                    version: m.version,
+                    value: m.value.clone(),
+                    lease: m.lease,
+                };
                 wb.put(self.history_key(&m.key, c.revision), encode(&version));
                 match &m.value {
                     Some(v) => wb.put(
@@ -357,6 +372,7 @@ impl Mvcc<'_> {
                             mod_revision: c.revision,
                             version: m.version,
                             value: v.clone(),
+                            lease: m.lease,
                         }),
                     ),
                     None => wb.delete(self.latest_key(&m.key)),
@@ -503,9 +519,14 @@ impl Mvcc<'_> {
                 mod_revision: kv.mod_revision,
                 version: kv.version,
                 value: kv.value,
+                lease: kv.lease,
             };
-            let version =
-                Version { create_revision: kv.create_revision, version: kv.version, value: Some(latest.value.clone()) };
+            let version = Version {
+                create_revision: kv.create_revision,
+                version: kv.version,
+                value: Some(latest.value.clone()),
+                lease: kv.lease,
+            };
             wb.put(self.history_key(&kv.key, kv.mod_revision), encode(&version));
             wb.put(self.latest_key(&kv.key), encode(&latest));
             bytes += k.len() + v.len();
@@ -624,6 +645,7 @@ mod tests {
                     value: (i % 5 != 0).then(|| vec![i as u8; value_len]),
                     create_revision: n,
                     version: 1,
+                    lease: 0,
                 })
                 .collect(),
         }
@@ -686,12 +708,12 @@ mod tests {
     fn op() -> impl Strategy<Value = TableCommand> {
         let key = prop::sample::select(vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec(), b"d".to_vec()]);
         prop_oneof![
-            4 => (key.clone(), 0u8..4).prop_map(|(key, v)| TableCommand::Put(PutRequest { key, value: vec![v], prev_kv: false })),
+            4 => (key.clone(), 0u8..4).prop_map(|(key, v)| TableCommand::Put(PutRequest { key, value: vec![v], prev_kv: false, ..Default::default() })),
             1 => key.clone().prop_map(|key| TableCommand::DeleteRange(DeleteRangeRequest { key, range_end: vec![], prev_kv: false })),
             1 => Just(TableCommand::DeleteRange(DeleteRangeRequest { key: b"a".to_vec(), range_end: b"c".to_vec(), prev_kv: false })),
             1 => (key, 0u8..4).prop_map(|(key, v)| TableCommand::Txn(TxnRequest {
                 success: vec![
-                    crate::kv::RequestOp::Put(PutRequest { key, value: vec![v], prev_kv: false }),
+                    crate::kv::RequestOp::Put(PutRequest { key, value: vec![v], prev_kv: false, ..Default::default() }),
                     crate::kv::RequestOp::DeleteRange(DeleteRangeRequest { key: b"d".to_vec(), range_end: vec![], prev_kv: false }),
                 ],
                 ..Default::default()
@@ -758,7 +780,16 @@ mod tests {
     fn retention_trims_the_changelog_and_compaction_respects_it() {
         let leader = MemEngine::new();
         for v in 0..20u8 {
-            run(&leader, 5, &TableCommand::Put(PutRequest { key: vec![b'k', v % 3], value: vec![v], prev_kv: false }));
+            run(
+                &leader,
+                5,
+                &TableCommand::Put(PutRequest {
+                    key: vec![b'k', v % 3],
+                    value: vec![v],
+                    prev_kv: false,
+                    ..Default::default()
+                }),
+            );
         }
         let store = Mvcc::new(&leader, b"t".to_vec()).with_retention(5);
         // Revisions 2..=21 were written; the last 5 (17..=21) are kept.
@@ -794,7 +825,16 @@ mod tests {
     fn a_snapshot_joins_the_changelog_without_gap_or_duplicate() {
         let leader = MemEngine::new();
         for v in 0..12u8 {
-            run(&leader, 3, &TableCommand::Put(PutRequest { key: vec![b'k', v % 4], value: vec![v], prev_kv: false }));
+            run(
+                &leader,
+                3,
+                &TableCommand::Put(PutRequest {
+                    key: vec![b'k', v % 4],
+                    value: vec![v],
+                    prev_kv: false,
+                    ..Default::default()
+                }),
+            );
         }
         run(
             &leader,
@@ -836,7 +876,12 @@ mod tests {
             run(
                 &leader,
                 3,
-                &TableCommand::Put(PutRequest { key: vec![b'k', v], value: vec![100 + v], prev_kv: false }),
+                &TableCommand::Put(PutRequest {
+                    key: vec![b'k', v],
+                    value: vec![100 + v],
+                    prev_kv: false,
+                    ..Default::default()
+                }),
             );
         }
         let lstore = Mvcc::new(&leader, b"t".to_vec()).with_retention(3);
@@ -853,7 +898,7 @@ mod tests {
     fn a_snapshot_swap_cut_short_by_a_restart_is_finished_exactly() {
         let leader = MemEngine::new();
         for v in 0..40u8 {
-            let put = PutRequest { key: vec![b'k', v % 13], value: vec![v; 50], prev_kv: false };
+            let put = PutRequest { key: vec![b'k', v % 13], value: vec![v; 50], prev_kv: false, ..Default::default() };
             run(&leader, 100, &TableCommand::Put(put));
         }
         let lstore = Mvcc::new(&leader, b"t".to_vec());
@@ -863,7 +908,7 @@ mod tests {
         // removed in steps: the swap replaces all of it.
         let follower = MemEngine::new();
         for v in 0..6u8 {
-            let put = PutRequest { key: vec![b'k', v % 2], value: vec![v], prev_kv: false };
+            let put = PutRequest { key: vec![b'k', v % 2], value: vec![v], prev_kv: false, ..Default::default() };
             run(&follower, 100, &TableCommand::Put(put));
         }
         let fstore = Mvcc::new(&follower, b"t".to_vec()).with_compaction_step(1);

@@ -23,6 +23,8 @@ impl Model {
             Op::Range(r) => self.0.range(r).map(Resp::Range),
             Op::Compact(rev) => self.0.compact(*rev).map(Resp::Compact),
             Op::Txn(t) => self.0.txn(t).map(Resp::Txn),
+            Op::Grant(id, ttl) => self.0.lease_grant(*id, *ttl).map(Resp::Grant),
+            Op::Revoke(id) => self.0.lease_revoke(*id).map(Resp::Revoke),
         }
     }
 }
@@ -32,6 +34,8 @@ enum Op {
     Range(RangeRequest),
     Txn(TxnRequest),
     Compact(u64),
+    Grant(i64, i64),
+    Revoke(i64),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +43,8 @@ enum Resp {
     Range(RangeResponse),
     Txn(TxnResponse),
     Compact(CompactResponse),
+    Grant(crate::lease::GrantResponse),
+    Revoke(crate::lease::RevokeResponse),
 }
 
 /// Runs `op` against the store, writing its batch only on success.
@@ -61,6 +67,8 @@ fn store_apply_with(engine: &MemEngine, op: &Op, step: usize) -> Result<Resp, Kv
     let resp = match op {
         Op::Txn(t) => txn.txn(t).map(Resp::Txn),
         Op::Compact(rev) => txn.compact(*rev).map(Resp::Compact),
+        Op::Grant(id, ttl) => txn.lease_grant(*id, *ttl).map(Resp::Grant),
+        Op::Revoke(id) => txn.lease_revoke(*id).map(Resp::Revoke),
         Op::Range(_) => unreachable!("handled above"),
     };
     let resp = unwrap(resp)?;
@@ -129,8 +137,16 @@ fn range_req() -> impl Strategy<Value = RangeRequest> {
 fn request_op() -> impl Strategy<Value = RequestOp> {
     prop_oneof![
         1 => range_req().prop_map(RequestOp::Range),
-        3 => (key(), value(), any::<bool>())
-            .prop_map(|(key, value, prev_kv)| RequestOp::Put(PutRequest { key, value, prev_kv })),
+        3 => (key(), value(), any::<bool>(), lease_id(), prop::bool::weighted(0.1), prop::bool::weighted(0.1))
+            .prop_map(|(key, value, prev_kv, lease, ignore_value, ignore_lease)| RequestOp::Put(PutRequest {
+                key,
+                // A flag with a value or lease given is refused by validation.
+                value: if ignore_value { Vec::new() } else { value },
+                prev_kv,
+                lease: if ignore_lease { 0 } else { lease },
+                ignore_value,
+                ignore_lease,
+            })),
         2 => (key(), range_end(), any::<bool>())
             .prop_map(|(key, range_end, prev_kv)| RequestOp::DeleteRange(DeleteRangeRequest { key, range_end, prev_kv })),
     ]
@@ -146,6 +162,7 @@ fn compare() -> impl Strategy<Value = Compare> {
             (-1i64..10).prop_map(CompareTarget::CreateRevision),
             (-1i64..10).prop_map(CompareTarget::ModRevision),
             value().prop_map(CompareTarget::Value),
+            lease_id().prop_map(CompareTarget::Lease),
         ],
     )
         .prop_map(|(key, range_end, op, target)| Compare { key, range_end, op, target })
@@ -161,7 +178,15 @@ fn op() -> impl Strategy<Value = Op> {
               prop::collection::vec(request_op(), 0..3))
             .prop_map(|(compare, success, failure)| Op::Txn(TxnRequest { compare, success, failure })),
         1 => (0u64..12).prop_map(Op::Compact),
+        1 => (prop_oneof![2 => Just(0i64), 1 => 1i64..4], prop_oneof![Just(1i64), Just(5), Just(9_000_000_001)])
+            .prop_map(|(id, ttl)| Op::Grant(id, ttl)),
+        1 => (1i64..4).prop_map(Op::Revoke),
     ]
+}
+
+/// Mostly no lease, else one of the first few ids (granted or not).
+fn lease_id() -> impl Strategy<Value = i64> {
+    prop_oneof![3 => Just(0i64), 1 => 1i64..4]
 }
 
 proptest! {
@@ -223,7 +248,12 @@ fn revisions_versions_and_deletion_follow_etcd() {
     let engine = MemEngine::new();
     let put = |k: &str, v: &str| {
         let op = Op::Txn(TxnRequest {
-            success: vec![RequestOp::Put(PutRequest { key: k.into(), value: v.into(), prev_kv: true })],
+            success: vec![RequestOp::Put(PutRequest {
+                key: k.into(),
+                value: v.into(),
+                prev_kv: true,
+                ..Default::default()
+            })],
             ..Default::default()
         });
         store_apply(&engine, &op).unwrap()
@@ -290,7 +320,12 @@ fn bounded_ranges_read_only_the_keys_they_answer_with() {
     let mut txn = store.begin().unwrap();
     let success = (0..100u32)
         .map(|i| {
-            RequestOp::Put(PutRequest { key: format!("k{i:03}").into_bytes(), value: vec![7; 64], prev_kv: false })
+            RequestOp::Put(PutRequest {
+                key: format!("k{i:03}").into_bytes(),
+                value: vec![7; 64],
+                prev_kv: false,
+                ..Default::default()
+            })
         })
         .collect();
     txn.txn(&TxnRequest { success, ..Default::default() }).unwrap();
@@ -326,7 +361,12 @@ fn ranges_hold_at_most_the_response_limit_whatever_the_range() {
             let success = half
                 .map(|i| {
                     let value = vec![b'a' + ((i * 7 + u32::from(round)) % 26) as u8; 100];
-                    RequestOp::Put(PutRequest { key: format!("k{i:03}").into_bytes(), value, prev_kv: false })
+                    RequestOp::Put(PutRequest {
+                        key: format!("k{i:03}").into_bytes(),
+                        value,
+                        prev_kv: false,
+                        ..Default::default()
+                    })
                 })
                 .collect();
             txn.txn(&TxnRequest { success, ..Default::default() }).unwrap();
@@ -383,7 +423,12 @@ fn a_compaction_step_keeps_the_version_it_stopped_inside() {
     let engine = MemEngine::new();
     let put = |v: &str| {
         let op = Op::Txn(TxnRequest {
-            success: vec![RequestOp::Put(PutRequest { key: b"k".to_vec(), value: v.into(), prev_kv: false })],
+            success: vec![RequestOp::Put(PutRequest {
+                key: b"k".to_vec(),
+                value: v.into(),
+                prev_kv: false,
+                ..Default::default()
+            })],
             ..Default::default()
         });
         store_apply_with(&engine, &op, 1).unwrap();
@@ -433,12 +478,22 @@ fn a_range_inside_a_transaction_is_bounded_alike_on_every_replica() {
     };
     let keys = 60u64;
     for i in 0..keys {
-        let put = PutRequest { key: format!("big{i:03}").into_bytes(), value: vec![b'v'; 100], prev_kv: false };
+        let put = PutRequest {
+            key: format!("big{i:03}").into_bytes(),
+            value: vec![b'v'; 100],
+            prev_kv: false,
+            ..Default::default()
+        };
         run(&TxnRequest { success: vec![RequestOp::Put(put)], ..Default::default() }).unwrap();
     }
     let before = all_pairs(&engine);
     let all = RangeRequest { key: b"big".to_vec(), range_end: b"bih".to_vec(), ..Default::default() };
-    let put = RequestOp::Put(PutRequest { key: b"other".to_vec(), value: b"x".to_vec(), prev_kv: false });
+    let put = RequestOp::Put(PutRequest {
+        key: b"other".to_vec(),
+        value: b"x".to_vec(),
+        prev_kv: false,
+        ..Default::default()
+    });
     // The whole range is more than the bound: the transaction is refused,
     // its put included, and nothing is written.
     for range in [all.clone(), RangeRequest { revision: 50, ..all.clone() }] {
@@ -452,4 +507,39 @@ fn a_range_inside_a_transaction_is_bounded_alike_on_every_replica() {
     let ResponseOp::Range(r) = &t.responses[1] else { panic!("not a range response") };
     assert_eq!((r.kvs.len(), r.count, r.more), (2, keys, true));
     assert_ne!(all_pairs(&engine), before);
+}
+
+/// A revocation deletes exactly the keys still attached to the lease, in
+/// one revision; a put onto another lease (or none) and a delete detach a
+/// key; the attachment index follows.
+#[test]
+fn a_revoked_lease_deletes_its_keys_in_one_revision() {
+    let engine = MemEngine::new();
+    let put = |k: &str, lease: i64| {
+        let p = PutRequest { key: k.into(), value: b"v".to_vec(), lease, ..Default::default() };
+        store_apply(&engine, &Op::Txn(TxnRequest { success: vec![RequestOp::Put(p)], ..Default::default() })).unwrap();
+    };
+    let Ok(Resp::Grant(g)) = store_apply(&engine, &Op::Grant(0, 1)) else { panic!("grant") };
+    assert_eq!((g.id, g.ttl), (1, crate::lease::LEASE_TTL_MIN), "ids start at 1; short TTLs are raised");
+    let Ok(Resp::Grant(other)) = store_apply(&engine, &Op::Grant(7, 60)) else { panic!("grant") };
+    assert_eq!(store_apply(&engine, &Op::Grant(7, 60)), Err(KvError::LeaseExists { id: 7 }));
+    for k in ["a", "b", "c", "d"] {
+        put(k, g.id);
+    }
+    put("c", other.id);
+    put("d", 0);
+    let store = Mvcc::new(&engine, b"t1/".to_vec());
+    assert_eq!(store.lease_keys(g.id).unwrap(), vec![b"a".to_vec(), b"b".to_vec()]);
+    assert_eq!(store.lease_keys(other.id).unwrap(), vec![b"c".to_vec()]);
+    let before = store.rev_state().unwrap().current;
+    let Ok(Resp::Revoke(r)) = store_apply(&engine, &Op::Revoke(g.id)) else { panic!("revoke") };
+    assert_eq!(r.revision, before + 1, "both keys go in one revision");
+    let all = store.range(&RangeRequest { key: vec![0], range_end: vec![0], ..Default::default() }).unwrap();
+    let keys: Vec<_> = all.kvs.iter().map(|kv| (kv.key.clone(), kv.lease)).collect();
+    assert_eq!(keys, vec![(b"c".to_vec(), other.id), (b"d".to_vec(), 0)]);
+    assert!(store.lease_keys(g.id).unwrap().is_empty());
+    assert_eq!(store_apply(&engine, &Op::Revoke(g.id)), Err(KvError::LeaseNotFound { id: g.id }));
+    assert_eq!(store.leases().unwrap().iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![other.id]);
+    let Ok(Resp::Grant(next)) = store_apply(&engine, &Op::Grant(0, 5)) else { panic!("grant") };
+    assert_eq!(next.id, 2, "an id is never handed out twice");
 }

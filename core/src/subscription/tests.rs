@@ -31,6 +31,7 @@ fn rev(revision: u64, key: &[u8]) -> RevisionChanges {
             value: Some(vec![revision as u8]),
             create_revision: 1,
             version: 1,
+            lease: 0,
         }],
     }
 }
@@ -169,7 +170,14 @@ fn history_gone_switches_to_a_snapshot_installed_chunk_by_chunk() {
     assert_eq!(effects(&mut s), vec![Effect::RequestSnapshot]);
     assert!(events(&mut s).contains(&Event::SnapshotStarted(SnapshotReason::HistoryGone { first_retained: r(50) })));
     s.handle_opened(at(111), Ok(()));
-    let kv = |k: &[u8]| KeyValue { key: k.to_vec(), create_revision: 1, mod_revision: 1, version: 1, value: vec![1] };
+    let kv = |k: &[u8]| KeyValue {
+        key: k.to_vec(),
+        create_revision: 1,
+        mod_revision: 1,
+        version: 1,
+        value: vec![1],
+        ..Default::default()
+    };
     s.handle_chunk(at(112), SnapshotChunk { revision: r(90), kvs: vec![kv(b"a")], ..SnapshotChunk::default() });
     assert_eq!(effects(&mut s), vec![Effect::ProposeChunk { revision: r(90), first: true, kvs: vec![kv(b"a")] }]);
     s.handle_done(at(113), &leading(3), Ok(()));
@@ -226,7 +234,13 @@ fn a_revision_too_large_to_assemble_switches_to_a_snapshot() {
     effects(&mut s);
     let big = RevisionPart {
         revision: 1,
-        mutations: vec![Mutation { key: vec![0; 8], value: Some(vec![0; 8]), create_revision: 1, version: 1 }],
+        mutations: vec![Mutation {
+            key: vec![0; 8],
+            value: Some(vec![0; 8]),
+            create_revision: 1,
+            version: 1,
+            lease: 0,
+        }],
         continued: true,
     };
     s.handle_changes(at(110), &leading(0), message(1, vec![big]));
@@ -333,7 +347,7 @@ impl Leader {
     fn grow(&mut self, key: u8, delete: bool) {
         let revision = self.head() + 1;
         let value = (!delete).then(|| vec![key, revision as u8, (revision >> 8) as u8]);
-        let mutation = Mutation { key: vec![key], value, create_revision: 1, version: 1 };
+        let mutation = Mutation { key: vec![key], value, create_revision: 1, version: 1, lease: 0 };
         self.history.push(RevisionChanges { revision, mutations: vec![mutation.clone(), mutation] });
     }
 }
@@ -423,7 +437,14 @@ fn snapshot(leader: &Leader, choices: &mut Choices) -> VecDeque<SnapshotChunk> {
     let kvs: Vec<KeyValue> = leader
         .state_at(revision.0)
         .into_iter()
-        .map(|(key, value)| KeyValue { key, create_revision: 1, mod_revision: 1, version: 1, value })
+        .map(|(key, value)| KeyValue {
+            key,
+            create_revision: 1,
+            mod_revision: 1,
+            version: 1,
+            value,
+            ..Default::default()
+        })
         .collect();
     let (count, digest) = (kvs.len() as u64, kvs_digest(&kvs));
     let per_chunk = choices.next().map_or(kvs.len().max(1), |c| 1 + c as usize % 3);

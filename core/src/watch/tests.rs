@@ -9,7 +9,14 @@ use proptest::prelude::*;
 use super::*;
 
 fn kv(key: &[u8], value: &[u8], revision: u64, create: u64, version: u64) -> KeyValue {
-    KeyValue { key: key.to_vec(), create_revision: create, mod_revision: revision, version, value: value.to_vec() }
+    KeyValue {
+        key: key.to_vec(),
+        create_revision: create,
+        mod_revision: revision,
+        version,
+        value: value.to_vec(),
+        ..Default::default()
+    }
 }
 
 fn put(key: &[u8], revision: u64) -> WatchEvent {

@@ -65,6 +65,9 @@ impl Node {
             ClientRequest::ListTables { hops } => {
                 Box::pin(self.list_tables_local(*hops)).await.map(ClientReply::Tables)
             }
+            ClientRequest::Lease { table, query, hops } => {
+                Box::pin(self.lease_local(table, query, *hops)).await.map(|(a, h)| ClientReply::Lease(a, h))
+            }
         };
         match local {
             Ok(reply) => Ok(reply),

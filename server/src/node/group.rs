@@ -83,6 +83,9 @@ impl Node {
                 Err(e) => return Err(ApiError::Internal(format!("group {id}: recovering a snapshot swap: {e}"))),
             }
         }
+        if kind == GroupKind::Table {
+            self.load_lessor(id)?;
+        }
         let gate = Arc::new(InstallGate::default());
         let log = LogStore::new(self.engine.clone(), id, self.flusher.clone()).with_stats(self.raft_stats.clone());
         let sm = StateMachine::new(self.engine.clone(), id, kind, self.flusher.clone())
@@ -180,6 +183,7 @@ impl Node {
                 if let Some(g) = g {
                     info!(group = %id, table = %g.name, "stopping deleted table group");
                     let _ = g.raft.shutdown().await;
+                    self.notifier.lessors.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                     if let Err(e) = delete_group(&*self.engine, id) {
                         warn!(group = %id, "deleting group data: {e}");
                     }

@@ -20,6 +20,7 @@ pub mod failstop;
 pub mod forward;
 pub mod group;
 pub mod handler;
+pub mod lease;
 pub mod notify;
 pub mod raft_client;
 pub mod snapshots;
@@ -91,6 +92,12 @@ pub struct NodeHooks {
 pub trait Upstream: Send + Sync + 'static {
     /// Applies a write at the leader cluster; returns its reply there.
     async fn write(&self, table: &str, cmd: TableCommand) -> Result<TableReply, ApiError>;
+    /// Answers a lease query at the leader cluster.
+    async fn lease(
+        &self,
+        table: &str,
+        query: armada_core::lease::LeaseQuery,
+    ) -> Result<armada_core::lease::LeaseAnswer, ApiError>;
 }
 
 pub struct Node {
@@ -129,6 +136,8 @@ pub struct Node {
     /// epoch is the one recorded: every request names a table, and a
     /// storage read per request to find it cost 6% of a put's CPU.
     catalog_cache: std::sync::RwLock<(u64, BTreeMap<String, TableInfo>)>,
+    /// Where this node's lease clock starts (see `lease`).
+    lease_origin: crate::rt::RaftInstant,
 }
 
 impl Node {
@@ -162,6 +171,10 @@ impl Node {
                 engine.sync().map_err(|e| ApiError::Internal(format!("syncing the upgraded storage: {e}")))?;
                 tracing::info!(values, "upgraded the data directory to format {}", armada_core::codec::FORMAT);
             }
+            Ok(armada_core::codec::Opened::Marked { from }) => {
+                engine.sync().map_err(|e| ApiError::Internal(format!("syncing the format marker: {e}")))?;
+                tracing::info!("marked the format-{from} data directory as format {}", armada_core::codec::FORMAT);
+            }
             Ok(_) => {}
             Err(e) => return Err(ApiError::Internal(format!("opening storage: {e}"))),
         }
@@ -171,6 +184,8 @@ impl Node {
             raft_snapshots: Default::default(),
             revisions: Default::default(),
             catalog_epoch: Default::default(),
+            lessors: Default::default(),
+            engine: engine.clone(),
         });
         // Every write and sync of the node goes through these, so the first
         // one that fails stops the node before anyone hears of it.
@@ -199,6 +214,7 @@ impl Node {
             proposals: std::sync::atomic::AtomicU64::new(0),
             raft_stats: Arc::default(),
             catalog_cache: Default::default(),
+            lease_origin: <crate::rt::RaftInstant as openraft::Instant>::now(),
         });
         node.open_group(GroupId::META, String::new(), GroupKind::Meta).await?;
         node.sync_groups().await;
@@ -212,6 +228,7 @@ impl Node {
         });
         tokio::spawn(crate::node::compactor::run(Arc::downgrade(&node), node.cfg.raft.auto_compaction));
         tokio::spawn(crate::node::compactor::run_steps(Arc::downgrade(&node)));
+        tokio::spawn(crate::node::lease::run(Arc::downgrade(&node)));
         tokio::spawn(crate::node::snapshots::run(
             Arc::downgrade(&node),
             armada_core::snapshot::BuildPolicy { after_logs: node.cfg.raft.snapshot_after_logs },

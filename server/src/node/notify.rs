@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use armada_core::command::TableReply;
 use armada_core::mvcc::Mvcc;
 use armada_core::raft::{data_ns, ApplyObserver};
 use armada_core::{Command, CommandResponse, GroupId, Revision, TableCommand};
@@ -30,6 +31,10 @@ pub(super) struct Notifier {
     /// applied an entry or installed a snapshot): the version of
     /// [`Node::catalog_cache`].
     pub(super) catalog_epoch: std::sync::atomic::AtomicU64,
+    /// Every table group's leases as applied here (see `lease`).
+    pub(super) lessors: std::sync::Mutex<BTreeMap<GroupId, armada_core::lease::Lessor>>,
+    /// To reload a table's leases after a snapshot replaced it.
+    pub(super) engine: Arc<dyn armada_core::Engine>,
 }
 
 impl Notifier {
@@ -50,6 +55,20 @@ impl Notifier {
     }
 }
 
+impl Notifier {
+    /// Tells the table's lessor about an applied lease command.
+    fn lease_applied(&self, group: GroupId, cmd: &TableCommand, reply: &TableReply) {
+        let mut lessors = self.lessors.lock().unwrap_or_else(|p| p.into_inner());
+        let l = lessors.entry(group).or_default();
+        match (cmd, reply) {
+            (TableCommand::LeaseGrant { .. }, TableReply::LeaseGranted(g)) => l.handle_granted(g.id, g.ttl),
+            (TableCommand::LeaseRevoke { id }, TableReply::LeaseRevoked(_)) => l.handle_revoked(*id),
+            (TableCommand::LeaseCheckpoint(c), _) => l.handle_checkpointed(c),
+            _ => {}
+        }
+    }
+}
+
 impl ApplyObserver for Notifier {
     fn applied(
         &self,
@@ -66,6 +85,9 @@ impl ApplyObserver for Notifier {
         }
         if let Some(o) = &self.inner {
             o.applied(group, index, term, digest, revision, command, response);
+        }
+        if let (Some(Command::Table(cmd)), CommandResponse::Table(Ok(reply))) = (command, response) {
+            self.lease_applied(group, cmd, reply);
         }
         if let Some(Command::Table(TableCommand::Replicate { leader_revision, .. })) = command {
             let mut m = self.leader_revisions.lock().unwrap_or_else(|p| p.into_inner());
@@ -92,6 +114,16 @@ impl ApplyObserver for Notifier {
             o.installed_snapshot(group, index, revision);
         }
         *self.raft_snapshots.lock().unwrap_or_else(|p| p.into_inner()).entry(group).or_insert(0) += 1;
+        if group != GroupId::META {
+            // The table was replaced: so were its leases.
+            match Mvcc::new(&*self.engine, data_ns(group)).leases() {
+                Ok(leases) => {
+                    let mut lessors = self.lessors.lock().unwrap_or_else(|p| p.into_inner());
+                    lessors.entry(group).or_default().reload(leases);
+                }
+                Err(e) => tracing::error!(%group, "reading the leases of an installed snapshot: {e}"),
+            }
+        }
         self.publish(group, revision.unwrap_or(index));
     }
 

@@ -204,6 +204,7 @@ impl Node {
                                     mod_revision: revision,
                                     version: m.version,
                                     value,
+                                    lease: m.lease,
                                 },
                                 prev_kv: prev,
                             },

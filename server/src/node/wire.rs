@@ -28,21 +28,45 @@ use crate::node::C;
 use crate::types::{ApiError, HeaderInfo};
 use armada_core::command::{TableInfo, TableReply};
 use armada_core::kv::{RangeRequest, RangeResponse};
+use armada_core::lease::{LeaseAnswer, LeaseQuery};
 use armada_core::TableCommand;
 
 /// A client request as it travels between nodes when forwarded.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum ClientRequest {
-    Write { table: String, cmd: TableCommand, hops: u32 },
-    Range { table: String, req: RangeRequest, serializable: bool, hops: u32 },
-    CreateTable { name: String, hops: u32 },
-    DeleteTable { name: String, hops: u32 },
-    ListTables { hops: u32 },
+    Write {
+        table: String,
+        cmd: TableCommand,
+        hops: u32,
+    },
+    Range {
+        table: String,
+        req: RangeRequest,
+        serializable: bool,
+        hops: u32,
+    },
+    CreateTable {
+        name: String,
+        hops: u32,
+    },
+    DeleteTable {
+        name: String,
+        hops: u32,
+    },
+    ListTables {
+        hops: u32,
+    },
+    /// A lease request served by the lessor of the table's leader.
+    Lease {
+        table: String,
+        query: LeaseQuery,
+        hops: u32,
+    },
 }
 
 impl ClientRequest {
     pub(super) fn is_write(&self) -> bool {
-        !matches!(self, ClientRequest::Range { .. } | ClientRequest::ListTables { .. })
+        !matches!(self, ClientRequest::Range { .. } | ClientRequest::ListTables { .. } | ClientRequest::Lease { .. })
     }
 
     pub(super) fn next_hop(&self) -> ClientRequest {
@@ -52,7 +76,8 @@ impl ClientRequest {
             | ClientRequest::Range { hops, .. }
             | ClientRequest::CreateTable { hops, .. }
             | ClientRequest::DeleteTable { hops, .. }
-            | ClientRequest::ListTables { hops } => *hops += 1,
+            | ClientRequest::ListTables { hops }
+            | ClientRequest::Lease { hops, .. } => *hops += 1,
         }
         r
     }
@@ -64,6 +89,7 @@ pub enum ClientReply {
     Range(RangeResponse, HeaderInfo),
     Table(TableInfo),
     Tables(Vec<TableInfo>),
+    Lease(LeaseAnswer, HeaderInfo),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -187,8 +213,19 @@ impl From<RemoteError> for ApiError {
     }
 }
 
-/// The wire format this build sends.
-pub const WIRE_FORMAT: u8 = 1;
+/// The wire format this build sends. Version 2 carries the fields record
+/// format 2 added (lease ids); versions 0 and 1 have record format 1's.
+pub const WIRE_FORMAT: u8 = 2;
+
+/// The record layout (see [`armada_core::codec::with_layout`]) of wire
+/// format `version`.
+fn layout_of(version: u8) -> u8 {
+    if version >= 2 {
+        2
+    } else {
+        1
+    }
+}
 /// The first bytes of a versioned request (see the module docs).
 pub const REQUEST_MARK: [u8; 2] = [0x00, 0xFF];
 /// The first byte of a versioned reply or replication payload.
@@ -205,12 +242,14 @@ pub enum WireError {
 }
 
 fn encode_marked<T: Serialize>(mark: &[u8], version: u8, v: &T) -> Vec<u8> {
-    if version == 0 {
-        return postcard::to_stdvec(v).expect("postcard encodes in-memory messages without failing");
-    }
-    let mut out = mark.to_vec();
-    out.push(version);
-    postcard::to_extend(v, out).expect("postcard encodes in-memory messages without failing")
+    armada_core::codec::with_layout(layout_of(version), || {
+        if version == 0 {
+            return postcard::to_stdvec(v).expect("postcard encodes in-memory messages without failing");
+        }
+        let mut out = mark.to_vec();
+        out.push(version);
+        postcard::to_extend(v, out).expect("postcard encodes in-memory messages without failing")
+    })
 }
 
 fn decode_marked<'a, T: Deserialize<'a>>(mark: &[u8], bytes: &'a [u8]) -> Result<(T, u8), WireError> {
@@ -222,7 +261,8 @@ fn decode_marked<'a, T: Deserialize<'a>>(mark: &[u8], bytes: &'a [u8]) -> Result
         },
         None => (0, bytes),
     };
-    let v = postcard::from_bytes(body).map_err(|e| WireError::Malformed { version, reason: e.to_string() })?;
+    let v = armada_core::codec::with_layout(layout_of(version), || postcard::from_bytes(body))
+        .map_err(|e| WireError::Malformed { version, reason: e.to_string() })?;
     Ok((v, version))
 }
 
@@ -264,11 +304,7 @@ mod tests {
     fn forward() -> Envelope {
         let req = ClientRequest::Write {
             table: "t".into(),
-            cmd: TableCommand::Put(armada_core::kv::PutRequest {
-                key: b"k".to_vec(),
-                value: vec![1; 300],
-                prev_kv: false,
-            }),
+            cmd: TableCommand::Put(armada_core::kv::PutRequest::new(b"k".to_vec(), vec![1; 300])),
             hops: 1,
         };
         Envelope { group: GroupId(3), request: RaftRequest::Client { id: (1, 2), req } }
@@ -314,7 +350,7 @@ mod tests {
     fn unknown_versions_are_refused() {
         let mut bytes = encode_request(&forward());
         bytes[REQUEST_MARK.len()] = WIRE_FORMAT + 1;
-        assert!(matches!(decode_request(&bytes), Err(WireError::Unknown(2))));
+        assert!(matches!(decode_request(&bytes), Err(WireError::Unknown(3))));
         assert!(matches!(decode_reply(&[0xFF]), Err(WireError::Malformed { .. })));
         assert!(matches!(decode_reply(&[0xFF, 9, 0]), Err(WireError::Unknown(9))));
     }

@@ -373,6 +373,7 @@ fn chunk_in(c: pb::SnapshotResponse) -> subscription::SnapshotChunk {
                 mod_revision: k.mod_revision,
                 version: k.version,
                 value: k.value,
+                lease: k.lease,
             })
             .collect(),
     }

@@ -81,6 +81,7 @@ fn part_out(c: RevisionPart) -> pb::Revision {
                 key: m.key,
                 create_revision: m.create_revision,
                 version: m.version,
+                lease: m.lease,
             })
             .collect(),
     }
@@ -98,6 +99,7 @@ fn part_in(r: pb::Revision) -> RevisionPart {
                 value: if m.deleted { None } else { Some(m.value) },
                 create_revision: m.create_revision,
                 version: m.version,
+                lease: m.lease,
             })
             .collect(),
     }

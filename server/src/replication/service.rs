@@ -237,6 +237,23 @@ impl pb::replication_server::Replication for ReplicationService {
         };
         Ok(Response::new(resp))
     }
+
+    async fn lease(&self, request: Request<pb::LeaseQueryRequest>) -> Result<Response<pb::LeaseQueryResponse>, Status> {
+        let r = request.into_inner();
+        let (query, version): (armada_core::lease::LeaseQuery, u8) = crate::node::wire::decode_payload(&r.query)
+            .map_err(|e| Status::invalid_argument(format!("malformed lease query: {e}")))?;
+        let resp = match self.node.lease(&r.table, query).await {
+            Ok((answer, _)) => pb::LeaseQueryResponse {
+                answer: crate::node::wire::encode_payload(&answer, version),
+                error: Vec::new(),
+            },
+            Err(e) => pb::LeaseQueryResponse {
+                answer: Vec::new(),
+                error: crate::node::wire::encode_payload(&crate::node::wire::RemoteError::from(e), version),
+            },
+        };
+        Ok(Response::new(resp))
+    }
 }
 
 /// A snapshot being streamed: the next page starts after `after`.
@@ -295,6 +312,7 @@ impl SnapshotState {
                     mod_revision: kv.mod_revision,
                     version: kv.version,
                     value: kv.value,
+                    lease: kv.lease,
                 })
                 .collect(),
             last,

@@ -5,6 +5,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use armada_core::command::TableReply;
+use armada_core::lease::{LeaseAnswer, LeaseQuery};
 use armada_core::TableCommand;
 use armada_proto::replication as pb;
 
@@ -83,6 +84,38 @@ impl Upstream for UpstreamClient {
             return crate::node::wire::decode_payload(&resp.reply)
                 .map(|(r, _)| r)
                 .map_err(|e| ApiError::Internal(format!("malformed reply from the leader cluster: {e}")));
+        }
+        Err(ApiError::Unavailable(format!("cannot reach the leader cluster: {last}")))
+    }
+
+    async fn lease(&self, table: &str, query: LeaseQuery) -> Result<LeaseAnswer, ApiError> {
+        let bytes = crate::node::wire::encode_payload(&query, crate::node::wire::WIRE_FORMAT);
+        let mut last = String::new();
+        for attempt in 0..self.endpoints.len().max(1) {
+            let mut c = match self.client(attempt > 0).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            // A lease query changes nothing the client cannot retry (a
+            // keep-alive renews at most once more): a failure is unavailability.
+            let resp = c
+                .lease(pb::LeaseQueryRequest { table: table.to_string(), query: bytes.clone() })
+                .await
+                .map_err(|s| {
+                    ApiError::Unavailable(format!("lease request sent to the leader cluster: {}", s.message()))
+                })?
+                .into_inner();
+            if !resp.error.is_empty() {
+                let (e, _): (crate::node::wire::RemoteError, u8) = crate::node::wire::decode_payload(&resp.error)
+                    .map_err(|e| ApiError::Internal(format!("malformed error from the leader cluster: {e}")))?;
+                return Err(e.into());
+            }
+            return crate::node::wire::decode_payload(&resp.answer)
+                .map(|(r, _)| r)
+                .map_err(|e| ApiError::Internal(format!("malformed answer from the leader cluster: {e}")));
         }
         Err(ApiError::Unavailable(format!("cannot reach the leader cluster: {last}")))
     }

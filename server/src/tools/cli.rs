@@ -35,7 +35,14 @@ pub enum TableCmd {
 #[derive(Debug, clap::Subcommand)]
 pub enum KvCmd {
     /// Set a key's value.
-    Put { table: String, key: String, value: String },
+    Put {
+        table: String,
+        key: String,
+        value: String,
+        /// Delete the key after this many seconds (it gets a lease of its own).
+        #[arg(long, default_value_t = 0)]
+        ttl: i64,
+    },
     /// Read a key, or every key with a prefix.
     Get {
         table: String,
@@ -149,7 +156,7 @@ fn text(b: &[u8]) -> String {
 
 fn kv_json(kv: &pb::KeyValue) -> serde_json::Value {
     json!({"key": text(&kv.key), "value": text(&kv.value), "create_revision": kv.create_revision,
-           "mod_revision": kv.mod_revision, "version": kv.version})
+           "mod_revision": kv.mod_revision, "version": kv.version, "lease": kv.lease})
 }
 
 fn header_rev(h: &Option<pb::ResponseHeader>) -> i64 {
@@ -196,7 +203,7 @@ fn parse_op(table: &str, s: &str) -> anyhow::Result<pb::RequestOp> {
             table: table.into(),
             key: k.as_bytes().to_vec(),
             value: v.as_bytes().to_vec(),
-            prev_kv: false,
+            ..Default::default()
         }),
         ["get", k] => Request::RequestRange(pb::RangeRequest {
             table: table.into(),
@@ -246,15 +253,22 @@ fn parse_compare(s: &str) -> anyhow::Result<pb::Compare> {
 pub async fn kv(args: &ClientArgs, cmd: KvCmd) -> anyhow::Result<()> {
     let mut c = pb::kv_client::KvClient::new(channel(&args.endpoint).await?);
     match cmd {
-        KvCmd::Put { table, key, value } => {
+        KvCmd::Put { table, key, value, ttl } => {
             let r = c
-                .put(pb::PutRequest { table, key: key.into_bytes(), value: value.into_bytes(), prev_kv: false })
+                .put(pb::PutRequest {
+                    table,
+                    key: key.into_bytes(),
+                    value: value.into_bytes(),
+                    ttl,
+                    ..Default::default()
+                })
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            match args.output {
-                Output::Human => println!("OK (revision {})", header_rev(&r.header)),
-                Output::Json => println!("{}", json!({"revision": header_rev(&r.header)})),
+            match (args.output, r.lease) {
+                (Output::Human, 0) => println!("OK (revision {})", header_rev(&r.header)),
+                (Output::Human, l) => println!("OK (revision {}, lease {l:x}, {ttl} s)", header_rev(&r.header)),
+                (Output::Json, _) => println!("{}", json!({"revision": header_rev(&r.header), "lease": r.lease})),
             }
         }
         KvCmd::Scan { table, prefix, revision, page_keys, serializable, digest } => {

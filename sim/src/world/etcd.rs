@@ -27,6 +27,7 @@ fn kv_in(kv: epb::KeyValue) -> KeyValue {
         mod_revision: kv.mod_revision.max(0) as u64,
         version: kv.version.max(0) as u64,
         value: kv.value,
+        lease: kv.lease,
     }
 }
 

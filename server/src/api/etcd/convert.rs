@@ -17,7 +17,7 @@ pub(super) fn kv_out(k: kv::KeyValue) -> pb::KeyValue {
         mod_revision: to_i64(k.mod_revision),
         version: to_i64(k.version),
         value: k.value,
-        lease: 0,
+        lease: k.lease,
     }
 }
 
@@ -54,17 +54,14 @@ pub fn range_in(r: &pb::RangeRequest) -> Result<kv::RangeRequest, Status> {
 }
 
 pub fn put_in(p: &pb::PutRequest) -> Result<kv::PutRequest, Status> {
-    if p.lease != 0 {
-        // Armada has no leases, so no lease id exists.
-        return Err(Status::not_found("etcdserver: requested lease not found"));
-    }
-    if p.ignore_value {
-        return Err(unsupported("put with ignore_value"));
-    }
-    if p.ignore_lease {
-        return Err(unsupported("put with ignore_lease"));
-    }
-    Ok(kv::PutRequest { key: p.key.clone(), value: p.value.clone(), prev_kv: p.prev_kv })
+    Ok(kv::PutRequest {
+        key: p.key.clone(),
+        value: p.value.clone(),
+        prev_kv: p.prev_kv,
+        lease: p.lease,
+        ignore_value: p.ignore_value,
+        ignore_lease: p.ignore_lease,
+    })
 }
 
 pub fn delete_in(d: &pb::DeleteRangeRequest) -> kv::DeleteRangeRequest {
@@ -101,7 +98,8 @@ fn compare_in(c: &pb::Compare) -> Result<kv::Compare, Status> {
         (Ok(CompareTarget::Mod), None) => kv::CompareTarget::ModRevision(0),
         (Ok(CompareTarget::Value), Some(TargetUnion::Value(v))) => kv::CompareTarget::Value(v.clone()),
         (Ok(CompareTarget::Value), None) => kv::CompareTarget::Value(Vec::new()),
-        (Ok(CompareTarget::Lease), _) => return Err(unsupported("a compare on leases")),
+        (Ok(CompareTarget::Lease), Some(TargetUnion::Lease(v))) => kv::CompareTarget::Lease(*v),
+        (Ok(CompareTarget::Lease), None) => kv::CompareTarget::Lease(0),
         (Ok(t), Some(_)) => {
             return Err(Status::invalid_argument(format!(
                 "etcdserver: compare target {t:?} does not match its operand"

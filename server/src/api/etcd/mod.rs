@@ -1,18 +1,19 @@
-//! etcd v3 compatibility: the `etcdserverpb` KV and Watch services,
+//! etcd v3 compatibility: the `etcdserverpb` KV, Watch and Lease services,
 //! Maintenance and Cluster.MemberList, served over one Armada table
-//! (`--etcd-table`).
+//! (`--etcd-table`); its leases are that table's.
 //!
 //! Requests become the same core commands as armada.v1 requests, so
 //! revisions, versions and transaction semantics are the table's. What
 //! differs is the edge: negative revisions and limits mean "none" (as in
 //! etcd), errors carry etcd's gRPC codes and messages (clients such as
 //! etcdctl and clientv3 recognise errors by their text), and the features
-//! Armada does not have (leases, nested transactions, `ignore_value`) are
+//! Armada does not have (nested transactions, authentication) are
 //! refused with a clear error instead of being half-done.
 
 pub mod cluster;
 pub mod convert;
 pub mod kv;
+pub mod lease;
 pub mod maintenance;
 pub mod watch;
 
@@ -48,6 +49,9 @@ pub fn etcd_status(e: &ApiError) -> Status {
             KvError::TooManyTxnOps { .. } => Status::invalid_argument("etcdserver: too many operations in txn request"),
             KvError::RequestTooLarge { .. } => Status::invalid_argument("etcdserver: request is too large"),
             KvError::ResponseTooLarge { .. } => Status::resource_exhausted(format!("etcdserver: {k}")),
+            KvError::LeaseNotFound { .. } => Status::not_found("etcdserver: requested lease not found"),
+            KvError::LeaseExists { .. } => Status::failed_precondition("etcdserver: lease already exists"),
+            KvError::LeaseTtlTooLarge { .. } => Status::out_of_range("etcdserver: too large lease TTL"),
             other => Status::invalid_argument(format!("etcdserver: {other}")),
         },
         ApiError::TableNotFound(t) | ApiError::Meta(MetaError::TableNotFound(t)) => {
@@ -126,6 +130,7 @@ pub fn router(api: EtcdApi) -> tonic::transport::server::Router {
         .add_service(pb::kv_server::KvServer::new(api.clone()))
         .add_service(pb::maintenance_server::MaintenanceServer::new(api.clone()))
         .add_service(pb::cluster_server::ClusterServer::new(api.clone()))
+        .add_service(pb::lease_server::LeaseServer::new(api.clone()))
         .add_service(pb::watch_server::WatchServer::new(api))
 }
 

@@ -31,6 +31,7 @@ pub fn kv_out(k: kv::KeyValue) -> pb::KeyValue {
         mod_revision: rev_out(k.mod_revision),
         version: rev_out(k.version),
         value: k.value,
+        lease: k.lease,
     }
 }
 
@@ -72,11 +73,17 @@ pub fn range_out(r: kv::RangeResponse, h: HeaderInfo) -> pb::RangeResponse {
 }
 
 pub fn put_in(p: &pb::PutRequest) -> kv::PutRequest {
-    kv::PutRequest { key: p.key.clone(), value: p.value.clone(), prev_kv: p.prev_kv }
+    kv::PutRequest {
+        key: p.key.clone(),
+        value: p.value.clone(),
+        prev_kv: p.prev_kv,
+        lease: p.lease,
+        ..Default::default()
+    }
 }
 
 pub fn put_out(r: kv::PutResponse, h: HeaderInfo) -> pb::PutResponse {
-    pb::PutResponse { header: header(h, r.revision), prev_kv: r.prev_kv.map(kv_out) }
+    pb::PutResponse { header: header(h, r.revision), prev_kv: r.prev_kv.map(kv_out), lease: 0 }
 }
 
 pub fn delete_in(d: &pb::DeleteRangeRequest) -> kv::DeleteRangeRequest {

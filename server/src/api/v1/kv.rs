@@ -154,8 +154,18 @@ impl Kv for Api {
             .timed("Put", async move {
                 let r = request.into_inner();
                 check_size(&r)?;
-                match self.write(&r.table, TableCommand::Put(put_in(&r))).await? {
-                    (TableReply::Put(p), h) => Ok(Response::new(put_out(p, h))),
+                let mut put = put_in(&r);
+                if r.ttl != 0 {
+                    put.lease = self.grant_for_ttl(&r).await?;
+                }
+                match self.write(&r.table, TableCommand::Put(put.clone())).await? {
+                    (TableReply::Put(p), h) => {
+                        let mut out = put_out(p, h);
+                        if r.ttl != 0 {
+                            out.lease = put.lease;
+                        }
+                        Ok(Response::new(out))
+                    }
                     (other, _) => Err(Status::internal(format!("unexpected reply {other:?}"))),
                 }
             })

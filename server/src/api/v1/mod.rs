@@ -54,6 +54,22 @@ impl Api {
     async fn write(&self, table: &str, cmd: TableCommand) -> Result<(TableReply, HeaderInfo), Status> {
         self.node.write(table, cmd).await.map_err(|e| status(&e))
     }
+
+    /// A put with a TTL: grants the table a lease of that TTL for the key
+    /// (before the put, as a write of its own: a put that then fails leaves
+    /// a lease with no key, which expires harmlessly).
+    async fn grant_for_ttl(&self, r: &pb::PutRequest) -> Result<i64, Status> {
+        if r.lease != 0 {
+            return Err(Status::invalid_argument("a put takes a ttl or a lease, not both"));
+        }
+        if r.ttl < 0 {
+            return Err(Status::invalid_argument(format!("ttl {} is negative", r.ttl)));
+        }
+        match self.write(&r.table, TableCommand::LeaseGrant { id: 0, ttl: r.ttl }).await? {
+            (TableReply::LeaseGranted(g), _) => Ok(g.id),
+            (other, _) => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
 }
 
 /// Builds a tonic router serving all armada.v1 services of `api`.
