@@ -192,6 +192,18 @@ impl KvModel {
         t.validate()?;
         let succeeded = t.compare.iter().all(|c| self.compare(c));
         let ops = if succeeded { &t.success } else { &t.failure };
+        // etcd's order: the puts' own checks against the table before the
+        // transaction (the key to keep, then the lease), then the ranges'.
+        for o in ops {
+            if let RequestOp::Put(p) = o {
+                if (p.ignore_value || p.ignore_lease) && self.get_at(&p.key, self.current).is_none() {
+                    return Err(KvError::KeyNotFound);
+                }
+                if p.lease != 0 && !self.leases.contains_key(&p.lease) {
+                    return Err(KvError::LeaseNotFound { id: p.lease });
+                }
+            }
+        }
         for o in ops {
             if let RequestOp::Range(r) = o {
                 self.check_rev(r.revision)?;
@@ -325,6 +337,10 @@ impl KvModel {
     pub fn apply(&mut self, cmd: &TableCommand) -> Option<Result<TableReply, KvError>> {
         let single = |r: Result<TxnResponse, KvError>| r.map(|t| t.responses.into_iter().next());
         Some(match cmd {
+            TableCommand::Put(p) if p.lease != 0 && !self.leases.contains_key(&p.lease) && p.validate().is_ok() => {
+                // A put on its own checks its lease first (etcd's order).
+                Err(KvError::LeaseNotFound { id: p.lease })
+            }
             TableCommand::Put(p) => {
                 let t = TxnRequest { compare: vec![], success: vec![RequestOp::Put(p.clone())], failure: vec![] };
                 single(self.txn(&t)).map(|r| match r {

@@ -649,7 +649,14 @@ impl<'e> Mvcc<'e> {
     /// engine until the caller writes the batch returned by [`WriteTxn::finish`].
     pub fn begin(&self) -> Result<WriteTxn<'_, 'e>, EngineError> {
         let state = self.rev_state()?;
-        Ok(WriteTxn { store: self, state, overlay: BTreeMap::new(), batch: WriteBatch::new(), compacted: false })
+        Ok(WriteTxn {
+            store: self,
+            state,
+            overlay: BTreeMap::new(),
+            writes: Vec::new(),
+            batch: WriteBatch::new(),
+            compacted: false,
+        })
     }
 
     /// Visits every raw engine pair of this table (for snapshots and hashing).
@@ -1036,6 +1043,11 @@ pub struct WriteTxn<'s, 'e> {
     state: RevState,
     /// Keys written by this transaction: `None` = deleted.
     overlay: BTreeMap<Vec<u8>, Option<Latest>>,
+    /// Every write in the order the transaction made it (its changelog
+    /// entry: a watcher gets one event per write, in this order, as etcd
+    /// sends them; a key written twice, by a put and then a delete "from
+    /// key", has two).
+    writes: Vec<(Vec<u8>, Option<Latest>)>,
     batch: WriteBatch,
     /// A compaction changed `state.compacted`.
     compacted: bool,
@@ -1179,17 +1191,19 @@ impl WriteTxn<'_, '_> {
             Some(l) => self.batch.put(self.store.latest_key(key), encode(l)),
             None => self.batch.delete(self.store.latest_key(key)),
         }
+        self.writes.push((key.to_vec(), latest.clone()));
         self.overlay.insert(key.to_vec(), latest);
     }
 
     pub fn put(&mut self, req: &PutRequest) -> Result<PutResponse, MvccError> {
         req.validate()?;
+        // etcd's order for a put: the lease, then the key to keep.
+        if req.lease != 0 && self.store.lease(req.lease)?.is_none() {
+            return Err(KvError::LeaseNotFound { id: req.lease }.into());
+        }
         let prev = self.latest(&req.key)?;
         if (req.ignore_value || req.ignore_lease) && prev.is_none() {
             return Err(KvError::KeyNotFound.into());
-        }
-        if req.lease != 0 && self.store.lease(req.lease)?.is_none() {
-            return Err(KvError::LeaseNotFound { id: req.lease }.into());
         }
         let rev = self.write_revision();
         let prev_lease = prev.as_ref().map_or(0, |p| p.lease);
@@ -1284,6 +1298,19 @@ impl WriteTxn<'_, '_> {
             }
         }
         let ops = if succeeded { &req.success } else { &req.failure };
+        // etcd checks the branch's puts first (each: the key to keep, then
+        // the lease, against the table before the transaction), then its
+        // ranges, and only then runs anything; so does this.
+        for op in ops {
+            if let RequestOp::Put(p) = op {
+                if (p.ignore_value || p.ignore_lease) && self.latest(&p.key)?.is_none() {
+                    return Err(KvError::KeyNotFound.into());
+                }
+                if p.lease != 0 && self.store.lease(p.lease)?.is_none() {
+                    return Err(KvError::LeaseNotFound { id: p.lease }.into());
+                }
+            }
+        }
         for op in ops {
             if let RequestOp::Range(r) = op {
                 self.check_range(r)?;
@@ -1385,7 +1412,7 @@ impl WriteTxn<'_, '_> {
         if self.changed() {
             state.current = self.write_revision();
             let mutations: Vec<replication::Mutation> = self
-                .overlay
+                .writes
                 .iter()
                 .map(|(key, latest)| replication::Mutation {
                     key: key.clone(),

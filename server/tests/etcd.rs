@@ -221,7 +221,34 @@ impl Gen {
         }
     }
     fn put(&mut self) -> pb::PutRequest {
-        pb::PutRequest { key: self.key(), value: self.value(), prev_kv: self.chance(50), ..Default::default() }
+        self.put_with(true)
+    }
+    /// `keeping`: may ask to keep the value or lease. Not inside a
+    /// transaction: etcd 3.4 panics (the server stops) on one that deletes
+    /// a key and then puts it with `ignore_value`; Armada refuses it with
+    /// "key not found".
+    fn put_with(&mut self, keeping: bool) -> pb::PutRequest {
+        let mut p =
+            pb::PutRequest { key: self.key(), value: self.value(), prev_kv: self.chance(50), ..Default::default() };
+        if self.chance(20) {
+            p.lease = self.lease_id();
+        }
+        if !keeping {
+            return p;
+        }
+        if self.chance(5) {
+            p.ignore_value = true;
+            p.value = if self.chance(80) { vec![] } else { b"given".to_vec() };
+        }
+        if self.chance(5) {
+            p.ignore_lease = true;
+            p.lease = if self.chance(80) { 0 } else { self.lease_id() };
+        }
+        p
+    }
+    /// One of a few lease ids, granted or not.
+    fn lease_id(&mut self) -> i64 {
+        1 + self.below(5) as i64
     }
     fn delete(&mut self) -> pb::DeleteRangeRequest {
         let (key, range_end) = self.interval();
@@ -231,7 +258,7 @@ impl Gen {
         use pb::request_op::Request;
         let request = match self.below(3) {
             0 => Request::RequestRange(self.range_with(current, false)),
-            1 => Request::RequestPut(self.put()),
+            1 => Request::RequestPut(self.put_with(false)),
             _ => Request::RequestDeleteRange(self.delete()),
         };
         pb::RequestOp { request: Some(request) }
@@ -239,12 +266,13 @@ impl Gen {
     fn compare(&mut self, current: i64) -> pb::Compare {
         use pb::compare::TargetUnion;
         let (key, range_end) = if self.chance(20) { self.interval() } else { (self.key(), vec![]) };
-        let target = self.below(4) as i32;
+        let target = self.below(5) as i32;
         let union = match target {
             0 => TargetUnion::Version(self.below(4) as i64),
             1 => TargetUnion::CreateRevision(self.below(current as u64 + 1) as i64),
             2 => TargetUnion::ModRevision(self.below(current as u64 + 1) as i64),
-            _ => TargetUnion::Value(self.value()),
+            3 => TargetUnion::Value(self.value()),
+            _ => TargetUnion::Lease(self.below(6) as i64),
         };
         pb::Compare { result: self.below(4) as i32, target, key, target_union: Some(union), range_end }
     }
@@ -261,6 +289,88 @@ impl Gen {
 
 /// One operation's outcome, without the fields that name the server
 /// (cluster id, member id, Raft term).
+/// Every event of a watch of all keys from `start` (with prev_kv) up to the
+/// table's current revision, (type, revision, text) each; or one line
+/// (type -1) "compacted at R" when the start is compacted.
+async fn watch_history(endpoint: &str, start: i64) -> Vec<(i32, i64, String)> {
+    let create = pb::WatchCreateRequest {
+        key: vec![0],
+        range_end: vec![0],
+        start_revision: start,
+        prev_kv: true,
+        ..Default::default()
+    };
+    // The create request goes first: etcd sends the stream's headers only
+    // with its first response.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::WatchRequest { request_union: Some(pb::watch_request::RequestUnion::CreateRequest(create)) })
+        .await
+        .unwrap();
+    let requests = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let ep = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}")).unwrap();
+    let mut client = pb::watch_client::WatchClient::new(ep.connect().await.expect("connect"));
+    let mut responses = client.watch(requests).await.expect("watch stream").into_inner();
+    let mut out = Vec::new();
+    let mut until = None;
+    loop {
+        let r = next(&mut responses).await;
+        if r.compact_revision != 0 {
+            return vec![(-1, r.compact_revision, format!("compacted at {}", r.compact_revision))];
+        }
+        if r.created {
+            until = r.header.map(|h| h.revision);
+        }
+        for e in &r.events {
+            let rev = e.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+            out.push((e.r#type, rev, format!("{} {:?} prev {:?}", e.r#type, e.kv, e.prev_kv)));
+        }
+        let last = r.events.last().and_then(|e| e.kv.as_ref()).map_or(0, |kv| kv.mod_revision);
+        if until.is_some_and(|u| last >= u || u < start) {
+            return out;
+        }
+    }
+}
+
+/// One keep-alive on its own stream, normalized.
+async fn keep_alive_once(c: &mut pb::lease_client::LeaseClient<Channel>, id: i64) -> String {
+    let stream = futures::stream::iter([pb::LeaseKeepAliveRequest { id }]);
+    match c.lease_keep_alive(stream).await {
+        Ok(resp) => match resp.into_inner().message().await {
+            Ok(Some(m)) => normalize::<pb::LeaseKeepAliveResponse>(Ok(tonic::Response::new(m))),
+            Ok(None) => "stream ended".into(),
+            Err(s) => normalize::<()>(Err(s)),
+        },
+        Err(s) => normalize::<()>(Err(s)),
+    }
+}
+
+/// A time-to-live answer with the remaining seconds reduced to live (> 0)
+/// or not (they depend on when each server was asked), keys in order.
+fn time_to_live_text(r: Result<tonic::Response<pb::LeaseTimeToLiveResponse>, tonic::Status>) -> String {
+    match r {
+        Ok(resp) => {
+            let mut m = resp.into_inner();
+            m.ttl = m.ttl.signum();
+            // etcd lists the keys in its map's order.
+            m.keys.sort();
+            normalize::<pb::LeaseTimeToLiveResponse>(Ok(tonic::Response::new(m)))
+        }
+        Err(s) => normalize::<()>(Err(s)),
+    }
+}
+
+/// The lease list in id order (etcd lists in its map's order).
+fn leases_text(r: Result<tonic::Response<pb::LeaseLeasesResponse>, tonic::Status>) -> String {
+    match r {
+        Ok(resp) => {
+            let mut ids: Vec<i64> = resp.into_inner().leases.iter().map(|l| l.id).collect();
+            ids.sort();
+            format!("leases {ids:?}")
+        }
+        Err(s) => normalize::<()>(Err(s)),
+    }
+}
+
 fn normalize<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> String {
     match r {
         Ok(resp) => {
@@ -336,13 +446,20 @@ async fn armada_answers_like_etcd_3_4() {
     let cluster = single_node("etcd-diff");
     let mut theirs = wait_etcd(&etcd.client).await;
     let mut ours = wait_ready_node(&cluster.nodes[0]).await;
+    let lease_client = |ep: String| async move {
+        pb::lease_client::LeaseClient::new(
+            Channel::from_shared(format!("http://{ep}")).unwrap().connect().await.unwrap(),
+        )
+    };
+    let mut theirs_lease = lease_client(etcd.client.clone()).await;
+    let mut ours_lease = lease_client(cluster.nodes[0].etcd.clone()).await;
     let (ops, seed) = (env_or("ARMADA_DIFF_OPS", DIFF_OPS), env_or("ARMADA_DIFF_SEED", DIFF_SEED));
     let mut g = Gen(seed);
     let mut current = 1i64;
     let mut mismatches = Vec::new();
     let mut kinds = std::collections::BTreeMap::<&str, usize>::new();
     for i in 0..ops {
-        let (kind, req, a, b) = match g.below(20) {
+        let (kind, req, a, b) = match g.below(24) {
             0..=5 => {
                 let r = g.range(current);
                 ("range", format!("{r:?}"), normalize(theirs.range(r.clone()).await), normalize(ours.range(r).await))
@@ -360,6 +477,37 @@ async fn armada_answers_like_etcd_3_4() {
             14..=18 => {
                 let r = g.txn(current);
                 ("txn", format!("{r:?}"), normalize(theirs.txn(r.clone()).await), normalize(ours.txn(r).await))
+            }
+            20 => {
+                // Explicit ids (etcd picks its own otherwise); TTLs long
+                // enough that nothing expires during the run, or too long.
+                let ttl = if g.chance(10) { 9_000_000_001 } else { 600 };
+                let r = pb::LeaseGrantRequest { ttl, id: g.lease_id() };
+                let (a, b) = (normalize(theirs_lease.lease_grant(r).await), normalize(ours_lease.lease_grant(r).await));
+                ("lease-grant", format!("{r:?}"), a, b)
+            }
+            21 => {
+                let r = pb::LeaseRevokeRequest { id: g.lease_id() };
+                let (a, b) =
+                    (normalize(theirs_lease.lease_revoke(r).await), normalize(ours_lease.lease_revoke(r).await));
+                ("lease-revoke", format!("{r:?}"), a, b)
+            }
+            22 => {
+                let id = g.lease_id();
+                let (a, b) = (keep_alive_once(&mut theirs_lease, id).await, keep_alive_once(&mut ours_lease, id).await);
+                ("lease-keepalive", format!("{id}"), a, b)
+            }
+            23 => {
+                let r = pb::LeaseTimeToLiveRequest { id: g.lease_id(), keys: g.chance(50) };
+                let (a, b) = (
+                    time_to_live_text(theirs_lease.lease_time_to_live(r.clone()).await),
+                    time_to_live_text(ours_lease.lease_time_to_live(r.clone()).await),
+                );
+                let (la, lb) = (
+                    leases_text(theirs_lease.lease_leases(pb::LeaseLeasesRequest {}).await),
+                    leases_text(ours_lease.lease_leases(pb::LeaseLeasesRequest {}).await),
+                );
+                ("lease-timetolive+leases", format!("{r:?}"), format!("{a} {la}"), format!("{b} {lb}"))
             }
             _ => {
                 // Mostly valid compactions, some at or below the last one.
@@ -404,8 +552,47 @@ async fn armada_answers_like_etcd_3_4() {
     if a != b {
         mismatches.push(format!("duplicate-key txn:\n  etcd:   {a}\n  armada: {b}"));
     }
+    // Watch streams over the whole run's history, event by event: from
+    // revision 1 both must answer "compacted" at the same revision, and from
+    // there the same events (with prev_kv) up to the last revision.
+    let (mut theirs_watch, mut ours_watch) =
+        (watch_history(&etcd.client, 1).await, watch_history(&cluster.nodes[0].etcd, 1).await);
+    if theirs_watch != ours_watch {
+        mismatches.push(format!("watch from 1:\n  etcd:   {theirs_watch:?}\n  armada: {ours_watch:?}"));
+    }
+    let compacted = theirs_watch.first().filter(|e| e.0 == -1).map(|e| e.1);
+    let mut watch_events = 0;
+    if let Some(from) = compacted {
+        theirs_watch = watch_history(&etcd.client, from).await;
+        ours_watch = watch_history(&cluster.nodes[0].etcd, from).await;
+        // etcd's quirk: its compaction at R removes the tombstones of
+        // revision R, so a watch from R misses R's deletions; Armada sends
+        // them (its watch history is the changelog).
+        ours_watch.retain(|e| !(e.0 == pb::event::EventType::Delete as i32 && e.1 == from));
+        watch_events = theirs_watch.len();
+        for (i, (a, b)) in theirs_watch.iter().map(|e| &e.2).zip(ours_watch.iter().map(|e| &e.2)).enumerate() {
+            if a != b {
+                mismatches.push(format!("watch event {i} from {from}:\n  etcd:   {a}\n  armada: {b}"));
+                break;
+            }
+        }
+        if theirs_watch.len() != ours_watch.len() {
+            mismatches.push(format!(
+                "watch from {from}: etcd sent {} events, armada {}",
+                theirs_watch.len(),
+                ours_watch.len()
+            ));
+        }
+    }
+    // The shortest TTL: both raise 1 s to 2 s.
+    let short = pb::LeaseGrantRequest { ttl: 1, id: 99 };
+    let (a, b) = (normalize(theirs_lease.lease_grant(short).await), normalize(ours_lease.lease_grant(short).await));
+    if a != b {
+        mismatches.push(format!("short lease:\n  etcd:   {a}\n  armada: {b}"));
+    }
     eprintln!(
-        "differential test: {ops} seeded operations (seed {seed}) {kinds:?} + 3 edge cases; mismatches: {}",
+        "differential test: {ops} seeded operations (seed {seed}) {kinds:?} + 4 edge cases + {watch_events} watch \
+         events compared; mismatches: {}",
         mismatches.len()
     );
     assert!(
@@ -727,4 +914,59 @@ async fn etcdctl_watch_works_against_armada() {
         out, "PUT\nfoo\nbar\nPUT\nfoo1\nb1\nPUT\nfoo1\nb1\nfoo1\nb2\n",
         "etcdctl watch printed (stderr: {stderr})"
     );
+}
+
+/// The first hexadecimal lease id in etcdctl's output ("lease 1a granted ...").
+fn lease_id_in(out: &str) -> String {
+    out.split_whitespace().nth(1).unwrap_or_default().to_string()
+}
+
+/// etcdctl's lease commands, `put --lease`, and an expiry: the leased key
+/// is there until its TTL has passed since the last keep-alive, then gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_leases_work_against_armada() {
+    require("etcdctl", "etcd-client");
+    let cluster = single_node("etcdctl-lease");
+    let ep = cluster.nodes[0].etcd.clone();
+    wait_ready_node(&cluster.nodes[0]).await;
+    let (ok, out, err) = etcdctl(&ep, &["lease", "grant", "60"], None);
+    assert!(ok && out.contains("granted with TTL(60s)"), "{out} {err}");
+    let id = lease_id_in(&out);
+    assert!(etcdctl(&ep, &["put", "--lease", &id, "leased", "v"], None).0);
+    let (ok, out, err) = etcdctl(&ep, &["lease", "timetolive", &id, "--keys"], None);
+    assert!(ok && out.contains("granted with TTL(60s)") && out.contains("attached keys([leased])"), "{out} {err}");
+    let (ok, out, err) = etcdctl(&ep, &["lease", "keep-alive", "--once", &id], None);
+    assert!(ok && out.contains(&format!("lease {id} keepalived with TTL(60)")), "{out} {err}");
+    let (ok, out, _) = etcdctl(&ep, &["lease", "list"], None);
+    assert!(ok && out.contains("found 1 leases") && out.contains(&id), "{out}");
+    let (ok, out, _) = etcdctl(&ep, &["get", "leased", "-w", "json"], None);
+    assert!(ok && out.contains(&format!("\"lease\":{}", i64::from_str_radix(&id, 16).unwrap())), "{out}");
+    let (ok, out, err) = etcdctl(&ep, &["lease", "revoke", &id], None);
+    assert!(ok && out.contains(&format!("lease {id} revoked")), "{out} {err}");
+    let (_, out, _) = etcdctl(&ep, &["get", "leased"], None);
+    assert_eq!(out, "", "the revoked lease's key is gone");
+    let (ok, out, _) = etcdctl(&ep, &["lease", "timetolive", &id], None);
+    assert!(ok && out.contains("already expired"), "{out}");
+    let (ok, _, err) = etcdctl(&ep, &["put", "--lease", &id, "leased", "v"], None);
+    assert!(!ok && err.contains("requested lease not found"), "{err}");
+    let (ok, out, err) = etcdctl(&ep, &["lease", "keep-alive", "--once", &id], None);
+    assert!(!ok || out.contains("expired or revoked"), "keep-alive of a revoked lease: {out} {err}");
+
+    // Expiry: a 3-second lease (etcd's minimum TTL here is 2 s).
+    let (ok, out, _) = etcdctl(&ep, &["lease", "grant", "3"], None);
+    assert!(ok, "{out}");
+    let id = lease_id_in(&out);
+    let granted = std::time::Instant::now();
+    assert!(etcdctl(&ep, &["put", "--lease", &id, "short", "v"], None).0);
+    let mut gone_after = None;
+    while granted.elapsed() < Duration::from_secs(20) {
+        let (_, out, _) = etcdctl(&ep, &["get", "short", "--print-value-only"], None);
+        if out.trim().is_empty() {
+            gone_after = Some(granted.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let gone_after = gone_after.expect("the key of an expired lease is deleted");
+    assert!(gone_after >= Duration::from_secs(3), "deleted after {gone_after:?}, before its TTL");
 }

@@ -122,7 +122,7 @@ async fn a_follower_cluster_streams_forwards_catches_up_and_bootstraps_from_a_sn
     for i in 0..20 {
         let key = format!("rw{i}").into_bytes();
         let put = fc
-            .put(pb::PutRequest { table: "t".into(), key: key.clone(), value: b"mine".to_vec(), prev_kv: false })
+            .put(pb::PutRequest { table: "t".into(), key: key.clone(), value: b"mine".to_vec(), ..Default::default() })
             .await
             .expect("write through the follower")
             .into_inner();
@@ -142,7 +142,7 @@ async fn a_follower_cluster_streams_forwards_catches_up_and_bootstraps_from_a_sn
     let at = kv(&lapi)
         .await
         .unwrap()
-        .put(pb::PutRequest { table: "t".into(), key: b"fresh".to_vec(), value: b"1".to_vec(), prev_kv: false })
+        .put(pb::PutRequest { table: "t".into(), key: b"fresh".to_vec(), value: b"1".to_vec(), ..Default::default() })
         .await
         .unwrap()
         .into_inner()
@@ -315,7 +315,7 @@ async fn a_revision_above_the_grpc_default_limit_replicates_and_a_stall_is_repor
     kv(&lapi)
         .await
         .unwrap()
-        .put(pb::PutRequest { table: "t".into(), key: b"after".to_vec(), value: b"1".to_vec(), prev_kv: false })
+        .put(pb::PutRequest { table: "t".into(), key: b"after".to_vec(), value: b"1".to_vec(), ..Default::default() })
         .await
         .unwrap();
     let (_, keys) = converged(&lapi, &fapi, Duration::from_secs(60)).await;
@@ -436,4 +436,85 @@ async fn a_follower_serves_watches_with_the_leaders_revisions() {
     let keys = ["w0", "w1", "w2", "w3", "w4", "w9"];
     let want: Vec<(String, i64)> = keys.iter().zip(&revisions).map(|(k, r)| (k.to_string(), *r)).collect();
     assert_eq!(seen, want, "the follower's events carry the leader's revisions, in order");
+}
+
+/// Lease requests at a follower cluster go to the leader cluster (grant,
+/// put on the lease, keep-alive, time to live, list, revoke); an expiry
+/// decided there deletes the key at the follower with the leader's
+/// revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_forwards_lease_requests_and_applies_expiries() {
+    use armada_proto::etcd as epb;
+    let leader = Cluster::new(1, "lease-leader");
+    wait_ready(&leader.nodes[0].http, Duration::from_secs(30)).await;
+    let root = std::env::temp_dir().join(format!("armada-proc-lease-followers-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let follower = start_follower(&root, "lf", &leader.nodes[0].replication);
+    let fep = follower.nodes[0].etcd.clone();
+    let lep = leader.nodes[0].etcd.clone();
+    let mut leases = eventually(Duration::from_secs(60), "the follower grants a lease", || {
+        let fep = fep.clone();
+        async move {
+            let mut c = epb::lease_client::LeaseClient::new(channel(&fep).await?);
+            c.lease_grant(epb::LeaseGrantRequest { ttl: 600, id: 0 }).await.map_err(|s| s.to_string())?;
+            Ok(c)
+        }
+    })
+    .await;
+    let mut kv = epb::kv_client::KvClient::new(channel(&fep).await.unwrap());
+    let put = |key: &str, lease: i64| epb::PutRequest {
+        key: key.as_bytes().to_vec(),
+        value: b"v".to_vec(),
+        lease,
+        ..Default::default()
+    };
+    // A long lease: put, keep-alive, time to live, list, revoke, all at
+    // the follower.
+    let long = leases.lease_grant(epb::LeaseGrantRequest { ttl: 600, id: 0 }).await.unwrap().into_inner();
+    assert_eq!(long.ttl, 600);
+    kv.put(put("long", long.id)).await.expect("a put on a lease at the follower");
+    let ka = leases
+        .lease_keep_alive(futures::stream::iter([epb::LeaseKeepAliveRequest { id: long.id }]))
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .expect("a keep-alive answer");
+    assert_eq!((ka.id, ka.ttl), (long.id, 600));
+    let ttl =
+        leases.lease_time_to_live(epb::LeaseTimeToLiveRequest { id: long.id, keys: true }).await.unwrap().into_inner();
+    assert_eq!((ttl.granted_ttl, &ttl.keys), (600, &vec![b"long".to_vec()]));
+    assert!(ttl.ttl > 590 && ttl.ttl <= 600, "{ttl:?}");
+    let list = leases.lease_leases(epb::LeaseLeasesRequest {}).await.unwrap().into_inner();
+    assert!(list.leases.iter().any(|l| l.id == long.id), "{list:?}");
+    leases.lease_revoke(epb::LeaseRevokeRequest { id: long.id }).await.expect("a revoke at the follower");
+    let r = kv.range(epb::RangeRequest { key: b"long".to_vec(), serializable: true, ..Default::default() });
+    assert!(r.await.unwrap().into_inner().kvs.is_empty(), "the revoke answered after the follower applied it");
+    // A short lease runs out at the leader cluster; the follower deletes
+    // the key at the same revision.
+    let short = leases.lease_grant(epb::LeaseGrantRequest { ttl: 2, id: 0 }).await.unwrap().into_inner();
+    let written = kv.put(put("short", short.id)).await.unwrap().into_inner().header.unwrap().revision;
+    let lkv = epb::kv_client::KvClient::new(channel(&lep).await.unwrap());
+    let gone = |mut c: epb::kv_client::KvClient<Channel>| async move {
+        let r = c
+            .range(epb::RangeRequest { key: b"short".to_vec(), serializable: true, ..Default::default() })
+            .await
+            .map_err(|s| s.to_string())?
+            .into_inner();
+        let rev = r.header.map_or(0, |h| h.revision);
+        if r.kvs.is_empty() {
+            Ok(rev)
+        } else {
+            Err(format!("still there at revision {rev}"))
+        }
+    };
+    let at_leader =
+        eventually(Duration::from_secs(20), "the leader deletes the expired key", || gone(lkv.clone())).await;
+    let at_follower =
+        eventually(Duration::from_secs(20), "the follower deletes the expired key", || gone(kv.clone())).await;
+    assert_eq!(at_leader, written + 1, "the expiry is the revision after the put");
+    assert_eq!(at_follower, at_leader, "the same revision at the follower");
 }

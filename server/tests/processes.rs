@@ -36,7 +36,8 @@ async fn create_table(api: &str, name: &str) {
 
 async fn put(api: &str, key: &str, value: &str) -> Result<i64, tonic::Status> {
     let Some(mut c) = kv(api).await else { return Err(tonic::Status::unavailable("connect")) };
-    let r = c.put(pb::PutRequest { table: "t".into(), key: key.into(), value: value.into(), prev_kv: false }).await?;
+    let r =
+        c.put(pb::PutRequest { table: "t".into(), key: key.into(), value: value.into(), ..Default::default() }).await?;
     Ok(r.into_inner().header.map_or(0, |h| h.revision))
 }
 
@@ -158,24 +159,27 @@ async fn bad_input_gets_clear_errors_and_the_server_keeps_serving() {
     create_table(&api, "t").await;
     let mut c = kv(&api).await.expect("connect");
     let big_key = vec![b'k'; 5000];
-    let e = c.put(pb::PutRequest { table: "t".into(), key: big_key, value: vec![], prev_kv: false }).await.unwrap_err();
+    let e = c
+        .put(pb::PutRequest { table: "t".into(), key: big_key, value: vec![], ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
     assert!(e.message().contains("key is too large"), "{e}");
     let big_value = vec![0u8; 2 * 1024 * 1024 + 1];
     let e = c
-        .put(pb::PutRequest { table: "t".into(), key: b"k".to_vec(), value: big_value, prev_kv: false })
+        .put(pb::PutRequest { table: "t".into(), key: b"k".to_vec(), value: big_value, ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
     let e = c
-        .put(pb::PutRequest { table: "nope".into(), key: b"k".to_vec(), value: vec![], prev_kv: false })
+        .put(pb::PutRequest { table: "nope".into(), key: b"k".to_vec(), value: vec![], ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
     // A name no table can have is the client's mistake, not a missing table.
     for bad in ["no/such", "", "has space"] {
         let e = c
-            .put(pb::PutRequest { table: bad.into(), key: b"k".to_vec(), value: vec![], prev_kv: false })
+            .put(pb::PutRequest { table: bad.into(), key: b"k".to_vec(), value: vec![], ..Default::default() })
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}: {e}");

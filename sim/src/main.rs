@@ -112,6 +112,9 @@ mod sim_main {
             extra.push_str(&format!(" installs_resumed={}", r.installs_resumed));
         }
         extra.push_str(&format!(" m1_checked={} m2_checked={}", r.model_checked.0, r.model_checked.1));
+        if r.leases.0 > 0 {
+            extra.push_str(&format!(" leases={}/{}/{}", r.leases.0, r.leases.1, r.leases.2));
+        }
         if r.watch_events > 0 {
             extra.push_str(&format!(" watch_events={}", r.watch_events));
         }

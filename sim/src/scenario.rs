@@ -380,6 +380,11 @@ pub struct Scenario {
     /// (W1 checks every event they see).
     #[serde(default)]
     pub watchers: u32,
+    /// Clients that grant leases on the etcd table, put keys on them, keep
+    /// them alive at random nodes (follower clusters' too) and revoke them
+    /// or let them run out (L1 checks every revocation).
+    #[serde(default)]
+    pub leases: u32,
 }
 
 /// The table [`Scenario::table_churn_ms`] deletes and re-creates (no client
@@ -402,6 +407,23 @@ pub const CLIENTS_MAX: u32 = 200;
 pub const KEYS_MAX: u32 = 1000;
 pub const TABLES_MAX: u32 = 64;
 pub const FOLLOWER_CLUSTERS_MAX: u32 = 8;
+
+impl Faults {
+    /// The sum of the fault weights (0: a calm world).
+    pub fn total(&self) -> u32 {
+        self.crash
+            + self.pause
+            + self.partition
+            + self.one_way
+            + self.isolate
+            + self.loss
+            + self.swizzle
+            + self.disk_error
+            + self.slow_disk
+            + self.clock
+            + self.crash_in_install
+    }
+}
 
 impl Scenario {
     /// The fsync delay range of the nodes of `cluster` (0: the leader
@@ -432,6 +454,9 @@ impl Scenario {
         }
         if self.watchers > CLIENTS_MAX {
             return Err(format!("watchers must be at most {CLIENTS_MAX}"));
+        }
+        if self.leases > CLIENTS_MAX {
+            return Err(format!("leases must be at most {CLIENTS_MAX}"));
         }
         if !(1..=KEYS_MAX).contains(&self.keys) {
             return Err(format!("keys must be 1..={KEYS_MAX}"));

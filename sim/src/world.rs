@@ -29,6 +29,7 @@ use crate::checks::{self, ApplyLog, LeaderLog};
 mod disk;
 mod etcd;
 mod followers;
+mod leases;
 pub mod probes;
 mod watchers;
 use crate::history::{CasBy, Op, OpKind, OpResult, Outcome};
@@ -91,6 +92,9 @@ pub struct Report {
     pub etcd_ops: u64,
     /// Events the watchers received (W1 checks every one).
     pub watch_events: u64,
+    /// Leases the lease clients used, of them revoked by expiry (L1 held
+    /// them to never early), and held to never late (calm).
+    pub leases: (usize, usize, usize),
 }
 
 /// A client request's deadline; past it the outcome is indefinite.
@@ -130,6 +134,8 @@ struct Shared {
     etcd_ops: Mutex<u64>,
     /// W1: what the watchers saw, and the etcd table's history.
     watch: Mutex<watchers::WatchLog>,
+    /// L1: what the lease clients did, and the revocations applied.
+    leases: Mutex<leases::LeaseLog>,
 }
 
 impl Shared {
@@ -191,6 +197,14 @@ impl ApplyObserver for Observer {
             if cmd.is_client_write() && self.repl.table_name(group).as_deref() == Some(ETCD_TABLE) {
                 let mut log = self.shared.watch.lock().unwrap_or_else(|p| p.into_inner());
                 log.applied(self.repl.engine(), group, reply.revision());
+            }
+        }
+        if let (0, Some(Command::Table(TableCommand::LeaseRevoke { id })), CommandResponse::Table(Ok(reply))) =
+            (self.repl.cluster, command, response)
+        {
+            if self.repl.table_name(group).as_deref() == Some(ETCD_TABLE) {
+                let now = self.shared.now_ns();
+                self.shared.leases.lock().unwrap_or_else(|p| p.into_inner()).revoked(*id, now, reply.revision());
             }
         }
         let group = global_group(self.repl.cluster, group);
@@ -496,11 +510,22 @@ async fn perform(conns: &mut Conns, node: u64, table: &str, kind: &OpKind) -> Ou
     let fut = async {
         match kind.clone() {
             OpKind::Put { key, value } => c
-                .put(pb::PutRequest { table: t, key: key.into_bytes(), value: value.into_bytes(), prev_kv: false })
+                .put(pb::PutRequest {
+                    table: t,
+                    key: key.into_bytes(),
+                    value: value.into_bytes(),
+                    ..Default::default()
+                })
                 .await
                 .map(|r| OpResult::Put { revision: rev(&r.into_inner().header) }),
             OpKind::PutPrev { key, value } => c
-                .put(pb::PutRequest { table: t, key: key.into_bytes(), value: value.into_bytes(), prev_kv: true })
+                .put(pb::PutRequest {
+                    table: t,
+                    key: key.into_bytes(),
+                    value: value.into_bytes(),
+                    prev_kv: true,
+                    ..Default::default()
+                })
                 .await
                 .map(|r| {
                     let r = r.into_inner();
@@ -1147,6 +1172,8 @@ async fn fault_loop(sc: Scenario, cluster: u64, handle: Handle, ids: Vec<NodeId>
                 }
                 if !jump.is_zero() {
                     armada_core::probe!(ClockJumped);
+                    let now = shared.now_ns();
+                    shared.leases.lock().unwrap_or_else(|p| p.into_inner()).clock_jumps.push(now);
                 }
                 let id = ids[victim];
                 let lasting = Duration::from_millis(rand_range(f.downtime_ms[0], f.downtime_ms[1]));
@@ -1669,6 +1696,7 @@ async fn world(sc: Scenario, shared: Arc<Shared>) {
         return;
     }
     let until_ns = shared.now_ns() + sc.duration_s * 1_000_000_000;
+    shared.leases.lock().unwrap_or_else(|p| p.into_inner()).faults_end_ns = until_ns;
     let sampler = tokio::spawn(leader_sampler(shared.clone(), u64::MAX));
     let reaper = tokio::spawn(reaper(shared.clone(), handle.clone(), sc.faults.torn_crash));
     let faults = tokio::spawn(fault_loop(sc.clone(), 0, handle.clone(), ids.clone(), shared.clone(), until_ns));
@@ -1745,6 +1773,11 @@ async fn world(sc: Scenario, shared: Arc<Shared>) {
         let node = handle.create_node().name(format!("watcher-{w}")).ip(ip.parse().expect("valid ip")).build();
         clients.push(node.spawn(watchers::watcher_main(w, sc.clone(), members.clone(), shared.clone(), until_ns)));
     }
+    for c in 0..sc.leases {
+        let ip = format!("10.4.{}.{}", c / 200, c % 200 + 1);
+        let node = handle.create_node().name(format!("leases-{c}")).ip(ip.parse().expect("valid ip")).build();
+        clients.push(node.spawn(leases::lease_main(c, sc.clone(), members.clone(), shared.clone(), until_ns)));
+    }
     if sc.backups > 0 {
         let node = handle.create_node().name("backup").ip("10.1.0.3".parse().expect("valid ip")).build();
         clients.push(node.spawn(backup_main(sc.clone(), members.clone(), shared.clone(), until_ns)));
@@ -1802,7 +1835,7 @@ async fn churn_main(sc: Scenario, members: BTreeMap<u64, ArmadaNode>, shared: Ar
                     table: CHURN_TABLE.into(),
                     key: k.as_bytes().to_vec(),
                     value: format!("g{generation}-{k}").into_bytes(),
-                    prev_kv: false,
+                    ..Default::default()
                 };
                 if c.put(put).await.is_err() {
                     return false;
@@ -1864,6 +1897,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
                 models: Mutex::new(Default::default()),
                 etcd_ops: Mutex::new(0),
                 watch: Mutex::new(Default::default()),
+                leases: Mutex::new(Default::default()),
             });
             shared.trace_str(&sc2.name);
             world(sc2, shared.clone()).await;
@@ -1905,6 +1939,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
                 probes: probe_hits,
                 etcd_ops: 0,
                 watch_events: 0,
+                leases: (0, 0, 0),
             };
         }
     };
@@ -1951,6 +1986,8 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
     }
     let model_checked = (shared.models.lock().unwrap_or_else(|p| p.into_inner()).checked, reads_checked);
     safety.extend(watchers::check(&shared));
+    let (lease_failures, leases) = leases::check(&shared, sc, sim_ns);
+    safety.extend(lease_failures);
     let (repl_failures, mut lag) = followers::check(&shared);
     safety.extend(repl_failures);
     lag.sort_by(f64::total_cmp);
@@ -1997,5 +2034,6 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
         probes: probe_hits,
         etcd_ops,
         watch_events,
+        leases,
     }
 }

@@ -42,7 +42,8 @@ pub struct Mutation {
     pub lease: i64,
 }
 
-/// Every mutation of one write transaction, in key order.
+/// Every mutation of one write transaction, in the order it made them
+/// (applied in that order, the last write of a key is its state).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RevisionChanges {
     pub revision: u64,

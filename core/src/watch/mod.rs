@@ -170,7 +170,8 @@ impl Default for Config {
 pub struct TableState {
     /// The last revision applied here.
     pub current: Revision,
-    /// The compaction revision: history at or below it is gone.
+    /// The compaction revision: history below it is gone (as in etcd, the
+    /// revision itself is still served, without `prev_kv`).
     pub compacted: Revision,
 }
 
@@ -305,7 +306,9 @@ impl WatchStream {
         }
         self.push(WatchResponse { watch_id: id, revision: table.current, created: true, ..WatchResponse::default() });
         let next = spec.start_revision.filter(|r| r.get() > 0).unwrap_or(table.current.next());
-        if next <= table.compacted {
+        // etcd's rule: the compaction revision itself is still served (a
+        // client told "compacted at R" resumes at R).
+        if next < table.compacted {
             crate::probe!(WatchCompacted);
             return self.push(compacted(id, table));
         }
@@ -362,7 +365,7 @@ impl WatchStream {
                 for id in gone {
                     crate::probe!(WatchCompacted);
                     self.watchers.remove(&id);
-                    let t = TableState { compacted: Revision(first_retained.get().saturating_sub(1)), ..self.table };
+                    let t = TableState { compacted: first_retained, ..self.table };
                     self.push(compacted(id, t));
                 }
             }

@@ -123,20 +123,28 @@ fn a_start_in_the_past_is_served_from_history_then_joins_the_applied_revisions()
 }
 
 #[test]
-fn a_start_at_or_below_the_compaction_is_answered_compacted() {
+fn a_start_below_the_compaction_is_answered_compacted() {
     let mut s = WatchStream::new(Config::default(), table(10, 5));
-    s.handle_create(WatchSpec { start_revision: Some(Revision(5)), ..watch(b"a") }, table(10, 5));
+    s.handle_create(WatchSpec { start_revision: Some(Revision(4)), ..watch(b"a") }, table(10, 5));
     let r = drain(&mut s);
     assert!(r[0].created && !r[0].canceled);
     assert!(r[1].canceled && r[1].compact_revision == Revision(5), "{r:?}");
     assert_eq!(s.watchers(), 0);
+    // At the compaction revision itself: served (etcd's rule), so a client
+    // told "compacted at 5" resumes at 5.
+    s.handle_create(WatchSpec { start_revision: Some(Revision(5)), ..watch(b"a") }, table(10, 5));
+    let r = drain(&mut s);
+    assert!(r[0].created && !r[0].canceled && r.len() == 1, "{r:?}");
+    assert_eq!(s.watchers(), 1);
+    s.handle_cancel(r[0].watch_id);
+    drain(&mut s);
     // History trimmed while a watcher was behind: cancelled the same way.
     s.handle_create(WatchSpec { start_revision: Some(Revision(6)), ..watch(b"a") }, table(10, 5));
     drain(&mut s);
     assert_eq!(s.poll_history().unwrap().from, Revision(6));
     s.handle_history(History::Compacted { first_retained: Revision(8) }, table(10, 7));
     let r = drain(&mut s);
-    assert!(r[0].canceled && r[0].compact_revision == Revision(7));
+    assert!(r[0].canceled && r[0].compact_revision == Revision(8), "resume at the first revision still there");
 }
 
 #[test]
@@ -276,7 +284,7 @@ impl Model {
     }
 
     fn table(&self) -> TableState {
-        TableState { current: Revision(self.applied), compacted: Revision(self.first_retained - 1) }
+        TableState { current: Revision(self.applied), compacted: Revision(self.first_retained) }
     }
 
     /// What a watcher with `spec` starting at `from` is owed, through `to`.
@@ -452,7 +460,7 @@ fn check_response(
         if r.compact_revision.get() > 0 {
             // Only when what it is owed is gone.
             let next = w.events.last().map_or(w.from, |e| e.kv.mod_revision + 1);
-            prop_assert!(next <= r.compact_revision.get() || next < model.first_retained, "compacted too eagerly");
+            prop_assert!(next < r.compact_revision.get() || next < model.first_retained, "compacted too eagerly");
         }
         w.canceled = true;
         return Ok(());

@@ -109,7 +109,7 @@ impl Node {
                 return table.current;
             }
             let mvcc = Mvcc::new(&*self.engine, data_ns(group));
-            let read = if fed >= table.compacted {
+            let read = if fed.next() >= table.compacted {
                 mvcc.changes_from(fed.get() + 1, READ_REVISIONS_MAX, BATCH_BYTES_MAX)
             } else {
                 Ok(ChangesFrom::Changes(Vec::new()))
@@ -148,7 +148,7 @@ impl Node {
     fn read_history(&self, group: GroupId, request: HistoryRequest) -> History {
         let mvcc = Mvcc::new(&*self.engine, data_ns(group));
         let state = mvcc.rev_state().unwrap_or_default();
-        let first_readable = mvcc.first_retained(state).max(state.compacted + 1);
+        let first_readable = mvcc.first_retained(state).max(state.compacted);
         if request.from.get() < first_readable {
             return History::Compacted { first_retained: Revision(first_readable) };
         }
@@ -194,7 +194,11 @@ impl Node {
                     .mutations
                     .into_iter()
                     .map(|m| {
-                        let prev = if prev_kv { previous(&mvcc, &m.key, revision)? } else { None };
+                        // As etcd: a creation (a put at version 1) has no
+                        // previous value, even when the same revision
+                        // deleted an older one first.
+                        let created = m.value.is_some() && m.version == 1;
+                        let prev = if prev_kv && !created { previous(&mvcc, &m.key, revision)? } else { None };
                         Some(match m.value {
                             Some(value) => WatchEvent {
                                 kind: EventKind::Put,
@@ -222,12 +226,18 @@ impl Node {
     }
 }
 
-/// The key's value just before `revision` (`Some(None)`: it had none);
-/// `None` when that history is compacted away (or cannot be read).
+/// The key's value just before `revision` (`Some(None)`: it had none, or
+/// that revision is compacted away: etcd then sends the event without
+/// `prev_kv`, which happens only at the compaction revision itself); `None`
+/// when it cannot be read.
 fn previous(mvcc: &Mvcc<'_>, key: &[u8], revision: u64) -> Option<Option<KeyValue>> {
     if revision <= REVISION_INITIAL {
         return Some(None);
     }
     let req = RangeRequest { key: key.to_vec(), revision: revision - 1, ..RangeRequest::default() };
-    mvcc.range(&req).ok().map(|r| r.kvs.into_iter().next())
+    match mvcc.range(&req) {
+        Ok(r) => Some(r.kvs.into_iter().next()),
+        Err(armada_core::mvcc::MvccError::Kv(armada_core::kv::KvError::Compacted { .. })) => Some(None),
+        Err(_) => None,
+    }
 }

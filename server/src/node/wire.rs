@@ -346,6 +346,22 @@ mod tests {
         }
     }
 
+    /// A peer of wire format 1 gets messages without the fields format 2
+    /// added (lease ids): exactly what it would have sent itself.
+    #[test]
+    fn a_version_1_peer_gets_version_1_layouts() {
+        let leased =
+            armada_core::kv::PutRequest { lease: 9, ..armada_core::kv::PutRequest::new(b"k".to_vec(), b"v".to_vec()) };
+        let plain = armada_core::kv::PutRequest::new(b"k".to_vec(), b"v".to_vec());
+        let v1 = encode_payload(&TableCommand::Put(leased.clone()), 1);
+        let v2 = encode_payload(&TableCommand::Put(leased.clone()), 2);
+        assert!(v2.len() > v1.len());
+        let (back, version): (TableCommand, u8) = decode_payload(&v1).unwrap();
+        assert_eq!((back, version), (TableCommand::Put(plain), 1), "version 1 has no lease");
+        let (back, version): (TableCommand, u8) = decode_payload(&v2).unwrap();
+        assert_eq!((back, version), (TableCommand::Put(leased), 2));
+    }
+
     #[test]
     fn unknown_versions_are_refused() {
         let mut bytes = encode_request(&forward());

@@ -276,13 +276,29 @@ pub(super) async fn watcher_main(
 
 /// W1: every segment saw exactly its share of the history.
 pub(super) fn check(shared: &Shared) -> Vec<String> {
+    // The etcd table's compaction revision at the end: an event at a
+    // revision no later than it may come without `prev_kv` (etcd sends the
+    // event at the compaction revision without it: the version before is
+    // gone).
+    let compacted = shared
+        .nodes()
+        .iter()
+        .filter(|(k, _)| cluster_of(*k) == 0)
+        .filter_map(|(_, n)| {
+            let info =
+                armada_core::command::Catalog::new(&**n.engine(), data_ns(GroupId::META)).get(ETCD_TABLE).ok()??;
+            Mvcc::new(&**n.engine(), data_ns(info.id)).rev_state().ok().map(|s| s.compacted)
+        })
+        .max()
+        .unwrap_or(0);
     let log = shared.watch.lock().unwrap_or_else(|p| p.into_inner());
     let mut failures = Vec::new();
     for seg in &log.segments {
         if let Some(c) = seg.compacted {
-            // The first revision it was still owed must be compacted away.
+            // The first revision it was still owed must be compacted away
+            // (the compaction revision itself is still served).
             let owed = seg.events.last().map_or(seg.start, |e| e.0 + 1);
-            if owed > c {
+            if owed >= c {
                 failures.push(format!(
                     "W1 watcher {} on node {}: cancelled as compacted at {c}, but it was owed revision {owed} on",
                     seg.watcher, seg.node
@@ -301,9 +317,13 @@ pub(super) fn check(shared: &Shared) -> Vec<String> {
                 return failures;
             }
             expected_rev = rev + 1;
+            // `prev_kv` is the key before the revision (etcd reads it at the
+            // revision before), none for a creation.
+            let before = state.clone();
             for m in mutations {
                 let k = utf8(m.key.clone());
-                let prev = state.get(&k).cloned();
+                let created = m.value.is_some() && m.version == 1;
+                let prev = if created { None } else { before.get(&k).cloned() };
                 match &m.value {
                     Some(v) => {
                         state.insert(k.clone(), utf8(v.clone()));
@@ -312,11 +332,14 @@ pub(super) fn check(shared: &Shared) -> Vec<String> {
                         state.remove(&k);
                     }
                 }
-                if rev < seg.start || rev > last || seg.key.as_ref().is_some_and(|key| *key != k) {
+                let (lo, hi) = key_range(&seg.key);
+                if rev < seg.start || rev > last || !armada_core::kv::in_interval(&m.key, &lo, &hi) {
                     continue;
                 }
                 let value = m.value.clone().map(utf8).unwrap_or_default();
-                want.push((rev, k, m.value.is_some(), value, if seg.prev_kv { prev } else { None }));
+                let seen_without = seg.events.get(want.len()).is_some_and(|e| e.0 == rev && e.1 == k && e.4.is_none());
+                let prev = if seg.prev_kv && !(seen_without && rev <= compacted) { prev } else { None };
+                want.push((rev, k, m.value.is_some(), value, prev));
             }
         }
         if seg.events != want {
