@@ -99,7 +99,7 @@ pub fn with_layout<R>(version: u8, f: impl FnOnce() -> R) -> R {
 }
 
 /// The layout in effect (see [`with_layout`]).
-pub fn layout() -> u8 {
+pub fn current_layout() -> u8 {
     LAYOUT.with(|l| l.get())
 }
 
@@ -111,7 +111,7 @@ pub mod added_in_2 {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
     fn absent(human_readable: bool) -> bool {
-        !human_readable && super::layout() < 2
+        !human_readable && super::current_layout() < 2
     }
 
     pub fn serialize<T: Serialize, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -308,7 +308,7 @@ mod tests {
         assert_eq!(decode::<Grown>(&encode(&new), "grown").unwrap(), new);
         let as_v1 = with_layout(1, || postcard::to_stdvec(&new).unwrap());
         assert_eq!(as_v1, postcard::to_stdvec(&GrownV1 { a: 1, c: vec![3] }).unwrap());
-        assert_eq!(layout(), FORMAT, "the layout is restored");
+        assert_eq!(current_layout(), FORMAT, "the layout is restored");
     }
 
     #[test]

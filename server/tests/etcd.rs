@@ -500,8 +500,8 @@ async fn armada_answers_like_etcd_3_4() {
             23 => {
                 let r = pb::LeaseTimeToLiveRequest { id: g.lease_id(), keys: g.chance(50) };
                 let (a, b) = (
-                    time_to_live_text(theirs_lease.lease_time_to_live(r.clone()).await),
-                    time_to_live_text(ours_lease.lease_time_to_live(r.clone()).await),
+                    time_to_live_text(theirs_lease.lease_time_to_live(r).await),
+                    time_to_live_text(ours_lease.lease_time_to_live(r).await),
                 );
                 let (la, lb) = (
                     leases_text(theirs_lease.lease_leases(pb::LeaseLeasesRequest {}).await),

@@ -11,7 +11,7 @@
 //! history restricted to the watcher's range, from the segment's start, in
 //! order, with no gap or duplicate, each with the `prev_kv` the history
 //! gives (the key's value before the event); a segment cancelled as
-//! compacted was still owed a revision at or below the compaction revision
+//! compacted was still owed a revision below the compaction revision
 //! it names. The
 //! history is the leader cluster's: every revision's mutations as first
 //! applied there, read from the applying node's changelog.
