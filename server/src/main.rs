@@ -126,6 +126,9 @@ enum BenchCmd {
     /// Replication lag as a client sees it: put at the leader cluster, poll
     /// a follower node until the write is there.
     Lag(armada_server::tools::bench::LagArgs),
+    /// What idle watchers cost: resident memory per watcher, and put-to-event
+    /// latency while they are held.
+    Watchers(armada_server::tools::watchbench::WatchArgs),
 }
 
 fn init_logs(format: LogFormat) {
@@ -198,6 +201,7 @@ async fn main() {
         Cmd::Restore(args) => armada_server::tools::backup::restore(args),
         Cmd::Bench { cmd: BenchCmd::Put(args) } => armada_server::tools::bench::put(&args).await,
         Cmd::Bench { cmd: BenchCmd::Lag(args) } => armada_server::tools::bench::lag(&args).await,
+        Cmd::Bench { cmd: BenchCmd::Watchers(args) } => armada_server::tools::watchbench::watchers(&args).await,
         Cmd::Bench { cmd: BenchCmd::Get { args, serializable } } => {
             armada_server::tools::bench::run(&args, armada_server::tools::bench::Op::Get { serializable }).await
         }

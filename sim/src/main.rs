@@ -118,6 +118,9 @@ mod sim_main {
         if r.watch_events > 0 {
             extra.push_str(&format!(" watch_events={}", r.watch_events));
         }
+        if let Some((p50, p99, n)) = r.follower_watch_ms {
+            extra.push_str(&format!(" follower_watch_ms={p50:.1}/{p99:.1}/{n}"));
+        }
         if r.etcd_ops > 0 {
             extra.push_str(&format!(" etcd_ops={}", r.etcd_ops));
         }

@@ -95,6 +95,9 @@ pub struct Report {
     /// Leases the lease clients used, of them revoked by expiry (L1 held
     /// them to never early), and held to never late (calm).
     pub leases: (usize, usize, usize),
+    /// Watch latency at follower clusters (leader-cluster apply to event
+    /// arrival): p50, p99 in ms, and the number of live events measured.
+    pub follower_watch_ms: Option<(f64, f64, usize)>,
 }
 
 /// A client request's deadline; past it the outcome is indefinite.
@@ -196,7 +199,7 @@ impl ApplyObserver for Observer {
         {
             if cmd.is_client_write() && self.repl.table_name(group).as_deref() == Some(ETCD_TABLE) {
                 let mut log = self.shared.watch.lock().unwrap_or_else(|p| p.into_inner());
-                log.applied(self.repl.engine(), group, reply.revision());
+                log.applied(self.repl.engine(), group, reply.revision(), self.shared.now_ns());
             }
         }
         if let (0, Some(Command::Table(TableCommand::LeaseRevoke { id })), CommandResponse::Table(Ok(reply))) =
@@ -1940,6 +1943,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
                 etcd_ops: 0,
                 watch_events: 0,
                 leases: (0, 0, 0),
+                follower_watch_ms: None,
             };
         }
     };
@@ -1986,6 +1990,10 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
     }
     let model_checked = (shared.models.lock().unwrap_or_else(|p| p.into_inner()).checked, reads_checked);
     safety.extend(watchers::check(&shared));
+    let mut watch_lag = watchers::follower_latency_ms(&shared);
+    watch_lag.sort_by(f64::total_cmp);
+    let wpct = |q: f64| watch_lag[((watch_lag.len() as f64 - 1.0) * q).round() as usize];
+    let follower_watch_ms = if watch_lag.is_empty() { None } else { Some((wpct(0.5), wpct(0.99), watch_lag.len())) };
     let (lease_failures, leases) = leases::check(&shared, sc, sim_ns);
     safety.extend(lease_failures);
     let (repl_failures, mut lag) = followers::check(&shared);
@@ -2035,5 +2043,6 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
         etcd_ops,
         watch_events,
         leases,
+        follower_watch_ms,
     }
 }

@@ -112,22 +112,27 @@ impl ServerCounters {
 
     /// Scrapes `url` (plain HTTP).
     pub async fn scrape(url: &str) -> anyhow::Result<Self> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let rest = url.strip_prefix("http://").ok_or_else(|| anyhow::anyhow!("--metrics must be an http:// URL"))?;
-        let (host, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
-        let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(host)).await??;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes()).await?;
-        let mut body = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut body)).await??;
-        let text = String::from_utf8_lossy(&body);
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        anyhow::ensure!(
-            head.starts_with("HTTP/1.") && head.contains(" 200"),
-            "{url}: {}",
-            head.lines().next().unwrap_or("")
-        );
-        Ok(Self::parse(body))
+        Ok(Self::parse(&fetch_metrics(url).await?))
     }
+}
+
+/// The body of a Prometheus endpoint (plain HTTP).
+pub async fn fetch_metrics(url: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").ok_or_else(|| anyhow::anyhow!("--metrics must be an http:// URL"))?;
+    let (host, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(host)).await??;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes()).await?;
+    let mut body = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut body)).await??;
+    let text = String::from_utf8_lossy(&body);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.") && head.contains(" 200"),
+        "{url}: {}",
+        head.lines().next().unwrap_or("")
+    );
+    Ok(body.to_string())
 }
 
 /// Attempts per key in a `--once` load before it counts as an error.

@@ -10,3 +10,4 @@
 pub mod backup;
 pub mod bench;
 pub mod cli;
+pub mod watchbench;

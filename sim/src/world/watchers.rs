@@ -27,7 +27,12 @@ pub(super) type Seen = (u64, String, bool, String, Option<String>);
 #[derive(Debug, Clone)]
 pub(super) struct Segment {
     pub watcher: u32,
+    /// The cluster watched (0: the leader cluster) and its node.
+    pub cluster: u64,
     pub node: u64,
+    /// When the stream was opened, and when each event arrived.
+    pub opened_ns: u64,
+    pub arrived_ns: Vec<u64>,
     /// The API it watched through.
     pub api: &'static str,
     /// `None`: every key of the workload; `Some(k)`: the key `k` alone.
@@ -40,6 +45,35 @@ pub(super) struct Segment {
     pub compacted: Option<u64>,
 }
 
+impl Segment {
+    /// Where the stream was served.
+    fn place(&self) -> String {
+        match self.cluster {
+            0 => format!("node {}", self.node),
+            c => format!("follower cluster {c} node {}", self.node),
+        }
+    }
+}
+
+/// Watch latency at follower clusters, in milliseconds: for each event a
+/// follower-cluster stream received live (its revision first applied on
+/// the leader cluster after the stream opened), from that apply to the
+/// event's arrival.
+pub(super) fn follower_latency_ms(shared: &Shared) -> Vec<f64> {
+    let log = shared.watch.lock().unwrap_or_else(|p| p.into_inner());
+    let mut out = Vec::new();
+    for seg in log.segments.iter().filter(|s| s.cluster > 0) {
+        for (e, arrived) in seg.events.iter().zip(&seg.arrived_ns) {
+            if let Some(&applied) = log.applied_ns.get(&e.0) {
+                if applied >= seg.opened_ns && *arrived >= applied {
+                    out.push((*arrived - applied) as f64 / 1e6);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// What the watchers saw, and the history to compare it with.
 #[derive(Debug, Default)]
 pub(super) struct WatchLog {
@@ -47,16 +81,19 @@ pub(super) struct WatchLog {
     /// The etcd table's mutations per revision, as first applied on the
     /// leader cluster.
     pub history: BTreeMap<u64, Vec<armada_core::mvcc::replication::Mutation>>,
+    /// When each revision was first applied on the leader cluster.
+    pub applied_ns: BTreeMap<u64, u64>,
     pub events_seen: u64,
 }
 
 impl WatchLog {
     /// Records revision `revision` of the etcd table as applied on a leader
     /// cluster node (the first record of a revision wins).
-    pub fn applied(&mut self, engine: &dyn Engine, group: GroupId, revision: u64) {
+    pub fn applied(&mut self, engine: &dyn Engine, group: GroupId, revision: u64, now_ns: u64) {
         if self.history.contains_key(&revision) {
             return;
         }
+        self.applied_ns.entry(revision).or_insert(now_ns);
         let store = Mvcc::new(engine, data_ns(group));
         if let Ok(armada_core::mvcc::replication::ChangesFrom::Changes(cs)) =
             store.changes_from(revision, 1, usize::MAX)
@@ -212,17 +249,33 @@ pub(super) async fn watcher_main(
         if rand_range(0, 4) == 0 {
             next = 1;
         }
-        let node = rand_range(1, sc.nodes as u64);
-        let Some(host) = members.get(&node).and_then(|m| m.api_addr.split(':').next().map(str::to_string)) else {
-            return;
+        // A third of the streams (with follower clusters) at a follower
+        // cluster's node: it serves the leader cluster's revisions.
+        let (cluster, node, host) = match &sc.followers {
+            Some(fl) if rand_range(0, 2) == 0 => {
+                let (c, n) = (rand_range(1, u64::from(fl.clusters)), rand_range(1, u64::from(fl.nodes)));
+                (c, n, followers::cluster_ip(c, n))
+            }
+            _ => {
+                let node = rand_range(1, sc.nodes as u64);
+                let Some(host) = members.get(&node).and_then(|m| m.api_addr.split(':').next().map(str::to_string))
+                else {
+                    return;
+                };
+                (0, node, host)
+            }
         };
+        let opened_ns = shared.now_ns();
         let Some(mut stream) = open(&host, via_v1, &key, next, prev_kv).await else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
         let mut seg = Segment {
             watcher: wid,
+            cluster,
             node,
+            opened_ns,
+            arrived_ns: vec![],
             api: if via_v1 { "armada.v1" } else { "etcd" },
             key: key.clone(),
             prev_kv,
@@ -254,6 +307,8 @@ pub(super) async fn watcher_main(
                 }
                 break;
             }
+            let now = shared.now_ns();
+            seg.arrived_ns.extend(r.events.iter().map(|_| now));
             seg.events.extend(r.events);
         }
         drop(stream);
@@ -300,8 +355,9 @@ pub(super) fn check(shared: &Shared) -> Vec<String> {
             let owed = seg.events.last().map_or(seg.start, |e| e.0 + 1);
             if owed >= c {
                 failures.push(format!(
-                    "W1 watcher {} on node {}: cancelled as compacted at {c}, but it was owed revision {owed} on",
-                    seg.watcher, seg.node
+                    "W1 watcher {} on {}: cancelled as compacted at {c}, but it was owed revision {owed} on",
+                    seg.watcher,
+                    seg.place()
                 ));
             }
         }
@@ -345,10 +401,10 @@ pub(super) fn check(shared: &Shared) -> Vec<String> {
         if seg.events != want {
             let at = seg.events.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(seg.events.len().min(want.len()));
             failures.push(format!(
-                "W1 watcher {} on node {} ({}) from revision {} ({}): event {at} is {:?}, the history gives {:?} ({} \
+                "W1 watcher {} on {} ({}) from revision {} ({}): event {at} is {:?}, the history gives {:?} ({} \
                  events seen, {} in the history to revision {last})",
                 seg.watcher,
-                seg.node,
+                seg.place(),
                 seg.api,
                 seg.start,
                 seg.key.as_deref().unwrap_or("every key"),
