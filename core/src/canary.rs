@@ -80,10 +80,13 @@ pub enum Canary {
     LeaseKeepsDeadlines = 25,
     /// The leader revokes a lease when half its TTL is left.
     LeaseExpiresAtHalfTtl = 26,
+    /// A progress notification claims the revision after the table's
+    /// current one: a revision no watcher has been given.
+    WatchProgressAhead = 27,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 26] = [
+    pub const ALL: [Canary; 27] = [
         Canary::AckBeforeFsync,
         Canary::StaleRead,
         Canary::ReuseRevision,
@@ -110,6 +113,7 @@ impl Canary {
         Canary::WatchDropsEvent,
         Canary::LeaseKeepsDeadlines,
         Canary::LeaseExpiresAtHalfTtl,
+        Canary::WatchProgressAhead,
     ];
 
     pub fn name(self) -> &'static str {
@@ -140,6 +144,7 @@ impl Canary {
             Canary::WatchDropsEvent => "watch-drops-event",
             Canary::LeaseKeepsDeadlines => "lease-keeps-deadlines",
             Canary::LeaseExpiresAtHalfTtl => "lease-expires-at-half-ttl",
+            Canary::WatchProgressAhead => "watch-progress-ahead",
         }
     }
 

@@ -116,7 +116,7 @@ mod sim_main {
             extra.push_str(&format!(" leases={}/{}/{}", r.leases.0, r.leases.1, r.leases.2));
         }
         if r.watch_events > 0 {
-            extra.push_str(&format!(" watch_events={}", r.watch_events));
+            extra.push_str(&format!(" watch_events={} watch_progress={}", r.watch_events, r.watch_progress));
         }
         if let Some((p50, p99, n)) = r.follower_watch_ms {
             extra.push_str(&format!(" follower_watch_ms={p50:.1}/{p99:.1}/{n}"));

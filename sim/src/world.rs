@@ -92,6 +92,8 @@ pub struct Report {
     pub etcd_ops: u64,
     /// Events the watchers received (W1 checks every one).
     pub watch_events: u64,
+    /// Progress notifications the watchers received (W2).
+    pub watch_progress: u64,
     /// Leases the lease clients used, of them revoked by expiry (L1 held
     /// them to never early), and held to never late (calm).
     pub leases: (usize, usize, usize),
@@ -1942,6 +1944,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
                 probes: probe_hits,
                 etcd_ops: 0,
                 watch_events: 0,
+                watch_progress: 0,
                 leases: (0, 0, 0),
                 follower_watch_ms: None,
             };
@@ -2020,7 +2023,10 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
     };
     let backups_checked = *shared.backups_checked.lock().unwrap_or_else(|p| p.into_inner());
     let etcd_ops = *shared.etcd_ops.lock().unwrap_or_else(|p| p.into_inner());
-    let watch_events = shared.watch.lock().unwrap_or_else(|p| p.into_inner()).events_seen;
+    let (watch_events, watch_progress) = {
+        let w = shared.watch.lock().unwrap_or_else(|p| p.into_inner());
+        (w.events_seen, w.progress_seen)
+    };
     Report {
         seed,
         verdict,
@@ -2042,6 +2048,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
         probes: probe_hits,
         etcd_ops,
         watch_events,
+        watch_progress,
         leases,
         follower_watch_ms,
     }

@@ -464,7 +464,11 @@ impl WatchStream {
     fn progress_if_due(&mut self) {
         if self.progress_requested && self.behind().next().is_none() {
             self.progress_requested = false;
-            let r = self.table.current;
+            let r = if crate::canary::active(crate::canary::Canary::WatchProgressAhead) {
+                self.table.current.next()
+            } else {
+                self.table.current
+            };
             self.push(WatchResponse { watch_id: -1, revision: r, ..WatchResponse::default() });
         }
     }

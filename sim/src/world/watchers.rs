@@ -43,6 +43,8 @@ pub(super) struct Segment {
     pub events: Vec<Seen>,
     /// The stream was cancelled as compacted at this revision.
     pub compacted: Option<u64>,
+    /// Progress notifications: (events received before it, its revision).
+    pub progress: Vec<(usize, u64)>,
 }
 
 impl Segment {
@@ -84,6 +86,8 @@ pub(super) struct WatchLog {
     /// When each revision was first applied on the leader cluster.
     pub applied_ns: BTreeMap<u64, u64>,
     pub events_seen: u64,
+    /// Progress notifications received (W2 checks each).
+    pub progress_seen: u64,
 }
 
 impl WatchLog {
@@ -135,13 +139,15 @@ struct Resp {
     /// The header's revision.
     revision: u64,
     events: Vec<Seen>,
+    /// A progress notification (etcd: the answer to a progress request).
+    progress: bool,
 }
 
 /// An open watch stream of either API.
 enum Stream {
-    /// The etcd stream, and the sender that keeps its request side open
-    /// (held, never used again).
-    Etcd(tonic::Streaming<epb::WatchResponse>, #[allow(dead_code)] tokio::sync::mpsc::Sender<epb::WatchRequest>),
+    /// The etcd stream, and the sender of its requests (kept open; progress
+    /// requests go through it).
+    Etcd(tonic::Streaming<epb::WatchResponse>, tokio::sync::mpsc::Sender<epb::WatchRequest>),
     V1(tonic::Streaming<pb::WatchResponse>),
 }
 
@@ -151,6 +157,17 @@ fn seen(put: bool, key: Vec<u8>, value: Vec<u8>, mod_revision: i64, prev_value: 
 }
 
 impl Stream {
+    /// Asks an etcd stream for a progress notification (armada.v1 has no
+    /// such request).
+    fn request_progress(&self) {
+        if let Stream::Etcd(_, tx) = self {
+            let req = epb::WatchRequest {
+                request_union: Some(epb::watch_request::RequestUnion::ProgressRequest(epb::WatchProgressRequest {})),
+            };
+            let _ = tx.try_send(req);
+        }
+    }
+
     /// The next response; `None` when the stream ended or failed.
     async fn next(&mut self) -> Option<Resp> {
         let rev = |v: i64| v.max(0) as u64;
@@ -158,7 +175,7 @@ impl Stream {
             Stream::Etcd(s, _) => {
                 let r = s.message().await.ok()??;
                 let put = epb::event::EventType::Put as i32;
-                let events = r
+                let events: Vec<Seen> = r
                     .events
                     .into_iter()
                     .map(|e| {
@@ -167,6 +184,7 @@ impl Stream {
                     })
                     .collect();
                 Some(Resp {
+                    progress: r.watch_id == -1 && events.is_empty() && !r.created && !r.canceled,
                     created: r.created,
                     canceled: r.canceled,
                     compact_revision: rev(r.compact_revision),
@@ -186,6 +204,7 @@ impl Stream {
                     })
                     .collect();
                 Some(Resp {
+                    progress: false,
                     created: r.created,
                     canceled: r.compact_revision > 0,
                     compact_revision: rev(r.compact_revision),
@@ -276,6 +295,7 @@ pub(super) async fn watcher_main(
             node,
             opened_ns,
             arrived_ns: vec![],
+            progress: vec![],
             api: if via_v1 { "armada.v1" } else { "etcd" },
             key: key.clone(),
             prev_kv,
@@ -285,12 +305,25 @@ pub(super) async fn watcher_main(
         };
         let leave_at = shared.now_ns() + rand_range(STREAM_MS[0], STREAM_MS[1]) * 1_000_000;
         let mut created = false;
+        // Sometimes a progress request right behind the create: a watcher
+        // starting in the past is still owed history then.
+        if rand_range(0, 2) == 0 {
+            stream.request_progress();
+        }
         while shared.now_ns() < leave_at.min(stop_ns) {
+            // Now and then (etcd streams) ask for a progress notification.
+            if created && rand_range(0, 7) == 0 {
+                stream.request_progress();
+            }
             let r = match tokio::time::timeout(Duration::from_millis(250), stream.next()).await {
                 Err(_) => continue,
                 Ok(Some(r)) => r,
                 Ok(None) => break,
             };
+            if r.progress {
+                seg.progress.push((seg.events.len(), r.revision));
+                continue;
+            }
             if r.created {
                 created = true;
                 if seg.start == 0 {
@@ -325,6 +358,7 @@ pub(super) async fn watcher_main(
         shared.trace(&[u64::from(wid), seg.start, seg.events.len() as u64]);
         let mut log = shared.watch.lock().unwrap_or_else(|p| p.into_inner());
         log.events_seen += seg.events.len() as u64;
+        log.progress_seen += seg.progress.len() as u64;
         log.segments.push(seg);
     }
 }
@@ -396,6 +430,33 @@ pub(super) fn check(shared: &Shared) -> Vec<String> {
                 let seen_without = seg.events.get(want.len()).is_some_and(|e| e.0 == rev && e.1 == k && e.4.is_none());
                 let prev = if seg.prev_kv && !(seen_without && rev <= compacted) { prev } else { None };
                 want.push((rev, k, m.value.is_some(), value, prev));
+            }
+        }
+        // W2: a progress notification at R claims every event up to R was
+        // delivered: exactly the history's events in range from the start
+        // through R, and R no further than the leader cluster has applied.
+        let (lo, hi) = key_range(&seg.key);
+        let top = log.history.keys().next_back().copied().unwrap_or(0);
+        for &(n, r) in &seg.progress {
+            let from = seg.start.max(REVISION_FIRST);
+            let owed = if r < from {
+                0
+            } else {
+                log.history
+                    .range(from..=r)
+                    .flat_map(|(_, ms)| ms.iter())
+                    .filter(|m| armada_core::kv::in_interval(&m.key, &lo, &hi))
+                    .count()
+            };
+            if (r > top || owed != n) && failures.len() < 5 {
+                failures.push(format!(
+                    "W2 watcher {} on {} ({}) from revision {}: a progress notification at revision {r} came after \
+                     {n} events, but the history owes {owed} by then (the leader cluster applied up to {top})",
+                    seg.watcher,
+                    seg.place(),
+                    seg.api,
+                    seg.start
+                ));
             }
         }
         if seg.events != want {
