@@ -56,14 +56,16 @@ impl Notifier {
 }
 
 impl Notifier {
-    /// Tells the table's lessor about an applied lease command.
+    /// Tells the table's lessor about an applied lease command (other
+    /// commands, the apply path's usual load, take no lock).
     fn lease_applied(&self, group: GroupId, cmd: &TableCommand, reply: &TableReply) {
-        let mut lessors = self.lessors.lock().unwrap_or_else(|p| p.into_inner());
-        let l = lessors.entry(group).or_default();
+        let with = |f: &dyn Fn(&mut armada_core::lease::Lessor)| {
+            f(self.lessors.lock().unwrap_or_else(|p| p.into_inner()).entry(group).or_default())
+        };
         match (cmd, reply) {
-            (TableCommand::LeaseGrant { .. }, TableReply::LeaseGranted(g)) => l.handle_granted(g.id, g.ttl),
-            (TableCommand::LeaseRevoke { id }, TableReply::LeaseRevoked(_)) => l.handle_revoked(*id),
-            (TableCommand::LeaseCheckpoint(c), _) => l.handle_checkpointed(c),
+            (TableCommand::LeaseGrant { .. }, TableReply::LeaseGranted(g)) => with(&|l| l.handle_granted(g.id, g.ttl)),
+            (TableCommand::LeaseRevoke { id }, TableReply::LeaseRevoked(_)) => with(&|l| l.handle_revoked(*id)),
+            (TableCommand::LeaseCheckpoint(c), _) => with(&|l| l.handle_checkpointed(c)),
             _ => {}
         }
     }

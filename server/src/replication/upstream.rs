@@ -57,66 +57,60 @@ impl UpstreamClient {
     }
 }
 
+impl UpstreamClient {
+    /// A client of the first endpoint that connects, trying each once from
+    /// the current one (nothing was sent to those that did not).
+    async fn connected(
+        &self,
+    ) -> Result<pb::replication_client::ReplicationClient<tonic::transport::Channel>, ApiError> {
+        let mut last = String::new();
+        for attempt in 0..self.endpoints.len().max(1) {
+            match self.client(attempt > 0).await {
+                Ok(c) => return Ok(c),
+                Err(e) => last = e,
+            }
+        }
+        Err(ApiError::Unavailable(format!("cannot reach the leader cluster: {last}")))
+    }
+}
+
+/// The leader cluster's answer (`answer`), or its error when `error` is set.
+fn answer<T: serde::de::DeserializeOwned>(answer: &[u8], error: &[u8], what: &str) -> Result<T, ApiError> {
+    if !error.is_empty() {
+        let (e, _): (crate::node::wire::RemoteError, u8) = crate::node::wire::decode_payload(error)
+            .map_err(|e| ApiError::Internal(format!("malformed error from the leader cluster: {e}")))?;
+        return Err(e.into());
+    }
+    crate::node::wire::decode_payload(answer)
+        .map(|(r, _)| r)
+        .map_err(|e| ApiError::Internal(format!("malformed {what} from the leader cluster: {e}")))
+}
+
 #[tonic::async_trait]
 impl Upstream for UpstreamClient {
     async fn write(&self, table: &str, cmd: TableCommand) -> Result<TableReply, ApiError> {
         let command = crate::node::wire::encode_payload(&cmd, crate::node::wire::WIRE_FORMAT);
-        let mut last = String::new();
-        for attempt in 0..self.endpoints.len().max(1) {
-            let mut c = match self.client(attempt > 0).await {
-                Ok(c) => c,
-                // Not connected: nothing was sent, another endpoint may do.
-                Err(e) => {
-                    last = e;
-                    continue;
-                }
-            };
-            let resp = c
-                .write(pb::WriteRequest { table: table.to_string(), command: command.clone() })
-                .await
-                .map_err(|s| ApiError::Indeterminate(format!("write sent to the leader cluster: {}", s.message())))?
-                .into_inner();
-            if !resp.error.is_empty() {
-                let (e, _): (crate::node::wire::RemoteError, u8) = crate::node::wire::decode_payload(&resp.error)
-                    .map_err(|e| ApiError::Internal(format!("malformed error from the leader cluster: {e}")))?;
-                return Err(e.into());
-            }
-            return crate::node::wire::decode_payload(&resp.reply)
-                .map(|(r, _)| r)
-                .map_err(|e| ApiError::Internal(format!("malformed reply from the leader cluster: {e}")));
-        }
-        Err(ApiError::Unavailable(format!("cannot reach the leader cluster: {last}")))
+        let resp = self
+            .connected()
+            .await?
+            .write(pb::WriteRequest { table: table.to_string(), command })
+            .await
+            .map_err(|s| ApiError::Indeterminate(format!("write sent to the leader cluster: {}", s.message())))?
+            .into_inner();
+        answer(&resp.reply, &resp.error, "reply")
     }
 
     async fn lease(&self, table: &str, query: LeaseQuery) -> Result<LeaseAnswer, ApiError> {
-        let bytes = crate::node::wire::encode_payload(&query, crate::node::wire::WIRE_FORMAT);
-        let mut last = String::new();
-        for attempt in 0..self.endpoints.len().max(1) {
-            let mut c = match self.client(attempt > 0).await {
-                Ok(c) => c,
-                Err(e) => {
-                    last = e;
-                    continue;
-                }
-            };
-            // A lease query changes nothing the client cannot retry (a
-            // keep-alive renews at most once more): a failure is unavailability.
-            let resp = c
-                .lease(pb::LeaseQueryRequest { table: table.to_string(), query: bytes.clone() })
-                .await
-                .map_err(|s| {
-                    ApiError::Unavailable(format!("lease request sent to the leader cluster: {}", s.message()))
-                })?
-                .into_inner();
-            if !resp.error.is_empty() {
-                let (e, _): (crate::node::wire::RemoteError, u8) = crate::node::wire::decode_payload(&resp.error)
-                    .map_err(|e| ApiError::Internal(format!("malformed error from the leader cluster: {e}")))?;
-                return Err(e.into());
-            }
-            return crate::node::wire::decode_payload(&resp.answer)
-                .map(|(r, _)| r)
-                .map_err(|e| ApiError::Internal(format!("malformed answer from the leader cluster: {e}")));
-        }
-        Err(ApiError::Unavailable(format!("cannot reach the leader cluster: {last}")))
+        let query = crate::node::wire::encode_payload(&query, crate::node::wire::WIRE_FORMAT);
+        // A lease query changes nothing the client cannot retry (a
+        // keep-alive renews at most once more): a failure is unavailability.
+        let resp = self
+            .connected()
+            .await?
+            .lease(pb::LeaseQueryRequest { table: table.to_string(), query })
+            .await
+            .map_err(|s| ApiError::Unavailable(format!("lease request sent to the leader cluster: {}", s.message())))?
+            .into_inner();
+        answer(&resp.answer, &resp.error, "answer")
     }
 }
