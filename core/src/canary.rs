@@ -83,10 +83,13 @@ pub enum Canary {
     /// A progress notification claims the revision after the table's
     /// current one: a revision no watcher has been given.
     WatchProgressAhead = 27,
+    /// A watch event's `prev_kv` is read at the event's own revision
+    /// (the value it wrote) instead of the one before.
+    WatchPrevKvOwnRevision = 28,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 27] = [
+    pub const ALL: [Canary; 28] = [
         Canary::AckBeforeFsync,
         Canary::StaleRead,
         Canary::ReuseRevision,
@@ -114,6 +117,7 @@ impl Canary {
         Canary::LeaseKeepsDeadlines,
         Canary::LeaseExpiresAtHalfTtl,
         Canary::WatchProgressAhead,
+        Canary::WatchPrevKvOwnRevision,
     ];
 
     pub fn name(self) -> &'static str {
@@ -145,6 +149,7 @@ impl Canary {
             Canary::LeaseKeepsDeadlines => "lease-keeps-deadlines",
             Canary::LeaseExpiresAtHalfTtl => "lease-expires-at-half-ttl",
             Canary::WatchProgressAhead => "watch-progress-ahead",
+            Canary::WatchPrevKvOwnRevision => "watch-prev-kv-own-revision",
         }
     }
 

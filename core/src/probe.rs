@@ -120,13 +120,16 @@ pub enum Probe {
     WatchCompacted,
     /// A watcher behind the applied revisions was given history.
     WatchHistoryServed,
+    /// A watch stream took applied revisions from the table's shared cache
+    /// of recent revisions (another stream had read them).
+    WatchRecentShared,
 }
 
 /// Number of probes.
 pub const COUNT: usize = Probe::ALL.len();
 
 impl Probe {
-    pub const ALL: [Probe; 50] = [
+    pub const ALL: [Probe; 51] = [
         Probe::LogTruncated,
         Probe::LogPurged,
         Probe::VoteSavedThenCrash,
@@ -177,6 +180,7 @@ impl Probe {
         Probe::ApplyBatched,
         Probe::WatchCompacted,
         Probe::WatchHistoryServed,
+        Probe::WatchRecentShared,
     ];
 
     pub fn name(self) -> &'static str {
@@ -231,6 +235,7 @@ impl Probe {
             Probe::ApplyBatched => "apply-batched",
             Probe::WatchCompacted => "watch-compacted",
             Probe::WatchHistoryServed => "watch-history-served",
+            Probe::WatchRecentShared => "watch-recent-shared",
         }
     }
 

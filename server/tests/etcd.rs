@@ -970,3 +970,60 @@ async fn etcdctl_leases_work_against_armada() {
     let gone_after = gone_after.expect("the key of an expired lease is deleted");
     assert!(gone_after >= Duration::from_secs(3), "deleted after {gone_after:?}, before its TTL");
 }
+
+/// etcdctl's lock recipe (etcd's client-side `concurrency` package: a
+/// session lease kept alive, one key per waiter under the lock's prefix, a
+/// range sorted by creation revision, a watch on the predecessor's
+/// deletion) excludes a second holder until the first releases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_lock_excludes_a_second_holder() {
+    use std::io::BufRead;
+    require("etcdctl", "etcd-client");
+    let cluster = single_node("etcdctl-lock");
+    let ep = cluster.nodes[0].etcd.clone();
+    wait_ready_node(&cluster.nodes[0]).await;
+    let released = std::env::temp_dir().join(format!("armada-lock-released-{}", std::process::id()));
+    let _ = std::fs::remove_file(&released);
+    let locker = |script: String| {
+        Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={ep}"))
+            .args(["lock", "the-lock", "--", "sh", "-c", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn etcdctl lock")
+    };
+    let path = released.display().to_string();
+    // The first holder keeps the lock until the file exists.
+    let mut first = locker(format!("echo held; while [ ! -e {path} ]; do sleep 0.05; done; echo released"));
+    let mut first_out = std::io::BufReader::new(first.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::task::block_in_place(|| first_out.read_line(&mut line)).unwrap();
+    assert_eq!(line.trim(), "held", "the first locker runs its command");
+    // The second runs its command only once it holds the lock, which must
+    // be after the first released it (after the file exists).
+    let second = locker(format!("if [ -e {path} ]; then echo after-release; else echo while-held; fi"));
+    eventually(Duration::from_secs(20), "the second locker queues", || async {
+        let (_, out, _) = etcdctl(&ep, &["get", "the-lock", "--prefix", "--keys-only"], None);
+        let waiters = out.lines().filter(|l| !l.is_empty()).count();
+        if waiters == 2 {
+            Ok(())
+        } else {
+            Err(format!("{waiters} keys under the lock"))
+        }
+    })
+    .await;
+    // Give a broken lock time to let the second in while the first holds
+    // it; a working one keeps it waiting however long this is.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    std::fs::write(&released, b"").unwrap();
+    let out = tokio::task::block_in_place(|| second.wait_with_output()).unwrap();
+    let _ = std::fs::remove_file(&released);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "after-release");
+    let status = tokio::task::block_in_place(|| first.wait()).unwrap();
+    assert!(status.success());
+    let (_, out, _) = etcdctl(&ep, &["get", "the-lock", "--prefix", "--keys-only"], None);
+    assert_eq!(out.trim(), "", "both lockers removed their keys");
+}

@@ -86,15 +86,6 @@ async fn converged(leader: &str, follower: &str, within: Duration) -> (i64, usiz
     .await
 }
 
-fn start_follower(root: &std::path::Path, name: &str, leader_replication: &str) -> Cluster {
-    let mut node = Node::new(1, root.join(name));
-    node.leader_address = Some(format!("http://{leader_replication}"));
-    let members = format!("1={}", node.raft);
-    let mut c = Cluster::from_nodes(vec![node], members, root.join(format!("{name}-root")));
-    c.start_all();
-    c
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_cluster_streams_forwards_catches_up_and_bootstraps_from_a_snapshot() {
     let leader = Cluster::with_args(1, "repl-leader", &["--history-retention", "20"]);

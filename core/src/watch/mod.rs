@@ -38,14 +38,18 @@
 //! with the revisions it passes in ([`Revision`]s of [`WatchEvent`]s), and
 //! [`WatchStream::wants_prev_kv`] says whether any watcher needs it.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use crate::ids::Revision;
 use crate::kv::KeyValue;
 
+mod recent;
 #[cfg(test)]
 mod tests;
+
+pub use recent::{RecentLimits, RecentRevision, RecentRevisions};
 
 /// What a watcher watches, as etcd's `WatchCreateRequest` says it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -333,12 +337,12 @@ impl WatchStream {
 
     /// Revisions just applied on this node, consecutive, with `table` as it
     /// is after them.
-    pub fn handle_applied(&mut self, revisions: &[RevisionEvents], table: TableState) {
+    pub fn handle_applied<R: Borrow<RevisionEvents>>(&mut self, revisions: &[R], table: TableState) {
         self.observe(table);
         if let (Some(first), false) = (revisions.first(), self.outbox_bytes > self.config.outbox_bytes_max) {
             let ids: Vec<i64> = self.watchers.keys().copied().collect();
             for id in ids {
-                self.deliver(id, first.revision, revisions);
+                self.deliver(id, first.borrow().revision, revisions);
             }
         }
         self.progress_if_due();
@@ -422,7 +426,7 @@ impl WatchStream {
 
     /// Gives watcher `id` the events it is owed among `revisions` (which
     /// start at `first`), if they continue where it stands.
-    fn deliver(&mut self, id: i64, first: Revision, revisions: &[RevisionEvents]) {
+    fn deliver<R: Borrow<RevisionEvents>>(&mut self, id: i64, first: Revision, revisions: &[R]) {
         let Some(w) = self.watchers.get(&id) else { return };
         let last = first.get() + revisions.len() as u64;
         if w.next < first || w.next.get() >= last {
@@ -432,7 +436,7 @@ impl WatchStream {
         let spec = &w.spec;
         let mut events = Vec::new();
         for r in &revisions[skip..] {
-            for e in r.events.iter().filter(|e| spec.passes(e)) {
+            for e in r.borrow().events.iter().filter(|e| spec.passes(e)) {
                 let mut e = e.clone();
                 if !spec.prev_kv {
                     e.prev_kv = None;

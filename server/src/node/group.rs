@@ -116,7 +116,15 @@ impl Node {
                 debug!(group = %id, "initialize: {e}");
             }
         }
-        let group = Arc::new(Group { id, name, raft, gate, receiving: Default::default(), transfers });
+        let group = Arc::new(Group {
+            id,
+            name,
+            raft,
+            gate,
+            receiving: Default::default(),
+            transfers,
+            recent: Default::default(),
+        });
         self.groups.write().unwrap_or_else(|p| p.into_inner()).insert(id, group.clone());
         Ok(group)
     }

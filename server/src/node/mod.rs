@@ -66,6 +66,9 @@ pub struct Group {
     pub receiving: tokio::sync::Mutex<crate::node::handler::Receiving>,
     /// Snapshot transfers this node is sending for the group.
     pub transfers: Arc<crate::node::snapshots::Transfers>,
+    /// The table's recently applied revisions, decoded once for all of its
+    /// watch streams on this node (see `watch`).
+    pub recent: Arc<armada_core::watch::RecentRevisions>,
 }
 
 impl Group {

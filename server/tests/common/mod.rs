@@ -165,6 +165,17 @@ impl Cluster {
     }
 }
 
+/// A one-node follower cluster, `name` under `root`, of the leader cluster
+/// whose replication listener is `leader_replication`.
+pub fn start_follower(root: &std::path::Path, name: &str, leader_replication: &str) -> Cluster {
+    let mut node = Node::new(1, root.join(name));
+    node.leader_address = Some(format!("http://{leader_replication}"));
+    let members = format!("1={}", node.raft);
+    let mut c = Cluster::from_nodes(vec![node], members, root.join(format!("{name}-root")));
+    c.start_all();
+    c
+}
+
 /// A plain HTTP/1.0 GET: (status code, body).
 pub fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
     use std::io::{Read, Write};
