@@ -22,6 +22,8 @@ pub const DEFAULT_REPLICATION_ADDRESS: &str = "127.0.0.1:8444";
 pub const DEFAULT_ETCD_TABLE: &str = "default";
 pub const DEFAULT_NODE_ID: u64 = 1;
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often TLS files are checked for changes by default.
+pub const TLS_RELOAD_INTERVAL_DEFAULT: Duration = Duration::from_secs(5);
 /// Largest response limit: gRPC messages are capped at 64 MiB.
 pub const MAX_RESPONSE_BYTES_MAX: u64 = 60 << 20;
 
@@ -120,6 +122,75 @@ pub struct ServeArgs {
     /// [default: 4096]
     #[arg(long, env = "ARMADA_COMPACTION_STEP_RECORDS", value_name = "RECORDS")]
     pub compaction_step_records: Option<usize>,
+    /// TLS on the armada.v1 API listener: PEM certificate chain (with
+    /// --api-tls-key). [default: plaintext]
+    #[arg(long, env = "ARMADA_API_TLS_CERT", value_name = "FILE")]
+    pub api_tls_cert: Option<PathBuf>,
+    /// PEM private key of --api-tls-cert.
+    #[arg(long, env = "ARMADA_API_TLS_KEY", value_name = "FILE")]
+    pub api_tls_key: Option<PathBuf>,
+    /// PEM CA certificates: clients of the armada.v1 API must present a
+    /// certificate issued by one (mutual TLS).
+    #[arg(long, env = "ARMADA_API_TLS_CLIENT_CA", value_name = "FILE")]
+    pub api_tls_client_ca: Option<PathBuf>,
+    /// Client identities let in (certificate common name or subject
+    /// alternative name), comma-separated; needs --api-tls-client-ca.
+    /// [default: any client certificate the CA issued]
+    #[arg(long, env = "ARMADA_API_TLS_ALLOWED_CLIENTS", value_name = "NAMES")]
+    pub api_tls_allowed_clients: Option<String>,
+    /// TLS on the etcd API listener: PEM certificate chain (with
+    /// --etcd-tls-key). [default: plaintext]
+    #[arg(long, env = "ARMADA_ETCD_TLS_CERT", value_name = "FILE")]
+    pub etcd_tls_cert: Option<PathBuf>,
+    /// PEM private key of --etcd-tls-cert.
+    #[arg(long, env = "ARMADA_ETCD_TLS_KEY", value_name = "FILE")]
+    pub etcd_tls_key: Option<PathBuf>,
+    /// PEM CA certificates: clients of the etcd API must present a
+    /// certificate issued by one (mutual TLS).
+    #[arg(long, env = "ARMADA_ETCD_TLS_CLIENT_CA", value_name = "FILE")]
+    pub etcd_tls_client_ca: Option<PathBuf>,
+    /// Client identities let in (certificate common name or subject
+    /// alternative name), comma-separated; needs --etcd-tls-client-ca.
+    /// [default: any client certificate the CA issued]
+    #[arg(long, env = "ARMADA_ETCD_TLS_ALLOWED_CLIENTS", value_name = "NAMES")]
+    pub etcd_tls_allowed_clients: Option<String>,
+    /// TLS on the replication API listener: PEM certificate chain (with
+    /// --replication-tls-key). [default: plaintext]
+    #[arg(long, env = "ARMADA_REPLICATION_TLS_CERT", value_name = "FILE")]
+    pub replication_tls_cert: Option<PathBuf>,
+    /// PEM private key of --replication-tls-cert.
+    #[arg(long, env = "ARMADA_REPLICATION_TLS_KEY", value_name = "FILE")]
+    pub replication_tls_key: Option<PathBuf>,
+    /// PEM CA certificates: clients of the replication API must present a
+    /// certificate issued by one (mutual TLS).
+    #[arg(long, env = "ARMADA_REPLICATION_TLS_CLIENT_CA", value_name = "FILE")]
+    pub replication_tls_client_ca: Option<PathBuf>,
+    /// Client identities let in (certificate common name or subject
+    /// alternative name), comma-separated; needs --replication-tls-client-ca.
+    /// [default: any client certificate the CA issued]
+    #[arg(long, env = "ARMADA_REPLICATION_TLS_ALLOWED_CLIENTS", value_name = "NAMES")]
+    pub replication_tls_allowed_clients: Option<String>,
+    /// TLS on the HTTP endpoint (metrics, health) listener: PEM certificate chain (with
+    /// --rest-tls-key). [default: plaintext]
+    #[arg(long, env = "ARMADA_REST_TLS_CERT", value_name = "FILE")]
+    pub rest_tls_cert: Option<PathBuf>,
+    /// PEM private key of --rest-tls-cert.
+    #[arg(long, env = "ARMADA_REST_TLS_KEY", value_name = "FILE")]
+    pub rest_tls_key: Option<PathBuf>,
+    /// PEM CA certificates: clients of the HTTP endpoint (metrics, health) must present a
+    /// certificate issued by one (mutual TLS).
+    #[arg(long, env = "ARMADA_REST_TLS_CLIENT_CA", value_name = "FILE")]
+    pub rest_tls_client_ca: Option<PathBuf>,
+    /// Client identities let in (certificate common name or subject
+    /// alternative name), comma-separated; needs --rest-tls-client-ca.
+    /// [default: any client certificate the CA issued]
+    #[arg(long, env = "ARMADA_REST_TLS_ALLOWED_CLIENTS", value_name = "NAMES")]
+    pub rest_tls_allowed_clients: Option<String>,
+    /// How often TLS certificate, key and CA files are checked for changes
+    /// (a change is used for new connections without a restart), in ms.
+    /// [default: 5000]
+    #[arg(long, env = "ARMADA_TLS_RELOAD_INTERVAL_MS", value_name = "MS")]
+    pub tls_reload_interval_ms: Option<u64>,
 }
 
 /// The configuration file. Unknown keys and wrong types are errors.
@@ -144,6 +215,23 @@ pub struct FileConfig {
     pub max_response_bytes: Option<u64>,
     pub compaction_step_records: Option<usize>,
     pub log_format: Option<LogFormat>,
+    pub api_tls_cert: Option<PathBuf>,
+    pub api_tls_key: Option<PathBuf>,
+    pub api_tls_client_ca: Option<PathBuf>,
+    pub api_tls_allowed_clients: Option<String>,
+    pub etcd_tls_cert: Option<PathBuf>,
+    pub etcd_tls_key: Option<PathBuf>,
+    pub etcd_tls_client_ca: Option<PathBuf>,
+    pub etcd_tls_allowed_clients: Option<String>,
+    pub replication_tls_cert: Option<PathBuf>,
+    pub replication_tls_key: Option<PathBuf>,
+    pub replication_tls_client_ca: Option<PathBuf>,
+    pub replication_tls_allowed_clients: Option<String>,
+    pub rest_tls_cert: Option<PathBuf>,
+    pub rest_tls_key: Option<PathBuf>,
+    pub rest_tls_client_ca: Option<PathBuf>,
+    pub rest_tls_allowed_clients: Option<String>,
+    pub tls_reload_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +261,72 @@ pub struct ServeConfig {
     pub replication_address: SocketAddr,
     pub node: NodeConfig,
     pub log_format: Option<LogFormat>,
+    /// TLS per listener (absent: plaintext).
+    pub tls: ListenersTls,
+    /// How often TLS files are checked for changes.
+    pub tls_reload_interval: Duration,
+}
+
+/// A listener's TLS files (see `crate::tls`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain, the listener's own certificate first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM CA certificates that client certificates must chain to; set:
+    /// every client must present one (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+    /// Client identities let in (common name or subject alternative
+    /// name); empty: any certificate the CA issued.
+    pub allowed_clients: Vec<String>,
+}
+
+/// TLS of each TCP listener.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenersTls {
+    pub api: Option<TlsFiles>,
+    pub etcd: Option<TlsFiles>,
+    pub replication: Option<TlsFiles>,
+    pub rest: Option<TlsFiles>,
+}
+
+/// One listener's TLS from its four settings (flag or file).
+fn listener_tls(
+    listener: &'static str,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    allowed: Option<String>,
+) -> Result<Option<TlsFiles>, ConfigError> {
+    let allowed_clients: Vec<String> =
+        allowed.iter().flat_map(|a| a.split(',')).map(str::trim).filter(|n| !n.is_empty()).map(String::from).collect();
+    match (cert, key) {
+        (Some(cert), Some(key)) => {
+            if !allowed_clients.is_empty() && client_ca.is_none() {
+                return Err(invalid(
+                    "TLS allowed clients",
+                    allowed_clients.join(","),
+                    format!("the {listener} listener needs --{listener}-tls-client-ca to check client certificates"),
+                ));
+            }
+            Ok(Some(TlsFiles { cert, key, client_ca, allowed_clients }))
+        }
+        (None, None) => match (client_ca, allowed_clients.is_empty()) {
+            (None, true) => Ok(None),
+            _ => Err(invalid(
+                "TLS client CA",
+                listener,
+                format!("client certificates need TLS: give --{listener}-tls-cert and --{listener}-tls-key"),
+            )),
+        },
+        (Some(cert), None) => {
+            Err(invalid("TLS certificate", cert.display().to_string(), format!("--{listener}-tls-key is missing")))
+        }
+        (None, Some(key)) => {
+            Err(invalid("TLS key", key.display().to_string(), format!("--{listener}-tls-cert is missing")))
+        }
+    }
 }
 
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -337,6 +491,43 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         ));
     }
     me.api_addr = api_address.to_string();
+    let tls = ListenersTls {
+        api: listener_tls(
+            "api",
+            args.api_tls_cert.clone().or(file.api_tls_cert),
+            args.api_tls_key.clone().or(file.api_tls_key),
+            args.api_tls_client_ca.clone().or(file.api_tls_client_ca),
+            args.api_tls_allowed_clients.clone().or(file.api_tls_allowed_clients),
+        )?,
+        etcd: listener_tls(
+            "etcd",
+            args.etcd_tls_cert.clone().or(file.etcd_tls_cert),
+            args.etcd_tls_key.clone().or(file.etcd_tls_key),
+            args.etcd_tls_client_ca.clone().or(file.etcd_tls_client_ca),
+            args.etcd_tls_allowed_clients.clone().or(file.etcd_tls_allowed_clients),
+        )?,
+        replication: listener_tls(
+            "replication",
+            args.replication_tls_cert.clone().or(file.replication_tls_cert),
+            args.replication_tls_key.clone().or(file.replication_tls_key),
+            args.replication_tls_client_ca.clone().or(file.replication_tls_client_ca),
+            args.replication_tls_allowed_clients.clone().or(file.replication_tls_allowed_clients),
+        )?,
+        rest: listener_tls(
+            "rest",
+            args.rest_tls_cert.clone().or(file.rest_tls_cert),
+            args.rest_tls_key.clone().or(file.rest_tls_key),
+            args.rest_tls_client_ca.clone().or(file.rest_tls_client_ca),
+            args.rest_tls_allowed_clients.clone().or(file.rest_tls_allowed_clients),
+        )?,
+    };
+    let reload_ms = args
+        .tls_reload_interval_ms
+        .or(file.tls_reload_interval_ms)
+        .unwrap_or(TLS_RELOAD_INTERVAL_DEFAULT.as_millis() as u64);
+    if reload_ms == 0 {
+        return Err(invalid("TLS reload interval", "0", "must be positive"));
+    }
     Ok(ServeConfig {
         data_dir,
         api_address,
@@ -362,6 +553,8 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
             request_timeout: Duration::from_millis(timeout_ms),
         },
         log_format: file.log_format,
+        tls,
+        tls_reload_interval: Duration::from_millis(reload_ms),
     })
 }
 
@@ -381,6 +574,19 @@ mod tests {
         assert_eq!(c.etcd_table, DEFAULT_ETCD_TABLE);
         assert_eq!(c.replication_address.to_string(), DEFAULT_REPLICATION_ADDRESS);
         assert_eq!(c.node.raft.auto_compaction, armada_core::compaction::Retention::Off);
+        assert_eq!(c.tls, ListenersTls::default(), "plaintext unless configured");
+        let c = resolve(&ServeArgs {
+            etcd_tls_cert: Some("c.pem".into()),
+            etcd_tls_key: Some("k.pem".into()),
+            etcd_tls_client_ca: Some("ca.pem".into()),
+            etcd_tls_allowed_clients: Some(" app-1, app-2 ,".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let etcd = c.tls.etcd.expect("etcd TLS");
+        assert_eq!(etcd.allowed_clients, ["app-1", "app-2"]);
+        assert_eq!(etcd.client_ca, Some(PathBuf::from("ca.pem")));
+        assert!(c.tls.api.is_none() && c.tls.rest.is_none());
         let c = resolve(&ServeArgs { auto_compaction_retention: Some("30m".into()), ..Default::default() }).unwrap();
         assert_eq!(c.node.raft.auto_compaction, armada_core::compaction::Retention::Period { ms: 1_800_000 });
     }
@@ -433,6 +639,22 @@ mod tests {
             (ServeArgs { snapshot_after_logs: Some(1), ..Default::default() }, "snapshot interval"),
             (ServeArgs { etcd_table: Some("no/slash".into()), ..Default::default() }, "etcd table"),
             (ServeArgs { etcd_address: Some("127.0.0.1:8443".into()), ..Default::default() }, "is the same"),
+            (ServeArgs { etcd_tls_cert: Some("c.pem".into()), ..Default::default() }, "--etcd-tls-key is missing"),
+            (ServeArgs { api_tls_key: Some("k.pem".into()), ..Default::default() }, "--api-tls-cert is missing"),
+            (
+                ServeArgs { rest_tls_client_ca: Some("ca.pem".into()), ..Default::default() },
+                "client certificates need TLS",
+            ),
+            (
+                ServeArgs {
+                    replication_tls_cert: Some("c.pem".into()),
+                    replication_tls_key: Some("k.pem".into()),
+                    replication_tls_allowed_clients: Some("follower-1".into()),
+                    ..Default::default()
+                },
+                "needs --replication-tls-client-ca",
+            ),
+            (ServeArgs { tls_reload_interval_ms: Some(0), ..Default::default() }, "TLS reload interval"),
         ] {
             let e = resolve(&args).unwrap_err().to_string();
             assert!(e.contains(needle), "{needle}: {e}");

@@ -25,6 +25,7 @@ use crate::node::Node;
 use crate::ops::ready::Readiness;
 use crate::storage::flusher::RealDisk;
 use crate::storage::rocks::RocksEngine;
+use crate::tls::TlsSource;
 
 /// How long a stopping node lets in-flight requests and open streams
 /// finish before it closes their connections.
@@ -44,6 +45,8 @@ pub enum LaunchError {
     Raft { addr: SocketAddr, message: String },
     #[error(transparent)]
     Bind(#[from] listen::BindError),
+    #[error("TLS of the {listener} listener: {source}")]
+    Tls { listener: &'static str, source: crate::tls::TlsError },
     #[error("starting the node: {0}")]
     Node(String),
     #[error("the {0} server failed: {1}")]
@@ -87,6 +90,29 @@ pub async fn launch(cfg: &ServeConfig, role: Role) -> Result<Launched, LaunchErr
     let repl_l = match &role {
         Role::Leader => Some(listen::bind(ListenerKind::Replication, cfg.replication_address).await?),
         Role::Follower { .. } => None,
+    };
+    // TLS where configured; a file that cannot be used stops the start.
+    let tls = |listener: &'static str, files: &Option<crate::config::TlsFiles>, alpn: &[&'static [u8]]| {
+        files
+            .as_ref()
+            .map(|f| {
+                let source =
+                    TlsSource::load(f.clone(), alpn).map_err(|source| LaunchError::Tls { listener, source })?;
+                source.spawn_reloader(cfg.tls_reload_interval);
+                Ok::<_, LaunchError>(source)
+            })
+            .transpose()
+    };
+    let with_tls = |l: listen::Listener, source: Option<Arc<TlsSource>>| match source {
+        Some(s) => l.with_tls(s),
+        None => l,
+    };
+    let api_l = with_tls(api_l, tls("api", &cfg.tls.api, &[b"h2"])?);
+    let etcd_l = with_tls(etcd_l, tls("etcd", &cfg.tls.etcd, &[b"h2"])?);
+    let http_l = with_tls(http_l, tls("rest", &cfg.tls.rest, &[b"http/1.1"])?);
+    let repl_l = match repl_l {
+        Some(l) => Some(with_tls(l, tls("replication", &cfg.tls.replication, &[b"h2"])?)),
+        None => None,
     };
     let mut listeners = BTreeMap::new();
     for l in [Some(&api_l), Some(&etcd_l), Some(&http_l), repl_l.as_ref()].into_iter().flatten() {

@@ -20,6 +20,8 @@
 //! - [`ops`]: metrics, readiness and the HTTP endpoint.
 //! - [`api`]: the gRPC services: armada.v1 and etcd v3.
 //! - [`listen`]: listeners and client endpoints.
+//! - [`tls`]: TLS configurations of listeners and clients, re-read when
+//!   their files change.
 //! - [`assemble`]: builds a node and its services from a spec and its
 //!   adapters; the production launcher and the simulated world both call it.
 //! - [`config`], [`launch`]: the production node's configuration and its
@@ -39,6 +41,8 @@ pub mod ops;
 pub mod replication;
 pub mod rt;
 pub mod storage;
+#[cfg(not(madsim))]
+pub mod tls;
 #[cfg(not(madsim))]
 pub mod tools;
 pub mod types;

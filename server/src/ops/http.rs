@@ -52,5 +52,5 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/metrics", get(self::metrics))
         .with_state(Ctx { node, metrics, readiness });
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    axum::serve(listener.into_incoming(), app).with_graceful_shutdown(shutdown).await
 }

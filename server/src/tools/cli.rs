@@ -20,6 +20,45 @@ pub struct ClientArgs {
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value = "human", global = true)]
     pub output: Output,
+    #[command(flatten)]
+    pub tls: ClientTls,
+}
+
+/// TLS towards a node (an `https://` endpoint).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ClientTls {
+    /// PEM CA certificates that verify the node's certificate (an
+    /// `https://` endpoint needs it).
+    #[arg(long, env = "ARMADA_TLS_CA", value_name = "FILE", global = true)]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate to present (mutual TLS), with --tls-key.
+    #[arg(long, env = "ARMADA_TLS_CERT", value_name = "FILE", global = true, requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "ARMADA_TLS_KEY", value_name = "FILE", global = true, requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+}
+
+impl ClientTls {
+    /// The rustls configuration for `endpoint`: `None` for `http://`; an
+    /// error for `https://` without a CA, or for a CA with `http://`.
+    pub fn config(&self, endpoint: &str) -> anyhow::Result<Option<std::sync::Arc<rustls::ClientConfig>>> {
+        let https = endpoint.starts_with("https://");
+        match (&self.tls_ca, https) {
+            (None, false) => {
+                anyhow::ensure!(self.tls_cert.is_none(), "--tls-cert needs an https:// endpoint and --tls-ca");
+                Ok(None)
+            }
+            (None, true) => anyhow::bail!("{endpoint} is TLS: give the CA that issued its certificate with --tls-ca"),
+            (Some(_), false) => {
+                anyhow::bail!("--tls-ca is for TLS endpoints: use https:// in the endpoint ({endpoint})")
+            }
+            (Some(ca), true) => {
+                let identity = self.tls_cert.as_deref().zip(self.tls_key.as_deref());
+                Ok(Some(std::sync::Arc::new(crate::tls::client_config(ca, identity, &[b"h2"])?)))
+            }
+        }
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -135,15 +174,51 @@ pub enum ClusterCmd {
     Members,
 }
 
-async fn channel(endpoint: &str) -> anyhow::Result<Channel> {
+/// The CLI's endpoint is plaintext (`http://`): a transport failure then
+/// gets a hint about TLS.
+static PLAINTEXT_ENDPOINT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+async fn channel(args: &ClientArgs) -> anyhow::Result<Channel> {
+    let endpoint = &args.endpoint;
+    let tls = args.tls.config(endpoint)?;
+    PLAINTEXT_ENDPOINT.store(tls.is_none(), std::sync::atomic::Ordering::Relaxed);
     let ep = crate::listen::endpoint(endpoint)
         .map_err(|e| anyhow::anyhow!("invalid endpoint {endpoint:?}: {e}"))?
         .connect_timeout(std::time::Duration::from_secs(3));
-    ep.connect().await.map_err(|e| anyhow::anyhow!("cannot connect to {endpoint}: {e}"))
+    crate::listen::connect(ep, tls).await.map_err(|e| anyhow::anyhow!("cannot connect to {endpoint}: {}", chain(&e)))
+}
+
+/// An error with its causes (a TLS failure is in the source chain).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+    use std::error::Error as _;
+    match s.source() {
+        // A transport failure (the call never reached the service): its
+        // causes say why, e.g. a TLS port's refusal of a plaintext client.
+        Some(cause) => {
+            let why = chain(cause);
+            let hint = if PLAINTEXT_ENDPOINT.load(std::sync::atomic::Ordering::Relaxed) {
+                " (if the node serves TLS on this port, it refuses plaintext: use https:// and --tls-ca)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("{:?}: {}: {why}{hint}", s.code(), s.message())
+        }
+        None => anyhow::anyhow!("{:?}: {}", s.code(), s.message()),
+    }
 }
 
 fn prefix_end(key: &[u8]) -> Vec<u8> {
@@ -164,7 +239,7 @@ fn header_rev(h: &Option<pb::ResponseHeader>) -> i64 {
 }
 
 pub async fn table(args: &ClientArgs, cmd: TableCmd) -> anyhow::Result<()> {
-    let mut c = pb::tables_client::TablesClient::new(channel(&args.endpoint).await?);
+    let mut c = pb::tables_client::TablesClient::new(channel(args).await?);
     match cmd {
         TableCmd::Create { name } => {
             let t = c.create(pb::CreateTableRequest { name }).await.map_err(status_err)?.into_inner().table;
@@ -251,7 +326,7 @@ fn parse_compare(s: &str) -> anyhow::Result<pb::Compare> {
 }
 
 pub async fn kv(args: &ClientArgs, cmd: KvCmd) -> anyhow::Result<()> {
-    let mut c = pb::kv_client::KvClient::new(channel(&args.endpoint).await?);
+    let mut c = pb::kv_client::KvClient::new(channel(args).await?);
     match cmd {
         KvCmd::Put { table, key, value, ttl } => {
             let r = c
@@ -422,7 +497,7 @@ pub async fn kv(args: &ClientArgs, cmd: KvCmd) -> anyhow::Result<()> {
 }
 
 pub async fn cluster(args: &ClientArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
-    let mut c = pb::cluster_client::ClusterClient::new(channel(&args.endpoint).await?);
+    let mut c = pb::cluster_client::ClusterClient::new(channel(args).await?);
     match cmd {
         ClusterCmd::Status => {
             let s = c.status(pb::StatusRequest {}).await.map_err(status_err)?.into_inner();

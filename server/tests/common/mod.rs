@@ -233,6 +233,15 @@ impl Cluster {
 /// One leader node launched in this process (the binary's own launcher, on
 /// loopback ports chosen by the OS, data under the temp dir), once ready.
 pub async fn launch_in_process(name: &str) -> (armada_server::launch::Launched, PathBuf) {
+    launch_in_process_with_tls(name, Default::default()).await
+}
+
+/// As [`launch_in_process`], with TLS on the listeners `tls` names (its
+/// files are checked for changes every 100 ms).
+pub async fn launch_in_process_with_tls(
+    name: &str,
+    tls: armada_server::config::ListenersTls,
+) -> (armada_server::launch::Launched, PathBuf) {
     use armada_core::raft::ArmadaNode;
     use armada_server::node::{NodeConfig, RaftTuning};
     use std::collections::BTreeMap;
@@ -256,6 +265,8 @@ pub async fn launch_in_process(name: &str) -> (armada_server::launch::Launched, 
             request_timeout: Duration::from_secs(5),
         },
         log_format: None,
+        tls,
+        tls_reload_interval: Duration::from_millis(100),
     };
     let node = armada_server::launch::launch(&cfg, armada_server::launch::Role::Leader).await.expect("launch");
     let deadline = Instant::now() + Duration::from_secs(30);

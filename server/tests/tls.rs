@@ -1,0 +1,308 @@
+//! TLS on the client listeners, against a node launched in this process
+//! with certificates made here (a test CA, a foreign CA):
+//! - etcdctl with `--cacert/--cert/--key` works over mutual TLS; a client
+//!   without a certificate, with one the CA did not issue, or with one
+//!   whose name is not allowed, is refused at once with a TLS alert, and a
+//!   plaintext client is told that the port requires TLS;
+//! - the armada.v1 API over TLS through Armada's own CLI, and the CLI's
+//!   clear errors for a missing CA or a plaintext endpoint;
+//! - the certificate is rotated under load (new files on disk, no restart)
+//!   with no failed request, and files that cannot be used keep the
+//!   previous certificate.
+#![cfg(not(madsim))]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use armada_server::config::{ListenersTls, TlsFiles};
+use armada_server::listen::ListenerKind;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+
+mod common;
+use common::*;
+
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+fn ca(name: &str) -> Ca {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    let cert = params.self_signed(&key).unwrap();
+    Ca { pem: cert.pem(), issuer: Issuer::new(params, key) }
+}
+
+/// A certificate for `cn` (and `sans`) issued by `ca`: (cert PEM, key PEM).
+fn leaf(ca: &Ca, cn: &str, sans: &[&str]) -> (String, String) {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    let cert = params.signed_by(&key, &ca.issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Writes a certificate and its key atomically (a rename each), as
+/// cert-manager's secret volume does.
+fn install(dir: &Path, stem: &str, (cert, key): &(String, String)) -> (PathBuf, PathBuf) {
+    let c = write(dir, &format!("{stem}.crt.tmp"), cert);
+    let k = write(dir, &format!("{stem}.key.tmp"), key);
+    let (cf, kf) = (dir.join(format!("{stem}.crt")), dir.join(format!("{stem}.key")));
+    std::fs::rename(c, &cf).unwrap();
+    std::fs::rename(k, &kf).unwrap();
+    (cf, kf)
+}
+
+fn etcdctl(endpoint: &str, tls: &[String], args: &[&str]) -> (bool, String, Duration) {
+    let started = Instant::now();
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .args(["--command-timeout=3s", "--dial-timeout=2s"])
+        .args(tls)
+        .args(args)
+        .output()
+        .expect("etcdctl (ci/install-deps installs it)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text, started.elapsed())
+}
+
+fn armada(args: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// The serial of the certificate a TLS server presents now.
+async fn presented_serial(addr: std::net::SocketAddr, ca: &Path) -> Vec<u8> {
+    let config = armada_server::tls::client_config(ca, None, &[b"h2"]).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap();
+    let cert = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).unwrap();
+    parsed.raw_serial().to_vec()
+}
+
+/// What a TLS client presenting `identity` (or no certificate) meets on
+/// its first request: the error text, empty when it was let in.
+async fn handshake_error(addr: std::net::SocketAddr, ca: &Path, identity: Option<&(PathBuf, PathBuf)>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config =
+        armada_server::tls::client_config(ca, identity.map(|(c, k)| (c.as_path(), k.as_path())), &[b"h2"]).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = match tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await {
+        Ok(t) => t,
+        Err(e) => return e.to_string(),
+    };
+    // TLS 1.3: the server judges the client's certificate after the
+    // client finished; its verdict arrives with the first read.
+    if let Err(e) = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await {
+        return e.to_string();
+    }
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => String::new(),
+        Ok(Ok(_)) => "closed without an alert".into(),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no answer within 5 s".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_listeners_admit_the_right_clients_and_rotate_without_a_failed_request() {
+    let dir = std::env::temp_dir().join(format!("armada-tls-certs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_ = ca("Armada test CA");
+    let foreign = ca("Someone else's CA");
+    let ca_file = write(&dir, "ca.pem", &ca_.pem);
+    let (server_cert, server_key) = install(&dir, "server", &leaf(&ca_, "armada-0", &["127.0.0.1", "localhost"]));
+    let app = install(&dir, "app", &leaf(&ca_, "app-1", &[]));
+    let intruder = install(&dir, "intruder", &leaf(&ca_, "intruder", &[]));
+    let stranger = install(&dir, "stranger", &leaf(&foreign, "app-1", &[]));
+    let files = |client_ca: Option<&Path>, allowed: &[&str]| TlsFiles {
+        cert: server_cert.clone(),
+        key: server_key.clone(),
+        client_ca: client_ca.map(Path::to_path_buf),
+        allowed_clients: allowed.iter().map(|s| s.to_string()).collect(),
+    };
+    let tls = ListenersTls {
+        api: Some(files(None, &[])),
+        etcd: Some(files(Some(&ca_file), &["app-1"])),
+        ..Default::default()
+    };
+    let (node, _data) = launch_in_process_with_tls("tls", tls).await;
+    let etcd = format!("127.0.0.1:{}", node.address(ListenerKind::Etcd).unwrap().port());
+    let api = node.address(ListenerKind::Api).unwrap();
+    let stats = |kind| node.listener_stats().into_iter().find(|(k, _)| *k == kind).unwrap().1;
+
+    // etcdctl over mutual TLS with an allowed client certificate.
+    let id = |(c, k): &(PathBuf, PathBuf)| {
+        vec![
+            format!("--cacert={}", ca_file.display()),
+            format!("--cert={}", c.display()),
+            format!("--key={}", k.display()),
+        ]
+    };
+    let (ok, out, _) = etcdctl(&etcd, &id(&app), &["put", "greeting", "hello"]);
+    assert!(ok, "{out}");
+    let (ok, out, _) = etcdctl(&etcd, &id(&app), &["get", "greeting", "--print-value-only"]);
+    assert!(ok && out.trim() == "hello", "{out}");
+
+    // Refused at once, each with its reason in the server's counters.
+    let failures = stats(ListenerKind::Etcd).tls_failures();
+    let no_cert = vec![format!("--cacert={}", ca_file.display())];
+    // (etcdctl's gRPC retries a refused connection until its deadline:
+    // its exit, not its time, is what counts here; the raw handshakes
+    // below show the server's answer is immediate.)
+    for (who, tls) in
+        [("no certificate", no_cert), ("a name not allowed", id(&intruder)), ("a foreign CA", id(&stranger))]
+    {
+        let (ok, out, _) = etcdctl(&etcd, &tls, &["get", "greeting"]);
+        assert!(!ok, "{who}: let in: {out}");
+    }
+    assert!(stats(ListenerKind::Etcd).tls_failures() >= failures + 3, "each refusal is a failed handshake");
+    let etcd_addr = node.address(ListenerKind::Etcd).unwrap();
+    for (who, identity, alert) in [
+        ("no certificate", None, "CertificateRequired"),
+        ("a name not allowed", Some(&intruder), "AccessDenied"),
+        ("a foreign CA", Some(&stranger), "UnknownCA"),
+    ] {
+        let started = Instant::now();
+        let e = handshake_error(etcd_addr, &ca_file, identity).await;
+        assert!(e.contains(alert), "{who}: {e}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{who}: answered after {:?}", started.elapsed());
+    }
+    assert!(handshake_error(etcd_addr, &ca_file, Some(&app)).await.is_empty(), "the allowed client is let in");
+    // A plaintext client is refused and told in its own protocol.
+    let (ok, out, _) = etcdctl(&etcd, &[], &["get", "greeting"]);
+    assert!(!ok, "plaintext: {out}");
+    assert!(stats(ListenerKind::Etcd).plaintext_refused() >= 1);
+    let answer = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(etcd_addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400") && answer.contains("requires TLS"), "{answer}");
+
+    // The armada.v1 API over TLS (server certificate only), with the CLI.
+    let https = format!("https://127.0.0.1:{}", api.port());
+    let ca_arg = ca_file.display().to_string();
+    let (ok, out) = armada(&["table", "create", "t", "--endpoint", &https, "--tls-ca", &ca_arg]);
+    assert!(ok, "{out}");
+    let (ok, out) = armada(&["kv", "put", "t", "k", "v", "--endpoint", &https, "--tls-ca", &ca_arg]);
+    assert!(ok, "{out}");
+    let (ok, out) = armada(&["kv", "put", "t", "k", "v", "--endpoint", &https]);
+    assert!(!ok && out.contains("--tls-ca"), "https without a CA: {out}");
+    let (ok, out) = armada(&["kv", "put", "t", "k", "v", "--endpoint", &format!("http://{api}")]);
+    assert!(!ok && out.contains("use https://"), "plaintext to the TLS API: {out}");
+    let foreign_ca = write(&dir, "foreign.pem", &foreign.pem);
+    let (ok, out) =
+        armada(&["kv", "put", "t", "k", "v", "--endpoint", &https, "--tls-ca", &foreign_ca.display().to_string()]);
+    assert!(!ok && out.to_lowercase().contains("certificate"), "a server the CA did not issue: {out}");
+
+    // Rotation under load: clients keep writing over TLS, on one long
+    // connection and on fresh ones, while the certificate changes on disk.
+    let client_tls = Arc::new(armada_server::tls::client_config(&ca_file, None, &[b"h2"]).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (done, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut load = Vec::new();
+    for fresh_connections in [false, true] {
+        let (stop, done, failed, client_tls, https) =
+            (stop.clone(), done.clone(), failed.clone(), client_tls.clone(), https.clone());
+        load.push(tokio::spawn(async move {
+            let connect = || async {
+                let ep = armada_server::listen::endpoint(&https).unwrap().timeout(Duration::from_secs(5));
+                armada_server::listen::connect(ep, Some(client_tls.clone())).await
+            };
+            let mut kv = armada_proto::v1::kv_client::KvClient::new(connect().await.unwrap());
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if fresh_connections {
+                    match connect().await {
+                        Ok(ch) => kv = armada_proto::v1::kv_client::KvClient::new(ch),
+                        Err(e) => {
+                            eprintln!("connect failed during rotation: {e:?}");
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                    }
+                }
+                i += 1;
+                let put = armada_proto::v1::PutRequest {
+                    table: "t".into(),
+                    key: format!("load-{fresh_connections}-{i}").into_bytes(),
+                    value: b"v".to_vec(),
+                    ..Default::default()
+                };
+                match kv.put(put).await {
+                    Ok(_) => done.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        eprintln!("put failed during rotation: {e}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    let before = presented_serial(api, &ca_file).await;
+    eventually(Duration::from_secs(10), "load runs", || async {
+        if done.load(Ordering::Relaxed) >= 20 {
+            Ok(())
+        } else {
+            Err("not yet".to_string())
+        }
+    })
+    .await;
+    // Files that cannot be used keep the previous certificate.
+    write(&dir, "server.key", "-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(presented_serial(api, &ca_file).await, before, "a broken key file must not replace the certificate");
+    // A new certificate and key: used by the next handshakes.
+    install(&dir, "server", &leaf(&ca_, "armada-0", &["127.0.0.1", "localhost"]));
+    let after = eventually(Duration::from_secs(10), "the new certificate is presented", || async {
+        let serial = presented_serial(api, &ca_file).await;
+        if serial != before {
+            Ok(serial)
+        } else {
+            Err("still the old certificate".to_string())
+        }
+    })
+    .await;
+    assert_ne!(after, before);
+    let at_rotation = done.load(Ordering::Relaxed);
+    eventually(Duration::from_secs(10), "load continues after the rotation", || async {
+        if done.load(Ordering::Relaxed) >= at_rotation + 20 {
+            Ok(())
+        } else {
+            Err("not yet".to_string())
+        }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed during the rotation");
+    eprintln!("rotation under load: {} puts, none failed", done.load(Ordering::Relaxed));
+    node.run_until(async {}).await.expect("clean shutdown");
+    let _ = std::fs::remove_dir_all(&dir);
+}
