@@ -8,10 +8,15 @@
 //! dropped from the cache and re-dialled, no sooner than [`RECONNECT_BACKOFF`]
 //! after the failure, so an unreachable peer costs a fast error, not a stall.
 //!
-//! Security: without configured certificates the node generates a
-//! self-signed one and dials peers without verifying theirs, so a dev
-//! cluster just works. This authenticates nobody; configured mutual TLS is a
-//! later step.
+//! Security: with [`ClusterTls`] (built by the server crate from a cluster
+//! CA and the node's certificate), every connection is mutual TLS: a node
+//! accepts only peers presenting a certificate the cluster CA issued, and
+//! dials only peers whose certificate it issued; a node without one cannot
+//! join, vote or read. [`QuicTransport::set_tls`] swaps the certificates
+//! for new connections (rotation without restart). Without it, the node
+//! generates a self-signed certificate and dials peers without verifying
+//! theirs, so a local dev cluster just works; that authenticates nobody
+//! (traffic is encrypted, but anyone can connect).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -84,6 +89,55 @@ impl ServerCertVerifier for AcceptAnyServer {
     }
 }
 
+/// The development default: a fresh self-signed certificate, no client
+/// certificates, any server accepted.
+fn self_signed() -> Result<ClusterTls, QuicSetupError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let ck = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()])
+        .map_err(|e| QuicSetupError::Certificate(e.to_string()))?;
+    let cert = CertificateDer::from(ck.cert.der().to_vec());
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| QuicSetupError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .map_err(|e| QuicSetupError::Tls(e.to_string()))?;
+    let client = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| QuicSetupError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider)))
+        .with_no_client_auth();
+    Ok(ClusterTls { server, client })
+}
+
+/// quinn's server and client configurations over `tls`, with the
+/// transport's limits and timers.
+fn quic_configs(tls: ClusterTls) -> Result<(quinn::ServerConfig, quinn::ClientConfig), QuicSetupError> {
+    let server_quic = QuicServerConfig::try_from(tls.server).map_err(|e| QuicSetupError::Tls(e.to_string()))?;
+    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_concurrent_bidi_streams((SERVE_STREAMS_MAX as u32).into());
+    transport.keep_alive_interval(Some(Duration::from_secs(1)));
+    // A silent peer's connection dies after this, not quinn's 30 s default.
+    transport.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("a few seconds fit a QUIC idle timeout")));
+    let transport = Arc::new(transport);
+    server_config.transport_config(transport.clone());
+    let client_quic = QuicClientConfig::try_from(tls.client).map_err(|e| QuicSetupError::Tls(e.to_string()))?;
+    let mut client_config = quinn::ClientConfig::new(Arc::new(client_quic));
+    client_config.transport_config(transport);
+    Ok((server_config, client_config))
+}
+
+/// Mutual TLS between the nodes of a cluster (TLS 1.3, as QUIC requires):
+/// the server side must demand client certificates, the client side must
+/// verify servers and present the node's certificate.
+pub struct ClusterTls {
+    pub server: rustls::ServerConfig,
+    pub client: rustls::ClientConfig,
+}
+
 struct Peer {
     conn: Option<Connection>,
     failed_at: Option<Instant>,
@@ -93,46 +147,45 @@ pub struct QuicTransport {
     endpoint: Endpoint,
     peers: Mutex<BTreeMap<String, Peer>>,
     slots: Semaphore,
+    /// Set by [`QuicTransport::set_tls`]: the client side for new dials.
+    client: Mutex<Option<quinn::ClientConfig>>,
 }
 
 impl QuicTransport {
-    /// Binds a node's endpoint on `addr` with a fresh self-signed certificate.
+    /// Binds a node's endpoint on `addr` with a fresh self-signed certificate
+    /// (no peer authentication; see the module docs).
     pub fn bind(addr: SocketAddr) -> Result<Arc<Self>, QuicSetupError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let ck = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()])
-            .map_err(|e| QuicSetupError::Certificate(e.to_string()))?;
-        let cert = CertificateDer::from(ck.cert.der().to_vec());
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
-        let server_tls = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| QuicSetupError::Tls(e.to_string()))?
-            .with_no_client_auth()
-            .with_single_cert(vec![cert], key)
-            .map_err(|e| QuicSetupError::Tls(e.to_string()))?;
-        let server_quic = QuicServerConfig::try_from(server_tls).map_err(|e| QuicSetupError::Tls(e.to_string()))?;
-        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_quic));
-        let mut transport = quinn::TransportConfig::default();
-        transport.max_concurrent_bidi_streams((SERVE_STREAMS_MAX as u32).into());
-        transport.keep_alive_interval(Some(Duration::from_secs(1)));
-        // A silent peer's connection dies after this, not quinn's 30 s default.
-        transport.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("a few seconds fit a QUIC idle timeout")));
-        let transport = Arc::new(transport);
-        server_config.transport_config(transport.clone());
+        Self::bind_with(addr, None)
+    }
 
-        let client_tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| QuicSetupError::Tls(e.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider)))
-            .with_no_client_auth();
-        let client_quic = QuicClientConfig::try_from(client_tls).map_err(|e| QuicSetupError::Tls(e.to_string()))?;
-        let mut client_config = quinn::ClientConfig::new(Arc::new(client_quic));
-        client_config.transport_config(transport);
-
+    /// Binds a node's endpoint on `addr`, with mutual TLS when `tls` is
+    /// given.
+    pub fn bind_with(addr: SocketAddr, tls: Option<ClusterTls>) -> Result<Arc<Self>, QuicSetupError> {
+        let tls = match tls {
+            Some(t) => t,
+            None => self_signed()?,
+        };
+        let (server_config, client_config) = quic_configs(tls)?;
         let mut endpoint =
             Endpoint::server(server_config, addr).map_err(|source| QuicSetupError::Bind { addr, source })?;
         endpoint.set_default_client_config(client_config);
-        Ok(Arc::new(Self { endpoint, peers: Mutex::new(BTreeMap::new()), slots: Semaphore::new(CALLS_IN_FLIGHT_MAX) }))
+        Ok(Arc::new(Self {
+            endpoint,
+            peers: Mutex::new(BTreeMap::new()),
+            slots: Semaphore::new(CALLS_IN_FLIGHT_MAX),
+            client: Mutex::new(None),
+        }))
+    }
+
+    /// New certificates (a rotation): connections made from now on use
+    /// them; established ones keep theirs.
+    pub fn set_tls(&self, tls: ClusterTls) -> Result<(), QuicSetupError> {
+        let (server_config, client_config) = quic_configs(tls)?;
+        self.endpoint.set_server_config(Some(server_config));
+        // The endpoint's default client configuration cannot be replaced
+        // through a shared reference; dials pass it explicitly instead.
+        *self.client.lock().unwrap_or_else(|p| p.into_inner()) = Some(client_config);
+        Ok(())
     }
 
     /// The address actually bound (useful with port 0).
@@ -157,7 +210,12 @@ impl QuicTransport {
         }
         let addr: SocketAddr = target.parse().map_err(|e| unreachable(format!("bad address: {e}")))?;
         let dial = async {
-            let connecting = self.endpoint.connect(addr, SERVER_NAME).map_err(|e| e.to_string())?;
+            let rotated = self.client.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let connecting = match rotated {
+                Some(config) => self.endpoint.connect_with(config, addr, SERVER_NAME),
+                None => self.endpoint.connect(addr, SERVER_NAME),
+            }
+            .map_err(|e| e.to_string())?;
             connecting.await.map_err(|e| e.to_string())
         };
         let result = match tokio::time::timeout(CONNECT_TIMEOUT, dial).await {

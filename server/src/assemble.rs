@@ -35,7 +35,13 @@ pub enum Role {
     Leader,
     /// A follower cluster node streaming from these replication endpoints
     /// of the leader cluster (`http://host:port`, tried in turn).
-    Follower { leader_endpoints: Vec<String> },
+    Follower {
+        leader_endpoints: Vec<String>,
+        /// TLS towards the leader cluster's replication listener (its
+        /// endpoints are then `https://`).
+        #[cfg(not(madsim))]
+        leader_tls: Option<Arc<crate::tls::ClientTlsSource>>,
+    },
 }
 
 /// What a node is, apart from its adapters.
@@ -102,6 +108,12 @@ pub async fn assemble(spec: Spec, parts: Parts) -> Result<Assembled, ApiError> {
             let repl = crate::replication::router(ReplicationService::new(node.clone()));
             (Some(repl), None, Some(ensure))
         }
+        #[cfg(not(madsim))]
+        Role::Follower { leader_endpoints, leader_tls } => {
+            let up = Arc::new(UpstreamClient::new(leader_endpoints, spec.node.request_timeout).with_tls(leader_tls));
+            (None, Some(Follower::start(node.clone(), up)), None)
+        }
+        #[cfg(madsim)]
         Role::Follower { leader_endpoints } => {
             let up = Arc::new(UpstreamClient::new(leader_endpoints, spec.node.request_timeout));
             (None, Some(Follower::start(node.clone(), up)), None)

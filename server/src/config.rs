@@ -186,6 +186,22 @@ pub struct ServeArgs {
     /// [default: any client certificate the CA issued]
     #[arg(long, env = "ARMADA_REST_TLS_ALLOWED_CLIENTS", value_name = "NAMES")]
     pub rest_tls_allowed_clients: Option<String>,
+    /// Mutual TLS between the nodes (Raft over QUIC): this node's PEM
+    /// certificate chain, issued by --raft-tls-ca (with --raft-tls-key).
+    /// [default: a self-signed certificate, peers not verified]
+    #[arg(long, env = "ARMADA_RAFT_TLS_CERT", value_name = "FILE")]
+    pub raft_tls_cert: Option<PathBuf>,
+    /// PEM private key of --raft-tls-cert.
+    #[arg(long, env = "ARMADA_RAFT_TLS_KEY", value_name = "FILE")]
+    pub raft_tls_key: Option<PathBuf>,
+    /// PEM certificates of the cluster CA: a peer must present a certificate
+    /// it issued, in both directions. Give the cluster a CA of its own.
+    #[arg(long, env = "ARMADA_RAFT_TLS_CA", value_name = "FILE")]
+    pub raft_tls_ca: Option<PathBuf>,
+    /// Peers let in (certificate common name or subject alternative name),
+    /// comma-separated. [default: any certificate of the cluster CA]
+    #[arg(long, env = "ARMADA_RAFT_TLS_ALLOWED_PEERS", value_name = "NAMES")]
+    pub raft_tls_allowed_peers: Option<String>,
     /// How often TLS certificate, key and CA files are checked for changes
     /// (a change is used for new connections without a restart), in ms.
     /// [default: 5000]
@@ -232,6 +248,10 @@ pub struct FileConfig {
     pub rest_tls_client_ca: Option<PathBuf>,
     pub rest_tls_allowed_clients: Option<String>,
     pub tls_reload_interval_ms: Option<u64>,
+    pub raft_tls_cert: Option<PathBuf>,
+    pub raft_tls_key: Option<PathBuf>,
+    pub raft_tls_ca: Option<PathBuf>,
+    pub raft_tls_allowed_peers: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -289,6 +309,9 @@ pub struct ListenersTls {
     pub etcd: Option<TlsFiles>,
     pub replication: Option<TlsFiles>,
     pub rest: Option<TlsFiles>,
+    /// Mutual TLS between the nodes (`client_ca`: the cluster CA, always
+    /// set; `allowed_clients`: the allowed peers).
+    pub raft: Option<TlsFiles>,
 }
 
 /// One listener's TLS from its four settings (flag or file).
@@ -520,7 +543,23 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
             args.rest_tls_client_ca.clone().or(file.rest_tls_client_ca),
             args.rest_tls_allowed_clients.clone().or(file.rest_tls_allowed_clients),
         )?,
+        raft: listener_tls(
+            "raft",
+            args.raft_tls_cert.clone().or(file.raft_tls_cert),
+            args.raft_tls_key.clone().or(file.raft_tls_key),
+            args.raft_tls_ca.clone().or(file.raft_tls_ca),
+            args.raft_tls_allowed_peers.clone().or(file.raft_tls_allowed_peers),
+        )?,
     };
+    if let Some(raft) = &tls.raft {
+        if raft.client_ca.is_none() {
+            return Err(invalid(
+                "Raft TLS",
+                raft.cert.display().to_string(),
+                "nodes authenticate each other with the cluster CA: give --raft-tls-ca",
+            ));
+        }
+    }
     let reload_ms = args
         .tls_reload_interval_ms
         .or(file.tls_reload_interval_ms)
@@ -655,6 +694,14 @@ mod tests {
                 "needs --replication-tls-client-ca",
             ),
             (ServeArgs { tls_reload_interval_ms: Some(0), ..Default::default() }, "TLS reload interval"),
+            (
+                ServeArgs {
+                    raft_tls_cert: Some("c.pem".into()),
+                    raft_tls_key: Some("k.pem".into()),
+                    ..Default::default()
+                },
+                "give --raft-tls-ca",
+            ),
         ] {
             let e = resolve(&args).unwrap_err().to_string();
             assert!(e.contains(needle), "{needle}: {e}");

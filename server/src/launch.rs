@@ -82,8 +82,17 @@ pub async fn launch(cfg: &ServeConfig, role: Role) -> Result<Launched, LaunchErr
         RocksEngine::open(&cfg.data_dir.join("db"))
             .map_err(|e| LaunchError::Storage { path: dir.clone(), message: e.to_string() })?,
     );
-    let transport = QuicTransport::bind(cfg.raft_address)
+    let cluster_tls = match &cfg.tls.raft {
+        Some(files) => {
+            Some(crate::tls::cluster_tls(files).map_err(|source| LaunchError::Tls { listener: "raft", source })?)
+        }
+        None => None,
+    };
+    let transport = QuicTransport::bind_with(cfg.raft_address, cluster_tls)
         .map_err(|e| LaunchError::Raft { addr: cfg.raft_address, message: e.to_string() })?;
+    if let Some(files) = &cfg.tls.raft {
+        crate::tls::spawn_cluster_reloader(files.clone(), Arc::downgrade(&transport), cfg.tls_reload_interval);
+    }
     let api_l = listen::bind(ListenerKind::Api, cfg.api_address).await?;
     let etcd_l = listen::bind(ListenerKind::Etcd, cfg.etcd_address).await?;
     let http_l = listen::bind(ListenerKind::Http, cfg.rest_address).await?;

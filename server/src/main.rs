@@ -83,6 +83,17 @@ struct FollowerArgs {
     /// comma-separated, e.g. http://10.0.0.1:8444,http://10.0.0.2:8444.
     #[arg(long, env = "ARMADA_LEADER_ADDRESS", value_name = "URLS", required = true)]
     leader_address: String,
+    /// PEM CA certificates that verify the leader cluster's replication
+    /// certificate (its addresses are then https://).
+    #[arg(long, env = "ARMADA_LEADER_TLS_CA", value_name = "FILE")]
+    leader_tls_ca: Option<std::path::PathBuf>,
+    /// PEM certificate this follower cluster presents to the leader
+    /// cluster (mutual TLS), with --leader-tls-key.
+    #[arg(long, env = "ARMADA_LEADER_TLS_CERT", value_name = "FILE", requires = "leader_tls_key")]
+    leader_tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --leader-tls-cert.
+    #[arg(long, env = "ARMADA_LEADER_TLS_KEY", value_name = "FILE", requires = "leader_tls_cert")]
+    leader_tls_key: Option<std::path::PathBuf>,
     #[command(flatten)]
     serve: ServeArgs,
 }
@@ -173,13 +184,37 @@ fn leader_endpoints(s: &str) -> anyhow::Result<Vec<String>> {
     Ok(eps)
 }
 
-async fn serve(args: ServeArgs, log_format: Option<LogFormat>, leader: Option<Vec<String>>) -> anyhow::Result<()> {
+/// The follower role from its flags: endpoints, and TLS towards them.
+fn follower_role(args: &FollowerArgs) -> anyhow::Result<Role> {
+    let leader_endpoints = leader_endpoints(&args.leader_address)?;
+    let https = leader_endpoints.iter().filter(|e| e.starts_with("https://")).count();
+    let leader_tls = match &args.leader_tls_ca {
+        Some(ca) => {
+            anyhow::ensure!(
+                https == leader_endpoints.len(),
+                "--leader-tls-ca is given: every --leader-address must be https://"
+            );
+            let files = armada_server::tls::ClientTlsFiles {
+                ca: ca.clone(),
+                identity: args.leader_tls_cert.clone().zip(args.leader_tls_key.clone()),
+            };
+            Some(armada_server::tls::ClientTlsSource::load(files, &[b"h2"])?)
+        }
+        None => {
+            anyhow::ensure!(
+                https == 0,
+                "an https:// --leader-address needs --leader-tls-ca (the CA of its certificate)"
+            );
+            anyhow::ensure!(args.leader_tls_cert.is_none(), "--leader-tls-cert needs --leader-tls-ca");
+            None
+        }
+    };
+    Ok(Role::Follower { leader_endpoints, leader_tls })
+}
+
+async fn serve(args: ServeArgs, log_format: Option<LogFormat>, role: Role) -> anyhow::Result<()> {
     let cfg = config::resolve(&args)?;
     init_logs(log_format.or(cfg.log_format).unwrap_or_default());
-    let role = match leader {
-        None => Role::Leader,
-        Some(leader_endpoints) => Role::Follower { leader_endpoints },
-    };
     let node = launch(&cfg, role).await?;
     node.run_until(shutdown_signal()).await?;
     Ok(())
@@ -189,9 +224,9 @@ async fn serve(args: ServeArgs, log_format: Option<LogFormat>, leader: Option<Ve
 async fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Leader(args) => serve(args, cli.log_format, None).await,
-        Cmd::Follower(args) => match leader_endpoints(&args.leader_address) {
-            Ok(eps) => serve(args.serve, cli.log_format, Some(eps)).await,
+        Cmd::Leader(args) => serve(args, cli.log_format, Role::Leader).await,
+        Cmd::Follower(args) => match follower_role(&args) {
+            Ok(role) => serve(args.serve, cli.log_format, role).await,
             Err(e) => Err(e),
         },
         Cmd::Table { cmd, client } => cli::table(&client, cmd).await,

@@ -310,3 +310,190 @@ impl TlsSource {
         });
     }
 }
+
+/// Verifies a peer node's server certificate: issued by the cluster CA
+/// (its name is not checked against the dialled address: nodes are
+/// dialled by address, and the cluster CA is the cluster's own), and, when
+/// `allowed` is set, naming an allowed peer.
+#[derive(Debug)]
+struct ClusterPeer {
+    roots: Arc<RootCertStore>,
+    allowed: Vec<String>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for ClusterPeer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        if !self.allowed.is_empty() {
+            let names = identities(end_entity)
+                .map_err(|e| rustls::Error::General(format!("cannot read the peer certificate's names: {e}")))?;
+            if !names.iter().any(|n| self.allowed.contains(n)) {
+                warn!(presented = ?names, "TLS: a peer certificate from the cluster CA names no allowed peer");
+                return Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::ApplicationVerificationFailure,
+                ));
+            }
+        }
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Mutual TLS between the nodes of a cluster, from `files` (`client_ca`:
+/// the cluster CA, required; `allowed_clients`: the peers let in, by
+/// name; empty: any certificate of the cluster CA). TLS 1.3 (QUIC).
+pub fn cluster_tls(files: &TlsFiles) -> Result<armada_net::quic::ClusterTls, TlsError> {
+    let ca = files.client_ca.as_ref().ok_or_else(|| TlsError::Config("the cluster CA is missing".into()))?;
+    let certs = read_certs("node certificate", &files.cert)?;
+    let key = read_key(&files.key)?;
+    let roots = Arc::new(roots("cluster CA", ca)?);
+    let provider = provider();
+    let inner = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .build()
+        .map_err(|e| file_error("cluster CA", ca, e))?;
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(Arc::new(AllowedClients { inner, allowed: files.allowed_clients.clone() }))
+        .with_single_cert(certs.clone(), key.clone_key())
+        .map_err(|e| file_error("node certificate", &files.cert, format!("does not go with its key: {e}")))?;
+    let verifier = ClusterPeer { roots, allowed: files.allowed_clients.clone(), provider: provider.clone() };
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| file_error("node certificate", &files.cert, format!("does not go with its key: {e}")))?;
+    Ok(armada_net::quic::ClusterTls { server, client })
+}
+
+/// Re-reads the cluster TLS files every `interval` and hands a new
+/// configuration to `transport` when they changed and can be used.
+pub fn spawn_cluster_reloader(
+    files: TlsFiles,
+    transport: std::sync::Weak<armada_net::quic::QuicTransport>,
+    interval: Duration,
+) {
+    tokio::spawn(async move {
+        let mut seen = stamp(&files);
+        loop {
+            tokio::time::sleep(interval).await;
+            let Some(transport) = transport.upgrade() else { return };
+            let now = stamp(&files);
+            if now == seen {
+                continue;
+            }
+            match cluster_tls(&files)
+                .map_err(|e| e.to_string())
+                .and_then(|t| transport.set_tls(t).map_err(|e| e.to_string()))
+            {
+                Ok(()) => {
+                    seen = now;
+                    info!(cert = %files.cert.display(), "TLS: cluster certificate files changed, new connections use them");
+                }
+                Err(e) => warn!(
+                    "TLS: cluster certificate files changed but cannot be used (yet), keeping the previous ones: {e}"
+                ),
+            }
+        }
+    });
+}
+
+/// A client's TLS files: the CA that verifies servers, and optionally a
+/// certificate and key to present.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTlsFiles {
+    pub ca: PathBuf,
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// A client's TLS configuration, rebuilt when its files change (checked
+/// whenever a connection is made).
+pub struct ClientTlsSource {
+    files: ClientTlsFiles,
+    alpn: Vec<&'static [u8]>,
+    current: Mutex<(Stamp, Arc<rustls::ClientConfig>)>,
+}
+
+impl std::fmt::Debug for ClientTlsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTlsSource").field("files", &self.files).finish_non_exhaustive()
+    }
+}
+
+fn client_stamp(files: &ClientTlsFiles) -> Stamp {
+    let mut paths = vec![files.ca.clone()];
+    if let Some((c, k)) = &files.identity {
+        paths.push(c.clone());
+        paths.push(k.clone());
+    }
+    paths.iter().map(|p| std::fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len())))).collect()
+}
+
+impl ClientTlsSource {
+    /// Reads the files; an error here stops the start.
+    pub fn load(files: ClientTlsFiles, alpn: &[&'static [u8]]) -> Result<Arc<ClientTlsSource>, TlsError> {
+        let seen = client_stamp(&files);
+        let config = Self::build(&files, alpn)?;
+        Ok(Arc::new(ClientTlsSource { files, alpn: alpn.to_vec(), current: Mutex::new((seen, Arc::new(config))) }))
+    }
+
+    fn build(files: &ClientTlsFiles, alpn: &[&[u8]]) -> Result<rustls::ClientConfig, TlsError> {
+        let identity = files.identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+        client_config(&files.ca, identity, alpn)
+    }
+
+    /// The configuration for the next connection (rebuilt first if the
+    /// files changed and can be used).
+    pub fn config(&self) -> Arc<rustls::ClientConfig> {
+        let now = client_stamp(&self.files);
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current.0 != now {
+            match Self::build(&self.files, &self.alpn) {
+                Ok(config) => {
+                    *current = (now, Arc::new(config));
+                    info!(ca = %self.files.ca.display(), "TLS: client files changed, new connections use them");
+                }
+                Err(e) => warn!("TLS: client files changed but cannot be used (yet), keeping the previous ones: {e}"),
+            }
+        }
+        current.1.clone()
+    }
+}

@@ -306,3 +306,177 @@ async fn tls_listeners_admit_the_right_clients_and_rotate_without_a_failed_reque
     node.run_until(async {}).await.expect("clean shutdown");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Mutual TLS between nodes: a 3-node cluster whose nodes hold
+/// certificates of the cluster CA forms and replicates; in a cluster where
+/// one member holds a certificate of another CA, the other two elect a
+/// leader and serve writes, and the outsider never joins, votes or reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_without_the_cluster_certificate_cannot_join() {
+    let dir = std::env::temp_dir().join(format!("armada-tls-raft-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cluster_ca = ca("Armada cluster CA");
+    let foreign = ca("Another cluster's CA");
+    let ca_file = write(&dir, "cluster-ca.pem", &cluster_ca.pem);
+    let foreign_file = write(&dir, "foreign-ca.pem", &foreign.pem);
+    let args = |stem: &str, issuer: &Ca, ca: &Path| {
+        let (cert, key) = install(&dir, stem, &leaf(issuer, stem, &[]));
+        vec![
+            "--raft-tls-cert".to_string(),
+            cert.display().to_string(),
+            "--raft-tls-key".into(),
+            key.display().to_string(),
+            "--raft-tls-ca".into(),
+            ca.display().to_string(),
+        ]
+    };
+    let start = |name: &str, certs: Vec<Vec<String>>| {
+        let nodes: Vec<Node> = certs
+            .into_iter()
+            .enumerate()
+            .map(|(i, extra)| {
+                let mut n = Node::new(i as u64 + 1, dir.join(format!("{name}-n{}", i + 1)));
+                n.extra = extra;
+                n
+            })
+            .collect();
+        let members = nodes.iter().map(|n| format!("{}={}", n.id, n.raft)).collect::<Vec<_>>().join(",");
+        let mut c = Cluster::from_nodes(nodes, members, dir.join(format!("{name}-root")));
+        c.start_all();
+        c
+    };
+    let read = |node: &Node| {
+        let ep = node.etcd.clone();
+        async move {
+            let out = Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints={ep}"))
+                .args(["--command-timeout=2s", "get", "k", "--print-value-only", "--consistency=s"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        }
+    };
+
+    // Every node holds a certificate of the cluster CA.
+    let good = start("good", (1..=3).map(|i| args(&format!("node-{i}"), &cluster_ca, &ca_file)).collect());
+    good.wait_ready(Duration::from_secs(60)).await;
+    let (ok, out, _) = etcdctl(&good.nodes[0].etcd, &[], &["put", "k", "v1"]);
+    assert!(ok, "{out}");
+    for n in &good.nodes {
+        eventually(Duration::from_secs(20), "every member applies the write", || async {
+            match read(n).await.as_str() {
+                "v1" => Ok(()),
+                other => Err(format!("node {} reads {other:?}", n.id)),
+            }
+        })
+        .await;
+    }
+
+    // Node 3 holds another CA's certificate (and trusts only that CA).
+    let mut mixed = start(
+        "mixed",
+        vec![
+            args("m-node-1", &cluster_ca, &ca_file),
+            args("m-node-2", &cluster_ca, &ca_file),
+            args("m-node-3", &foreign, &foreign_file),
+        ],
+    );
+    wait_ready(&mixed.nodes[0].http, Duration::from_secs(60)).await;
+    let (ok, out, _) = etcdctl(&mixed.nodes[0].etcd, &[], &["put", "k", "v2"]);
+    assert!(ok, "two members of three are a quorum: {out}");
+    eventually(Duration::from_secs(20), "node 2 applies the write", || async {
+        match read(&mixed.nodes[1]).await.as_str() {
+            "v2" => Ok(()),
+            other => Err(format!("node 2 reads {other:?}")),
+        }
+    })
+    .await;
+    // By now node 2 has had the write for a while; node 3 has had the same
+    // heartbeats offered and must still hold nothing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(read(&mixed.nodes[2]).await, "", "the outsider must not read the cluster's data");
+    let (code, _) = http_get(&mixed.nodes[2].http, "/readyz").unwrap_or((0, String::new()));
+    assert_ne!(code, 200, "the outsider must not be ready");
+    mixed.nodes[2].kill9();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Follower clusters over mutual TLS: the leader cluster's replication
+/// listener lets in the follower whose certificate is allowed, which then
+/// replicates; a follower with a certificate of the same CA but another
+/// name, and one without TLS, get nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_cluster_replicates_over_mutual_tls_and_others_are_refused() {
+    let dir = std::env::temp_dir().join(format!("armada-tls-repl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_ = ca("Armada replication CA");
+    let ca_file = write(&dir, "ca.pem", &ca_.pem);
+    let (cert, key) = install(&dir, "leader", &leaf(&ca_, "leader", &["127.0.0.1"]));
+    let path = |p: &Path| p.display().to_string();
+    let leader_args = vec![
+        "--replication-tls-cert".to_string(),
+        path(&cert),
+        "--replication-tls-key".into(),
+        path(&key),
+        "--replication-tls-client-ca".into(),
+        path(&ca_file),
+        "--replication-tls-allowed-clients".into(),
+        "edge-1".into(),
+    ];
+    let mut leader_node = Node::new(1, dir.join("leader"));
+    leader_node.extra = leader_args;
+    let members = format!("1={}", leader_node.raft);
+    let mut leader = Cluster::from_nodes(vec![leader_node], members, dir.join("leader-root"));
+    leader.start_all();
+    leader.wait_ready(Duration::from_secs(30)).await;
+    let (ok, out, _) = etcdctl(&leader.nodes[0].etcd, &[], &["put", "k", "replicated"]);
+    assert!(ok, "{out}");
+    let https = format!("https://{}", leader.nodes[0].replication);
+    let follower = |name: &str, url: &str, identity: Option<&(PathBuf, PathBuf)>| {
+        let mut node = Node::new(1, dir.join(name));
+        node.leader_address = Some(url.to_string());
+        if url.starts_with("https://") {
+            node.extra = vec!["--leader-tls-ca".into(), path(&ca_file)];
+        }
+        if let Some((c, k)) = identity {
+            node.extra.extend(["--leader-tls-cert".into(), path(c), "--leader-tls-key".into(), path(k)]);
+        }
+        let members = format!("1={}", node.raft);
+        let mut c = Cluster::from_nodes(vec![node], members, dir.join(format!("{name}-root")));
+        c.start_all();
+        c
+    };
+    let edge = install(&dir, "edge-1", &leaf(&ca_, "edge-1", &[]));
+    let other = install(&dir, "edge-2", &leaf(&ca_, "edge-2", &[]));
+    let allowed = follower("allowed", &https, Some(&edge));
+    let not_allowed = follower("not-allowed", &https, Some(&other));
+    let plaintext = follower("plaintext", &format!("http://{}", leader.nodes[0].replication), None);
+    let read = |c: &Cluster| {
+        let (ok, out, _) = etcdctl(&c.nodes[0].etcd, &[], &["get", "k", "--print-value-only", "--consistency=s"]);
+        if ok {
+            out.trim().to_string()
+        } else {
+            String::new()
+        }
+    };
+    eventually(Duration::from_secs(60), "the allowed follower replicates", || async {
+        match read(&allowed).as_str() {
+            "replicated" => Ok(()),
+            other => Err(format!("reads {other:?}")),
+        }
+    })
+    .await;
+    // The allowed follower has caught up; the others have been trying to
+    // connect all along and hold nothing.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(read(&not_allowed), "", "a follower whose certificate name is not allowed");
+    assert_eq!(read(&plaintext), "", "a follower without TLS");
+    let log = std::fs::read_to_string(dir.join("leader").with_extension("log")).unwrap_or_default();
+    assert!(log.contains("names no allowed client"), "the leader logs the refused follower:\n{log}");
+    assert!(log.contains("plaintext"), "the leader logs the plaintext follower:\n{log}");
+    drop((allowed, not_allowed, plaintext, leader));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -19,11 +19,26 @@ pub struct UpstreamClient {
     endpoints: Vec<String>,
     next: Mutex<usize>,
     timeout: Duration,
+    #[cfg(not(madsim))]
+    tls: Option<std::sync::Arc<crate::tls::ClientTlsSource>>,
 }
 
 impl UpstreamClient {
     pub fn new(endpoints: Vec<String>, timeout: Duration) -> Self {
-        Self { endpoints, next: Mutex::new(0), timeout }
+        Self {
+            endpoints,
+            next: Mutex::new(0),
+            timeout,
+            #[cfg(not(madsim))]
+            tls: None,
+        }
+    }
+
+    /// Connects with TLS (`https://` endpoints).
+    #[cfg(not(madsim))]
+    pub fn with_tls(mut self, tls: Option<std::sync::Arc<crate::tls::ClientTlsSource>>) -> Self {
+        self.tls = tls;
+        self
     }
 
     pub fn endpoints(&self) -> &[String] {
@@ -50,6 +65,11 @@ impl UpstreamClient {
             .map_err(|e| format!("{ep}: {e}"))?
             .connect_timeout(Duration::from_secs(1));
         let endpoint = endpoint.timeout(self.timeout);
+        #[cfg(not(madsim))]
+        let ch = crate::listen::connect(endpoint, self.tls.as_ref().map(|t| t.config()))
+            .await
+            .map_err(|e| format!("{ep}: {}", error_chain(&e)))?;
+        #[cfg(madsim)]
         let ch = endpoint.connect().await.map_err(|e| format!("{ep}: {e}"))?;
         Ok(pb::replication_client::ReplicationClient::new(ch)
             .max_decoding_message_size(MESSAGE_BYTES_MAX)
@@ -113,4 +133,20 @@ impl Upstream for UpstreamClient {
             .into_inner();
         answer(&resp.answer, &resp.error, "answer")
     }
+}
+
+/// An error with its causes (a TLS failure is in the source chain).
+#[cfg(not(madsim))]
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
