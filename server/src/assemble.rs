@@ -53,6 +53,8 @@ pub struct Spec {
     pub etcd_table: String,
     /// This node's etcd API address, as the etcd member list publishes it.
     pub etcd_address: String,
+    /// Bearer tokens of the armada.v1 and replication APIs.
+    pub tokens: crate::auth::Tokens,
 }
 
 /// The adapters that differ between production and simulation.
@@ -93,7 +95,7 @@ pub async fn assemble(spec: Spec, parts: Parts) -> Result<Assembled, ApiError> {
     let node = Node::start_with(spec.node.clone(), parts.engine, flusher, parts.transport, parts.hooks).await?;
     let metrics = Arc::new(Metrics::default());
     let raft_handler = Arc::new(RaftHandler { node: Arc::downgrade(&node) });
-    let api = api::v1::router(api::v1::Api::with_metrics(node.clone(), metrics.clone()));
+    let api = api::v1::router(api::v1::Api::with_metrics(node.clone(), metrics.clone()), &spec.tokens);
     let etcd = api::etcd::router(api::etcd::EtcdApi::new(
         node.clone(),
         spec.etcd_table.clone(),
@@ -105,7 +107,7 @@ pub async fn assemble(spec: Spec, parts: Parts) -> Result<Assembled, ApiError> {
             let node2 = node.clone();
             let table = spec.etcd_table.clone();
             let ensure = tokio::spawn(async move { api::etcd::ensure_table(&node2, &table).await });
-            let repl = crate::replication::router(ReplicationService::new(node.clone()));
+            let repl = crate::replication::router(ReplicationService::new(node.clone()), &spec.tokens);
             (Some(repl), None, Some(ensure))
         }
         #[cfg(not(madsim))]

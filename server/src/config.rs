@@ -202,6 +202,45 @@ pub struct ServeArgs {
     /// comma-separated. [default: any certificate of the cluster CA]
     #[arg(long, env = "ARMADA_RAFT_TLS_ALLOWED_PEERS", value_name = "NAMES")]
     pub raft_tls_allowed_peers: Option<String>,
+    /// Bearer token every call of the KV API must carry
+    /// (`authorization: Bearer TOKEN`). Prefer --kv-token-file.
+    #[arg(long, env = "ARMADA_KV_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub kv_token: Option<String>,
+    /// File holding the KV API's token (re-read when it changes).
+    #[arg(long, env = "ARMADA_KV_TOKEN_FILE", value_name = "FILE")]
+    pub kv_token_file: Option<PathBuf>,
+    /// Bearer token every call of the Tables API must carry
+    /// (`authorization: Bearer TOKEN`). Prefer --tables-token-file.
+    #[arg(long, env = "ARMADA_TABLES_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub tables_token: Option<String>,
+    /// File holding the Tables API's token (re-read when it changes).
+    #[arg(long, env = "ARMADA_TABLES_TOKEN_FILE", value_name = "FILE")]
+    pub tables_token_file: Option<PathBuf>,
+    /// Bearer token every call of the Cluster API must carry
+    /// (`authorization: Bearer TOKEN`). Prefer --cluster-token-file.
+    #[arg(long, env = "ARMADA_CLUSTER_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub cluster_token: Option<String>,
+    /// File holding the Cluster API's token (re-read when it changes).
+    #[arg(long, env = "ARMADA_CLUSTER_TOKEN_FILE", value_name = "FILE")]
+    pub cluster_token_file: Option<PathBuf>,
+    /// Bearer token every call of the Maintenance API must carry
+    /// (`authorization: Bearer TOKEN`). Prefer --maintenance-token-file.
+    #[arg(long, env = "ARMADA_MAINTENANCE_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub maintenance_token: Option<String>,
+    /// File holding the Maintenance API's token (re-read when it changes).
+    #[arg(long, env = "ARMADA_MAINTENANCE_TOKEN_FILE", value_name = "FILE")]
+    pub maintenance_token_file: Option<PathBuf>,
+    /// Bearer token every call of the replication API must carry
+    /// (`authorization: Bearer TOKEN`). Prefer --replication-token-file.
+    #[arg(long, env = "ARMADA_REPLICATION_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub replication_token: Option<String>,
+    /// File holding the replication API's token (re-read when it changes).
+    #[arg(long, env = "ARMADA_REPLICATION_TOKEN_FILE", value_name = "FILE")]
+    pub replication_token_file: Option<PathBuf>,
+    /// Accept tokens on listeners without TLS (they then travel in the
+    /// clear): for local testing only.
+    #[arg(long, env = "ARMADA_ALLOW_TOKENS_OVER_PLAINTEXT")]
+    pub allow_tokens_over_plaintext: bool,
     /// How often TLS certificate, key and CA files are checked for changes
     /// (a change is used for new connections without a restart), in ms.
     /// [default: 5000]
@@ -252,6 +291,17 @@ pub struct FileConfig {
     pub raft_tls_key: Option<PathBuf>,
     pub raft_tls_ca: Option<PathBuf>,
     pub raft_tls_allowed_peers: Option<String>,
+    pub kv_token: Option<String>,
+    pub kv_token_file: Option<PathBuf>,
+    pub tables_token: Option<String>,
+    pub tables_token_file: Option<PathBuf>,
+    pub cluster_token: Option<String>,
+    pub cluster_token_file: Option<PathBuf>,
+    pub maintenance_token: Option<String>,
+    pub maintenance_token_file: Option<PathBuf>,
+    pub replication_token: Option<String>,
+    pub replication_token_file: Option<PathBuf>,
+    pub allow_tokens_over_plaintext: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -285,6 +335,32 @@ pub struct ServeConfig {
     pub tls: ListenersTls,
     /// How often TLS files are checked for changes.
     pub tls_reload_interval: Duration,
+    /// Bearer tokens per API.
+    pub tokens: TokenSpecs,
+}
+
+/// Where each API's bearer token comes from (none: the API is open).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenSpecs {
+    pub kv: Option<crate::auth::TokenSpec>,
+    pub tables: Option<crate::auth::TokenSpec>,
+    pub cluster: Option<crate::auth::TokenSpec>,
+    pub maintenance: Option<crate::auth::TokenSpec>,
+    pub replication: Option<crate::auth::TokenSpec>,
+}
+
+fn token_spec(
+    api: &'static str,
+    value: Option<String>,
+    file: Option<PathBuf>,
+) -> Result<Option<crate::auth::TokenSpec>, ConfigError> {
+    match (value, file) {
+        (Some(_), Some(_)) => Err(invalid("token", api, format!("give --{api}-token or --{api}-token-file, not both"))),
+        (Some(v), None) if v.trim().is_empty() => Err(invalid("token", api, "is empty")),
+        (Some(v), None) => Ok(Some(crate::auth::TokenSpec::Value(crate::auth::Secret::new(v.trim())))),
+        (None, Some(f)) => Ok(Some(crate::auth::TokenSpec::File(f))),
+        (None, None) => Ok(None),
+    }
 }
 
 /// A listener's TLS files (see `crate::tls`).
@@ -560,6 +636,58 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
             ));
         }
     }
+    let tokens = TokenSpecs {
+        kv: token_spec(
+            "kv",
+            args.kv_token.clone().or(file.kv_token),
+            args.kv_token_file.clone().or(file.kv_token_file),
+        )?,
+        tables: token_spec(
+            "tables",
+            args.tables_token.clone().or(file.tables_token),
+            args.tables_token_file.clone().or(file.tables_token_file),
+        )?,
+        cluster: token_spec(
+            "cluster",
+            args.cluster_token.clone().or(file.cluster_token),
+            args.cluster_token_file.clone().or(file.cluster_token_file),
+        )?,
+        maintenance: token_spec(
+            "maintenance",
+            args.maintenance_token.clone().or(file.maintenance_token),
+            args.maintenance_token_file.clone().or(file.maintenance_token_file),
+        )?,
+        replication: token_spec(
+            "replication",
+            args.replication_token.clone().or(file.replication_token),
+            args.replication_token_file.clone().or(file.replication_token_file),
+        )?,
+    };
+    let allow_plaintext_tokens = args.allow_tokens_over_plaintext || file.allow_tokens_over_plaintext.unwrap_or(false);
+    if !allow_plaintext_tokens {
+        let api_tokens = [
+            ("kv", &tokens.kv),
+            ("tables", &tokens.tables),
+            ("cluster", &tokens.cluster),
+            ("maintenance", &tokens.maintenance),
+        ];
+        for (api, token) in api_tokens {
+            if token.is_some() && tls.api.is_none() {
+                return Err(invalid(
+                    "token",
+                    api,
+                    "tokens would travel in the clear: give the API listener TLS (--api-tls-cert) or, for local testing, --allow-tokens-over-plaintext",
+                ));
+            }
+        }
+        if tokens.replication.is_some() && tls.replication.is_none() {
+            return Err(invalid(
+                "token",
+                "replication",
+                "tokens would travel in the clear: give the replication listener TLS (--replication-tls-cert) or, for local testing, --allow-tokens-over-plaintext",
+            ));
+        }
+    }
     let reload_ms = args
         .tls_reload_interval_ms
         .or(file.tls_reload_interval_ms)
@@ -594,6 +722,7 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         log_format: file.log_format,
         tls,
         tls_reload_interval: Duration::from_millis(reload_ms),
+        tokens,
     })
 }
 
@@ -694,6 +823,15 @@ mod tests {
                 "needs --replication-tls-client-ca",
             ),
             (ServeArgs { tls_reload_interval_ms: Some(0), ..Default::default() }, "TLS reload interval"),
+            (ServeArgs { kv_token: Some("t".into()), ..Default::default() }, "travel in the clear"),
+            (
+                ServeArgs { kv_token: Some("t".into()), kv_token_file: Some("f".into()), ..Default::default() },
+                "not both",
+            ),
+            (
+                ServeArgs { tables_token: Some(" ".into()), allow_tokens_over_plaintext: true, ..Default::default() },
+                "is empty",
+            ),
             (
                 ServeArgs {
                     raft_tls_cert: Some("c.pem".into()),

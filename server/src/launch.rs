@@ -129,7 +129,21 @@ pub async fn launch(cfg: &ServeConfig, role: Role) -> Result<Launched, LaunchErr
     }
 
     let etcd_addr = etcd_l.local_addr().to_string();
-    let spec = Spec { node: cfg.node.clone(), role, etcd_table: cfg.etcd_table.clone(), etcd_address: etcd_addr };
+    let token = |api: &'static str, spec: &Option<crate::auth::TokenSpec>| {
+        spec.clone()
+            .map(|s| crate::auth::TokenSource::load(s).map_err(|e| LaunchError::Node(format!("{api} token: {e}"))))
+            .transpose()
+    };
+    let t = &cfg.tokens;
+    let tokens = crate::auth::Tokens {
+        kv: token("KV", &t.kv)?,
+        tables: token("Tables", &t.tables)?,
+        cluster: token("Cluster", &t.cluster)?,
+        maintenance: token("Maintenance", &t.maintenance)?,
+        replication: token("replication", &t.replication)?,
+    };
+    let spec =
+        Spec { node: cfg.node.clone(), role, etcd_table: cfg.etcd_table.clone(), etcd_address: etcd_addr, tokens };
     let parts = Parts {
         engine: engine.clone(),
         disk: Arc::new(RealDisk),

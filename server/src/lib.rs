@@ -19,6 +19,7 @@
 //!   change stream service) and the follower side (its pump and upstream).
 //! - [`ops`]: metrics, readiness and the HTTP endpoint.
 //! - [`api`]: the gRPC services: armada.v1 and etcd v3.
+//! - [`auth`]: bearer tokens per API, checked on every call.
 //! - [`listen`]: listeners and client endpoints.
 //! - [`tls`]: TLS configurations of listeners and clients, re-read when
 //!   their files change.
@@ -31,6 +32,7 @@
 
 pub mod api;
 pub mod assemble;
+pub mod auth;
 pub mod config;
 #[cfg(all(not(madsim), feature = "rocksdb"))]
 pub mod launch;

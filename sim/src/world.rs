@@ -381,7 +381,13 @@ async fn node_main(
     } else {
         Role::Follower { leader_endpoints: followers::upstream_endpoints(cluster, leader_nodes) }
     };
-    let spec = Spec { node: cfg, role, etcd_table: ETCD_TABLE.to_string(), etcd_address: format!("{ip}:{ETCD_PORT}") };
+    let spec = Spec {
+        node: cfg,
+        role,
+        etcd_table: ETCD_TABLE.to_string(),
+        etcd_address: format!("{ip}:{ETCD_PORT}"),
+        tokens: Default::default(),
+    };
     let parts = Parts {
         engine,
         disk: Arc::new(SimDisk(disk.clone())),

@@ -320,11 +320,15 @@ impl SnapshotState {
     }
 }
 
-/// A router serving the replication API.
-pub fn router(svc: ReplicationService) -> tonic::transport::server::Router {
-    tonic::transport::Server::builder().add_service(
-        pb::replication_server::ReplicationServer::new(svc)
-            .max_decoding_message_size(MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(MESSAGE_BYTES_MAX),
-    )
+/// A router serving the replication API (behind its token when `tokens`
+/// has one; the simulated world configures none).
+pub fn router(svc: ReplicationService, tokens: &crate::auth::Tokens) -> tonic::transport::server::Router {
+    let server = pb::replication_server::ReplicationServer::new(svc)
+        .max_decoding_message_size(MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(MESSAGE_BYTES_MAX);
+    #[cfg(not(madsim))]
+    let server = crate::auth::gate(server, &tokens.replication);
+    #[cfg(madsim)]
+    let _ = tokens;
+    tonic::transport::Server::builder().add_service(server)
 }

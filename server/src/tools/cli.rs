@@ -22,6 +22,50 @@ pub struct ClientArgs {
     pub output: Output,
     #[command(flatten)]
     pub tls: ClientTls,
+    /// Bearer token sent with every call (for a node that requires one).
+    #[arg(long, env = "ARMADA_TOKEN", value_name = "TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the bearer token.
+    #[arg(long, env = "ARMADA_TOKEN_FILE", value_name = "FILE", global = true, conflicts_with = "token")]
+    pub token_file: Option<std::path::PathBuf>,
+}
+
+/// Adds `authorization: Bearer TOKEN` to every call.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+impl ClientArgs {
+    fn bearer(&self) -> anyhow::Result<Bearer> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => Some(t.trim().to_string()),
+            (None, Some(f)) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| anyhow::anyhow!("token file {}: {e}", f.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        match token {
+            None => Ok(Bearer(None)),
+            Some(t) => {
+                anyhow::ensure!(!t.is_empty(), "the token is empty");
+                let v = format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("the token has characters a header cannot carry"))?;
+                Ok(Bearer(Some(v)))
+            }
+        }
+    }
 }
 
 /// TLS towards a node (an `https://` endpoint).
@@ -178,7 +222,14 @@ pub enum ClusterCmd {
 /// gets a hint about TLS.
 static PLAINTEXT_ENDPOINT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-async fn channel(args: &ClientArgs) -> anyhow::Result<Channel> {
+async fn channel(
+    args: &ClientArgs,
+) -> anyhow::Result<tonic::service::interceptor::InterceptedService<Channel, Bearer>> {
+    let bearer = args.bearer()?;
+    Ok(tonic::service::interceptor::InterceptedService::new(connect(args).await?, bearer))
+}
+
+async fn connect(args: &ClientArgs) -> anyhow::Result<Channel> {
     let endpoint = &args.endpoint;
     let tls = args.tls.config(endpoint)?;
     PLAINTEXT_ENDPOINT.store(tls.is_none(), std::sync::atomic::Ordering::Relaxed);

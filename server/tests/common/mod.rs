@@ -242,6 +242,15 @@ pub async fn launch_in_process_with_tls(
     name: &str,
     tls: armada_server::config::ListenersTls,
 ) -> (armada_server::launch::Launched, PathBuf) {
+    launch_in_process_with(name, tls, Default::default()).await
+}
+
+/// As [`launch_in_process_with_tls`], with bearer tokens.
+pub async fn launch_in_process_with(
+    name: &str,
+    tls: armada_server::config::ListenersTls,
+    tokens: armada_server::config::TokenSpecs,
+) -> (armada_server::launch::Launched, PathBuf) {
     use armada_core::raft::ArmadaNode;
     use armada_server::node::{NodeConfig, RaftTuning};
     use std::collections::BTreeMap;
@@ -267,6 +276,7 @@ pub async fn launch_in_process_with_tls(
         log_format: None,
         tls,
         tls_reload_interval: Duration::from_millis(100),
+        tokens,
     };
     let node = armada_server::launch::launch(&cfg, armada_server::launch::Role::Leader).await.expect("launch");
     let deadline = Instant::now() + Duration::from_secs(30);
