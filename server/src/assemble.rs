@@ -41,6 +41,9 @@ pub enum Role {
         /// endpoints are then `https://`).
         #[cfg(not(madsim))]
         leader_tls: Option<Arc<crate::tls::ClientTlsSource>>,
+        /// The leader cluster's replication token, sent with every call.
+        #[cfg(not(madsim))]
+        leader_token: Option<Arc<crate::auth::TokenSource>>,
     },
 }
 
@@ -111,8 +114,12 @@ pub async fn assemble(spec: Spec, parts: Parts) -> Result<Assembled, ApiError> {
             (Some(repl), None, Some(ensure))
         }
         #[cfg(not(madsim))]
-        Role::Follower { leader_endpoints, leader_tls } => {
-            let up = Arc::new(UpstreamClient::new(leader_endpoints, spec.node.request_timeout).with_tls(leader_tls));
+        Role::Follower { leader_endpoints, leader_tls, leader_token } => {
+            let up = Arc::new(
+                UpstreamClient::new(leader_endpoints, spec.node.request_timeout)
+                    .with_tls(leader_tls)
+                    .with_token(leader_token),
+            );
             (None, Some(Follower::start(node.clone(), up)), None)
         }
         #[cfg(madsim)]

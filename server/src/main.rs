@@ -94,6 +94,13 @@ struct FollowerArgs {
     /// PEM private key of --leader-tls-cert.
     #[arg(long, env = "ARMADA_LEADER_TLS_KEY", value_name = "FILE", requires = "leader_tls_cert")]
     leader_tls_key: Option<std::path::PathBuf>,
+    /// The leader cluster's replication token (its --replication-token).
+    #[arg(long, env = "ARMADA_LEADER_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    leader_token: Option<String>,
+    /// File holding the leader cluster's replication token (re-read when
+    /// it changes).
+    #[arg(long, env = "ARMADA_LEADER_TOKEN_FILE", value_name = "FILE", conflicts_with = "leader_token")]
+    leader_token_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     serve: ServeArgs,
 }
@@ -209,7 +216,21 @@ fn follower_role(args: &FollowerArgs) -> anyhow::Result<Role> {
             None
         }
     };
-    Ok(Role::Follower { leader_endpoints, leader_tls })
+    let spec = match (&args.leader_token, &args.leader_token_file) {
+        (Some(t), _) => Some(armada_server::auth::TokenSpec::Value(armada_server::auth::Secret::new(t.trim()))),
+        (None, Some(f)) => Some(armada_server::auth::TokenSpec::File(f.clone())),
+        (None, None) => None,
+    };
+    if spec.is_some() && leader_tls.is_none() && !args.serve.allow_tokens_over_plaintext {
+        anyhow::bail!(
+            "--leader-token would travel in the clear: use https:// with --leader-tls-ca or, for local testing, --allow-tokens-over-plaintext"
+        );
+    }
+    let leader_token = spec
+        .map(armada_server::auth::TokenSource::load)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("leader token: {e}"))?;
+    Ok(Role::Follower { leader_endpoints, leader_tls, leader_token })
 }
 
 async fn serve(args: ServeArgs, log_format: Option<LogFormat>, role: Role) -> anyhow::Result<()> {

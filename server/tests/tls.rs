@@ -403,10 +403,11 @@ async fn nodes_without_the_cluster_certificate_cannot_join() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Follower clusters over mutual TLS: the leader cluster's replication
-/// listener lets in the follower whose certificate is allowed, which then
-/// replicates; a follower with a certificate of the same CA but another
-/// name, and one without TLS, get nothing.
+/// Follower clusters over mutual TLS with a replication token: the leader
+/// cluster's replication listener lets in the follower whose certificate
+/// is allowed and which sends the token, which then replicates; a follower
+/// with a certificate of the same CA but another name, one with the right
+/// certificate but a wrong token, and one without TLS, get nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_cluster_replicates_over_mutual_tls_and_others_are_refused() {
     let dir = std::env::temp_dir().join(format!("armada-tls-repl-{}", std::process::id()));
@@ -425,6 +426,8 @@ async fn a_follower_cluster_replicates_over_mutual_tls_and_others_are_refused() 
         path(&ca_file),
         "--replication-tls-allowed-clients".into(),
         "edge-1".into(),
+        "--replication-token".into(),
+        "replication-secret".into(),
     ];
     let mut leader_node = Node::new(1, dir.join("leader"));
     leader_node.extra = leader_args;
@@ -435,7 +438,7 @@ async fn a_follower_cluster_replicates_over_mutual_tls_and_others_are_refused() 
     let (ok, out, _) = etcdctl(&leader.nodes[0].etcd, &[], &["put", "k", "replicated"]);
     assert!(ok, "{out}");
     let https = format!("https://{}", leader.nodes[0].replication);
-    let follower = |name: &str, url: &str, identity: Option<&(PathBuf, PathBuf)>| {
+    let follower = |name: &str, url: &str, identity: Option<&(PathBuf, PathBuf)>, token: &str| {
         let mut node = Node::new(1, dir.join(name));
         node.leader_address = Some(url.to_string());
         if url.starts_with("https://") {
@@ -444,6 +447,9 @@ async fn a_follower_cluster_replicates_over_mutual_tls_and_others_are_refused() 
         if let Some((c, k)) = identity {
             node.extra.extend(["--leader-tls-cert".into(), path(c), "--leader-tls-key".into(), path(k)]);
         }
+        if url.starts_with("https://") {
+            node.extra.extend(["--leader-token".into(), token.into()]);
+        }
         let members = format!("1={}", node.raft);
         let mut c = Cluster::from_nodes(vec![node], members, dir.join(format!("{name}-root")));
         c.start_all();
@@ -451,9 +457,10 @@ async fn a_follower_cluster_replicates_over_mutual_tls_and_others_are_refused() 
     };
     let edge = install(&dir, "edge-1", &leaf(&ca_, "edge-1", &[]));
     let other = install(&dir, "edge-2", &leaf(&ca_, "edge-2", &[]));
-    let allowed = follower("allowed", &https, Some(&edge));
-    let not_allowed = follower("not-allowed", &https, Some(&other));
-    let plaintext = follower("plaintext", &format!("http://{}", leader.nodes[0].replication), None);
+    let allowed = follower("allowed", &https, Some(&edge), "replication-secret");
+    let not_allowed = follower("not-allowed", &https, Some(&other), "replication-secret");
+    let wrong_token = follower("wrong-token", &https, Some(&edge), "not-the-secret");
+    let plaintext = follower("plaintext", &format!("http://{}", leader.nodes[0].replication), None, "");
     let read = |c: &Cluster| {
         let (ok, out, _) = etcdctl(&c.nodes[0].etcd, &[], &["get", "k", "--print-value-only", "--consistency=s"]);
         if ok {
@@ -474,10 +481,11 @@ async fn a_follower_cluster_replicates_over_mutual_tls_and_others_are_refused() 
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(read(&not_allowed), "", "a follower whose certificate name is not allowed");
     assert_eq!(read(&plaintext), "", "a follower without TLS");
+    assert_eq!(read(&wrong_token), "", "a follower with the right certificate but a wrong token");
     let log = std::fs::read_to_string(dir.join("leader").with_extension("log")).unwrap_or_default();
     assert!(log.contains("names no allowed client"), "the leader logs the refused follower:\n{log}");
     assert!(log.contains("plaintext"), "the leader logs the plaintext follower:\n{log}");
-    drop((allowed, not_allowed, plaintext, leader));
+    drop((allowed, not_allowed, wrong_token, plaintext, leader));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

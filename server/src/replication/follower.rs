@@ -253,7 +253,7 @@ fn subscription_config() -> subscription::Config {
     }
 }
 
-type Client = pb::replication_client::ReplicationClient<tonic::transport::Channel>;
+type Client = super::upstream::UpClient;
 
 /// The stream a table worker has open.
 enum Open {

@@ -13,6 +13,16 @@ use super::MESSAGE_BYTES_MAX;
 use crate::node::Upstream;
 use crate::types::ApiError;
 
+/// The channel to the leader cluster: with the follower's token on every
+/// call in the real runtime (the simulated world configures none).
+#[cfg(not(madsim))]
+pub type UpChannel =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, crate::tools::cli::Bearer>;
+#[cfg(madsim)]
+pub type UpChannel = tonic::transport::Channel;
+/// A replication client of the leader cluster.
+pub type UpClient = pb::replication_client::ReplicationClient<UpChannel>;
+
 /// The leader cluster as a follower reaches it: a list of replication
 /// endpoints (`http://host:port`), tried in turn.
 pub struct UpstreamClient {
@@ -21,6 +31,8 @@ pub struct UpstreamClient {
     timeout: Duration,
     #[cfg(not(madsim))]
     tls: Option<std::sync::Arc<crate::tls::ClientTlsSource>>,
+    #[cfg(not(madsim))]
+    token: Option<std::sync::Arc<crate::auth::TokenSource>>,
 }
 
 impl UpstreamClient {
@@ -31,7 +43,16 @@ impl UpstreamClient {
             timeout,
             #[cfg(not(madsim))]
             tls: None,
+            #[cfg(not(madsim))]
+            token: None,
         }
+    }
+
+    /// Sends `token` with every call.
+    #[cfg(not(madsim))]
+    pub fn with_token(mut self, token: Option<std::sync::Arc<crate::auth::TokenSource>>) -> Self {
+        self.token = token;
+        self
     }
 
     /// Connects with TLS (`https://` endpoints).
@@ -46,10 +67,7 @@ impl UpstreamClient {
     }
 
     /// A client for the current endpoint; `rotate` moves to the next first.
-    pub(super) async fn client(
-        &self,
-        rotate: bool,
-    ) -> Result<pb::replication_client::ReplicationClient<tonic::transport::Channel>, String> {
+    pub(super) async fn client(&self, rotate: bool) -> Result<UpClient, String> {
         let ep = {
             let mut n = self.next.lock().unwrap_or_else(|p| p.into_inner());
             if rotate {
@@ -71,18 +89,19 @@ impl UpstreamClient {
             .map_err(|e| format!("{ep}: {}", error_chain(&e)))?;
         #[cfg(madsim)]
         let ch = endpoint.connect().await.map_err(|e| format!("{ep}: {e}"))?;
-        Ok(pb::replication_client::ReplicationClient::new(ch)
-            .max_decoding_message_size(MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(MESSAGE_BYTES_MAX))
+        #[cfg(not(madsim))]
+        let ch = {
+            let bearer = crate::tools::cli::Bearer::new(self.token.as_ref().map(|t| t.current()));
+            tonic::service::interceptor::InterceptedService::new(ch, bearer)
+        };
+        Ok(UpClient::new(ch).max_decoding_message_size(MESSAGE_BYTES_MAX).max_encoding_message_size(MESSAGE_BYTES_MAX))
     }
 }
 
 impl UpstreamClient {
     /// A client of the first endpoint that connects, trying each once from
     /// the current one (nothing was sent to those that did not).
-    async fn connected(
-        &self,
-    ) -> Result<pb::replication_client::ReplicationClient<tonic::transport::Channel>, ApiError> {
+    async fn connected(&self) -> Result<UpClient, ApiError> {
         let mut last = String::new();
         for attempt in 0..self.endpoints.len().max(1) {
             match self.client(attempt > 0).await {

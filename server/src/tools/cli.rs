@@ -43,6 +43,13 @@ impl tonic::service::Interceptor for Bearer {
     }
 }
 
+impl Bearer {
+    /// Sends `token` (none: nothing).
+    pub fn new(token: Option<crate::auth::Secret>) -> Bearer {
+        Bearer(token.and_then(|t| format!("Bearer {}", t.expose()).parse().ok()))
+    }
+}
+
 impl ClientArgs {
     fn bearer(&self) -> anyhow::Result<Bearer> {
         let token = match (&self.token, &self.token_file) {
