@@ -362,6 +362,65 @@ mod tests {
         assert_eq!((back, version), (TableCommand::Put(leased), 2));
     }
 
+    fn fuzz_cases() -> u32 {
+        std::env::var("ARMADA_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+    }
+
+    /// Valid messages of every decoder, damaged: decoding answers an error
+    /// or a message, never panics (inter-node messages come off the
+    /// network).
+    fn samples() -> Vec<Vec<u8>> {
+        let leased =
+            armada_core::kv::PutRequest { lease: 9, ..armada_core::kv::PutRequest::new(b"k".to_vec(), b"v".to_vec()) };
+        let mut out = vec![encode_request(&forward()), postcard::to_stdvec(&forward()).unwrap()];
+        for version in [0, 1, WIRE_FORMAT] {
+            out.push(encode_reply(&RaftReply::Client(Err(RemoteError::Unavailable("x".into()))), version));
+            out.push(encode_reply(&RaftReply::Refused("r".into()), version));
+            out.push(encode_payload(&TableCommand::Put(leased.clone()), version));
+            out.push(encode_payload(&TableCommand::LeaseGrant { id: 3, ttl: 10 }, version));
+            out.push(encode_payload(&TableReply::UpstreamSet, version));
+        }
+        out
+    }
+
+    fn decode_all(bytes: &[u8]) {
+        let _ = decode_request(bytes);
+        let _ = decode_reply(bytes);
+        let _ = decode_payload::<TableCommand>(bytes);
+        let _ = decode_payload::<TableReply>(bytes);
+        let _ = decode_payload::<RemoteError>(bytes);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: fuzz_cases(), ..Default::default() })]
+
+        #[test]
+        fn damaged_messages_give_errors_not_panics(
+            which in proptest::prelude::any::<proptest::sample::Index>(),
+            flips in proptest::collection::vec(proptest::prelude::any::<(usize, u8)>(), 1..6),
+            cut in proptest::prelude::any::<usize>(),
+        ) {
+            let samples = samples();
+            let mut bytes = which.get(&samples).clone();
+            for (at, x) in flips {
+                let i = at % bytes.len();
+                bytes[i] ^= x;
+            }
+            decode_all(&bytes);
+            bytes.truncate(cut % (bytes.len() + 1));
+            decode_all(&bytes);
+        }
+
+        #[test]
+        fn random_bytes_give_errors_not_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            decode_all(&bytes);
+            let mut marked = REQUEST_MARK.to_vec();
+            marked.push(WIRE_FORMAT);
+            marked.extend_from_slice(&bytes);
+            decode_all(&marked);
+        }
+    }
+
     #[test]
     fn unknown_versions_are_refused() {
         let mut bytes = encode_request(&forward());
