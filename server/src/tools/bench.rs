@@ -16,6 +16,10 @@ pub struct BenchArgs {
     /// server); several, comma-separated, share the connections round-robin.
     #[arg(long, default_value = "http://127.0.0.1:2379")]
     pub endpoint: String,
+    /// PEM CA of the server's certificate, for https:// endpoints (the
+    /// cost of TLS is measured this way).
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<std::path::PathBuf>,
     /// Concurrent clients, each with one request in flight.
     #[arg(long, default_value_t = 64)]
     pub clients: usize,
@@ -235,9 +239,17 @@ async fn prefill(
 
 /// Connects `n` channels, round-robin over the comma-separated endpoints
 /// in `urls` (the members of a cluster).
-async fn channels(urls: &str, n: usize) -> anyhow::Result<Vec<tonic::transport::Channel>> {
+async fn channels(
+    urls: &str,
+    n: usize,
+    tls_ca: Option<&std::path::Path>,
+) -> anyhow::Result<Vec<tonic::transport::Channel>> {
     let urls: Vec<&str> = urls.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
     anyhow::ensure!(!urls.is_empty(), "no endpoint given");
+    let tls = match tls_ca {
+        Some(ca) => Some(std::sync::Arc::new(crate::tls::client_config(ca, None, &[b"h2"])?)),
+        None => None,
+    };
     let mut out = Vec::with_capacity(n);
     for k in 0..n {
         let url = urls[k % urls.len()];
@@ -245,7 +257,8 @@ async fn channels(urls: &str, n: usize) -> anyhow::Result<Vec<tonic::transport::
             .map_err(|e| anyhow::anyhow!("invalid endpoint {url}: {e}"))?
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(10));
-        out.push(ep.connect().await?);
+        let tls = if url.starts_with("https://") { tls.clone() } else { None };
+        out.push(crate::listen::connect(ep, tls).await?);
     }
     Ok(out)
 }
@@ -349,9 +362,9 @@ pub async fn run(args: &BenchArgs, op: Op) -> anyhow::Result<()> {
     );
     anyhow::ensure!(!matches!(op, Op::Range { keys: 0, .. }), "a range needs at least one key");
     let conns = args.connections.unwrap_or(args.clients).clamp(1, args.clients);
-    let writers = channels(&args.endpoint, conns).await?;
+    let writers = channels(&args.endpoint, conns, args.tls_ca.as_deref()).await?;
     let readers = match &args.read_endpoint {
-        Some(url) => channels(url, conns).await?,
+        Some(url) => channels(url, conns, args.tls_ca.as_deref()).await?,
         None => writers.clone(),
     };
     let value = vec![b'x'; args.value_size];
