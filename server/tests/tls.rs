@@ -405,7 +405,8 @@ async fn nodes_without_the_cluster_certificate_cannot_join() {
 
 /// Follower clusters over mutual TLS with a replication token: the leader
 /// cluster's replication listener lets in the follower whose certificate
-/// is allowed and which sends the token, which then replicates; a follower
+/// is allowed and which sends the token, which then replicates and serves
+/// etcdctl over mutual TLS on its own etcd listener; a follower
 /// with a certificate of the same CA but another name, one with the right
 /// certificate but a wrong token, and one without TLS, get nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -457,20 +458,39 @@ async fn a_follower_cluster_replicates_over_mutual_tls_and_others_are_refused() 
     };
     let edge = install(&dir, "edge-1", &leaf(&ca_, "edge-1", &[]));
     let other = install(&dir, "edge-2", &leaf(&ca_, "edge-2", &[]));
-    let allowed = follower("allowed", &https, Some(&edge), "replication-secret");
+    // The allowed follower's own etcd listener serves mutual TLS too.
+    let (fcert, fkey) = install(&dir, "edge-1-etcd", &leaf(&ca_, "edge-1-etcd", &["127.0.0.1"]));
+    let app = install(&dir, "app", &leaf(&ca_, "app", &[]));
+    let mut allowed = follower("allowed", &https, Some(&edge), "replication-secret");
+    allowed.nodes[0].kill9();
+    allowed.nodes[0].extra.extend([
+        "--etcd-tls-cert".into(),
+        path(&fcert),
+        "--etcd-tls-key".into(),
+        path(&fkey),
+        "--etcd-tls-client-ca".into(),
+        path(&ca_file),
+    ]);
+    allowed.start_all();
+    let app_tls = vec![
+        format!("--cacert={}", path(&ca_file)),
+        format!("--cert={}", path(&app.0)),
+        format!("--key={}", path(&app.1)),
+    ];
     let not_allowed = follower("not-allowed", &https, Some(&other), "replication-secret");
     let wrong_token = follower("wrong-token", &https, Some(&edge), "not-the-secret");
     let plaintext = follower("plaintext", &format!("http://{}", leader.nodes[0].replication), None, "");
-    let read = |c: &Cluster| {
-        let (ok, out, _) = etcdctl(&c.nodes[0].etcd, &[], &["get", "k", "--print-value-only", "--consistency=s"]);
+    let read_with = |c: &Cluster, tls: &[String]| {
+        let (ok, out, _) = etcdctl(&c.nodes[0].etcd, tls, &["get", "k", "--print-value-only", "--consistency=s"]);
         if ok {
             out.trim().to_string()
         } else {
             String::new()
         }
     };
-    eventually(Duration::from_secs(60), "the allowed follower replicates", || async {
-        match read(&allowed).as_str() {
+    let read = |c: &Cluster| read_with(c, &[]);
+    eventually(Duration::from_secs(60), "the allowed follower replicates (etcdctl over mutual TLS)", || async {
+        match read_with(&allowed, &app_tls).as_str() {
             "replicated" => Ok(()),
             other => Err(format!("reads {other:?}")),
         }
@@ -482,6 +502,15 @@ async fn a_follower_cluster_replicates_over_mutual_tls_and_others_are_refused() 
     assert_eq!(read(&not_allowed), "", "a follower whose certificate name is not allowed");
     assert_eq!(read(&plaintext), "", "a follower without TLS");
     assert_eq!(read(&wrong_token), "", "a follower with the right certificate but a wrong token");
+    // etcdctl over mutual TLS at the follower: a write is forwarded to the
+    // leader cluster and read back; without a client certificate, refused.
+    let (ok, out, _) = etcdctl(&allowed.nodes[0].etcd, &app_tls, &["put", "k2", "via-follower"]);
+    assert!(ok, "{out}");
+    let (ok, out, _) = etcdctl(&allowed.nodes[0].etcd, &app_tls, &["get", "k2", "--print-value-only"]);
+    assert!(ok && out.trim() == "via-follower", "{out}");
+    let (ok, out, _) = etcdctl(&leader.nodes[0].etcd, &[], &["get", "k2", "--print-value-only"]);
+    assert!(ok && out.trim() == "via-follower", "the leader cluster has the forwarded write: {out}");
+    assert_eq!(read_with(&allowed, &[format!("--cacert={}", path(&ca_file))]), "", "no client certificate");
     let log = std::fs::read_to_string(dir.join("leader").with_extension("log")).unwrap_or_default();
     assert!(log.contains("names no allowed client"), "the leader logs the refused follower:\n{log}");
     assert!(log.contains("plaintext"), "the leader logs the plaintext follower:\n{log}");
