@@ -133,6 +133,7 @@ fn quic_configs(tls: ClusterTls) -> Result<(quinn::ServerConfig, quinn::ClientCo
 /// Mutual TLS between the nodes of a cluster (TLS 1.3, as QUIC requires):
 /// the server side must demand client certificates, the client side must
 /// verify servers and present the node's certificate.
+#[derive(Clone)]
 pub struct ClusterTls {
     pub server: rustls::ServerConfig,
     pub client: rustls::ClientConfig,

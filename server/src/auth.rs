@@ -4,8 +4,9 @@
 //! with another, is answered `UNAUTHENTICATED` before the service sees it.
 //!
 //! - A token is given as a value (flag, environment) or as a file (a
-//!   Kubernetes secret); a file is re-read when it changes, so a rotated
-//!   secret takes effect without a restart.
+//!   Kubernetes secret); a file is re-read when it changes (checked every
+//!   reload interval, not per call), so a rotated secret takes effect
+//!   without a restart.
 //! - A token never appears in logs or `Debug` output ([`Secret`]).
 //! - Tokens travel in the clear over plaintext: the configuration refuses
 //!   them on a listener without TLS unless explicitly allowed for local
@@ -15,8 +16,9 @@
 //! simulated world configures no tokens.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::sync::Arc;
+
+use crate::reload::Reloading;
 
 /// A secret string: compared in constant time, never printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -61,44 +63,49 @@ fn read_token(path: &std::path::Path) -> Result<Secret, String> {
     Ok(Secret::new(token))
 }
 
-type Stamp = Option<(SystemTime, u64)>;
-
-fn stamp(path: &std::path::Path) -> Stamp {
-    std::fs::metadata(path).ok().and_then(|m| Some((m.modified().ok()?, m.len())))
-}
-
-/// One API's token, kept current with its file.
+/// One API's token: fixed, or kept current with its file
+/// ([`crate::reload`]: checked by the launcher's reloader, or with
+/// [`TokenSource::refresh`] before a client dials, never per call).
 #[derive(Debug)]
-pub struct TokenSource {
-    spec: TokenSpec,
-    cached: Mutex<(Stamp, Secret)>,
+pub enum TokenSource {
+    Fixed(Arc<Secret>),
+    File(Arc<Reloading<Secret>>),
 }
 
 impl TokenSource {
     /// Reads the token; an error here stops the node from starting.
     pub fn load(spec: TokenSpec) -> Result<Arc<TokenSource>, String> {
-        let (seen, secret) = match &spec {
+        Ok(Arc::new(match spec {
             TokenSpec::Value(s) if s.expose().is_empty() => return Err("a token is empty".into()),
-            TokenSpec::Value(s) => (None, s.clone()),
-            TokenSpec::File(p) => (stamp(p), read_token(p)?),
-        };
-        Ok(Arc::new(TokenSource { spec, cached: Mutex::new((seen, secret)) }))
+            TokenSpec::Value(s) => TokenSource::Fixed(Arc::new(s)),
+            TokenSpec::File(p) => {
+                let what = format!("token file {}", p.display());
+                TokenSource::File(Reloading::load(what, vec![p.clone()], move || read_token(&p))?)
+            }
+        }))
     }
 
-    /// The token now (a changed file is re-read; one that cannot be read
-    /// keeps the previous token).
-    pub fn current(&self) -> Secret {
-        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
-        if let TokenSpec::File(p) = &self.spec {
-            let now = stamp(p);
-            if now != cached.0 {
-                match read_token(p) {
-                    Ok(s) => *cached = (now, s),
-                    Err(e) => tracing::warn!("keeping the previous token: {e}"),
-                }
-            }
+    /// The token now.
+    pub fn current(&self) -> Arc<Secret> {
+        match self {
+            TokenSource::Fixed(s) => s.clone(),
+            TokenSource::File(r) => r.get(),
         }
-        cached.1.clone()
+    }
+
+    /// Re-reads a token file that changed (one that cannot be read keeps
+    /// the previous token).
+    pub fn refresh(&self) {
+        if let TokenSource::File(r) = self {
+            r.reload_if_changed();
+        }
+    }
+
+    /// Re-reads a token file every `interval` while the token is in use.
+    pub fn spawn_reloader(&self, interval: std::time::Duration) {
+        if let TokenSource::File(r) = self {
+            r.spawn_reloader(interval, |_| {});
+        }
     }
 
     /// Whether `authorization` (the header's value) carries the token.
@@ -207,9 +214,11 @@ mod tests {
         let t = TokenSource::load(TokenSpec::File(f.clone())).unwrap();
         assert!(t.admits(Some(b"Bearer first")));
         std::fs::write(&f, "second-token\n").unwrap();
+        t.refresh();
         assert!(t.admits(Some(b"Bearer second-token")), "the rotated secret is used");
         assert!(!t.admits(Some(b"Bearer first")));
         std::fs::write(&f, "  \n").unwrap();
+        t.refresh();
         assert!(t.admits(Some(b"Bearer second-token")), "an empty file keeps the previous token");
         std::fs::remove_file(&f).unwrap();
         assert!(TokenSource::load(TokenSpec::File(f)).is_err());

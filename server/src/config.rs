@@ -241,8 +241,9 @@ pub struct ServeArgs {
     /// clear): for local testing only.
     #[arg(long, env = "ARMADA_ALLOW_TOKENS_OVER_PLAINTEXT")]
     pub allow_tokens_over_plaintext: bool,
-    /// How often TLS certificate, key and CA files are checked for changes
-    /// (a change is used for new connections without a restart), in ms.
+    /// How often TLS certificate, key and CA files and token files are
+    /// checked for changes (a change is used for new connections and calls
+    /// without a restart), in ms.
     /// [default: 5000]
     #[arg(long, env = "ARMADA_TLS_RELOAD_INTERVAL_MS", value_name = "MS")]
     pub tls_reload_interval_ms: Option<u64>,

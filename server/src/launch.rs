@@ -83,15 +83,24 @@ pub async fn launch(cfg: &ServeConfig, role: Role) -> Result<Launched, LaunchErr
             .map_err(|e| LaunchError::Storage { path: dir.clone(), message: e.to_string() })?,
     );
     let cluster_tls = match &cfg.tls.raft {
-        Some(files) => {
-            Some(crate::tls::cluster_tls(files).map_err(|source| LaunchError::Tls { listener: "raft", source })?)
-        }
+        Some(files) => Some(
+            crate::tls::cluster_source(files.clone())
+                .map_err(|source| LaunchError::Tls { listener: "raft", source })?,
+        ),
         None => None,
     };
-    let transport = QuicTransport::bind_with(cfg.raft_address, cluster_tls)
+    let transport = QuicTransport::bind_with(cfg.raft_address, cluster_tls.as_ref().map(|c| (*c.get()).clone()))
         .map_err(|e| LaunchError::Raft { addr: cfg.raft_address, message: e.to_string() })?;
-    if let Some(files) = &cfg.tls.raft {
-        crate::tls::spawn_cluster_reloader(files.clone(), Arc::downgrade(&transport), cfg.tls_reload_interval);
+    if let Some(source) = &cluster_tls {
+        // New certificates go to the transport for its next connections.
+        let transport = Arc::downgrade(&transport);
+        source.spawn_reloader(cfg.tls_reload_interval, move |tls| {
+            if let Some(t) = transport.upgrade() {
+                if let Err(e) = t.set_tls((*tls).clone()) {
+                    warn!("TLS: the new cluster certificate cannot be used by QUIC: {e}");
+                }
+            }
+        });
     }
     let api_l = listen::bind(ListenerKind::Api, cfg.api_address).await?;
     let etcd_l = listen::bind(ListenerKind::Etcd, cfg.etcd_address).await?;
@@ -101,13 +110,13 @@ pub async fn launch(cfg: &ServeConfig, role: Role) -> Result<Launched, LaunchErr
         Role::Follower { .. } => None,
     };
     // TLS where configured; a file that cannot be used stops the start.
-    let tls = |listener: &'static str, files: &Option<crate::config::TlsFiles>, alpn: &[&'static [u8]]| {
+    let tls = |listener: &'static str, files: &Option<crate::config::TlsFiles>, alpn: &'static [&'static [u8]]| {
         files
             .as_ref()
             .map(|f| {
-                let source =
-                    TlsSource::load(f.clone(), alpn).map_err(|source| LaunchError::Tls { listener, source })?;
-                source.spawn_reloader(cfg.tls_reload_interval);
+                let source = crate::tls::listener_source(f.clone(), alpn)
+                    .map_err(|source| LaunchError::Tls { listener, source })?;
+                source.spawn_reloader(cfg.tls_reload_interval, |_| {});
                 Ok::<_, LaunchError>(source)
             })
             .transpose()
@@ -130,9 +139,14 @@ pub async fn launch(cfg: &ServeConfig, role: Role) -> Result<Launched, LaunchErr
 
     let etcd_addr = etcd_l.local_addr().to_string();
     let token = |api: &'static str, spec: &Option<crate::auth::TokenSpec>| {
-        spec.clone()
+        let source = spec
+            .clone()
             .map(|s| crate::auth::TokenSource::load(s).map_err(|e| LaunchError::Node(format!("{api} token: {e}"))))
-            .transpose()
+            .transpose()?;
+        if let Some(s) = &source {
+            s.spawn_reloader(cfg.tls_reload_interval);
+        }
+        Ok::<_, LaunchError>(source)
     };
     let t = &cfg.tokens;
     let tokens = crate::auth::Tokens {

@@ -21,6 +21,7 @@
 //! - [`api`]: the gRPC services: armada.v1 and etcd v3.
 //! - [`auth`]: bearer tokens per API, checked on every call.
 //! - [`listen`]: listeners and client endpoints.
+//! - [`reload`]: values built from files, rebuilt when the files change.
 //! - [`tls`]: TLS configurations of listeners and clients, re-read when
 //!   their files change.
 //! - [`assemble`]: builds a node and its services from a spec and its
@@ -40,6 +41,7 @@ pub mod launch;
 pub mod listen;
 pub mod node;
 pub mod ops;
+pub mod reload;
 pub mod replication;
 pub mod rt;
 pub mod storage;

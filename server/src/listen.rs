@@ -268,7 +268,7 @@ impl Listener {
                         }
                     }
                     Some(source) => {
-                        let config = source.config();
+                        let config = source.get();
                         let (tx, kind, stats) = (tx.clone(), self.kind, self.stats.clone());
                         tokio::spawn(async move {
                             if let Some(conn) = handshake(kind, stream, peer, config, &stats).await {
@@ -418,6 +418,22 @@ fn is_connection_error(e: &io::Error) -> bool {
 pub fn endpoint(url: &str) -> Result<tonic::transport::Endpoint, String> {
     let ep = tonic::transport::Endpoint::from_shared(url.to_string()).map_err(|e| format!("{url}: {e}"))?;
     Ok(ep.tcp_nodelay(true).connect_timeout(CONNECT_TIMEOUT))
+}
+
+/// An error with its causes, each once (a TLS failure under a transport
+/// error is in the source chain).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 /// How long dialling a gRPC endpoint may take.

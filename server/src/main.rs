@@ -205,7 +205,7 @@ fn follower_role(args: &FollowerArgs) -> anyhow::Result<Role> {
                 ca: ca.clone(),
                 identity: args.leader_tls_cert.clone().zip(args.leader_tls_key.clone()),
             };
-            Some(armada_server::tls::ClientTlsSource::load(files, &[b"h2"])?)
+            Some(armada_server::tls::client_source(files, &[b"h2"])?)
         }
         None => {
             anyhow::ensure!(

@@ -9,7 +9,9 @@
 //!   changed, a new configuration is built and used for every later
 //!   handshake (established connections keep theirs). A file that fails to
 //!   parse keeps the previous configuration and is reported in the log and
-//!   in a counter: a rotation half-written never takes a listener down.
+//!   in a counter: a rotation half-written never takes a listener down
+//!   (`crate::reload`, shared with the cluster's and clients' TLS and with
+//!   token files).
 //! - **Allowed clients**: with a client CA, a client must present a
 //!   certificate issued by it; with allowed names too, its subject's common
 //!   name or one of its subject alternative names (DNS, e-mail, URI, IP)
@@ -22,9 +24,7 @@
 //! of the files; nothing here reads a file during a handshake.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
@@ -33,7 +33,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
-use tracing::{info, warn};
+use tracing::warn;
+
+use crate::reload::Reloading;
 
 pub use crate::config::TlsFiles;
 
@@ -207,108 +209,21 @@ pub fn client_config(
     Ok(config)
 }
 
-/// When each file was last modified and how long it was: a change of
-/// either is a rotation.
-type Stamp = Vec<Option<(SystemTime, u64)>>;
-
-fn stamp(files: &TlsFiles) -> Stamp {
-    [Some(&files.cert), Some(&files.key), files.client_ca.as_ref()]
-        .into_iter()
-        .flatten()
-        .map(|p| std::fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len()))))
-        .collect()
-}
-
-/// A listener's TLS configuration, kept current with its files.
-pub struct TlsSource {
-    files: TlsFiles,
-    alpn: Vec<&'static [u8]>,
-    current: RwLock<Arc<rustls::ServerConfig>>,
-    seen: Mutex<Stamp>,
-    reloads: AtomicU64,
-    reload_failures: AtomicU64,
-}
-
-impl std::fmt::Debug for TlsSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsSource").field("files", &self.files).finish_non_exhaustive()
+impl TlsFiles {
+    fn paths(&self) -> Vec<PathBuf> {
+        [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()].into_iter().flatten().cloned().collect()
     }
 }
 
-impl TlsSource {
-    /// Reads the files; an error here stops the node from starting.
-    pub fn load(files: TlsFiles, alpn: &[&'static [u8]]) -> Result<Arc<TlsSource>, TlsError> {
-        let seen = stamp(&files);
-        let config = server_config(&files, alpn)?;
-        Ok(Arc::new(TlsSource {
-            files,
-            alpn: alpn.to_vec(),
-            current: RwLock::new(Arc::new(config)),
-            seen: Mutex::new(seen),
-            reloads: AtomicU64::new(0),
-            reload_failures: AtomicU64::new(0),
-        }))
-    }
+/// A listener's TLS configuration, kept current with its files (the launcher
+/// runs its reloader).
+pub type TlsSource = Reloading<rustls::ServerConfig>;
 
-    /// The configuration for the next handshake.
-    pub fn config(&self) -> Arc<rustls::ServerConfig> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Configurations rebuilt after the files changed.
-    pub fn reloads(&self) -> u64 {
-        self.reloads.load(Ordering::Relaxed)
-    }
-
-    /// Changes whose files could not be used (the previous configuration
-    /// stayed).
-    pub fn reload_failures(&self) -> u64 {
-        self.reload_failures.load(Ordering::Relaxed)
-    }
-
-    /// Rebuilds the configuration when a file changed. Returns whether a
-    /// new one is in use.
-    pub fn reload_if_changed(&self) -> bool {
-        let now = stamp(&self.files);
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if *seen == now {
-            return false;
-        }
-        match server_config(&self.files, &self.alpn) {
-            Ok(config) => {
-                *seen = now;
-                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
-                self.reloads.fetch_add(1, Ordering::Relaxed);
-                info!(cert = %self.files.cert.display(), "TLS: files changed, new handshakes use them");
-                true
-            }
-            Err(e) => {
-                // Not recorded as seen: tried again at the next check (a
-                // rotation may have written the certificate but not yet
-                // its key).
-                self.reload_failures.fetch_add(1, Ordering::Relaxed);
-                warn!("TLS: files changed but cannot be used (yet), keeping the previous ones: {e}");
-                false
-            }
-        }
-    }
-
-    /// Checks the files every `interval` for as long as the source is in
-    /// use.
-    pub fn spawn_reloader(self: &Arc<Self>, interval: Duration) {
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(interval).await;
-                match weak.upgrade() {
-                    Some(source) => {
-                        source.reload_if_changed();
-                    }
-                    None => return,
-                }
-            }
-        });
-    }
+/// Reads a listener's files, offering `alpn`; an error here stops the node
+/// from starting.
+pub fn listener_source(files: TlsFiles, alpn: &'static [&'static [u8]]) -> Result<Arc<TlsSource>, TlsError> {
+    let what = format!("TLS of {}", files.cert.display());
+    Reloading::load(what, files.paths(), move || server_config(&files, alpn))
 }
 
 /// Verifies a peer node's server certificate: issued by the cluster CA
@@ -404,36 +319,11 @@ pub fn cluster_tls(files: &TlsFiles) -> Result<armada_net::quic::ClusterTls, Tls
     Ok(armada_net::quic::ClusterTls { server, client })
 }
 
-/// Re-reads the cluster TLS files every `interval` and hands a new
-/// configuration to `transport` when they changed and can be used.
-pub fn spawn_cluster_reloader(
-    files: TlsFiles,
-    transport: std::sync::Weak<armada_net::quic::QuicTransport>,
-    interval: Duration,
-) {
-    tokio::spawn(async move {
-        let mut seen = stamp(&files);
-        loop {
-            tokio::time::sleep(interval).await;
-            let Some(transport) = transport.upgrade() else { return };
-            let now = stamp(&files);
-            if now == seen {
-                continue;
-            }
-            match cluster_tls(&files)
-                .map_err(|e| e.to_string())
-                .and_then(|t| transport.set_tls(t).map_err(|e| e.to_string()))
-            {
-                Ok(()) => {
-                    seen = now;
-                    info!(cert = %files.cert.display(), "TLS: cluster certificate files changed, new connections use them");
-                }
-                Err(e) => warn!(
-                    "TLS: cluster certificate files changed but cannot be used (yet), keeping the previous ones: {e}"
-                ),
-            }
-        }
-    });
+/// The cluster's mutual TLS, kept current with its files: the launcher's
+/// reloader hands each new one to the QUIC transport.
+pub fn cluster_source(files: TlsFiles) -> Result<Arc<Reloading<armada_net::quic::ClusterTls>>, TlsError> {
+    let what = format!("cluster TLS of {}", files.cert.display());
+    Reloading::load(what, files.paths(), move || cluster_tls(&files))
 }
 
 /// A client's TLS files: the CA that verifies servers, and optionally a
@@ -444,56 +334,19 @@ pub struct ClientTlsFiles {
     pub identity: Option<(PathBuf, PathBuf)>,
 }
 
-/// A client's TLS configuration, rebuilt when its files change (checked
-/// whenever a connection is made).
-pub struct ClientTlsSource {
-    files: ClientTlsFiles,
-    alpn: Vec<&'static [u8]>,
-    current: Mutex<(Stamp, Arc<rustls::ClientConfig>)>,
-}
+/// A client's TLS configuration, kept current with its files (checked
+/// whenever a connection is made: `reload_if_changed` before `get`).
+pub type ClientTlsSource = Reloading<rustls::ClientConfig>;
 
-impl std::fmt::Debug for ClientTlsSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientTlsSource").field("files", &self.files).finish_non_exhaustive()
-    }
-}
-
-fn client_stamp(files: &ClientTlsFiles) -> Stamp {
+/// Reads a client's files, offering `alpn`; an error here stops the start.
+pub fn client_source(files: ClientTlsFiles, alpn: &'static [&'static [u8]]) -> Result<Arc<ClientTlsSource>, TlsError> {
     let mut paths = vec![files.ca.clone()];
     if let Some((c, k)) = &files.identity {
-        paths.push(c.clone());
-        paths.push(k.clone());
+        paths.extend([c.clone(), k.clone()]);
     }
-    paths.iter().map(|p| std::fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len())))).collect()
-}
-
-impl ClientTlsSource {
-    /// Reads the files; an error here stops the start.
-    pub fn load(files: ClientTlsFiles, alpn: &[&'static [u8]]) -> Result<Arc<ClientTlsSource>, TlsError> {
-        let seen = client_stamp(&files);
-        let config = Self::build(&files, alpn)?;
-        Ok(Arc::new(ClientTlsSource { files, alpn: alpn.to_vec(), current: Mutex::new((seen, Arc::new(config))) }))
-    }
-
-    fn build(files: &ClientTlsFiles, alpn: &[&[u8]]) -> Result<rustls::ClientConfig, TlsError> {
+    let what = format!("client TLS of {}", files.ca.display());
+    Reloading::load(what, paths, move || {
         let identity = files.identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
         client_config(&files.ca, identity, alpn)
-    }
-
-    /// The configuration for the next connection (rebuilt first if the
-    /// files changed and can be used).
-    pub fn config(&self) -> Arc<rustls::ClientConfig> {
-        let now = client_stamp(&self.files);
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        if current.0 != now {
-            match Self::build(&self.files, &self.alpn) {
-                Ok(config) => {
-                    *current = (now, Arc::new(config));
-                    info!(ca = %self.files.ca.display(), "TLS: client files changed, new connections use them");
-                }
-                Err(e) => warn!("TLS: client files changed but cannot be used (yet), keeping the previous ones: {e}"),
-            }
-        }
-        current.1.clone()
-    }
+    })
 }

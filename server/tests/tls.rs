@@ -565,8 +565,15 @@ async fn each_api_needs_its_own_token_and_a_rotated_token_file_takes_effect() {
     let (ok, out) = run(None, &["cluster", "status"]);
     assert!(ok, "the Cluster API has no token here: {out}");
     // The token file is rotated: the new token works, the old one no longer.
+    // (The node checks token files every reload interval, 100 ms here.)
     std::fs::write(&kv_token_file, "kv-secret-2\n").unwrap();
-    let (ok, out) = run(Some("kv-secret-2"), &["kv", "get", "t", "k"]);
+    let (ok, out) = eventually(Duration::from_secs(10), "the rotated token is in use", || async {
+        match run(Some("kv-secret-2"), &["kv", "get", "t", "k"]) {
+            (true, out) => Ok((true, out)),
+            (false, out) => Err(out),
+        }
+    })
+    .await;
     assert!(ok && out.contains('v'), "{out}");
     let (ok, out) = run(Some("kv-secret-1"), &["kv", "get", "t", "k"]);
     assert!(!ok && out.contains("Unauthenticated"), "{out}");

@@ -84,14 +84,24 @@ impl UpstreamClient {
             .connect_timeout(Duration::from_secs(1));
         let endpoint = endpoint.timeout(self.timeout);
         #[cfg(not(madsim))]
-        let ch = crate::listen::connect(endpoint, self.tls.as_ref().map(|t| t.config()))
-            .await
-            .map_err(|e| format!("{ep}: {}", error_chain(&e)))?;
+        let ch = {
+            let tls = self.tls.as_ref().map(|t| {
+                t.reload_if_changed();
+                t.get()
+            });
+            crate::listen::connect(endpoint, tls)
+                .await
+                .map_err(|e| format!("{ep}: {}", crate::listen::error_chain(&e)))?
+        };
         #[cfg(madsim)]
         let ch = endpoint.connect().await.map_err(|e| format!("{ep}: {e}"))?;
         #[cfg(not(madsim))]
         let ch = {
-            let bearer = crate::tools::cli::Bearer::new(self.token.as_ref().map(|t| t.current()));
+            let token = self.token.as_ref().map(|t| {
+                t.refresh();
+                t.current()
+            });
+            let bearer = crate::tools::cli::Bearer::new(token.as_deref());
             tonic::service::interceptor::InterceptedService::new(ch, bearer)
         };
         Ok(UpClient::new(ch).max_decoding_message_size(MESSAGE_BYTES_MAX).max_encoding_message_size(MESSAGE_BYTES_MAX))
@@ -152,20 +162,4 @@ impl Upstream for UpstreamClient {
             .into_inner();
         answer(&resp.answer, &resp.error, "answer")
     }
-}
-
-/// An error with its causes (a TLS failure is in the source chain).
-#[cfg(not(madsim))]
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }

@@ -45,7 +45,7 @@ impl tonic::service::Interceptor for Bearer {
 
 impl Bearer {
     /// Sends `token` (none: nothing).
-    pub fn new(token: Option<crate::auth::Secret>) -> Bearer {
+    pub fn new(token: Option<&crate::auth::Secret>) -> Bearer {
         Bearer(token.and_then(|t| format!("Bearer {}", t.expose()).parse().ok()))
     }
 }
@@ -243,22 +243,9 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Channel> {
     let ep = crate::listen::endpoint(endpoint)
         .map_err(|e| anyhow::anyhow!("invalid endpoint {endpoint:?}: {e}"))?
         .connect_timeout(std::time::Duration::from_secs(3));
-    crate::listen::connect(ep, tls).await.map_err(|e| anyhow::anyhow!("cannot connect to {endpoint}: {}", chain(&e)))
-}
-
-/// An error with its causes (a TLS failure is in the source chain).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
+    crate::listen::connect(ep, tls)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to {endpoint}: {}", crate::listen::error_chain(&e)))
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
@@ -267,7 +254,7 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
         // A transport failure (the call never reached the service): its
         // causes say why, e.g. a TLS port's refusal of a plaintext client.
         Some(cause) => {
-            let why = chain(cause);
+            let why = crate::listen::error_chain(cause);
             let hint = if PLAINTEXT_ENDPOINT.load(std::sync::atomic::Ordering::Relaxed) {
                 " (if the node serves TLS on this port, it refuses plaintext: use https:// and --tls-ca)"
             } else {
