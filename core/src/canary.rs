@@ -86,10 +86,18 @@ pub enum Canary {
     /// A watch event's `prev_kv` is read at the event's own revision
     /// (the value it wrote) instead of the one before.
     WatchPrevKvOwnRevision = 28,
+    /// An etcd permission check of a key range looks only at the range's
+    /// first key: a user permitted `app/` can read `app/..zzz`.
+    AuthChecksRangeStartOnly = 29,
+    /// A node checks a token against whatever auth state it has applied,
+    /// even one older than the state the token was issued from (so a
+    /// user who logged in after a revocation may still use the revoked
+    /// permission at a lagging node).
+    AuthTokenFloorIgnored = 30,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 28] = [
+    pub const ALL: [Canary; 30] = [
         Canary::AckBeforeFsync,
         Canary::StaleRead,
         Canary::ReuseRevision,
@@ -118,6 +126,8 @@ impl Canary {
         Canary::LeaseExpiresAtHalfTtl,
         Canary::WatchProgressAhead,
         Canary::WatchPrevKvOwnRevision,
+        Canary::AuthChecksRangeStartOnly,
+        Canary::AuthTokenFloorIgnored,
     ];
 
     pub fn name(self) -> &'static str {
@@ -150,6 +160,8 @@ impl Canary {
             Canary::LeaseExpiresAtHalfTtl => "lease-expires-at-half-ttl",
             Canary::WatchProgressAhead => "watch-progress-ahead",
             Canary::WatchPrevKvOwnRevision => "watch-prev-kv-own-revision",
+            Canary::AuthChecksRangeStartOnly => "auth-checks-range-start-only",
+            Canary::AuthTokenFloorIgnored => "auth-token-floor-ignored",
         }
     }
 

@@ -213,14 +213,26 @@ pub struct TableInfo {
 /// A change to the table catalog (the metadata group).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaCommand {
-    CreateTable { name: String },
-    DeleteTable { name: String },
+    CreateTable {
+        name: String,
+    },
+    DeleteTable {
+        name: String,
+    },
+    /// A change to the authentication state, requested by `by` (the
+    /// authenticated user, checked when it applies; `None` when there is
+    /// none).
+    Auth {
+        by: Option<String>,
+        cmd: crate::auth::AuthCommand,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaReply {
     Created(TableInfo),
     Deleted(TableInfo),
+    Auth(crate::auth::AuthReply),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -232,6 +244,8 @@ pub enum MetaError {
     TableNotFound(String),
     #[error("invalid table name {name:?}: {reason}")]
     InvalidTableName { name: String, reason: String },
+    #[error("{0}")]
+    Auth(crate::auth::AuthError),
 }
 
 /// Checks a table name: 1 to 128 bytes of `[A-Za-z0-9_.-]`.
@@ -270,6 +284,18 @@ impl<'e> Catalog<'e> {
         k.push(b't');
         k.extend_from_slice(name.as_bytes());
         k
+    }
+
+    /// Where the authentication state is kept.
+    pub fn auth_key(&self) -> Vec<u8> {
+        let mut k = self.ns.clone();
+        k.push(b'a');
+        k
+    }
+
+    /// The authentication state (empty and disabled if never changed).
+    pub fn auth_state(&self) -> Result<crate::auth::AuthState, EngineError> {
+        crate::auth::AuthState::load(self.engine, &self.auth_key())
     }
 
     fn counters_key(&self) -> Vec<u8> {
@@ -336,6 +362,18 @@ impl<'e> Catalog<'e> {
                     Ok(MetaReply::Deleted(info))
                 }
             },
+            MetaCommand::Auth { by, cmd } => {
+                let mut state = self.auth_state()?;
+                match state.apply(by.as_deref(), cmd) {
+                    Ok(reply) => {
+                        if matches!(reply, crate::auth::AuthReply::Changed { .. }) {
+                            state.store(self.auth_key(), &mut batch);
+                        }
+                        Ok(MetaReply::Auth(reply))
+                    }
+                    Err(e) => Err(MetaError::Auth(e)),
+                }
+            }
         };
         Ok((batch, reply))
     }
@@ -351,6 +389,9 @@ pub enum Command {
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            // Auth commands carry password hashes and signing keys: only
+            // their kind is ever printed.
+            Command::Meta(MetaCommand::Auth { cmd, .. }) => write!(f, "meta:auth:{}", cmd.kind()),
             Command::Meta(m) => write!(f, "meta:{m:?}"),
             Command::Table(TableCommand::Put(p)) => write!(f, "put({} bytes key)", p.key.len()),
             Command::Table(TableCommand::DeleteRange(_)) => write!(f, "delete_range"),

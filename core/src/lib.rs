@@ -13,6 +13,7 @@
 //! [`raft::StateMachine`] per Raft group over it; hand them to openraft.
 //! Reads are served by [`mvcc::Mvcc`] over the same engine.
 
+pub mod auth;
 pub mod backup;
 pub mod canary;
 pub mod codec;
