@@ -123,13 +123,20 @@ pub enum Probe {
     /// A watch stream took applied revisions from the table's shared cache
     /// of recent revisions (another stream had read them).
     WatchRecentShared,
+    /// A node refused a token issued from a newer auth state than its own
+    /// (the client retried).
+    AuthTokenAheadOfNode,
+    /// A permission check refused an etcd request.
+    AuthDenied,
+    /// A follower cluster mirrored a newer auth state of the leader cluster.
+    AuthMirrored,
 }
 
 /// Number of probes.
 pub const COUNT: usize = Probe::ALL.len();
 
 impl Probe {
-    pub const ALL: [Probe; 51] = [
+    pub const ALL: [Probe; 54] = [
         Probe::LogTruncated,
         Probe::LogPurged,
         Probe::VoteSavedThenCrash,
@@ -181,6 +188,9 @@ impl Probe {
         Probe::WatchCompacted,
         Probe::WatchHistoryServed,
         Probe::WatchRecentShared,
+        Probe::AuthTokenAheadOfNode,
+        Probe::AuthDenied,
+        Probe::AuthMirrored,
     ];
 
     pub fn name(self) -> &'static str {
@@ -236,6 +246,9 @@ impl Probe {
             Probe::WatchCompacted => "watch-compacted",
             Probe::WatchHistoryServed => "watch-history-served",
             Probe::WatchRecentShared => "watch-recent-shared",
+            Probe::AuthTokenAheadOfNode => "auth-token-ahead-of-node",
+            Probe::AuthDenied => "auth-denied",
+            Probe::AuthMirrored => "auth-mirrored",
         }
     }
 

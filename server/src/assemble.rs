@@ -58,6 +58,8 @@ pub struct Spec {
     pub etcd_address: String,
     /// Bearer tokens of the armada.v1 and replication APIs.
     pub tokens: crate::auth::Tokens,
+    /// etcd authentication's password hashing and token lifetime.
+    pub etcd_auth: api::etcd::auth::EtcdAuthConfig,
 }
 
 /// The adapters that differ between production and simulation.
@@ -99,12 +101,10 @@ pub async fn assemble(spec: Spec, parts: Parts) -> Result<Assembled, ApiError> {
     let metrics = Arc::new(Metrics::default());
     let raft_handler = Arc::new(RaftHandler { node: Arc::downgrade(&node) });
     let api = api::v1::router(api::v1::Api::with_metrics(node.clone(), metrics.clone()), &spec.tokens);
-    let etcd = api::etcd::router(api::etcd::EtcdApi::new(
-        node.clone(),
-        spec.etcd_table.clone(),
-        metrics.clone(),
-        &spec.etcd_address,
-    ));
+    let etcd = api::etcd::router(
+        api::etcd::EtcdApi::new(node.clone(), spec.etcd_table.clone(), metrics.clone(), &spec.etcd_address)
+            .with_auth(spec.etcd_auth.clone()),
+    );
     let (replication, follower, ensure_table) = match spec.role {
         Role::Leader => {
             let node2 = node.clone();

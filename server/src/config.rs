@@ -247,6 +247,16 @@ pub struct ServeArgs {
     /// [default: 5000]
     #[arg(long, env = "ARMADA_TLS_RELOAD_INTERVAL_MS", value_name = "MS")]
     pub tls_reload_interval_ms: Option<u64>,
+    /// Lifetime of the tokens etcd's Authenticate hands out, in seconds
+    /// (etcd's --auth-token-ttl); clients log in again when one expires.
+    /// [default: 300]
+    #[arg(long, env = "ARMADA_ETCD_AUTH_TOKEN_TTL_S", value_name = "SECONDS")]
+    pub etcd_auth_token_ttl_s: Option<u64>,
+    /// Memory cost of hashing etcd users' passwords (Argon2id), in KiB:
+    /// each login and password change takes this much memory and about
+    /// 1-2 ms of CPU per MiB. [default: 19456]
+    #[arg(long, env = "ARMADA_ETCD_AUTH_HASH_MEMORY_KIB", value_name = "KIB")]
+    pub etcd_auth_hash_memory_kib: Option<u32>,
 }
 
 /// The configuration file. Unknown keys and wrong types are errors.
@@ -303,6 +313,8 @@ pub struct FileConfig {
     pub replication_token: Option<String>,
     pub replication_token_file: Option<PathBuf>,
     pub allow_tokens_over_plaintext: Option<bool>,
+    pub etcd_auth_token_ttl_s: Option<u64>,
+    pub etcd_auth_hash_memory_kib: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -338,6 +350,8 @@ pub struct ServeConfig {
     pub tls_reload_interval: Duration,
     /// Bearer tokens per API.
     pub tokens: TokenSpecs,
+    /// etcd authentication's token lifetime and password hashing.
+    pub etcd_auth: crate::api::etcd::auth::EtcdAuthConfig,
 }
 
 /// Where each API's bearer token comes from (none: the API is open).
@@ -696,6 +710,21 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
     if reload_ms == 0 {
         return Err(invalid("TLS reload interval", "0", "must be positive"));
     }
+    let mut etcd_auth = crate::api::etcd::auth::EtcdAuthConfig::default();
+    if let Some(ttl) = args.etcd_auth_token_ttl_s.or(file.etcd_auth_token_ttl_s) {
+        if ttl == 0 || ttl > 30 * 24 * 3600 {
+            return Err(invalid("etcd auth token TTL", ttl.to_string(), "must be 1 s to 30 days"));
+        }
+        etcd_auth.token_ttl = Duration::from_secs(ttl);
+    }
+    if let Some(kib) = args.etcd_auth_hash_memory_kib.or(file.etcd_auth_hash_memory_kib) {
+        // Argon2 needs at least 8 KiB per lane; above 1 GiB a login could
+        // exhaust a node's memory.
+        if !(8..=1 << 20).contains(&kib) {
+            return Err(invalid("etcd auth hash memory", kib.to_string(), "must be 8 KiB to 1 GiB (in KiB)"));
+        }
+        etcd_auth.hash_memory_kib = kib;
+    }
     Ok(ServeConfig {
         data_dir,
         api_address,
@@ -724,6 +753,7 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         tls,
         tls_reload_interval: Duration::from_millis(reload_ms),
         tokens,
+        etcd_auth,
     })
 }
 

@@ -156,8 +156,14 @@ pub async fn launch(cfg: &ServeConfig, role: Role) -> Result<Launched, LaunchErr
         maintenance: token("Maintenance", &t.maintenance)?,
         replication: token("replication", &t.replication)?,
     };
-    let spec =
-        Spec { node: cfg.node.clone(), role, etcd_table: cfg.etcd_table.clone(), etcd_address: etcd_addr, tokens };
+    let spec = Spec {
+        node: cfg.node.clone(),
+        role,
+        etcd_table: cfg.etcd_table.clone(),
+        etcd_address: etcd_addr,
+        tokens,
+        etcd_auth: cfg.etcd_auth.clone(),
+    };
     let parts = Parts {
         engine: engine.clone(),
         disk: Arc::new(RealDisk),

@@ -394,6 +394,32 @@ pub fn unix_time_ms() -> u64 {
     }
 }
 
+/// Milliseconds since the Unix epoch by the clock tokens expire by: the
+/// wall clock, and in simulation builds the simulated world's (seeded,
+/// deterministic) wall clock.
+pub fn token_clock_ms() -> u64 {
+    #[cfg(madsim)]
+    let now = madsim::time::TimeHandle::current().now_time();
+    #[cfg(not(madsim))]
+    let now = std::time::SystemTime::now();
+    now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `n` bytes from the operating system's random source (salts, signing
+/// keys); in simulation builds, from the seeded generator.
+pub fn random_bytes(n: usize) -> Result<Vec<u8>, String> {
+    #[cfg(madsim)]
+    {
+        Ok((0..n).map(|_| madsim::rand::random::<u8>()).collect())
+    }
+    #[cfg(not(madsim))]
+    {
+        let mut b = vec![0u8; n];
+        getrandom::fill(&mut b).map_err(|e| format!("the operating system's random source failed: {e}"))?;
+        Ok(b)
+    }
+}
+
 /// Runs a blocking storage job on a blocking thread, off the async workers
 /// (inline in simulation builds, which have no real threads). `Err` only if
 /// the runtime is shutting down.

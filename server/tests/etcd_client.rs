@@ -206,3 +206,110 @@ async fn the_etcd_client_crate_works_at_a_leader_and_at_a_follower_cluster() {
     assert_eq!(members.members().len(), 1);
     assert_eq!(members.members()[0].client_urls(), [format!("http://{}", leader.nodes[0].etcd)]);
 }
+
+/// etcd authentication through the etcd-client crate's login (it calls
+/// Authenticate and sends the token with every request) at a leader
+/// cluster and at a follower cluster, which mirrors users, roles and the
+/// signing key: a token from either cluster works at both; a refusal is
+/// etcd's; a write through the follower is checked and forwarded; a
+/// password change and a revoked role reach the follower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_users_log_in_at_a_leader_and_at_a_follower_cluster() {
+    use etcd_client::{Permission, UserAddOptions};
+    let leader = Cluster::new(1, "etcd-auth-leader");
+    wait_ready(&leader.nodes[0].http, Duration::from_secs(30)).await;
+    let root = std::env::temp_dir().join(format!("armada-proc-etcd-auth-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let follower = start_follower(&root, "f", &leader.nodes[0].replication);
+    let mut admin = connect(&leader.nodes[0].etcd).await;
+    connect(&follower.nodes[0].etcd).await;
+    admin.user_add("root", "rootpw", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.role_add("app").await.unwrap();
+    admin.role_grant_permission("app", Permission::read_write("app/").with_prefix()).await.unwrap();
+    admin.user_add("alice", "alicepw", None).await.unwrap();
+    admin.user_add("svc", "", Some(UserAddOptions::new().with_no_pwd())).await.unwrap();
+    admin.user_grant_role("alice", "app").await.unwrap();
+    admin.auth_enable().await.unwrap();
+
+    let login = |endpoint: String, user: &'static str, password: &'static str| async move {
+        let options = ConnectOptions::new().with_user(user, password).with_timeout(Duration::from_secs(10));
+        Client::connect([format!("http://{endpoint}")], Some(options)).await
+    };
+    let mut alice_l =
+        login(leader.nodes[0].etcd.clone(), "alice", "alicepw").await.expect("alice logs in at the leader");
+    alice_l.put("app/x", "1", None).await.unwrap();
+    let denied = alice_l.put("other", "1", None).await.unwrap_err().to_string();
+    assert!(denied.contains("permission denied"), "{denied}");
+    // The follower mirrors the state: alice logs in there (her password is
+    // checked locally) and reads what she may.
+    let mut alice_f = eventually(Duration::from_secs(30), "alice logs in at the follower", || async {
+        let mut c = login(follower.nodes[0].etcd.clone(), "alice", "alicepw").await.map_err(|e| e.to_string())?;
+        let r = c.get("app/x", None).await.map_err(|e| e.to_string())?;
+        if r.kvs().is_empty() {
+            return Err("app/x not replicated yet".into());
+        }
+        Ok(c)
+    })
+    .await;
+    let denied = alice_f.get("other", None).await.unwrap_err().to_string();
+    assert!(denied.contains("permission denied"), "{denied}");
+    // A write through the follower: checked there, forwarded, applied.
+    alice_f.put("app/y", "from-edge", None).await.unwrap();
+    let got = alice_l.get("app/y", None).await.unwrap();
+    assert_eq!(got.kvs().first().map(|kv| text(kv.value())), Some("from-edge".into()));
+    // Anonymous requests and a user without a password are refused there.
+    let mut anon = connect_anonymous(&follower.nodes[0].etcd).await;
+    let e = anon.get("app/x", None).await.unwrap_err().to_string();
+    assert!(e.contains("user name is empty"), "{e}");
+    let e = login(follower.nodes[0].etcd.clone(), "svc", "").await.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("authentication failed"), "a user without a password cannot log in: {e}");
+    // The follower cluster does not manage users: that is the leader's.
+    let mut root_f = login(follower.nodes[0].etcd.clone(), "root", "rootpw").await.unwrap();
+    let e = root_f.role_add("edge").await.unwrap_err().to_string();
+    assert!(e.contains("leader cluster"), "{e}");
+    // A token from the follower works at the leader (one signing key).
+    let token = root_f.auth_client().authenticate("alice".into(), "alicepw".into()).await.unwrap().token().to_string();
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", leader.nodes[0].etcd))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = armada_proto::etcd::kv_client::KvClient::new(ch);
+    let mut req =
+        tonic::Request::new(armada_proto::etcd::RangeRequest { key: b"app/x".to_vec(), ..Default::default() });
+    req.metadata_mut().insert("token", token.parse().unwrap());
+    assert_eq!(raw.range(req).await.unwrap().into_inner().kvs.len(), 1);
+
+    // Revoking alice's role at the leader reaches the follower.
+    let mut root_l = login(leader.nodes[0].etcd.clone(), "root", "rootpw").await.unwrap();
+    root_l.user_revoke_role("alice", "app").await.unwrap();
+    eventually(Duration::from_secs(30), "the revocation reaches the follower", || async {
+        let mut c = login(follower.nodes[0].etcd.clone(), "alice", "alicepw").await.map_err(|e| e.to_string())?;
+        match c.get("app/x", None).await {
+            Err(e) if e.to_string().contains("permission denied") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    // A password change: the old password stops working at the follower.
+    root_l.user_change_password("alice", "newpw").await.unwrap();
+    eventually(Duration::from_secs(30), "the new password reaches the follower", || async {
+        login(follower.nodes[0].etcd.clone(), "alice", "newpw").await.map(|_| ()).map_err(|e| e.to_string())
+    })
+    .await;
+    let e = login(follower.nodes[0].etcd.clone(), "alice", "alicepw")
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("authentication failed"), "{e}");
+}
+
+/// A client without a user, connected without reading anything (reads are
+/// refused once authentication is on).
+async fn connect_anonymous(endpoint: &str) -> Client {
+    let options = ConnectOptions::new().with_timeout(Duration::from_secs(10));
+    Client::connect([format!("http://{endpoint}")], Some(options)).await.unwrap()
+}

@@ -477,6 +477,22 @@ pub fn check_with_budget(
             KeyVerdict::Budget => return Err(Failure::BudgetExceeded { table, key, ops: ops.len() }),
             KeyVerdict::NotLinearizable => {
                 let last = ops.iter().map(|o| o.origin).max().unwrap_or(0);
+                // A debugging aid (read after the run, never inside the
+                // world): the key's whole history, in invocation order.
+                if std::env::var_os("ARMADA_SIM_DUMP").is_some() {
+                    let mut mine: Vec<&Op> = ops.iter().filter_map(|o| history.get(o.origin)).collect();
+                    mine.sort_by_key(|o| o.invoke_ns);
+                    for o in mine {
+                        eprintln!(
+                            "  {:>9.3}-{:>9.3} c{} {:?} -> {:?}",
+                            o.invoke_ns as f64 / 1e6,
+                            o.complete_ns as f64 / 1e6,
+                            o.client,
+                            o.kind,
+                            o.outcome
+                        );
+                    }
+                }
                 let detail = format!("no valid order; last op {:?}", history.get(last).map(|o| (&o.kind, &o.outcome)));
                 return Err(Failure::NotLinearizable { table, key, ops: ops.len(), detail });
             }

@@ -115,6 +115,10 @@ mod sim_main {
         if r.leases.0 > 0 {
             extra.push_str(&format!(" leases={}/{}/{}", r.leases.0, r.leases.1, r.leases.2));
         }
+        if r.auth_checked.0 > 0 || r.auth_checked.1 > 0 {
+            let a = r.auth_checked;
+            extra.push_str(&format!(" auth={}/{}/{}/{}", a.0, a.1, a.2, a.3));
+        }
         if r.watch_events > 0 {
             extra.push_str(&format!(" watch_events={} watch_progress={}", r.watch_events, r.watch_progress));
         }

@@ -385,6 +385,13 @@ pub struct Scenario {
     /// or let them run out (L1 checks every revocation).
     #[serde(default)]
     pub leases: u32,
+    /// etcd users: an admin sets authentication up and keeps changing
+    /// users' roles and permissions; two clients per user log in at random
+    /// nodes and read and write with their tokens (A1 checks every
+    /// permission decision). Watchers and lease clients use the etcd API
+    /// anonymously, so they cannot run with it.
+    #[serde(default)]
+    pub auth_users: u32,
 }
 
 /// The table [`Scenario::table_churn_ms`] deletes and re-creates (no client
@@ -457,6 +464,14 @@ impl Scenario {
         }
         if self.leases > CLIENTS_MAX {
             return Err(format!("leases must be at most {CLIENTS_MAX}"));
+        }
+        if self.auth_users > CLIENTS_MAX / 2 {
+            return Err(format!("auth_users must be at most {}", CLIENTS_MAX / 2));
+        }
+        if self.auth_users > 0 && (self.watchers > 0 || self.leases > 0) {
+            return Err(
+                "auth_users cannot be combined with watchers or leases (they use the etcd API anonymously)".into()
+            );
         }
         if !(1..=KEYS_MAX).contains(&self.keys) {
             return Err(format!("keys must be 1..={KEYS_MAX}"));

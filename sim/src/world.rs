@@ -26,6 +26,7 @@ use tonic::transport::Channel;
 
 use crate::checks::{self, ApplyLog, LeaderLog};
 
+mod auth;
 mod disk;
 mod etcd;
 mod followers;
@@ -100,6 +101,9 @@ pub struct Report {
     /// Watch latency at follower clusters (leader-cluster apply to event
     /// arrival): p50, p99 in ms, and the number of live events measured.
     pub follower_watch_ms: Option<(f64, f64, usize)>,
+    /// Permission decisions A1 checked, auth revisions applied, logins,
+    /// and answers that were no decision.
+    pub auth_checked: (usize, u64, u64, u64),
 }
 
 /// A client request's deadline; past it the outcome is indefinite.
@@ -141,6 +145,11 @@ struct Shared {
     watch: Mutex<watchers::WatchLog>,
     /// L1: what the lease clients did, and the revocations applied.
     leases: Mutex<leases::LeaseLog>,
+    /// A1: what the auth clients saw, and the auth changes applied.
+    auth: Mutex<auth::AuthLog>,
+    /// etcd authentication runs in this world: anonymous clients stay off
+    /// the etcd API.
+    etcd_closed: bool,
 }
 
 impl Shared {
@@ -211,6 +220,17 @@ impl ApplyObserver for Observer {
                 let now = self.shared.now_ns();
                 self.shared.leases.lock().unwrap_or_else(|p| p.into_inner()).revoked(*id, now, reply.revision());
             }
+        }
+        if let (
+            0,
+            Some(Command::Meta(armada_core::command::MetaCommand::Auth { cmd, .. })),
+            CommandResponse::Meta(Ok(armada_core::command::MetaReply::Auth(armada_core::auth::AuthReply::Changed {
+                revision,
+            }))),
+        ) = (self.repl.cluster, command, response)
+        {
+            let now = self.shared.now_ns();
+            self.shared.auth.lock().unwrap_or_else(|p| p.into_inner()).applied(*revision, now, cmd);
         }
         let group = global_group(self.repl.cluster, group);
         if let (0, Some(rev)) = (self.repl.cluster, revision) {
@@ -387,6 +407,13 @@ async fn node_main(
         etcd_table: ETCD_TABLE.to_string(),
         etcd_address: format!("{ip}:{ETCD_PORT}"),
         tokens: Default::default(),
+        // Cheap hashing: the simulated world logs in often, and the cost
+        // of a hash is real time, not simulated time.
+        etcd_auth: armada_server::api::etcd::auth::EtcdAuthConfig {
+            token_ttl: std::time::Duration::from_secs(300),
+            hash_memory_kib: 64,
+            hash_passes: 1,
+        },
     };
     let parts = Parts {
         engine,
@@ -773,7 +800,9 @@ async fn perform_many(conns: &mut Conns, node: u64, table: &str, puts: &[(String
 /// Whether an operation on `table` goes through the etcd API (part of the
 /// operations on the etcd table, drawn from the seed); counts those.
 fn via_etcd(shared: &Shared, table: &str) -> bool {
-    if table != ETCD_TABLE || rand_range(1, 100) > etcd::ETCD_SHARE_PCT {
+    // With etcd authentication on, the etcd API refuses anonymous clients:
+    // the workload then reaches the etcd table through armada.v1 only.
+    if table != ETCD_TABLE || shared.etcd_closed || rand_range(1, 100) > etcd::ETCD_SHARE_PCT {
         return false;
     }
     *shared.etcd_ops.lock().unwrap_or_else(|p| p.into_inner()) += 1;
@@ -1789,6 +1818,15 @@ async fn world(sc: Scenario, shared: Arc<Shared>) {
         let node = handle.create_node().name(format!("leases-{c}")).ip(ip.parse().expect("valid ip")).build();
         clients.push(node.spawn(leases::lease_main(c, sc.clone(), members.clone(), shared.clone(), until_ns)));
     }
+    if sc.auth_users > 0 {
+        let node = handle.create_node().name("auth-admin").ip("10.5.0.1".parse().expect("valid ip")).build();
+        clients.push(node.spawn(auth::admin_main(sc.clone(), shared.clone(), until_ns)));
+        for c in 0..sc.auth_users * 2 {
+            let ip = format!("10.5.{}.{}", 1 + c / 200, c % 200 + 1);
+            let node = handle.create_node().name(format!("auth-{c}")).ip(ip.parse().expect("valid ip")).build();
+            clients.push(node.spawn(auth::user_main(c, sc.clone(), shared.clone(), until_ns)));
+        }
+    }
     if sc.backups > 0 {
         let node = handle.create_node().name("backup").ip("10.1.0.3".parse().expect("valid ip")).build();
         clients.push(node.spawn(backup_main(sc.clone(), members.clone(), shared.clone(), until_ns)));
@@ -1909,6 +1947,8 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
                 etcd_ops: Mutex::new(0),
                 watch: Mutex::new(Default::default()),
                 leases: Mutex::new(Default::default()),
+                auth: Mutex::new(Default::default()),
+                etcd_closed: sc2.auth_users > 0,
             });
             shared.trace_str(&sc2.name);
             world(sc2, shared.clone()).await;
@@ -1953,6 +1993,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
                 watch_progress: 0,
                 leases: (0, 0, 0),
                 follower_watch_ms: None,
+                auth_checked: (0, 0, 0, 0),
             };
         }
     };
@@ -2005,6 +2046,8 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
     let follower_watch_ms = if watch_lag.is_empty() { None } else { Some((wpct(0.5), wpct(0.99), watch_lag.len())) };
     let (lease_failures, leases) = leases::check(&shared, sc, sim_ns);
     safety.extend(lease_failures);
+    let (auth_failures, auth_checked) = auth::check(&shared);
+    safety.extend(auth_failures);
     let (repl_failures, mut lag) = followers::check(&shared);
     safety.extend(repl_failures);
     lag.sort_by(f64::total_cmp);
@@ -2057,5 +2100,6 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
         watch_progress,
         leases,
         follower_watch_ms,
+        auth_checked,
     }
 }

@@ -200,3 +200,17 @@ fn a_watch_behind_the_compaction_is_answered_compacted_not_without_prev_kv() {
 fn hits(r: &armada_sim::world::Report, p: Probe) -> u64 {
     r.probes.iter().find(|(q, _)| *q == p).map_or(0, |(_, n)| *n)
 }
+
+/// auth-followers seeds 13, 17 and 20 (found by A1 when etcd authentication
+/// joined the simulator): while its applied auth state had authentication
+/// disabled, a follower-cluster node ignored every token, as etcd does, and
+/// served a user whose token came from the newer, enabled state a range
+/// that state denied. A node now refuses (retry) a token newer than its
+/// state even while authentication is off in it.
+#[test]
+fn a_node_behind_a_token_never_serves_it_as_if_authentication_were_off() {
+    let r = run(&scenario("auth-followers.toml"), 13, None);
+    assert_eq!(r.verdict, Verdict::Pass, "{:#?}", r.failures);
+    assert!(r.auth_checked.0 > 0, "no permission decision was checked");
+    assert!(hits(&r, Probe::AuthTokenAheadOfNode) >= 1, "no node was behind a token on this seed any more");
+}

@@ -68,6 +68,9 @@ impl Node {
             ClientRequest::Lease { table, query, hops } => {
                 Box::pin(self.lease_local(table, query, *hops)).await.map(|(a, h)| ClientReply::Lease(a, h))
             }
+            ClientRequest::Auth { by, cmd, hops } => {
+                Box::pin(self.auth_change_local(by.clone(), cmd.clone(), *hops)).await.map(ClientReply::Auth)
+            }
         };
         match local {
             Ok(reply) => Ok(reply),

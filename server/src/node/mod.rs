@@ -13,6 +13,7 @@
 //! [`snapshots`] (building and sending Raft snapshots), [`compactor`], and
 //! [`failstop`] (a failed write or sync stops the node).
 
+pub mod auth;
 pub mod compactor;
 pub mod config;
 pub mod execute;
@@ -141,6 +142,9 @@ pub struct Node {
     catalog_cache: std::sync::RwLock<(u64, BTreeMap<String, TableInfo>)>,
     /// Where this node's lease clock starts (see `lease`).
     lease_origin: crate::rt::RaftInstant,
+    /// The applied auth state, valid while the catalog epoch is the one
+    /// recorded (see `auth`).
+    auth_cache: std::sync::RwLock<(u64, Arc<auth::AuthView>)>,
 }
 
 impl Node {
@@ -217,6 +221,7 @@ impl Node {
             proposals: std::sync::atomic::AtomicU64::new(0),
             raft_stats: Arc::default(),
             catalog_cache: Default::default(),
+            auth_cache: std::sync::RwLock::new((u64::MAX, Default::default())),
             lease_origin: <crate::rt::RaftInstant as openraft::Instant>::now(),
         });
         node.open_group(GroupId::META, String::new(), GroupKind::Meta).await?;

@@ -62,6 +62,14 @@ pub enum ClientRequest {
         query: LeaseQuery,
         hops: u32,
     },
+    /// A change to the authentication state (the metadata group's leader
+    /// proposes it). Appended: a previous release refuses it, so upgrade
+    /// every node before using authentication.
+    Auth {
+        by: Option<String>,
+        cmd: armada_core::auth::AuthCommand,
+        hops: u32,
+    },
 }
 
 impl ClientRequest {
@@ -77,7 +85,8 @@ impl ClientRequest {
             | ClientRequest::CreateTable { hops, .. }
             | ClientRequest::DeleteTable { hops, .. }
             | ClientRequest::ListTables { hops }
-            | ClientRequest::Lease { hops, .. } => *hops += 1,
+            | ClientRequest::Lease { hops, .. }
+            | ClientRequest::Auth { hops, .. } => *hops += 1,
         }
         r
     }
@@ -90,6 +99,7 @@ pub enum ClientReply {
     Table(TableInfo),
     Tables(Vec<TableInfo>),
     Lease(LeaseAnswer, HeaderInfo),
+    Auth(armada_core::auth::AuthReply),
 }
 
 #[derive(Serialize, Deserialize)]

@@ -198,7 +198,39 @@ fn note_catalog_error(last: &mut Option<String>, error: String) {
     *last = Some(error);
 }
 
+/// Mirrors the leader cluster's auth state when it is newer than this
+/// cluster's (the state machine never lets it go back).
+async fn reconcile_auth(node: &Node, update: &pb::CatalogUpdate) {
+    if update.auth_state.is_empty() {
+        return;
+    }
+    match node.auth_view() {
+        Ok(v) if v.state.revision >= update.auth_revision => return,
+        Ok(_) => {}
+        Err(e) => {
+            debug!("reading the local auth state (not mirrored this round): {e}");
+            return;
+        }
+    }
+    let state: armada_core::auth::AuthState = match armada_core::codec::decode(&update.auth_state, "auth state") {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("the leader cluster's auth state cannot be decoded (not mirrored): {e}");
+            return;
+        }
+    };
+    let revision = state.revision;
+    match node.auth_change_internal(None, armada_core::auth::AuthCommand::Mirror { state }).await {
+        Ok(_) => {
+            armada_core::probe!(AuthMirrored);
+            info!(revision, "mirrored the leader cluster's authentication state");
+        }
+        Err(e) => debug!("mirroring the auth state: {e}"),
+    }
+}
+
 async fn reconcile_catalog(node: &Node, update: &pb::CatalogUpdate, known: &mut BTreeMap<String, u64>) {
+    reconcile_auth(node, update).await;
     let local: Vec<TableInfo> = match node.catalog_list() {
         Ok(t) => t,
         Err(e) => {

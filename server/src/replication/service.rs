@@ -39,8 +39,13 @@ impl ReplicationService {
 
     fn catalog(node: &Node) -> Result<pb::CatalogUpdate, Status> {
         let tables = node.catalog_list().map_err(|e| status(&e))?;
+        let auth = node.auth_view().map_err(|e| status(&e))?;
+        // An empty, never-changed state is not sent (nothing to mirror).
+        let auth_state = if auth.state.revision == 0 { Vec::new() } else { armada_core::codec::encode(&auth.state) };
         Ok(pb::CatalogUpdate {
             tables: tables.into_iter().map(|t| pb::TableRef { name: t.name, id: t.id.0 }).collect(),
+            auth_state,
+            auth_revision: auth.state.revision,
         })
     }
 }

@@ -277,6 +277,7 @@ pub async fn launch_in_process_with(
         tls,
         tls_reload_interval: Duration::from_millis(100),
         tokens,
+        etcd_auth: Default::default(),
     };
     let node = armada_server::launch::launch(&cfg, armada_server::launch::Role::Leader).await.expect("launch");
     let deadline = Instant::now() + Duration::from_secs(30);

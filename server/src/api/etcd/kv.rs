@@ -1,6 +1,7 @@
 //! The etcd KV service: Range, Put, DeleteRange, Txn and Compact over the
 //! etcd table.
 
+use armada_core::auth::Access;
 use armada_core::command::TableReply;
 use armada_core::kv::KvError;
 use armada_core::TableCommand;
@@ -20,8 +21,10 @@ impl pb::kv_server::Kv for EtcdApi {
     async fn range(&self, request: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
         self.metrics
             .timed("etcd.Range", async move {
+                let caller = self.caller(&request)?;
                 let r = request.into_inner();
                 check_size(&r)?;
+                caller.check(Access::Read, &r.key, &r.range_end)?;
                 let req = range_in(&r)?;
                 let (resp, h) =
                     self.node.range(&self.table, &req, serializable(&r)).await.map_err(|e| etcd_status(&e))?;
@@ -33,8 +36,10 @@ impl pb::kv_server::Kv for EtcdApi {
     async fn put(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
         self.metrics
             .timed("etcd.Put", async move {
+                let caller = self.caller(&request)?;
                 let r = request.into_inner();
                 check_size(&r)?;
+                caller.check_put(&r)?;
                 match self.write(TableCommand::Put(put_in(&r)?)).await? {
                     (TableReply::Put(p), h) => Ok(Response::new(self.put_out(p, h))),
                     (other, _) => Err(unexpected(&other)),
@@ -49,8 +54,10 @@ impl pb::kv_server::Kv for EtcdApi {
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
         self.metrics
             .timed("etcd.DeleteRange", async move {
+                let caller = self.caller(&request)?;
                 let r = request.into_inner();
                 check_size(&r)?;
+                caller.check_delete(&r)?;
                 match self.write(TableCommand::DeleteRange(delete_in(&r))).await? {
                     (TableReply::DeleteRange(d), h) => Ok(Response::new(self.delete_out(d, h))),
                     (other, _) => Err(unexpected(&other)),
@@ -62,8 +69,10 @@ impl pb::kv_server::Kv for EtcdApi {
     async fn txn(&self, request: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
         self.metrics
             .timed("etcd.Txn", async move {
+                let caller = self.caller(&request)?;
                 let r = request.into_inner();
                 check_size(&r)?;
+                caller.check_txn(&r)?;
                 match self.write(TableCommand::Txn(txn_in(&r)?)).await? {
                     (TableReply::Txn(t), h) => Ok(Response::new(self.txn_out(t, h))),
                     (other, _) => Err(unexpected(&other)),
@@ -78,6 +87,9 @@ impl pb::kv_server::Kv for EtcdApi {
     ) -> Result<Response<pb::CompactionResponse>, Status> {
         self.metrics
             .timed("etcd.Compact", async move {
+                // As in etcd, any user may compact (it needs no key's
+                // permission): only anonymous callers are refused.
+                self.caller(&request)?.check_user()?;
                 let r = request.into_inner();
                 // etcd answers a compaction at or below the compacted revision,
                 // negative ones included, with "compacted".

@@ -5,6 +5,7 @@
 //! unknown lease answers TTL 0 and a time to live of one answers TTL -1,
 //! rather than failing.
 
+use armada_core::auth::Access;
 use armada_core::command::TableReply;
 use armada_core::kv::KvError;
 use armada_core::lease::{LeaseAnswer, LeaseQuery};
@@ -14,6 +15,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::auth::Caller;
 use super::{etcd_status, EtcdApi};
 use crate::types::ApiError;
 
@@ -47,6 +49,22 @@ impl EtcdApi {
         Ok(pb::LeaseKeepAliveResponse { header: self.header(h, revision), id, ttl })
     }
 
+    /// Checks `access` to every key attached to lease `id` (root, and
+    /// everyone while authentication is disabled, need no lookup).
+    async fn check_lease_keys(&self, caller: &Caller, id: i64, access: Access) -> Result<(), Status> {
+        if caller.check_admin().is_ok() {
+            return Ok(());
+        }
+        caller.check_user()?;
+        match self.lease_query(LeaseQuery::TimeToLive { id, keys: true }).await {
+            Ok((LeaseAnswer::TimeToLive { keys, .. }, _)) => keys.iter().try_for_each(|k| caller.check(access, k, &[])),
+            Ok((other, _)) => Err(unexpected(&other)),
+            // The revoke or the lookup itself reports the missing lease.
+            Err(ApiError::Kv(KvError::LeaseNotFound { .. })) => Ok(()),
+            Err(e) => Err(etcd_status(&e)),
+        }
+    }
+
     /// The etcd table's revision on this node, for response headers.
     async fn current_revision(&self) -> u64 {
         match self.node.table_group(&self.table).await {
@@ -66,6 +84,7 @@ impl pb::lease_server::Lease for EtcdApi {
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
         self.metrics
             .timed("etcd.LeaseGrant", async move {
+                self.caller(&request)?.check_user()?;
                 let r = request.into_inner();
                 match self.write(TableCommand::LeaseGrant { id: r.id, ttl: r.ttl }).await? {
                     (TableReply::LeaseGranted(g), h) => Ok(Response::new(pb::LeaseGrantResponse {
@@ -86,7 +105,11 @@ impl pb::lease_server::Lease for EtcdApi {
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
         self.metrics
             .timed("etcd.LeaseRevoke", async move {
+                let caller = self.caller(&request)?;
                 let r = request.into_inner();
+                // Revoking deletes the lease's keys: as in etcd, a user
+                // other than root needs write permission on every one.
+                self.check_lease_keys(&caller, r.id, Access::Write).await?;
                 match self.write(TableCommand::LeaseRevoke { id: r.id }).await? {
                     (TableReply::LeaseRevoked(x), h) => {
                         Ok(Response::new(pb::LeaseRevokeResponse { header: self.header(h, x.revision) }))
@@ -101,6 +124,7 @@ impl pb::lease_server::Lease for EtcdApi {
         &self,
         request: Request<Streaming<pb::LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        self.caller(&request)?.check_user()?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<pb::LeaseKeepAliveResponse, Status>>(KEEPALIVE_DEPTH);
         let api = self.clone();
@@ -127,7 +151,13 @@ impl pb::lease_server::Lease for EtcdApi {
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
         self.metrics
             .timed("etcd.LeaseTimeToLive", async move {
+                let caller = self.caller(&request)?;
+                caller.check_user()?;
                 let r = request.into_inner();
+                if r.keys {
+                    // Listing the keys shows them: read permission on each.
+                    self.check_lease_keys(&caller, r.id, Access::Read).await?;
+                }
                 let revision = self.current_revision().await;
                 match self.lease_query(LeaseQuery::TimeToLive { id: r.id, keys: r.keys }).await {
                     Ok((LeaseAnswer::TimeToLive { id, ttl, granted, keys }, h)) => {
@@ -158,10 +188,11 @@ impl pb::lease_server::Lease for EtcdApi {
 
     async fn lease_leases(
         &self,
-        _request: Request<pb::LeaseLeasesRequest>,
+        request: Request<pb::LeaseLeasesRequest>,
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
         self.metrics
             .timed("etcd.LeaseLeases", async move {
+                self.caller(&request)?.check_user()?;
                 let revision = self.current_revision().await;
                 match self.lease_query(LeaseQuery::List).await.map_err(|e| etcd_status(&e))? {
                     (LeaseAnswer::Leases(ids), h) => Ok(Response::new(pb::LeaseLeasesResponse {

@@ -22,8 +22,9 @@ impl pb::maintenance_server::Maintenance for EtcdApi {
     /// Reclaims the storage space of deleted data on this node.
     async fn defragment(
         &self,
-        _request: Request<pb::DefragmentRequest>,
+        request: Request<pb::DefragmentRequest>,
     ) -> Result<Response<pb::DefragmentResponse>, Status> {
+        self.caller(&request)?.check_admin()?;
         let group = self.node.table_group(&self.table).await.map_err(|e| etcd_status(&e))?;
         let engine = self.node.engine().clone();
         blocking(move || engine.defragment()).await?.map_err(|e| Status::internal(format!("etcdserver: {e}")))?;
@@ -33,7 +34,8 @@ impl pb::maintenance_server::Maintenance for EtcdApi {
 
     /// A hash of everything this node stores for the etcd table (live keys
     /// and history): equal on members that agree.
-    async fn hash(&self, _request: Request<pb::HashRequest>) -> Result<Response<pb::HashResponse>, Status> {
+    async fn hash(&self, request: Request<pb::HashRequest>) -> Result<Response<pb::HashResponse>, Status> {
+        self.caller(&request)?.check_admin()?;
         let group = self.node.table_group(&self.table).await.map_err(|e| etcd_status(&e))?;
         let (node, id) = (self.node.clone(), group.id);
         let hash = blocking(move || {
@@ -55,6 +57,7 @@ impl pb::maintenance_server::Maintenance for EtcdApi {
     /// A hash of the key-values live at a revision (0: now), with the
     /// compaction revision.
     async fn hash_kv(&self, request: Request<pb::HashKvRequest>) -> Result<Response<pb::HashKvResponse>, Status> {
+        self.caller(&request)?.check_admin()?;
         let revision = u64::try_from(request.into_inner().revision)
             .map_err(|_| Status::invalid_argument("etcdserver: revision must not be negative"))?;
         let group = self.node.table_group(&self.table).await.map_err(|e| etcd_status(&e))?;
@@ -72,7 +75,8 @@ impl pb::maintenance_server::Maintenance for EtcdApi {
     }
 
     /// The etcd table's backup, in Armada's backup format.
-    async fn snapshot(&self, _request: Request<pb::SnapshotRequest>) -> Result<Response<SnapshotStream>, Status> {
+    async fn snapshot(&self, request: Request<pb::SnapshotRequest>) -> Result<Response<SnapshotStream>, Status> {
+        self.caller(&request)?.check_admin()?;
         let writer = self.node.backup(&self.table).await.map_err(|e| etcd_status(&e))?;
         let group = self.node.table_group(&self.table).await.map_err(|e| etcd_status(&e))?;
         let mut header = self.header(self.node.header(&group), writer.revision());

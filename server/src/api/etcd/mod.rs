@@ -1,5 +1,5 @@
-//! etcd v3 compatibility: the `etcdserverpb` KV, Watch and Lease services,
-//! Maintenance and Cluster.MemberList, served over one Armada table
+//! etcd v3 compatibility: the `etcdserverpb` KV, Watch, Lease and Auth
+//! services, Maintenance and Cluster.MemberList, served over one Armada table
 //! (`--etcd-table`); its leases are that table's.
 //!
 //! Requests become the same core commands as armada.v1 requests, so
@@ -7,9 +7,10 @@
 //! differs is the edge: negative revisions and limits mean "none" (as in
 //! etcd), errors carry etcd's gRPC codes and messages (clients such as
 //! etcdctl and clientv3 recognise errors by their text), and the features
-//! Armada does not have (nested transactions, authentication) are
+//! Armada does not have (nested transactions, Alarm, MoveLeader) are
 //! refused with a clear error instead of being half-done.
 
+pub mod auth;
 pub mod cluster;
 pub mod convert;
 pub mod kv;
@@ -57,6 +58,7 @@ pub fn etcd_status(e: &ApiError) -> Status {
         ApiError::TableNotFound(t) | ApiError::Meta(MetaError::TableNotFound(t)) => {
             Status::not_found(format!("etcdserver: armada table {t:?} (the etcd table) does not exist"))
         }
+        ApiError::Meta(MetaError::Auth(a)) => auth::auth_status(a),
         ApiError::Meta(m) => Status::invalid_argument(format!("etcdserver: {m}")),
         ApiError::Unavailable(_) => Status::unavailable("etcdserver: no leader"),
         ApiError::Indeterminate(_) => Status::unavailable("etcdserver: request timed out"),
@@ -96,6 +98,8 @@ pub struct EtcdApi {
     /// This node's etcd address, as member list publishes it.
     client_url: String,
     cluster_id: u64,
+    /// Password hashing and token lifetime of etcd authentication.
+    auth: auth::EtcdAuthConfig,
 }
 
 impl EtcdApi {
@@ -107,7 +111,20 @@ impl EtcdApi {
             h.write_bytes(m.raft_addr.as_bytes());
         }
         let cluster_id = h.finish();
-        Self { node, table, metrics, client_url: format!("http://{etcd_address}"), cluster_id }
+        Self {
+            node,
+            table,
+            metrics,
+            client_url: format!("http://{etcd_address}"),
+            cluster_id,
+            auth: auth::EtcdAuthConfig::default(),
+        }
+    }
+
+    /// Sets how passwords are hashed and how long tokens live.
+    pub fn with_auth(mut self, auth: auth::EtcdAuthConfig) -> Self {
+        self.auth = auth;
+        self
     }
 
     fn header(&self, h: HeaderInfo, revision: u64) -> Option<pb::ResponseHeader> {
@@ -131,6 +148,7 @@ pub fn router(api: EtcdApi) -> tonic::transport::server::Router {
         .add_service(pb::maintenance_server::MaintenanceServer::new(api.clone()))
         .add_service(pb::cluster_server::ClusterServer::new(api.clone()))
         .add_service(pb::lease_server::LeaseServer::new(api.clone()))
+        .add_service(pb::auth_server::AuthServer::new(api.clone()))
         .add_service(pb::watch_server::WatchServer::new(api))
 }
 

@@ -4,6 +4,7 @@
 //! filter, a malformed message) ends the stream with an error, as etcd's
 //! server does for a broken stream.
 
+use armada_core::auth::Access;
 use armada_core::watch::{EventKind, WatchEvent, WatchResponse, WatchSpec};
 use armada_core::Revision;
 use armada_proto::etcd as pb;
@@ -68,10 +69,16 @@ impl pb::watch_server::Watch for EtcdApi {
         request: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let group = self.node.table_group(&self.table).await.map_err(|e| etcd_status(&e))?;
+        // The stream's token is checked again at every create (it may have
+        // expired, the user's permissions may have changed), as etcd does.
+        let metadata = request.metadata().clone();
         let mut inbound = request.into_inner();
         let (in_tx, in_rx) = mpsc::channel::<WatchInput>(CHANNEL_DEPTH);
         let (out_tx, out_rx) = mpsc::channel::<WatchResponse>(CHANNEL_DEPTH);
         let (err_tx, err_rx) = mpsc::channel::<Status>(1);
+        let (denied_tx, denied_rx) = mpsc::channel::<String>(CHANNEL_DEPTH);
+        let api = std::sync::Arc::new(self.clone());
+        let checker = api.clone();
         let node = self.node.clone();
         let id = group.id;
         tokio::spawn(async move { node.serve_watch(id, in_rx, out_tx).await });
@@ -80,7 +87,21 @@ impl pb::watch_server::Watch for EtcdApi {
                 use pb::watch_request::RequestUnion;
                 let input = match msg.map(|m| m.request_union) {
                     Ok(Some(RequestUnion::CreateRequest(c))) => match create_in(c) {
-                        Ok(spec) => WatchInput::Create(spec),
+                        Ok(spec) => {
+                            let permitted = checker
+                                .caller_from(&metadata)
+                                .and_then(|who| who.check(Access::Read, &spec.key, &spec.range_end));
+                            if let Err(s) = permitted {
+                                // etcd answers a refused create on the
+                                // stream (created and canceled, with the
+                                // reason) and keeps the stream open.
+                                if denied_tx.send(s.message().to_string()).await.is_err() {
+                                    return;
+                                }
+                                continue;
+                            }
+                            WatchInput::Create(spec)
+                        }
                         Err(s) => {
                             let _ = err_tx.send(s).await;
                             return;
@@ -98,13 +119,25 @@ impl pb::watch_server::Watch for EtcdApi {
             }
         });
         // Shared by every response of the stream (an `EtcdApi` holds strings).
-        let api = std::sync::Arc::new(self.clone());
-        let responses = futures::stream::unfold((out_rx, err_rx, group), move |(mut out, mut err, group)| {
+        let state = (out_rx, err_rx, denied_rx, group);
+        let responses = futures::stream::unfold(state, move |(mut out, mut err, mut denied, group)| {
             let api = api.clone();
             async move {
                 tokio::select! {
                     biased;
-                    Some(s) = err.recv() => Some((Err(s), (out, err, group))),
+                    Some(s) = err.recv() => Some((Err(s), (out, err, denied, group))),
+                    Some(reason) = denied.recv() => {
+                        let h = api.node.header(&group);
+                        let msg = pb::WatchResponse {
+                            header: api.header(h, api.node.table_revision(group.id).get()),
+                            watch_id: -1,
+                            created: true,
+                            canceled: true,
+                            cancel_reason: reason,
+                            ..Default::default()
+                        };
+                        Some((Ok(msg), (out, err, denied, group)))
+                    }
                     r = out.recv() => {
                         let r = r?;
                         let h = api.node.header(&group);
@@ -118,7 +151,7 @@ impl pb::watch_server::Watch for EtcdApi {
                             fragment: r.fragment,
                             events: r.events.into_iter().map(event_out).collect(),
                         };
-                        Some((Ok(msg), (out, err, group)))
+                        Some((Ok(msg), (out, err, denied, group)))
                     }
                 }
             }
