@@ -351,7 +351,7 @@ pub struct ServeConfig {
     /// Bearer tokens per API.
     pub tokens: TokenSpecs,
     /// etcd authentication's token lifetime and password hashing.
-    pub etcd_auth: crate::api::etcd::auth::EtcdAuthConfig,
+    pub etcd_auth: crate::node::auth::EtcdAuthConfig,
 }
 
 /// Where each API's bearer token comes from (none: the API is open).
@@ -710,7 +710,7 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
     if reload_ms == 0 {
         return Err(invalid("TLS reload interval", "0", "must be positive"));
     }
-    let mut etcd_auth = crate::api::etcd::auth::EtcdAuthConfig::default();
+    let mut etcd_auth = crate::node::auth::EtcdAuthConfig::default();
     if let Some(ttl) = args.etcd_auth_token_ttl_s.or(file.etcd_auth_token_ttl_s) {
         if ttl == 0 || ttl > 30 * 24 * 3600 {
             return Err(invalid("etcd auth token TTL", ttl.to_string(), "must be 1 s to 30 days"));

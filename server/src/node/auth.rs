@@ -10,6 +10,7 @@
 //! checked when they apply (the requesting user must be root then).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use armada_core::auth::{AuthCommand, AuthReply, AuthState, Permissions};
 use armada_core::command::{MetaCommand, MetaError, MetaReply};
@@ -19,6 +20,26 @@ use super::forward::Miss;
 use super::wire::{ClientReply, ClientRequest};
 use super::Node;
 use crate::types::ApiError;
+
+/// How etcd authentication hashes passwords and how long its tokens live.
+#[derive(Debug, Clone)]
+pub struct EtcdAuthConfig {
+    /// A token's lifetime (etcd's `--auth-token-ttl`, 300 s by default).
+    /// etcd clients log in again when told a token is invalid.
+    pub token_ttl: Duration,
+    /// Argon2id memory cost in KiB and passes: OWASP's first recommended
+    /// setting (19 MiB, 2 passes) by default, about 20-40 ms of one core
+    /// per login or password change here. Stored with each hash, so a
+    /// change applies to passwords set afterwards.
+    pub hash_memory_kib: u32,
+    pub hash_passes: u32,
+}
+
+impl Default for EtcdAuthConfig {
+    fn default() -> Self {
+        Self { token_ttl: Duration::from_secs(300), hash_memory_kib: 19 * 1024, hash_passes: 2 }
+    }
+}
 
 /// An applied auth state and its compiled permissions.
 #[derive(Debug, Default)]

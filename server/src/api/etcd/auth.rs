@@ -30,26 +30,7 @@ use tonic::{Request, Response, Status};
 
 use super::{etcd_status, EtcdApi};
 use crate::node::auth::AuthView;
-
-/// How etcd authentication hashes passwords and how long its tokens live.
-#[derive(Debug, Clone)]
-pub struct EtcdAuthConfig {
-    /// A token's lifetime (etcd's `--auth-token-ttl`, 300 s by default).
-    /// etcd clients log in again when told a token is invalid.
-    pub token_ttl: Duration,
-    /// Argon2id memory cost in KiB and passes: OWASP's first recommended
-    /// setting (19 MiB, 2 passes) by default, about 20-40 ms of one core
-    /// per login or password change here. Stored with each hash, so a
-    /// change applies to passwords set afterwards.
-    pub hash_memory_kib: u32,
-    pub hash_passes: u32,
-}
-
-impl Default for EtcdAuthConfig {
-    fn default() -> Self {
-        Self { token_ttl: Duration::from_secs(300), hash_memory_kib: 19 * 1024, hash_passes: 2 }
-    }
-}
+pub use crate::node::auth::EtcdAuthConfig;
 
 /// The metadata key etcd clients send their token under.
 pub const TOKEN_METADATA: &str = "token";
