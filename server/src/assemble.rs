@@ -60,6 +60,9 @@ pub struct Spec {
     pub tokens: crate::auth::Tokens,
     /// etcd authentication's password hashing and token lifetime.
     pub etcd_auth: api::etcd::auth::EtcdAuthConfig,
+    /// Stream, rate and keep-alive limits of the gRPC servers (the
+    /// connection limit is the listeners'; real runtime only).
+    pub limits: crate::limits::Limits,
 }
 
 /// The adapters that differ between production and simulation.
@@ -100,17 +103,18 @@ pub async fn assemble(spec: Spec, parts: Parts) -> Result<Assembled, ApiError> {
     let node = Node::start_with(spec.node.clone(), parts.engine, flusher, parts.transport, parts.hooks).await?;
     let metrics = Arc::new(Metrics::default());
     let raft_handler = Arc::new(RaftHandler { node: Arc::downgrade(&node) });
-    let api = api::v1::router(api::v1::Api::with_metrics(node.clone(), metrics.clone()), &spec.tokens);
+    let api = api::v1::router(api::v1::Api::with_metrics(node.clone(), metrics.clone()), &spec.tokens, &spec.limits);
     let etcd = api::etcd::router(
         api::etcd::EtcdApi::new(node.clone(), spec.etcd_table.clone(), metrics.clone(), &spec.etcd_address)
             .with_auth(spec.etcd_auth.clone()),
+        &spec.limits,
     );
     let (replication, follower, ensure_table) = match spec.role {
         Role::Leader => {
             let node2 = node.clone();
             let table = spec.etcd_table.clone();
             let ensure = tokio::spawn(async move { api::etcd::ensure_table(&node2, &table).await });
-            let repl = crate::replication::router(ReplicationService::new(node.clone()), &spec.tokens);
+            let repl = crate::replication::router(ReplicationService::new(node.clone()), &spec.tokens, &spec.limits);
             (Some(repl), None, Some(ensure))
         }
         #[cfg(not(madsim))]

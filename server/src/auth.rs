@@ -143,16 +143,24 @@ mod gate {
 
     use super::TokenSource;
 
-    /// A service that answers `UNAUTHENTICATED` to calls without its token.
+    /// A service that answers `UNAUTHENTICATED` to calls without its token,
+    /// and `RESOURCE_EXHAUSTED` to calls past its client's request rate or
+    /// on a connection past its listener's limit.
     #[derive(Clone)]
     pub struct Gated<S> {
         inner: S,
         token: Option<Arc<TokenSource>>,
+        rate: Option<Arc<crate::limits::RateLimiter>>,
     }
 
-    /// `svc`, checking `token` on every call when there is one.
-    pub fn gate<S>(svc: S, token: &Option<Arc<TokenSource>>) -> Gated<S> {
-        Gated { inner: svc, token: token.clone() }
+    /// `svc`, checking `token` on every call when there is one, and the
+    /// caller's address against `rate`.
+    pub fn gate<S>(
+        svc: S,
+        token: &Option<Arc<TokenSource>>,
+        rate: &Option<Arc<crate::limits::RateLimiter>>,
+    ) -> Gated<S> {
+        Gated { inner: svc, token: token.clone(), rate: rate.clone() }
     }
 
     impl<S: NamedService> NamedService for Gated<S> {
@@ -173,6 +181,21 @@ mod gate {
         }
 
         fn call(&mut self, req: Request<Body>) -> Self::Future {
+            let conn = req.extensions().get::<crate::limits::ConnInfo>().copied();
+            if conn.is_some_and(|c| c.over_limit) {
+                let status = tonic::Status::resource_exhausted(crate::limits::TOO_MANY_CONNECTIONS);
+                return Box::pin(async move { Ok(status.into_http()) });
+            }
+            if let Some(rate) = &self.rate {
+                // A Unix socket's clients share the unspecified address.
+                let address = conn.and_then(|c| c.remote_addr).map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+                if !rate.admit(address, std::time::Instant::now()) {
+                    let status = tonic::Status::resource_exhausted(
+                        "armada: this client address is over its request rate (--requests-per-second); slow down",
+                    );
+                    return Box::pin(async move { Ok(status.into_http()) });
+                }
+            }
             if let Some(token) = &self.token {
                 let header = req.headers().get("authorization").map(|v| v.as_bytes());
                 if !token.admits(header) {

@@ -73,6 +73,15 @@ pub struct ServeArgs {
     /// Address of the etcd v3 gRPC API (etcdctl and etcd clients). [default: 127.0.0.1:2379]
     #[arg(long, env = "ARMADA_ETCD_ADDRESS", value_name = "HOST:PORT")]
     pub etcd_address: Option<String>,
+    /// Also serve the armada.v1 API on a Unix socket: unix:///path
+    /// (plaintext; the file's permissions, 0660, control access) or
+    /// unixs:///path (TLS with the API listener's certificate).
+    #[arg(long, env = "ARMADA_API_UNIX_SOCKET", value_name = "URL")]
+    pub api_unix_socket: Option<String>,
+    /// Also serve the etcd v3 API on a Unix socket (unix:///path or
+    /// unixs:///path, as --api-unix-socket).
+    #[arg(long, env = "ARMADA_ETCD_UNIX_SOCKET", value_name = "URL")]
+    pub etcd_unix_socket: Option<String>,
     /// Table that the etcd v3 API reads and writes; created by a leader cluster when missing at start.
     /// [default: default]
     #[arg(long, env = "ARMADA_ETCD_TABLE", value_name = "TABLE")]
@@ -257,6 +266,69 @@ pub struct ServeArgs {
     /// 1-2 ms of CPU per MiB. [default: 19456]
     #[arg(long, env = "ARMADA_ETCD_AUTH_HASH_MEMORY_KIB", value_name = "KIB")]
     pub etcd_auth_hash_memory_kib: Option<u32>,
+    /// Connections each gRPC listener (armada.v1, etcd, replication) holds
+    /// at once, its TCP port and Unix socket together; past it a new one
+    /// is refused ("too many connections"). [default: 4096]
+    #[arg(long, env = "ARMADA_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Calls and streams one connection may have open at once (HTTP/2
+    /// SETTINGS; clients queue the rest). [default: 1024]
+    #[arg(long, env = "ARMADA_MAX_STREAMS_PER_CONNECTION", value_name = "N")]
+    pub max_streams_per_connection: Option<u32>,
+    /// Requests per second one client address may send to the armada.v1
+    /// and etcd APIs; past it a call gets RESOURCE_EXHAUSTED. 0: no limit.
+    /// [default: 0]
+    #[arg(long, env = "ARMADA_REQUESTS_PER_SECOND", value_name = "N")]
+    pub requests_per_second: Option<u32>,
+    /// Requests a client address may send at once above its rate.
+    /// [default: the rate]
+    #[arg(long, env = "ARMADA_REQUEST_BURST", value_name = "N")]
+    pub request_burst: Option<u32>,
+    /// HTTP/2 keep-alive: a ping after this much silence on a connection,
+    /// in ms; a connection whose ping goes unanswered for
+    /// --keepalive-timeout-ms is closed. [default: 30000]
+    #[arg(long, env = "ARMADA_KEEPALIVE_INTERVAL_MS", value_name = "MS")]
+    pub keepalive_interval_ms: Option<u64>,
+    /// [default: 10000]
+    #[arg(long, env = "ARMADA_KEEPALIVE_TIMEOUT_MS", value_name = "MS")]
+    pub keepalive_timeout_ms: Option<u64>,
+}
+
+/// A Unix socket a listener also accepts on: `unix:///path` (plaintext) or
+/// `unixs:///path` (TLS with the listener's certificate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixSocketSpec {
+    pub path: PathBuf,
+    pub tls: bool,
+}
+
+impl UnixSocketSpec {
+    /// Parses `unix:///abs/path`, `unix://rel/path`, `unix:path` and the
+    /// same with `unixs` (etcd's spelling for TLS over a Unix socket).
+    pub fn parse(url: &str) -> Result<UnixSocketSpec, String> {
+        let (rest, tls) = if let Some(r) = url.strip_prefix("unixs:") {
+            (r, true)
+        } else if let Some(r) = url.strip_prefix("unix:") {
+            (r, false)
+        } else {
+            return Err(format!("{url:?}: a Unix socket is given as unix:///path or unixs:///path"));
+        };
+        let path = rest.strip_prefix("//").unwrap_or(rest);
+        if path.is_empty() {
+            return Err(format!("{url:?}: no socket path"));
+        }
+        // The kernel's limit on a socket path (sun_path), with its NUL.
+        if path.len() > 107 {
+            return Err(format!("{url:?}: a Unix socket path is at most 107 bytes"));
+        }
+        Ok(UnixSocketSpec { path: PathBuf::from(path), tls })
+    }
+}
+
+impl std::fmt::Display for UnixSocketSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}", if self.tls { "unixs" } else { "unix" }, self.path.display())
+    }
 }
 
 /// The configuration file. Unknown keys and wrong types are errors.
@@ -270,6 +342,8 @@ pub struct FileConfig {
     pub raft_address: Option<String>,
     pub rest_address: Option<String>,
     pub etcd_address: Option<String>,
+    pub api_unix_socket: Option<String>,
+    pub etcd_unix_socket: Option<String>,
     pub etcd_table: Option<String>,
     pub replication_address: Option<String>,
     pub request_timeout_ms: Option<u64>,
@@ -315,6 +389,12 @@ pub struct FileConfig {
     pub allow_tokens_over_plaintext: Option<bool>,
     pub etcd_auth_token_ttl_s: Option<u64>,
     pub etcd_auth_hash_memory_kib: Option<u32>,
+    pub max_connections: Option<usize>,
+    pub max_streams_per_connection: Option<u32>,
+    pub requests_per_second: Option<u32>,
+    pub request_burst: Option<u32>,
+    pub keepalive_interval_ms: Option<u64>,
+    pub keepalive_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -340,6 +420,9 @@ pub struct ServeConfig {
     pub raft_address: SocketAddr,
     pub rest_address: SocketAddr,
     pub etcd_address: SocketAddr,
+    /// Unix sockets the armada.v1 and etcd APIs also accept on.
+    pub api_unix_socket: Option<UnixSocketSpec>,
+    pub etcd_unix_socket: Option<UnixSocketSpec>,
     pub etcd_table: String,
     pub replication_address: SocketAddr,
     pub node: NodeConfig,
@@ -352,6 +435,8 @@ pub struct ServeConfig {
     pub tokens: TokenSpecs,
     /// etcd authentication's token lifetime and password hashing.
     pub etcd_auth: crate::node::auth::EtcdAuthConfig,
+    /// Connection, stream, rate and keep-alive limits.
+    pub limits: crate::limits::Limits,
 }
 
 /// Where each API's bearer token comes from (none: the API is open).
@@ -710,6 +795,24 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
     if reload_ms == 0 {
         return Err(invalid("TLS reload interval", "0", "must be positive"));
     }
+    let unix_socket = |what: &'static str, url: Option<String>, tls: bool| {
+        url.map(|u| {
+            let spec = UnixSocketSpec::parse(&u).map_err(|e| invalid(what, u.clone(), e))?;
+            if spec.tls && !tls {
+                return Err(invalid(
+                    what,
+                    u,
+                    "unixs:// serves TLS with the listener's certificate: configure its TLS too",
+                ));
+            }
+            Ok(spec)
+        })
+        .transpose()
+    };
+    let api_unix_socket =
+        unix_socket("API Unix socket", args.api_unix_socket.clone().or(file.api_unix_socket), tls.api.is_some())?;
+    let etcd_unix_socket =
+        unix_socket("etcd Unix socket", args.etcd_unix_socket.clone().or(file.etcd_unix_socket), tls.etcd.is_some())?;
     let mut etcd_auth = crate::node::auth::EtcdAuthConfig::default();
     if let Some(ttl) = args.etcd_auth_token_ttl_s.or(file.etcd_auth_token_ttl_s) {
         if ttl == 0 || ttl > 30 * 24 * 3600 {
@@ -725,12 +828,52 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         }
         etcd_auth.hash_memory_kib = kib;
     }
+    let mut limits = crate::limits::Limits::default();
+    if let Some(n) = args.max_connections.or(file.max_connections) {
+        if n == 0 {
+            return Err(invalid("max connections", "0", "must be positive"));
+        }
+        limits.max_connections = n;
+    }
+    if let Some(n) = args.max_streams_per_connection.or(file.max_streams_per_connection) {
+        if n == 0 {
+            return Err(invalid("max streams per connection", "0", "must be positive"));
+        }
+        limits.max_streams_per_connection = n;
+    }
+    if let Some(n) = args.requests_per_second.or(file.requests_per_second) {
+        limits.requests_per_second = n;
+        limits.request_burst = n;
+    }
+    if let Some(n) = args.request_burst.or(file.request_burst) {
+        if limits.requests_per_second == 0 {
+            return Err(invalid("request burst", n.to_string(), "needs --requests-per-second"));
+        }
+        limits.request_burst = n.max(1);
+    }
+    for (what, v, field) in [
+        (
+            "keepalive interval",
+            args.keepalive_interval_ms.or(file.keepalive_interval_ms),
+            &mut limits.keepalive_interval,
+        ),
+        ("keepalive timeout", args.keepalive_timeout_ms.or(file.keepalive_timeout_ms), &mut limits.keepalive_timeout),
+    ] {
+        if let Some(ms) = v {
+            if ms == 0 {
+                return Err(invalid(what, "0", "must be positive"));
+            }
+            *field = Duration::from_millis(ms);
+        }
+    }
     Ok(ServeConfig {
         data_dir,
         api_address,
         raft_address,
         rest_address,
         etcd_address,
+        api_unix_socket,
+        etcd_unix_socket,
         etcd_table,
         replication_address,
         node: NodeConfig {
@@ -754,6 +897,7 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         tls_reload_interval: Duration::from_millis(reload_ms),
         tokens,
         etcd_auth,
+        limits,
     })
 }
 

@@ -127,6 +127,13 @@ pub async fn launch(cfg: &ServeConfig, role: Role) -> Result<Launched, LaunchErr
     };
     let api_l = with_tls(api_l, tls("api", &cfg.tls.api, &[b"h2"])?);
     let etcd_l = with_tls(etcd_l, tls("etcd", &cfg.tls.etcd, &[b"h2"])?);
+    let with_unix = |l: listen::Listener, spec: &Option<listen::UnixSocketSpec>| match spec {
+        Some(s) => l.with_unix_socket(s.clone()),
+        None => Ok(l),
+    };
+    let api_l = with_unix(api_l, &cfg.api_unix_socket)?.with_max_connections(cfg.limits.max_connections);
+    let etcd_l = with_unix(etcd_l, &cfg.etcd_unix_socket)?.with_max_connections(cfg.limits.max_connections);
+    let repl_l = repl_l.map(|l| l.with_max_connections(cfg.limits.max_connections));
     let http_l = with_tls(http_l, tls("rest", &cfg.tls.rest, &[b"http/1.1"])?);
     let repl_l = match repl_l {
         Some(l) => Some(with_tls(l, tls("replication", &cfg.tls.replication, &[b"h2"])?)),
@@ -163,6 +170,7 @@ pub async fn launch(cfg: &ServeConfig, role: Role) -> Result<Launched, LaunchErr
         etcd_address: etcd_addr,
         tokens,
         etcd_auth: cfg.etcd_auth.clone(),
+        limits: cfg.limits.clone(),
     };
     let parts = Parts {
         engine: engine.clone(),

@@ -37,6 +37,7 @@ pub mod auth;
 pub mod config;
 #[cfg(all(not(madsim), feature = "rocksdb"))]
 pub mod launch;
+pub mod limits;
 #[cfg(not(madsim))]
 pub mod listen;
 pub mod node;

@@ -18,7 +18,14 @@
 //! `INADEQUATE_SECURITY` and a message, or an HTTP/1 400) and the
 //! connection is closed at once, never left hanging.
 //!
-//! Not here yet: Unix sockets and connection limits (the security issue).
+//! Unix sockets: the armada.v1 and etcd listeners may also accept on a Unix
+//! socket (`unix:///path`, plaintext; `unixs:///path`, TLS with the
+//! listener's certificate), served by the same server as their TCP port.
+//! Access to a plaintext socket is governed by the file's permissions
+//! (created `0660`). Outbound, [`connect`] dials `unix://` and `unixs://`
+//! endpoints too.
+//!
+//! Not here yet: connection limits (the security issue).
 
 use std::io;
 use std::net::SocketAddr;
@@ -29,11 +36,15 @@ use std::time::Duration;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::path::{Path, PathBuf};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+pub use crate::config::UnixSocketSpec;
+pub use crate::limits::{ConnInfo, TOO_MANY_CONNECTIONS};
 use crate::tls::TlsSource;
 
 /// The listeners of a node.
@@ -68,9 +79,22 @@ pub struct ListenerStats {
     tls_handshakes: AtomicU64,
     tls_failures: AtomicU64,
     plaintext_refused: AtomicU64,
+    unix_accepted: AtomicU64,
+    connections_refused: AtomicU64,
 }
 
 impl ListenerStats {
+    /// Connections refused because the listener held its maximum.
+    pub fn connections_refused(&self) -> u64 {
+        self.connections_refused.load(Ordering::Relaxed)
+    }
+
+    /// Connections accepted on the listener's Unix socket (also counted in
+    /// [`ListenerStats::accepted`]).
+    pub fn unix_accepted(&self) -> u64 {
+        self.unix_accepted.load(Ordering::Relaxed)
+    }
+
     /// Connections accepted.
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::Relaxed)
@@ -98,35 +122,177 @@ impl ListenerStats {
     }
 }
 
-/// A connection accepted by a listener.
-pub enum Conn {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+/// A connected byte stream: TCP or a Unix socket.
+pub enum Socket {
+    Tcp(TcpStream),
+    Unix(UnixConn),
+}
+
+/// A Unix socket stream that can give back the first byte it read (tokio's
+/// Unix streams cannot peek).
+pub struct UnixConn {
+    stream: UnixStream,
+    /// A byte read ahead, returned by the next read.
+    pending: Option<u8>,
+}
+
+impl UnixConn {
+    fn new(stream: UnixStream) -> UnixConn {
+        UnixConn { stream, pending: None }
+    }
+}
+
+impl Socket {
+    /// The first byte the peer sent, without consuming it.
+    async fn peek_first(&mut self) -> io::Result<Option<u8>> {
+        match self {
+            Socket::Tcp(s) => {
+                let mut first = [0u8; 1];
+                Ok((s.peek(&mut first).await? == 1).then_some(first[0]))
+            }
+            Socket::Unix(u) => {
+                if u.pending.is_none() {
+                    let mut first = [0u8; 1];
+                    if tokio::io::AsyncReadExt::read(&mut u.stream, &mut first).await? == 1 {
+                        u.pending = Some(first[0]);
+                    }
+                }
+                Ok(u.pending)
+            }
+        }
+    }
+}
+
+impl AsyncRead for UnixConn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(b) = this.pending {
+            if buf.remaining() > 0 {
+                buf.put_slice(&[b]);
+                this.pending = None;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for UnixConn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+macro_rules! on_socket {
+    ($self:expr, $s:ident => $e:expr) => {
+        match $self {
+            Socket::Tcp($s) => $e,
+            Socket::Unix($s) => $e,
+        }
+    };
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        on_socket!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        on_socket!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        on_socket!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        on_socket!(self, s => s.is_write_vectored())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_socket!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_socket!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
+    }
+}
+
+/// A connection accepted by a listener, holding its place under the
+/// listener's connection limit until it closes.
+pub struct Conn {
+    io: ConnIo,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Admitted past the listener's limit only to be told so: every call
+    /// is answered `RESOURCE_EXHAUSTED`, and the connection ends (reads see
+    /// the end of the stream) at this deadline.
+    over_limit: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// How long a connection past the limit lives to receive its refusals.
+const OVER_LIMIT_GRACE: Duration = Duration::from_secs(1);
+
+enum ConnIo {
+    Plain(Socket),
+    Tls(Box<tokio_rustls::server::TlsStream<Socket>>),
 }
 
 impl Conn {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Conn::Plain(s) => s,
-            Conn::Tls(s) => s.get_ref().0,
+    fn socket(&self) -> &Socket {
+        match &self.io {
+            ConnIo::Plain(s) => s,
+            ConnIo::Tls(s) => s.get_ref().0,
         }
     }
 }
 
 impl AsyncRead for Conn {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        let this = self.get_mut();
+        if let Some(deadline) = &mut this.over_limit {
+            if std::future::Future::poll(deadline.as_mut(), cx).is_ready() {
+                // The end of the stream: the server closes the connection.
+                return Poll::Ready(Ok(()));
+            }
+        }
+        match &mut this.io {
+            ConnIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
 
 impl AsyncWrite for Conn {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        match &mut self.get_mut().io {
+            ConnIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -135,39 +301,44 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        match &mut self.get_mut().io {
+            ConnIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            Conn::Plain(s) => s.is_write_vectored(),
-            Conn::Tls(s) => s.is_write_vectored(),
+        match &self.io {
+            ConnIo::Plain(s) => s.is_write_vectored(),
+            ConnIo::Tls(s) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        match &mut self.get_mut().io {
+            ConnIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        match &mut self.get_mut().io {
+            ConnIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
 
 impl tonic::transport::server::Connected for Conn {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.tcp().connect_info()
+        let remote_addr = match self.socket() {
+            Socket::Tcp(s) => s.peer_addr().ok(),
+            // A Unix socket's peer has no IP address.
+            Socket::Unix(_) => None,
+        };
+        ConnInfo { remote_addr, over_limit: self.over_limit.is_some() }
     }
 }
 
@@ -182,7 +353,7 @@ const READY_QUEUE: usize = 64;
 #[error("binding the {} address {addr}: {source}", kind.name())]
 pub struct BindError {
     pub kind: ListenerKind,
-    pub addr: SocketAddr,
+    pub addr: String,
     #[source]
     pub source: io::Error,
 }
@@ -193,6 +364,10 @@ pub struct Listener {
     inner: TcpListener,
     stats: Arc<ListenerStats>,
     tls: Option<Arc<TlsSource>>,
+    /// A Unix socket served alongside (see [`Listener::with_unix_socket`]).
+    unix: Option<(UnixListener, UnixSocketSpec)>,
+    /// Connections held at once, the TCP port's and the socket's together.
+    max_connections: Option<usize>,
 }
 
 /// Pause after an accept error that is not about one connection (out of
@@ -202,8 +377,52 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// Binds `addr` for `kind` (port 0 picks a free port; see
 /// [`Listener::local_addr`]).
 pub async fn bind(kind: ListenerKind, addr: SocketAddr) -> Result<Listener, BindError> {
-    let inner = TcpListener::bind(addr).await.map_err(|source| BindError { kind, addr, source })?;
-    Ok(Listener { kind, inner, stats: Arc::new(ListenerStats::default()), tls: None })
+    let inner = TcpListener::bind(addr).await.map_err(|source| BindError { kind, addr: addr.to_string(), source })?;
+    Ok(Listener {
+        kind,
+        inner,
+        stats: Arc::new(ListenerStats::default()),
+        tls: None,
+        unix: None,
+        max_connections: None,
+    })
+}
+
+/// The next connection of `inner`, configured. Errors about one connection
+/// are skipped; others pause briefly and are logged.
+async fn accept_tcp(inner: &TcpListener, kind: ListenerKind, stats: &ListenerStats) -> (TcpStream, SocketAddr) {
+    loop {
+        match inner.accept().await {
+            Ok((stream, peer)) => {
+                configure(kind, &stream, stats);
+                return (stream, peer);
+            }
+            Err(e) if is_connection_error(&e) => continue,
+            Err(e) => {
+                warn!(listener = kind.name(), "accept failed: {e}");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+            }
+        }
+    }
+}
+
+/// Binds a Unix socket at `path`: a socket file left by an earlier run is
+/// replaced; any other file there is an error. The socket is made `0660`
+/// (owner and group): on a plaintext socket the file's permissions are the
+/// access control.
+fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "a file that is not a socket is in the way"));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(l)
 }
 
 impl Listener {
@@ -223,19 +442,33 @@ impl Listener {
     /// The next connection, configured. Errors about one connection are
     /// skipped; others pause briefly and are logged.
     pub async fn accept(&self) -> (TcpStream, SocketAddr) {
-        loop {
-            match self.inner.accept().await {
-                Ok((stream, peer)) => {
-                    configure(self.kind, &stream, &self.stats);
-                    return (stream, peer);
-                }
-                Err(e) if is_connection_error(&e) => continue,
-                Err(e) => {
-                    warn!(listener = self.kind.name(), "accept failed: {e}");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                }
-            }
+        accept_tcp(&self.inner, self.kind, &self.stats).await
+    }
+
+    /// Also accepts on the Unix socket `spec` (TLS needs [`Listener::with_tls`]
+    /// first: the socket uses the listener's certificate).
+    pub fn with_unix_socket(mut self, spec: UnixSocketSpec) -> Result<Listener, BindError> {
+        let addr = spec.to_string();
+        if spec.tls && self.tls.is_none() {
+            return Err(BindError {
+                kind: self.kind,
+                addr,
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "unixs:// serves TLS with the listener's certificate: configure its TLS too",
+                ),
+            });
         }
+        let l = bind_unix(&spec.path).map_err(|source| BindError { kind: self.kind, addr, source })?;
+        self.unix = Some((l, spec));
+        Ok(self)
+    }
+
+    /// Holds at most `n` connections at once (TCP and Unix socket together);
+    /// past it new ones are refused ("too many connections").
+    pub fn with_max_connections(mut self, n: usize) -> Listener {
+        self.max_connections = Some(n);
+        self
     }
 
     /// Serves TLS only, from `source`.
@@ -250,37 +483,124 @@ impl Listener {
     }
 
     /// Accepts connections (and completes their TLS handshakes) in tasks
-    /// of their own for as long as the returned [`Incoming`] is held.
+    /// of their own for as long as the returned [`Incoming`] is held: from
+    /// the TCP port and, if there is one, the Unix socket.
     pub fn into_incoming(self) -> Incoming {
         let (tx, rx) = mpsc::channel(READY_QUEUE);
         let local = self.local_addr();
+        let Listener { kind, inner, stats, tls, unix, max_connections } = self;
+        let slots = max_connections.map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
+        // An eighth of the limit (at least 16) more, each for a second.
+        let grace = max_connections.map(|n| Arc::new(tokio::sync::Semaphore::new((n / 8).max(16))));
+        if let Some((unix, spec)) = unix {
+            let shared = Shared {
+                stats: stats.clone(),
+                tls: if spec.tls { tls.clone() } else { None },
+                slots: slots.clone(),
+                grace: grace.clone(),
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                // A Unix peer has no address: connections carry this one.
+                let peer = SocketAddr::from(([0, 0, 0, 0], 0));
+                loop {
+                    let stream = tokio::select! {
+                        biased;
+                        _ = tx.closed() => break,
+                        accepted = unix.accept() => match accepted {
+                            Ok((s, _)) => s,
+                            Err(e) => {
+                                warn!(listener = kind.name(), socket = %spec, "accept failed: {e}");
+                                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                                continue;
+                            }
+                        },
+                    };
+                    shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    shared.stats.unix_accepted.fetch_add(1, Ordering::Relaxed);
+                    if !dispatch(kind, Socket::Unix(UnixConn::new(stream)), peer, &shared, &tx).await {
+                        break;
+                    }
+                }
+                // The socket file goes with the listener.
+                let _ = std::fs::remove_file(&spec.path);
+            });
+        }
+        let shared = Shared { stats, tls, slots, grace };
         tokio::spawn(async move {
             loop {
                 let (stream, peer) = tokio::select! {
                     biased;
                     _ = tx.closed() => return,
-                    accepted = self.accept() => accepted,
+                    accepted = accept_tcp(&inner, kind, &shared.stats) => accepted,
                 };
-                match &self.tls {
-                    None => {
-                        if tx.send((Conn::Plain(stream), peer)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Some(source) => {
-                        let config = source.get();
-                        let (tx, kind, stats) = (tx.clone(), self.kind, self.stats.clone());
-                        tokio::spawn(async move {
-                            if let Some(conn) = handshake(kind, stream, peer, config, &stats).await {
-                                let _ = tx.send((conn, peer)).await;
-                            }
-                        });
-                    }
+                if !dispatch(kind, Socket::Tcp(stream), peer, &shared, &tx).await {
+                    return;
                 }
             }
         });
         Incoming { rx, local }
     }
+}
+
+type Ready = mpsc::Sender<(Conn, SocketAddr)>;
+
+/// Hands an accepted socket to the server: at once without TLS, after a
+/// handshake in a task of its own with it. Past the listener's connection
+/// limit, a few connections more are served briefly so that their calls are
+/// told why in gRPC terms (`RESOURCE_EXHAUSTED`); past those, a connection
+/// is refused at once. `false` once the server is gone.
+async fn dispatch(kind: ListenerKind, mut socket: Socket, peer: SocketAddr, shared: &Shared, tx: &Ready) -> bool {
+    let (slot, over_limit) = match &shared.slots {
+        None => (None, None),
+        Some(slots) => match slots.clone().try_acquire_owned() {
+            Ok(p) => (Some(p), None),
+            Err(_) => {
+                shared.stats.connections_refused.fetch_add(1, Ordering::Relaxed);
+                match shared.grace.as_ref().and_then(|g| g.clone().try_acquire_owned().ok()) {
+                    Some(p) => (Some(p), Some(Box::pin(tokio::time::sleep(OVER_LIMIT_GRACE)))),
+                    None => {
+                        debug!(listener = kind.name(), %peer, "connection refused: too many connections");
+                        // Told in HTTP/2 when it speaks plaintext; a TLS
+                        // client cannot read anything before a handshake.
+                        if shared.tls.is_none() {
+                            tokio::spawn(async move {
+                                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                                    let _ = socket.write_all(&http2_goaway(0x0b, TOO_MANY_CONNECTIONS)).await;
+                                    let _ = socket.shutdown().await;
+                                })
+                                .await;
+                            });
+                        }
+                        return !tx.is_closed();
+                    }
+                }
+            }
+        },
+    };
+    match &shared.tls {
+        None => tx.send((Conn { io: ConnIo::Plain(socket), _slot: slot, over_limit }, peer)).await.is_ok(),
+        Some(source) => {
+            let config = source.get();
+            let (tx, stats) = (tx.clone(), shared.stats.clone());
+            tokio::spawn(async move {
+                if let Some(io) = handshake(kind, socket, peer, config, &stats).await {
+                    let _ = tx.send((Conn { io, _slot: slot, over_limit }, peer)).await;
+                }
+            });
+            true
+        }
+    }
+}
+
+/// What both accept loops of a listener share.
+struct Shared {
+    stats: Arc<ListenerStats>,
+    tls: Option<Arc<TlsSource>>,
+    /// One permit per connection the listener may hold (none: no limit).
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+    /// Connections past the limit served briefly to be told so.
+    grace: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// A listener's accepted connections, ready for the server: a stream for
@@ -322,26 +642,25 @@ const TLS_REQUIRED: &str = "this Armada port requires TLS: connect with https://
 /// fails (logged, counted, and the client told when it spoke plaintext).
 async fn handshake(
     kind: ListenerKind,
-    mut stream: TcpStream,
+    mut stream: Socket,
     peer: SocketAddr,
     config: Arc<rustls::ServerConfig>,
     stats: &ListenerStats,
-) -> Option<Conn> {
-    let mut first = [0u8; 1];
-    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
-        Ok(Ok(1)) => {}
+) -> Option<ConnIo> {
+    let first = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, stream.peek_first()).await {
+        Ok(Ok(Some(b))) => b,
         Ok(_) => return None,
         Err(_) => {
             stats.tls_failures.fetch_add(1, Ordering::Relaxed);
             debug!(listener = kind.name(), %peer, "TLS: the client sent nothing within the handshake deadline");
             return None;
         }
-    }
+    };
     // Every TLS connection starts with a handshake record (content type 22).
-    if first[0] != 0x16 {
+    if first != 0x16 {
         stats.plaintext_refused.fetch_add(1, Ordering::Relaxed);
         warn!(listener = kind.name(), %peer, "a client spoke plaintext to a TLS listener; refused");
-        let answer = if first[0] == b'P' { http2_refusal() } else { http1_refusal() };
+        let answer = if first == b'P' { http2_refusal() } else { http1_refusal() };
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             let _ = stream.write_all(&answer).await;
             let _ = stream.shutdown().await;
@@ -353,7 +672,7 @@ async fn handshake(
     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
             stats.tls_handshakes.fetch_add(1, Ordering::Relaxed);
-            Some(Conn::Tls(Box::new(tls)))
+            Some(ConnIo::Tls(Box::new(tls)))
         }
         Ok(Err(e)) => {
             stats.tls_failures.fetch_add(1, Ordering::Relaxed);
@@ -372,14 +691,20 @@ async fn handshake(
 /// `INADEQUATE_SECURITY` and [`TLS_REQUIRED`] as its debug data: gRPC
 /// clients report it instead of a bare reset.
 fn http2_refusal() -> Vec<u8> {
+    http2_goaway(0x0c, TLS_REQUIRED)
+}
+
+/// An HTTP/2 server preface (empty SETTINGS) then GOAWAY with `code` and
+/// `message` as its debug data.
+fn http2_goaway(code: u8, message: &str) -> Vec<u8> {
     let frame = |kind: u8, payload: &[u8]| {
         let len = payload.len() as u32;
         let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, 0, 0, 0, 0, 0];
         f.extend_from_slice(payload);
         f
     };
-    let mut goaway = vec![0, 0, 0, 0, 0, 0, 0, 0x0c];
-    goaway.extend_from_slice(TLS_REQUIRED.as_bytes());
+    let mut goaway = vec![0, 0, 0, 0, 0, 0, 0, code];
+    goaway.extend_from_slice(message.as_bytes());
     let mut out = frame(0x4, &[]);
     out.extend(frame(0x7, &goaway));
     out
@@ -461,6 +786,50 @@ pub fn connect_lazy(
         Some(config) => ep.connect_with_connector_lazy(tls_connector(config)),
     }
 }
+
+/// Connects to `url`: `http://` or `https://` as [`connect`] does, or a
+/// Unix socket: `unix:///path` (plaintext) or `unixs:///path` (TLS with
+/// `tls`; the server's certificate must name `localhost`).
+pub async fn connect_url(
+    url: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    timeout: Duration,
+) -> Result<tonic::transport::Channel, String> {
+    if !url.starts_with("unix") {
+        let ep = endpoint(url)?.connect_timeout(timeout);
+        return connect(ep, tls).await.map_err(|e| error_chain(&e));
+    }
+    let spec = UnixSocketSpec::parse(url)?;
+    // The URI only names the server for TLS and HTTP/2; the connector
+    // dials the socket whatever it says.
+    let ep = endpoint(if spec.tls { "https://localhost" } else { "http://localhost" })?.connect_timeout(timeout);
+    let path = spec.path.clone();
+    let config = match (spec.tls, tls) {
+        (true, Some(c)) => Some(c),
+        (true, None) => return Err(format!("{url}: TLS over a Unix socket needs the server's CA")),
+        (false, _) => None,
+    };
+    let connector = tower::service_fn(move |_: tonic::codegen::http::Uri| {
+        let (path, config) = (path.clone(), config.clone());
+        async move {
+            let stream = UnixStream::connect(&path).await?;
+            let io: Box<dyn IoStream> = match config {
+                None => Box::new(stream),
+                Some(config) => {
+                    let name = rustls::pki_types::ServerName::try_from("localhost")
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+                    Box::new(tokio_rustls::TlsConnector::from(config).connect(name, stream).await?)
+                }
+            };
+            Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(io))
+        }
+    });
+    ep.connect_with_connector(connector).await.map_err(|e| format!("{url}: {}", error_chain(&e)))
+}
+
+/// A client byte stream of either kind (plain or TLS) behind one type.
+trait IoStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> IoStream for T {}
 
 /// Dials TCP (with `TCP_NODELAY`) and runs the TLS handshake.
 fn tls_connector(

@@ -580,3 +580,325 @@ async fn each_api_needs_its_own_token_and_a_rotated_token_file_takes_effect() {
     node.run_until(async {}).await.expect("clean shutdown");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The client APIs on Unix sockets, beside their TCP ports: etcdctl over
+/// `unix://` (plaintext) and over `unixs://` (TLS with the etcd listener's
+/// certificate), the armada CLI over both, the same data as over TCP; a
+/// plaintext client at the TLS socket is refused at once; a stale socket
+/// file from an earlier run is replaced, any other file in the way stops
+/// the start with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_apis_serve_unix_sockets_with_and_without_tls() {
+    let dir = std::env::temp_dir().join(format!("armada-unix-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_ = ca("Armada unix socket test CA");
+    let ca_file = write(&dir, "ca.pem", &ca_.pem);
+    let (cert, key) = install(&dir, "server", &leaf(&ca_, "armada-0", &["127.0.0.1", "localhost"]));
+    let (api_sock, etcd_sock) = (dir.join("api.sock"), dir.join("etcd.sock"));
+    // A socket file left by an earlier run does not stop the start.
+    drop(std::os::unix::net::UnixListener::bind(&etcd_sock).unwrap());
+    let mut node = common::Node::new(1, dir.join("data"));
+    node.extra = vec![
+        "--etcd-unix-socket".into(),
+        format!("unix://{}", etcd_sock.display()),
+        "--api-tls-cert".into(),
+        cert.display().to_string(),
+        "--api-tls-key".into(),
+        key.display().to_string(),
+        "--api-unix-socket".into(),
+        format!("unixs://{}", api_sock.display()),
+    ];
+    let members = format!("1={}", node.raft);
+    node.start(&members);
+    wait_ready(&node.http, Duration::from_secs(30)).await;
+    let unix_etcd = format!("unix://{}", etcd_sock.display());
+    // etcdctl 3.4 sends the socket path as the HTTP/2 authority, which must
+    // be a host name (a path's slashes are refused): it is run from the
+    // socket's directory with the bare file name, as etcd's own docs name
+    // sockets (`unix://localhost:2379`).
+    let out = Command::new("etcdctl")
+        .current_dir(&dir)
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints=unix://etcd.sock", "--command-timeout=3s", "put", "greeting", "hello"])
+        .output()
+        .expect("etcdctl (ci/install-deps installs it)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "etcdctl over unix://: {text}");
+    let (ok, out, _) = etcdctl(&node.etcd, &[], &["get", "greeting"]);
+    assert!(ok && out.contains("hello"), "the TCP port serves the same data: {out}");
+    let unixs_api = format!("unixs://{}", api_sock.display());
+    let ca_arg = ca_file.display().to_string();
+    let (ok, out) = armada(&["kv", "get", "default", "greeting", "--endpoint", &unixs_api, "--tls-ca", &ca_arg]);
+    assert!(ok && out.contains("hello"), "armada CLI over unixs://: {out}");
+    let (ok, out) = armada(&["kv", "get", "default", "greeting", "--endpoint", &unixs_api]);
+    assert!(!ok && out.contains("--tls-ca"), "a TLS socket without a CA is a clear client error: {out}");
+    // Plaintext at the TLS socket: refused at once, never a hang.
+    let plain_at_tls = format!("unix://{}", api_sock.display());
+    let started = Instant::now();
+    let (ok, out) = armada(&["kv", "get", "default", "greeting", "--endpoint", &plain_at_tls]);
+    assert!(!ok, "plaintext accepted on a TLS socket: {out}");
+    assert!(started.elapsed() < Duration::from_secs(5), "refusal took {:?}: {out}", started.elapsed());
+    let (ok, out) = armada(&["cluster", "status", "--endpoint", &unix_etcd]);
+    assert!(!ok, "the etcd socket does not serve armada.v1: {out}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&etcd_sock).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o660, "socket permissions");
+    node.terminate();
+
+    // A regular file where the socket goes: a clear error at start.
+    std::fs::remove_file(&etcd_sock).ok();
+    std::fs::write(&etcd_sock, "not a socket").unwrap();
+    let out = Command::new(BIN)
+        .args(["leader", "--data-dir", dir.join("data2").to_str().unwrap()])
+        .args(["--api-address", &format!("127.0.0.1:{}", free_tcp_port())])
+        .args(["--etcd-address", &format!("127.0.0.1:{}", free_tcp_port())])
+        .args(["--rest-address", &format!("127.0.0.1:{}", free_tcp_port())])
+        .args(["--raft-address", &format!("127.0.0.1:{}", free_udp_port())])
+        .args(["--replication-address", &format!("127.0.0.1:{}", free_tcp_port())])
+        .args(["--etcd-unix-socket", &unix_etcd])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("not a socket"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn etcd_kv_client(
+    endpoint: &str,
+) -> Result<armada_proto::etcd::kv_client::KvClient<tonic::transport::Channel>, String> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| armada_server::listen::error_chain(&e))?;
+    Ok(armada_proto::etcd::kv_client::KvClient::new(ch))
+}
+
+/// Put latencies (ms) of `n` puts on `c`, sorted; panics on a failed put.
+async fn put_latencies(
+    c: &mut armada_proto::etcd::kv_client::KvClient<tonic::transport::Channel>,
+    n: usize,
+) -> Vec<f64> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let started = Instant::now();
+        c.put(armada_proto::etcd::PutRequest {
+            key: format!("victim/{i}").into_bytes(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("the other client's put");
+        out.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    out.sort_by(f64::total_cmp);
+    out
+}
+
+/// Connections opened by the flood (override: ARMADA_FLOOD_CONNECTIONS;
+/// `ci/bench-limits` runs more).
+const FLOOD_CONNECTIONS: usize = 2000;
+
+/// One client opens thousands of connections to the etcd port of a node
+/// whose listeners hold at most 256: the connections past the limit are
+/// refused at once ("too many connections" to a new gRPC client), another
+/// client already connected keeps being served, the node's memory grows by
+/// what 256 idle connections cost, and once the flood goes, new clients are
+/// admitted again. Prints the numbers (memory, the other client's latency).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_is_capped_and_does_not_starve_another_client() {
+    let flood_n: usize =
+        std::env::var("ARMADA_FLOOD_CONNECTIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(FLOOD_CONNECTIONS);
+    let dir = std::env::temp_dir().join(format!("armada-limits-conn-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut node = common::Node::new(1, dir.join("data"));
+    node.extra = vec!["--max-connections".into(), "256".into()];
+    let members = format!("1={}", node.raft);
+    node.start(&members);
+    wait_ready(&node.http, Duration::from_secs(30)).await;
+    let pid = node.child.as_ref().unwrap().id();
+    let mut victim = etcd_kv_client(&node.etcd).await.unwrap();
+    let before = put_latencies(&mut victim, 50).await;
+    let rss_before = rss_kib(pid);
+
+    // The flood: raw TCP connections that say nothing, held open.
+    let mut flood = Vec::new();
+    for _ in 0..flood_n {
+        match tokio::net::TcpStream::connect(&node.etcd).await {
+            Ok(s) => flood.push(s),
+            Err(e) => panic!("connect {}: {e}", flood.len()),
+        }
+    }
+    // Refused connections are closed by the node (a GOAWAY, then EOF);
+    // admitted ones stay open (the server's HTTP/2 SETTINGS, then silence
+    // while it waits for the client's preface).
+    let checks = flood.into_iter().map(|mut s| async move {
+        let mut buf = [0u8; 512];
+        let eof = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                match tokio::io::AsyncReadExt::read(&mut s, &mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await
+        .is_ok();
+        (s, eof)
+    });
+    let checked: Vec<(tokio::net::TcpStream, bool)> = futures::future::join_all(checks).await;
+    let refused = checked.iter().filter(|(_, eof)| *eof).count();
+    let flood: Vec<_> = checked.into_iter().map(|(s, _)| s).collect();
+    let rss_during = rss_kib(pid);
+    let during = put_latencies(&mut victim, 50).await;
+    let e = etcd_kv_client(&node.etcd).await.err();
+    let e = match e {
+        Some(e) => e,
+        None => {
+            let mut c = etcd_kv_client(&node.etcd).await.unwrap();
+            c.range(armada_proto::etcd::RangeRequest { key: b"x".to_vec(), ..Default::default() })
+                .await
+                .err()
+                .map(|s| format!("{s:?}"))
+                .unwrap_or_default()
+        }
+    };
+    assert!(e.contains("too many connections"), "a new client at the limit is told why: {e:?}");
+    let admitted = flood_n - refused;
+    assert!(admitted <= 256, "{admitted} flood connections admitted past the limit of 256");
+    assert!(refused >= flood_n - 256, "{refused} of {flood_n} refused");
+    drop(flood);
+    // Slots come back as the flood's connections close.
+    eventually(Duration::from_secs(10), "a new client is admitted after the flood", || async {
+        let mut c = etcd_kv_client(&node.etcd).await?;
+        c.range(armada_proto::etcd::RangeRequest { key: b"x".to_vec(), ..Default::default() })
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    })
+    .await;
+    let pct = |v: &[f64], q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "flood of {flood_n} connections (limit 256): {refused} refused; node RSS {} -> {} KiB; other client's put \
+         p50/max {:.2}/{:.2} ms before, {:.2}/{:.2} ms during",
+        rss_before,
+        rss_during,
+        pct(&before, 0.5),
+        pct(&before, 1.0),
+        pct(&during, 0.5),
+        pct(&during, 1.0)
+    );
+    node.terminate();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Streams per connection are capped by HTTP/2 SETTINGS: one connection
+/// asking for 200 watch streams from a node that allows 64 gets 64 at
+/// once (the client queues the rest); a client address over its request
+/// rate gets RESOURCE_EXHAUSTED with the reason, and is served again once
+/// its bucket refills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_per_connection_and_request_rates_are_capped() {
+    use armada_proto::etcd as epb;
+    use futures::StreamExt;
+    let dir = std::env::temp_dir().join(format!("armada-limits-streams-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut node = common::Node::new(1, dir.join("data"));
+    let sock = format!("unix://{}", dir.join("etcd.sock").display());
+    node.extra = ["--max-streams-per-connection", "64", "--requests-per-second", "50", "--request-burst", "100"]
+        .map(String::from)
+        .to_vec();
+    // The watch streams come over TCP (address 127.0.0.1), the rate test
+    // over the Unix socket (its clients share one bucket), so each starts
+    // with a full bucket of its own.
+    node.extra.extend(["--etcd-unix-socket".to_string(), sock.clone()]);
+    let members = format!("1={}", node.raft);
+    node.start(&members);
+    wait_ready(&node.http, Duration::from_secs(30)).await;
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", node.etcd)).unwrap().connect().await.unwrap();
+    let created = Arc::new(AtomicU64::new(0));
+    let mut streams = Vec::new();
+    for i in 0..200 {
+        let (ch, created) = (ch.clone(), created.clone());
+        streams.push(tokio::spawn(async move {
+            let mut w = epb::watch_client::WatchClient::new(ch);
+            let req = epb::WatchRequest {
+                request_union: Some(epb::watch_request::RequestUnion::CreateRequest(epb::WatchCreateRequest {
+                    key: format!("w/{i}").into_bytes(),
+                    ..Default::default()
+                })),
+            };
+            let Ok(r) = w.watch(futures::stream::iter([req]).chain(futures::stream::pending())).await else { return };
+            let mut r = r.into_inner();
+            if let Ok(Some(m)) = r.message().await {
+                if m.created {
+                    created.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            std::future::pending::<()>().await;
+        }));
+    }
+    eventually(Duration::from_secs(20), "64 watch streams open", || async {
+        match created.load(Ordering::SeqCst) {
+            64.. => Ok(()),
+            n => Err(format!("{n} open")),
+        }
+    })
+    .await;
+    // The rest wait for a stream slot: none opens while the first 64 live.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(created.load(Ordering::SeqCst), 64, "streams past the connection's limit were opened");
+    for s in &streams {
+        s.abort();
+    }
+    drop(streams);
+
+    // The request rate: 50/s with bursts of 100, from the socket's clients.
+    let ch = armada_server::listen::connect_url(&sock, None, Duration::from_secs(2)).await.unwrap();
+    let mut c = epb::kv_client::KvClient::new(ch);
+    let mut refused = None;
+    let mut served = 0;
+    for i in 0..300 {
+        match c
+            .put(epb::PutRequest { key: format!("r/{i}").into_bytes(), value: b"v".to_vec(), ..Default::default() })
+            .await
+        {
+            Ok(_) => served += 1,
+            Err(s) => {
+                refused = Some(s);
+                break;
+            }
+        }
+    }
+    let s = refused.expect("300 puts at once from one address all served at 50/s with a burst of 100");
+    assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
+    assert!(s.message().contains("request rate"), "{s:?}");
+    assert!(served >= 100, "the burst was served first: {served}");
+    eventually(Duration::from_secs(5), "served again once the bucket refills", || {
+        let mut c = c.clone();
+        async move {
+            c.range(epb::RangeRequest { key: b"r/0".to_vec(), ..Default::default() })
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        }
+    })
+    .await;
+    node.terminate();
+    let _ = std::fs::remove_dir_all(&dir);
+}

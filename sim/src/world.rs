@@ -414,6 +414,7 @@ async fn node_main(
             hash_memory_kib: 64,
             hash_passes: 1,
         },
+        limits: Default::default(),
     };
     let parts = Parts {
         engine,

@@ -326,14 +326,25 @@ impl SnapshotState {
 }
 
 /// A router serving the replication API (behind its token when `tokens`
-/// has one; the simulated world configures none).
-pub fn router(svc: ReplicationService, tokens: &crate::auth::Tokens) -> tonic::transport::server::Router {
+/// has one; the simulated world configures none), with the stream and
+/// keep-alive limits of `limits` (no request rate: follower clusters are
+/// authenticated peers).
+pub fn router(
+    svc: ReplicationService,
+    tokens: &crate::auth::Tokens,
+    limits: &crate::limits::Limits,
+) -> tonic::transport::server::Router {
     let server = pb::replication_server::ReplicationServer::new(svc)
         .max_decoding_message_size(MESSAGE_BYTES_MAX)
         .max_encoding_message_size(MESSAGE_BYTES_MAX);
     #[cfg(not(madsim))]
-    let server = crate::auth::gate(server, &tokens.replication);
+    {
+        let server = crate::auth::gate(server, &tokens.replication, &None);
+        crate::limits::server(limits).add_service(server)
+    }
     #[cfg(madsim)]
-    let _ = tokens;
-    tonic::transport::Server::builder().add_service(server)
+    {
+        let _ = (tokens, limits);
+        tonic::transport::Server::builder().add_service(server)
+    }
 }

@@ -14,7 +14,8 @@ pub enum Output {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClientArgs {
-    /// The node to talk to (its armada.v1 API address).
+    /// The node to talk to (its armada.v1 API address: http://, https://,
+    /// or a Unix socket, unix:///path or unixs:///path for TLS).
     #[arg(long, env = "ARMADA_ENDPOINT", default_value = "http://127.0.0.1:8443", global = true)]
     pub endpoint: String,
     /// Output format.
@@ -75,7 +76,7 @@ impl ClientArgs {
     }
 }
 
-/// TLS towards a node (an `https://` endpoint).
+/// TLS towards a node (an `https://` or `unixs://` endpoint).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ClientTls {
     /// PEM CA certificates that verify the node's certificate (an
@@ -94,7 +95,7 @@ impl ClientTls {
     /// The rustls configuration for `endpoint`: `None` for `http://`; an
     /// error for `https://` without a CA, or for a CA with `http://`.
     pub fn config(&self, endpoint: &str) -> anyhow::Result<Option<std::sync::Arc<rustls::ClientConfig>>> {
-        let https = endpoint.starts_with("https://");
+        let https = endpoint.starts_with("https://") || endpoint.starts_with("unixs:");
         match (&self.tls_ca, https) {
             (None, false) => {
                 anyhow::ensure!(self.tls_cert.is_none(), "--tls-cert needs an https:// endpoint and --tls-ca");
@@ -240,12 +241,9 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Channel> {
     let endpoint = &args.endpoint;
     let tls = args.tls.config(endpoint)?;
     PLAINTEXT_ENDPOINT.store(tls.is_none(), std::sync::atomic::Ordering::Relaxed);
-    let ep = crate::listen::endpoint(endpoint)
-        .map_err(|e| anyhow::anyhow!("invalid endpoint {endpoint:?}: {e}"))?
-        .connect_timeout(std::time::Duration::from_secs(3));
-    crate::listen::connect(ep, tls)
+    crate::listen::connect_url(endpoint, tls, std::time::Duration::from_secs(3))
         .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {endpoint}: {}", crate::listen::error_chain(&e)))
+        .map_err(|e| anyhow::anyhow!("cannot connect to {endpoint}: {e}"))
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {

@@ -265,6 +265,8 @@ pub async fn launch_in_process_with(
         raft_address: raft,
         rest_address: any,
         etcd_address: any,
+        api_unix_socket: None,
+        etcd_unix_socket: None,
         etcd_table: "default".into(),
         replication_address: any,
         node: NodeConfig {
@@ -278,6 +280,7 @@ pub async fn launch_in_process_with(
         tls_reload_interval: Duration::from_millis(100),
         tokens,
         etcd_auth: Default::default(),
+        limits: Default::default(),
     };
     let node = armada_server::launch::launch(&cfg, armada_server::launch::Role::Leader).await.expect("launch");
     let deadline = Instant::now() + Duration::from_secs(30);

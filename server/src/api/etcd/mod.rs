@@ -141,8 +141,25 @@ impl EtcdApi {
     }
 }
 
-/// A tonic router serving the etcd v3 services of `api`.
-pub fn router(api: EtcdApi) -> tonic::transport::server::Router {
+/// A tonic router serving the etcd v3 services of `api`, each behind the
+/// request rate of `limits` (real runtime).
+#[cfg(not(madsim))]
+pub fn router(api: EtcdApi, limits: &crate::limits::Limits) -> tonic::transport::server::Router {
+    use crate::auth::gate;
+    let rate = crate::limits::RateLimiter::new(limits);
+    crate::limits::server(limits)
+        .add_service(gate(pb::kv_server::KvServer::new(api.clone()), &None, &rate))
+        .add_service(gate(pb::maintenance_server::MaintenanceServer::new(api.clone()), &None, &rate))
+        .add_service(gate(pb::cluster_server::ClusterServer::new(api.clone()), &None, &rate))
+        .add_service(gate(pb::lease_server::LeaseServer::new(api.clone()), &None, &rate))
+        .add_service(gate(pb::auth_server::AuthServer::new(api.clone()), &None, &rate))
+        .add_service(gate(pb::watch_server::WatchServer::new(api), &None, &rate))
+}
+
+/// A tonic router serving the etcd v3 services of `api` (the simulated
+/// world sets no limits).
+#[cfg(madsim)]
+pub fn router(api: EtcdApi, _limits: &crate::limits::Limits) -> tonic::transport::server::Router {
     tonic::transport::Server::builder()
         .add_service(pb::kv_server::KvServer::new(api.clone()))
         .add_service(pb::maintenance_server::MaintenanceServer::new(api.clone()))

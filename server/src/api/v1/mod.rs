@@ -75,19 +75,28 @@ impl Api {
 /// Builds a tonic router serving all armada.v1 services of `api`, each
 /// behind its token when `tokens` has one.
 #[cfg(not(madsim))]
-pub fn router(api: Api, tokens: &crate::auth::Tokens) -> tonic::transport::server::Router {
+pub fn router(
+    api: Api,
+    tokens: &crate::auth::Tokens,
+    limits: &crate::limits::Limits,
+) -> tonic::transport::server::Router {
     use crate::auth::gate;
-    tonic::transport::Server::builder()
-        .add_service(gate(pb::kv_server::KvServer::new(api.clone()), &tokens.kv))
-        .add_service(gate(pb::tables_server::TablesServer::new(api.clone()), &tokens.tables))
-        .add_service(gate(pb::maintenance_server::MaintenanceServer::new(api.clone()), &tokens.maintenance))
-        .add_service(gate(pb::cluster_server::ClusterServer::new(api), &tokens.cluster))
+    let rate = crate::limits::RateLimiter::new(limits);
+    crate::limits::server(limits)
+        .add_service(gate(pb::kv_server::KvServer::new(api.clone()), &tokens.kv, &rate))
+        .add_service(gate(pb::tables_server::TablesServer::new(api.clone()), &tokens.tables, &rate))
+        .add_service(gate(pb::maintenance_server::MaintenanceServer::new(api.clone()), &tokens.maintenance, &rate))
+        .add_service(gate(pb::cluster_server::ClusterServer::new(api), &tokens.cluster, &rate))
 }
 
 /// Builds a tonic router serving all armada.v1 services of `api` (the
 /// simulated world configures no tokens).
 #[cfg(madsim)]
-pub fn router(api: Api, _tokens: &crate::auth::Tokens) -> tonic::transport::server::Router {
+pub fn router(
+    api: Api,
+    _tokens: &crate::auth::Tokens,
+    _limits: &crate::limits::Limits,
+) -> tonic::transport::server::Router {
     tonic::transport::Server::builder()
         .add_service(pb::kv_server::KvServer::new(api.clone()))
         .add_service(pb::tables_server::TablesServer::new(api.clone()))
