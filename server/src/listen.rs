@@ -36,7 +36,7 @@ use std::time::Duration;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
