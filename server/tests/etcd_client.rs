@@ -255,6 +255,28 @@ async fn etcd_users_log_in_at_a_leader_and_at_a_follower_cluster() {
     .await;
     let denied = alice_f.get("other", None).await.unwrap_err().to_string();
     assert!(denied.contains("permission denied"), "{denied}");
+    // etcdctl --user at the follower, as at the leader.
+    let etcdctl = |endpoint: &str, args: &[&str]| {
+        let out = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={endpoint}"))
+            .arg("--command-timeout=10s")
+            .args(args)
+            .output()
+            .expect("etcdctl (ci/install-deps installs it)");
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+    for ep in [&leader.nodes[0].etcd, &follower.nodes[0].etcd] {
+        let (ok, out) = etcdctl(ep, &["--user", "alice:alicepw", "get", "app/x"]);
+        assert!(ok && out.contains("app/x\n1"), "etcdctl --user at {ep}: {out}");
+        let (ok, out) = etcdctl(ep, &["--user", "alice:alicepw", "get", "other"]);
+        assert!(!ok && out.contains("permission denied"), "etcdctl --user at {ep}: {out}");
+        let (ok, out) = etcdctl(ep, &["--user", "alice:wrong", "get", "app/x"]);
+        assert!(!ok && out.contains("authentication failed"), "etcdctl --user at {ep}: {out}");
+    }
     // A write through the follower: checked there, forwarded, applied.
     alice_f.put("app/y", "from-edge", None).await.unwrap();
     let got = alice_l.get("app/y", None).await.unwrap();

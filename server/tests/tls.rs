@@ -713,20 +713,22 @@ async fn put_latencies(
 const FLOOD_CONNECTIONS: usize = 2000;
 
 /// One client opens thousands of connections to the etcd port of a node
-/// whose listeners hold at most 256: the connections past the limit are
+/// whose listeners hold at most 256 (overrides: ARMADA_FLOOD_CONNECTIONS,
+/// ARMADA_FLOOD_LIMIT; `ci/bench-limits`): the connections past the limit are
 /// refused at once ("too many connections" to a new gRPC client), another
 /// client already connected keeps being served, the node's memory grows by
 /// what 256 idle connections cost, and once the flood goes, new clients are
 /// admitted again. Prints the numbers (memory, the other client's latency).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_flood_is_capped_and_does_not_starve_another_client() {
-    let flood_n: usize =
-        std::env::var("ARMADA_FLOOD_CONNECTIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(FLOOD_CONNECTIONS);
+    let env = |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    let flood_n = env("ARMADA_FLOOD_CONNECTIONS", FLOOD_CONNECTIONS);
+    let limit = env("ARMADA_FLOOD_LIMIT", 256);
     let dir = std::env::temp_dir().join(format!("armada-limits-conn-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let mut node = common::Node::new(1, dir.join("data"));
-    node.extra = vec!["--max-connections".into(), "256".into()];
+    node.extra = vec!["--max-connections".into(), limit.to_string()];
     let members = format!("1={}", node.raft);
     node.start(&members);
     wait_ready(&node.http, Duration::from_secs(30)).await;
@@ -779,8 +781,8 @@ async fn a_connection_flood_is_capped_and_does_not_starve_another_client() {
     };
     assert!(e.contains("too many connections"), "a new client at the limit is told why: {e:?}");
     let admitted = flood_n - refused;
-    assert!(admitted <= 256, "{admitted} flood connections admitted past the limit of 256");
-    assert!(refused >= flood_n - 256, "{refused} of {flood_n} refused");
+    assert!(admitted <= limit, "{admitted} flood connections admitted past the limit of {limit}");
+    assert!(refused >= flood_n.saturating_sub(limit), "{refused} of {flood_n} refused");
     drop(flood);
     // Slots come back as the flood's connections close.
     eventually(Duration::from_secs(10), "a new client is admitted after the flood", || async {
@@ -793,7 +795,7 @@ async fn a_connection_flood_is_capped_and_does_not_starve_another_client() {
     .await;
     let pct = |v: &[f64], q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
     println!(
-        "flood of {flood_n} connections (limit 256): {refused} refused; node RSS {} -> {} KiB; other client's put \
+        "flood of {flood_n} connections (limit {limit}): {refused} refused; node RSS {} -> {} KiB; other client's put \
          p50/max {:.2}/{:.2} ms before, {:.2}/{:.2} ms during",
         rss_before,
         rss_during,
