@@ -946,6 +946,42 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(crate::mvcc::fuzz_tests::fuzz_cases()))]
+
+        /// The stored auth state damaged (bytes replaced, truncated,
+        /// extended) or replaced by random bytes: decoding answers an error
+        /// or a state, and a state that decodes compiles and checks without
+        /// a panic (the record comes from the disk, and from the leader
+        /// cluster over the network).
+        #[test]
+        fn a_damaged_auth_record_never_panics(
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..8),
+            cut in proptest::option::of(any::<usize>()),
+            tail in proptest::collection::vec(any::<u8>(), 0..8),
+            random in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut bytes = crate::codec::encode(&setup());
+            for (at, b) in edits {
+                let i = at % bytes.len();
+                bytes[i] = b;
+            }
+            if let Some(c) = cut {
+                bytes.truncate(c % (bytes.len() + 1));
+            }
+            bytes.extend(tail);
+            for candidate in [bytes, random] {
+                if let Ok(state) = crate::codec::decode::<AuthState>(&candidate, "auth state") {
+                    let p = Permissions::compile(&state);
+                    for user in state.users.keys().take(4) {
+                        let _ = p.check(Some(user), Access::Read, b"app/", b"\0");
+                        let _ = p.check(Some(user), Access::Write, b"a", b"");
+                    }
+                    let mut s = state.clone();
+                    let _ = s.apply(Some(ROOT), &AuthCommand::RoleAdd { name: "x".into() });
+                }
+            }
+        }
+
         /// Interval coverage agrees with a per-key check over every key of
         /// up to 4 bytes of {0, a, b, c}.
         #[test]

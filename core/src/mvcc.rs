@@ -1477,7 +1477,7 @@ fn compare_one(c: &Compare, kv: &KeyValue) -> bool {
 pub mod replication;
 
 #[cfg(test)]
-mod fuzz_tests;
+pub(crate) mod fuzz_tests;
 
 #[cfg(test)]
 mod tests;
