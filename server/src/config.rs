@@ -292,6 +292,11 @@ pub struct ServeArgs {
     /// [default: 10000]
     #[arg(long, env = "ARMADA_KEEPALIVE_TIMEOUT_MS", value_name = "MS")]
     pub keepalive_timeout_ms: Option<u64>,
+    /// A connection that sends nothing for this long after it was accepted
+    /// is closed, in ms (so unused connections cannot be hoarded).
+    /// [default: 10000]
+    #[arg(long, env = "ARMADA_FIRST_BYTES_TIMEOUT_MS", value_name = "MS")]
+    pub first_bytes_timeout_ms: Option<u64>,
 }
 
 /// A Unix socket a listener also accepts on: `unix:///path` (plaintext) or
@@ -395,6 +400,7 @@ pub struct FileConfig {
     pub request_burst: Option<u32>,
     pub keepalive_interval_ms: Option<u64>,
     pub keepalive_timeout_ms: Option<u64>,
+    pub first_bytes_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -858,6 +864,11 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
             &mut limits.keepalive_interval,
         ),
         ("keepalive timeout", args.keepalive_timeout_ms.or(file.keepalive_timeout_ms), &mut limits.keepalive_timeout),
+        (
+            "first bytes timeout",
+            args.first_bytes_timeout_ms.or(file.first_bytes_timeout_ms),
+            &mut limits.first_bytes_timeout,
+        ),
     ] {
         if let Some(ms) = v {
             if ms == 0 {

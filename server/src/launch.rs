@@ -131,9 +131,12 @@ pub async fn launch(cfg: &ServeConfig, role: Role) -> Result<Launched, LaunchErr
         Some(s) => l.with_unix_socket(s.clone()),
         None => Ok(l),
     };
-    let api_l = with_unix(api_l, &cfg.api_unix_socket)?.with_max_connections(cfg.limits.max_connections);
-    let etcd_l = with_unix(etcd_l, &cfg.etcd_unix_socket)?.with_max_connections(cfg.limits.max_connections);
-    let repl_l = repl_l.map(|l| l.with_max_connections(cfg.limits.max_connections));
+    let bounded = |l: listen::Listener| {
+        l.with_max_connections(cfg.limits.max_connections).with_first_bytes_timeout(cfg.limits.first_bytes_timeout)
+    };
+    let api_l = bounded(with_unix(api_l, &cfg.api_unix_socket)?);
+    let etcd_l = bounded(with_unix(etcd_l, &cfg.etcd_unix_socket)?);
+    let repl_l = repl_l.map(bounded);
     let http_l = with_tls(http_l, tls("rest", &cfg.tls.rest, &[b"http/1.1"])?);
     let repl_l = match repl_l {
         Some(l) => Some(with_tls(l, tls("replication", &cfg.tls.replication, &[b"h2"])?)),

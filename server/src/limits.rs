@@ -46,6 +46,9 @@ pub struct Limits {
     /// (a vanished client frees its connection and streams).
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    /// A connection that sends nothing for this long after it was accepted
+    /// is closed (TLS: the handshake must complete within 10 s instead).
+    pub first_bytes_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -60,6 +63,7 @@ impl Default for Limits {
             request_burst: 0,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
+            first_bytes_timeout: Duration::from_secs(10),
         }
     }
 }

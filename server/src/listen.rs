@@ -253,6 +253,10 @@ pub struct Conn {
     /// is answered `RESOURCE_EXHAUSTED`, and the connection ends (reads see
     /// the end of the stream) at this deadline.
     over_limit: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Until the client's first bytes arrive: when it sends nothing by
+    /// then, the connection ends (a client holding connections it never
+    /// uses does not keep them).
+    silent_until: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// How long a connection past the limit lives to receive its refusals.
@@ -281,10 +285,23 @@ impl AsyncRead for Conn {
                 return Poll::Ready(Ok(()));
             }
         }
-        match &mut this.io {
+        let before = buf.filled().len();
+        let read = match &mut this.io {
             ConnIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
             ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        };
+        if let Some(deadline) = &mut this.silent_until {
+            match read {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => this.silent_until = None,
+                Poll::Pending if std::future::Future::poll(deadline.as_mut(), cx).is_ready() => {
+                    // Nothing from the client since it connected: the end of
+                    // the stream, and the server closes the connection.
+                    return Poll::Ready(Ok(()));
+                }
+                _ => {}
+            }
         }
+        read
     }
 }
 
@@ -368,6 +385,9 @@ pub struct Listener {
     unix: Option<(UnixListener, UnixSocketSpec)>,
     /// Connections held at once, the TCP port's and the socket's together.
     max_connections: Option<usize>,
+    /// A plaintext connection that sends nothing for this long after the
+    /// accept is closed (TLS ones: the handshake deadline).
+    first_bytes_timeout: Option<Duration>,
 }
 
 /// Pause after an accept error that is not about one connection (out of
@@ -385,6 +405,7 @@ pub async fn bind(kind: ListenerKind, addr: SocketAddr) -> Result<Listener, Bind
         tls: None,
         unix: None,
         max_connections: None,
+        first_bytes_timeout: None,
     })
 }
 
@@ -471,6 +492,13 @@ impl Listener {
         self
     }
 
+    /// Closes a plaintext connection that sends nothing within `t` of being
+    /// accepted.
+    pub fn with_first_bytes_timeout(mut self, t: Duration) -> Listener {
+        self.first_bytes_timeout = Some(t);
+        self
+    }
+
     /// Serves TLS only, from `source`.
     pub fn with_tls(mut self, source: Arc<TlsSource>) -> Listener {
         self.tls = Some(source);
@@ -488,7 +516,7 @@ impl Listener {
     pub fn into_incoming(self) -> Incoming {
         let (tx, rx) = mpsc::channel(READY_QUEUE);
         let local = self.local_addr();
-        let Listener { kind, inner, stats, tls, unix, max_connections } = self;
+        let Listener { kind, inner, stats, tls, unix, max_connections, first_bytes_timeout } = self;
         let slots = max_connections.map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
         // An eighth of the limit (at least 16) more, each for a second.
         let grace = max_connections.map(|n| Arc::new(tokio::sync::Semaphore::new((n / 8).max(16))));
@@ -498,6 +526,7 @@ impl Listener {
                 tls: if spec.tls { tls.clone() } else { None },
                 slots: slots.clone(),
                 grace: grace.clone(),
+                first_bytes_timeout,
             };
             let tx = tx.clone();
             tokio::spawn(async move {
@@ -526,7 +555,7 @@ impl Listener {
                 let _ = std::fs::remove_file(&spec.path);
             });
         }
-        let shared = Shared { stats, tls, slots, grace };
+        let shared = Shared { stats, tls, slots, grace, first_bytes_timeout };
         tokio::spawn(async move {
             loop {
                 let (stream, peer) = tokio::select! {
@@ -579,13 +608,18 @@ async fn dispatch(kind: ListenerKind, mut socket: Socket, peer: SocketAddr, shar
         },
     };
     match &shared.tls {
-        None => tx.send((Conn { io: ConnIo::Plain(socket), _slot: slot, over_limit }, peer)).await.is_ok(),
+        None => {
+            let silent_until = shared.first_bytes_timeout.map(|t| Box::pin(tokio::time::sleep(t)));
+            tx.send((Conn { io: ConnIo::Plain(socket), _slot: slot, over_limit, silent_until }, peer)).await.is_ok()
+        }
         Some(source) => {
             let config = source.get();
             let (tx, stats) = (tx.clone(), shared.stats.clone());
             tokio::spawn(async move {
                 if let Some(io) = handshake(kind, socket, peer, config, &stats).await {
-                    let _ = tx.send((Conn { io, _slot: slot, over_limit }, peer)).await;
+                    // The handshake proved the client talks (its deadline
+                    // covered the silence).
+                    let _ = tx.send((Conn { io, _slot: slot, over_limit, silent_until: None }, peer)).await;
                 }
             });
             true
@@ -601,6 +635,8 @@ struct Shared {
     slots: Option<Arc<tokio::sync::Semaphore>>,
     /// Connections past the limit served briefly to be told so.
     grace: Option<Arc<tokio::sync::Semaphore>>,
+    /// How long a plaintext connection may stay silent after the accept.
+    first_bytes_timeout: Option<Duration>,
 }
 
 /// A listener's accepted connections, ready for the server: a stream for
@@ -874,6 +910,31 @@ mod tests {
         let _client = client.await.unwrap();
         assert!(server_side.nodelay().unwrap(), "accepted socket without TCP_NODELAY");
         assert_eq!((stats.accepted(), stats.with_nodelay()), (1, 1));
+    }
+
+    /// A client that says nothing after connecting is cut off at the first
+    /// bytes deadline; one that speaks is not.
+    #[tokio::test]
+    async fn a_silent_connection_ends_at_its_first_bytes_deadline() {
+        use futures::StreamExt;
+        use tokio::io::AsyncReadExt;
+        let l = bind(ListenerKind::Etcd, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = l.local_addr();
+        let mut incoming = l.with_first_bytes_timeout(Duration::from_millis(200)).into_incoming();
+        let _silent = TcpStream::connect(addr).await.unwrap();
+        let mut conn = incoming.next().await.unwrap().unwrap();
+        let mut buf = [0u8; 8];
+        let n =
+            tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await.expect("cut off in time").unwrap();
+        assert_eq!(n, 0, "the silent connection ends");
+        let mut talker = TcpStream::connect(addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut talker, b"P").await.unwrap();
+        let mut conn = incoming.next().await.unwrap().unwrap();
+        assert_eq!(conn.read(&mut buf).await.unwrap(), 1);
+        // Past the deadline, a connection that spoke stays open.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::io::AsyncWriteExt::write_all(&mut talker, b"RI").await.unwrap();
+        assert_eq!(conn.read(&mut buf).await.unwrap(), 2);
     }
 
     #[test]
