@@ -182,7 +182,11 @@ async fn catalog_worker(f: std::sync::Weak<Follower>) {
             if !this.node.is_leader(&meta) {
                 break;
             }
-            reconcile_catalog(&this.node, &msg, &mut known).await;
+            if !reconcile_catalog(&this.node, &msg, &mut known).await {
+                // The stream carries the auth state only when it changes:
+                // a new stream starts with it again.
+                break;
+            }
         }
         rotate = true;
     }
@@ -199,24 +203,25 @@ fn note_catalog_error(last: &mut Option<String>, error: String) {
 }
 
 /// Mirrors the leader cluster's auth state when it is newer than this
-/// cluster's (the state machine never lets it go back).
-async fn reconcile_auth(node: &Node, update: &pb::CatalogUpdate) {
+/// cluster's (the state machine never lets it go back). `false` when a
+/// state that was sent could not be mirrored.
+async fn reconcile_auth(node: &Node, update: &pb::CatalogUpdate) -> bool {
     if update.auth_state.is_empty() {
-        return;
+        return true;
     }
     match node.auth_view() {
-        Ok(v) if v.state.revision >= update.auth_revision => return,
+        Ok(v) if v.state.revision >= update.auth_revision => return true,
         Ok(_) => {}
         Err(e) => {
             debug!("reading the local auth state (not mirrored this round): {e}");
-            return;
+            return false;
         }
     }
     let state: armada_core::auth::AuthState = match armada_core::codec::decode(&update.auth_state, "auth state") {
         Ok(s) => s,
         Err(e) => {
             warn!("the leader cluster's auth state cannot be decoded (not mirrored): {e}");
-            return;
+            return false;
         }
     };
     let revision = state.revision;
@@ -224,18 +229,24 @@ async fn reconcile_auth(node: &Node, update: &pb::CatalogUpdate) {
         Ok(_) => {
             armada_core::probe!(AuthMirrored);
             info!(revision, "mirrored the leader cluster's authentication state");
+            true
         }
-        Err(e) => debug!("mirroring the auth state: {e}"),
+        Err(e) => {
+            debug!("mirroring the auth state: {e}");
+            false
+        }
     }
 }
 
-async fn reconcile_catalog(node: &Node, update: &pb::CatalogUpdate, known: &mut BTreeMap<String, u64>) {
-    reconcile_auth(node, update).await;
+/// Brings the local catalog and auth state in line with `update`; `false`
+/// when the auth state it carried could not be mirrored.
+async fn reconcile_catalog(node: &Node, update: &pb::CatalogUpdate, known: &mut BTreeMap<String, u64>) -> bool {
+    let auth_mirrored = reconcile_auth(node, update).await;
     let local: Vec<TableInfo> = match node.catalog_list() {
         Ok(t) => t,
         Err(e) => {
             debug!("reading the local catalog (nothing reconciled this round): {e}");
-            return;
+            return auth_mirrored;
         }
     };
     let upstream: BTreeMap<&str, u64> = update.tables.iter().map(|t| (t.name.as_str(), t.id)).collect();
@@ -271,6 +282,7 @@ async fn reconcile_catalog(node: &Node, update: &pb::CatalogUpdate, known: &mut 
             known.entry(name.to_string()).or_insert(id);
         }
     }
+    auth_mirrored
 }
 
 /// How a table worker's subscription is timed and bounded.

@@ -37,11 +37,19 @@ impl ReplicationService {
         Self { node }
     }
 
-    fn catalog(node: &Node) -> Result<pb::CatalogUpdate, Status> {
+    /// The catalog now, with the auth state when its revision is not
+    /// `sent_auth` (the one this stream last carried): the state can be
+    /// megabytes, and the stream repeats itself every heartbeat.
+    fn catalog(node: &Node, sent_auth: &mut Option<u64>) -> Result<pb::CatalogUpdate, Status> {
         let tables = node.catalog_list().map_err(|e| status(&e))?;
         let auth = node.auth_view().map_err(|e| status(&e))?;
         // An empty, never-changed state is not sent (nothing to mirror).
-        let auth_state = if auth.state.revision == 0 { Vec::new() } else { armada_core::codec::encode(&auth.state) };
+        let auth_state = if auth.state.revision == 0 || *sent_auth == Some(auth.state.revision) {
+            Vec::new()
+        } else {
+            *sent_auth = Some(auth.state.revision);
+            armada_core::codec::encode(&auth.state)
+        };
         Ok(pb::CatalogUpdate {
             tables: tables.into_iter().map(|t| pb::TableRef { name: t.name, id: t.id.0 }).collect(),
             auth_state,
@@ -169,13 +177,13 @@ impl pb::replication_server::Replication for ReplicationService {
     async fn catalog(&self, _request: Request<pb::CatalogRequest>) -> Result<Response<Self::CatalogStream>, Status> {
         let node = self.node.clone();
         let rx = node.revision_watch(GroupId::META);
-        let stream = futures::stream::unfold((node, rx, true), |(node, mut rx, first)| async move {
+        let stream = futures::stream::unfold((node, rx, true, None), |(node, mut rx, first, mut sent)| async move {
             if !first {
                 changed_or_timeout(&mut rx, HEARTBEAT).await;
             }
             drop(rx.borrow_and_update());
-            let update = ReplicationService::catalog(&node);
-            Some((update, (node, rx, false)))
+            let update = ReplicationService::catalog(&node, &mut sent);
+            Some((update, (node, rx, false, sent)))
         });
         Ok(Response::new(Box::pin(stream)))
     }
