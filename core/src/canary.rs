@@ -94,10 +94,16 @@ pub enum Canary {
     /// user who logged in after a revocation may still use the revoked
     /// permission at a lagging node).
     AuthTokenFloorIgnored = 30,
+    /// A membership change is recorded while the previous one is still
+    /// being carried out (the one-change-at-a-time rule is off).
+    MembersConcurrentChanges = 31,
+    /// Group leaders never promote a new voter: a change that adds one
+    /// never reaches every group.
+    MembersNeverPromote = 32,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 30] = [
+    pub const ALL: [Canary; 32] = [
         Canary::AckBeforeFsync,
         Canary::StaleRead,
         Canary::ReuseRevision,
@@ -128,6 +134,8 @@ impl Canary {
         Canary::WatchPrevKvOwnRevision,
         Canary::AuthChecksRangeStartOnly,
         Canary::AuthTokenFloorIgnored,
+        Canary::MembersConcurrentChanges,
+        Canary::MembersNeverPromote,
     ];
 
     pub fn name(self) -> &'static str {
@@ -162,6 +170,8 @@ impl Canary {
             Canary::WatchPrevKvOwnRevision => "watch-prev-kv-own-revision",
             Canary::AuthChecksRangeStartOnly => "auth-checks-range-start-only",
             Canary::AuthTokenFloorIgnored => "auth-token-floor-ignored",
+            Canary::MembersConcurrentChanges => "members-concurrent-changes",
+            Canary::MembersNeverPromote => "members-never-promote",
         }
     }
 

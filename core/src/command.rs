@@ -226,6 +226,10 @@ pub enum MetaCommand {
         by: Option<String>,
         cmd: crate::auth::AuthCommand,
     },
+    /// A change to the recorded membership (`crate::members`). Appended:
+    /// older releases never see it (the record is written only once every
+    /// member runs a release that knows it).
+    Members(crate::members::MembersCommand),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -233,6 +237,9 @@ pub enum MetaReply {
     Created(TableInfo),
     Deleted(TableInfo),
     Auth(crate::auth::AuthReply),
+    /// The membership record after the command (unchanged if it was a
+    /// repeat).
+    Members(crate::members::Members),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -246,6 +253,8 @@ pub enum MetaError {
     InvalidTableName { name: String, reason: String },
     #[error("{0}")]
     Auth(crate::auth::AuthError),
+    #[error("{0}")]
+    Members(crate::members::MembersError),
 }
 
 /// Checks a table name: 1 to 128 bytes of `[A-Za-z0-9_.-]`.
@@ -296,6 +305,34 @@ impl<'e> Catalog<'e> {
     /// The authentication state (empty and disabled if never changed).
     pub fn auth_state(&self) -> Result<crate::auth::AuthState, EngineError> {
         crate::auth::AuthState::load(self.engine, &self.auth_key())
+    }
+
+    /// Where the membership record is kept.
+    pub fn members_key(&self) -> Vec<u8> {
+        let mut k = self.ns.clone();
+        k.push(b'c');
+        k
+    }
+
+    /// The recorded membership (`None` before the cluster recorded it).
+    pub fn members(&self) -> Result<Option<crate::members::Members>, EngineError> {
+        crate::members::Members::load(self.engine, &self.members_key())
+    }
+
+    fn group_members_key(&self, id: GroupId) -> Vec<u8> {
+        let mut k = self.ns.clone();
+        k.push(b'g');
+        k.extend_from_slice(&id.0.to_be_bytes());
+        k
+    }
+
+    /// A table group's founding configuration (`None` for tables created
+    /// before the cluster recorded its members).
+    pub fn group_members(&self, id: GroupId) -> Result<Option<crate::members::GroupMembers>, EngineError> {
+        match self.engine.get(&self.group_members_key(id))? {
+            Some(v) => crate::codec::decode(&v, "group members").map(Some).map_err(EngineError::from),
+            None => Ok(None),
+        }
     }
 
     fn counters_key(&self) -> Vec<u8> {
@@ -353,12 +390,17 @@ impl<'e> Catalog<'e> {
                 let next = CatalogCounters { next_table_id: counters.next_table_id + 1 };
                 batch.put(self.counters_key(), crate::codec::encode(&next));
                 batch.put(self.table_key(name), crate::codec::encode(&info));
+                if let Some(members) = self.members()? {
+                    let founding = crate::members::GroupMembers::at(&members);
+                    batch.put(self.group_members_key(info.id), crate::codec::encode(&founding));
+                }
                 Ok(MetaReply::Created(info))
             }
             MetaCommand::DeleteTable { name } => match self.get(name)? {
                 None => Err(MetaError::TableNotFound(name.clone())),
                 Some(info) => {
                     batch.delete(self.table_key(name));
+                    batch.delete(self.group_members_key(info.id));
                     Ok(MetaReply::Deleted(info))
                 }
             },
@@ -372,6 +414,20 @@ impl<'e> Catalog<'e> {
                         Ok(MetaReply::Auth(reply))
                     }
                     Err(e) => Err(MetaError::Auth(e)),
+                }
+            }
+            MetaCommand::Members(cmd) => {
+                let current = self.members()?;
+                match crate::members::Members::apply(current.as_ref(), cmd) {
+                    Ok(Some(next)) => {
+                        next.store(self.members_key(), &mut batch);
+                        Ok(MetaReply::Members(next))
+                    }
+                    Ok(None) => match current {
+                        Some(c) => Ok(MetaReply::Members(c)),
+                        None => Err(MetaError::Members(crate::members::MembersError::NotRecorded)),
+                    },
+                    Err(e) => Err(MetaError::Members(e)),
                 }
             }
         };

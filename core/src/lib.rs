@@ -24,6 +24,7 @@ pub mod ids;
 pub mod kv;
 pub mod layout;
 pub mod lease;
+pub mod members;
 pub mod model;
 pub mod mvcc;
 pub mod overlay;

@@ -130,13 +130,19 @@ pub enum Probe {
     AuthDenied,
     /// A follower cluster mirrored a newer auth state of the leader cluster.
     AuthMirrored,
+    /// A group leader moved its group one step towards the recorded
+    /// membership.
+    MembershipStep,
+    /// A node started a table's group without founding it (a member added
+    /// after the table was created): the group's leader adds it.
+    MembershipJoinedGroup,
 }
 
 /// Number of probes.
 pub const COUNT: usize = Probe::ALL.len();
 
 impl Probe {
-    pub const ALL: [Probe; 54] = [
+    pub const ALL: [Probe; 56] = [
         Probe::LogTruncated,
         Probe::LogPurged,
         Probe::VoteSavedThenCrash,
@@ -191,6 +197,8 @@ impl Probe {
         Probe::AuthTokenAheadOfNode,
         Probe::AuthDenied,
         Probe::AuthMirrored,
+        Probe::MembershipStep,
+        Probe::MembershipJoinedGroup,
     ];
 
     pub fn name(self) -> &'static str {
@@ -249,6 +257,8 @@ impl Probe {
             Probe::AuthTokenAheadOfNode => "auth-token-ahead-of-node",
             Probe::AuthDenied => "auth-denied",
             Probe::AuthMirrored => "auth-mirrored",
+            Probe::MembershipStep => "membership-step",
+            Probe::MembershipJoinedGroup => "membership-joined-group",
         }
     }
 

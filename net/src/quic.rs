@@ -209,7 +209,20 @@ impl QuicTransport {
                 }
             }
         }
-        let addr: SocketAddr = target.parse().map_err(|e| unreachable(format!("bad address: {e}")))?;
+        // A DNS name is resolved at every dial, so a peer that moved (a
+        // rescheduled pod with a new IP) is found once its old connection
+        // fails.
+        let addr = match target.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host(target)).await {
+                Ok(Ok(mut found)) => match found.next() {
+                    Some(a) => a,
+                    None => return Err(self.failed(target, unreachable("the name resolves to no address".into()))),
+                },
+                Ok(Err(e)) => return Err(self.failed(target, unreachable(format!("resolving the name: {e}")))),
+                Err(_) => return Err(self.failed(target, unreachable("resolving the name timed out".into()))),
+            },
+        };
         let dial = async {
             let rotated = self.client.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let connecting = match rotated {
@@ -234,6 +247,14 @@ impl QuicTransport {
                 Err(unreachable(e))
             }
         }
+    }
+
+    /// Records a failed dial of `target` (backing off before the next) and
+    /// returns `e`.
+    fn failed(&self, target: &str, e: TransportError) -> TransportError {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.insert(target.to_string(), Peer { conn: None, failed_at: Some(Instant::now()) });
+        e
     }
 
     /// Drops `conn` (if it is still this peer's connection) and backs off

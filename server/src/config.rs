@@ -61,6 +61,28 @@ pub struct ServeArgs {
     /// [default: this node alone]
     #[arg(long, env = "ARMADA_INITIAL_MEMBERS", value_name = "MEMBERS")]
     pub initial_members: Option<String>,
+    /// `new`: this node founds a cluster with --initial-members (every
+    /// founding member gives the same list); `existing`: it joins a running
+    /// cluster, which must add it first (`armada cluster member add`, or
+    /// etcd's MemberAdd); it never initialises anything itself.
+    /// [default: new]
+    #[arg(long, env = "ARMADA_INITIAL_CLUSTER_STATE", value_name = "new|existing")]
+    pub initial_cluster_state: Option<String>,
+    /// Where the other nodes reach this node's Raft address, when it is not
+    /// the address it listens on (e.g. a StatefulSet pod's DNS name,
+    /// `armada-0.armada.ns.svc:5012`, while listening on 0.0.0.0:5012).
+    /// [default: this node's entry in --initial-members, else --raft-address]
+    #[arg(long, env = "ARMADA_ADVERTISE_RAFT_ADDRESS", value_name = "HOST:PORT")]
+    pub advertise_raft_address: Option<String>,
+    /// Where clients reach this node's armada.v1 API, as member lists
+    /// publish it. [default: --api-address unless it is 0.0.0.0 or ::]
+    #[arg(long, env = "ARMADA_ADVERTISE_API_ADDRESS", value_name = "HOST:PORT")]
+    pub advertise_api_address: Option<String>,
+    /// Where clients reach this node's etcd v3 API, as etcd's MemberList
+    /// publishes it (its clientURLs). [default: --etcd-address unless it
+    /// is 0.0.0.0 or ::]
+    #[arg(long, env = "ARMADA_ADVERTISE_ETCD_ADDRESS", value_name = "HOST:PORT")]
+    pub advertise_etcd_address: Option<String>,
     /// Address of the armada.v1 gRPC API. [default: 127.0.0.1:8443]
     #[arg(long, env = "ARMADA_API_ADDRESS", value_name = "HOST:PORT")]
     pub api_address: Option<String>,
@@ -343,6 +365,10 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub node_id: Option<u64>,
     pub initial_members: Option<String>,
+    pub initial_cluster_state: Option<String>,
+    pub advertise_raft_address: Option<String>,
+    pub advertise_api_address: Option<String>,
+    pub advertise_etcd_address: Option<String>,
     pub api_address: Option<String>,
     pub raft_address: Option<String>,
     pub rest_address: Option<String>,
@@ -539,10 +565,45 @@ pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
     toml::from_str(&text).map_err(|e| ConfigError::ParseFile { path: path.into(), message: e.to_string() })
 }
 
+/// A listen address: `ip:port`, or `name:port` resolved once at start
+/// (the first address the resolver gives).
 fn parse_addr(what: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
-    s.parse().map_err(|e: std::net::AddrParseError| {
-        invalid(what, s, format!("{e} (expected host:port, e.g. 127.0.0.1:5012)"))
-    })
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    let normalized = parse_peer(what, s)?;
+    use std::net::ToSocketAddrs;
+    let mut found =
+        normalized.to_socket_addrs().map_err(|e| invalid(what, s, format!("cannot resolve the host name: {e}")))?;
+    found.next().ok_or_else(|| invalid(what, s, "the host name resolves to no address"))
+}
+
+/// An address other nodes or clients dial: `ip:port`, `[ipv6]:port` or
+/// `dns-name:port` (resolved by whoever dials, again at each reconnection,
+/// so a rescheduled pod's new IP is found). Returned as given, trimmed.
+pub fn parse_peer(what: &'static str, s: &str) -> Result<String, ConfigError> {
+    let s = s.trim();
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a.to_string());
+    }
+    let hint = "expected host:port, e.g. 127.0.0.1:5012 or armada-0.armada.default.svc:5012";
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| invalid(what, s, format!("no port ({hint})")))?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(invalid(what, s, format!("the port must be a number from 1 to 65535 ({hint})"))),
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(invalid(what, s, format!("{host:?} is neither an IP address nor a DNS name ({hint})")));
+    }
+    Ok(s.to_string())
 }
 
 /// Parses `id=host:port[@api_host:port],...`.
@@ -560,9 +621,9 @@ pub fn parse_members(s: &str) -> Result<BTreeMap<u64, ArmadaNode>, ConfigError> 
             Some((r, a)) => (r, Some(a)),
             None => (rest, None),
         };
-        let raft_addr = parse_addr("initial member address", raft.trim())?.to_string();
+        let raft_addr = parse_peer("initial member address", raft)?;
         let api_addr = match api {
-            Some(a) => parse_addr("initial member API address", a.trim())?.to_string(),
+            Some(a) => parse_peer("initial member API address", a)?,
             None => String::new(),
         };
         if out.insert(id, ArmadaNode { raft_addr, api_addr }).is_some() {
@@ -678,24 +739,86 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
     if timeout_ms == 0 {
         return Err(invalid("request timeout", "0", "must be positive"));
     }
-    let mut members = match args.initial_members.clone().or(file.initial_members) {
-        Some(m) => parse_members(&m)?,
-        None => {
-            BTreeMap::from([(node_id, ArmadaNode { raft_addr: raft_address.to_string(), api_addr: String::new() })])
+    let bootstrap = match args.initial_cluster_state.clone().or(file.initial_cluster_state).as_deref() {
+        None | Some("new") => true,
+        Some("existing") => false,
+        Some(other) => return Err(invalid("initial cluster state", other, "expected new or existing")),
+    };
+    let advertise = |what: &'static str, given: Option<String>, listen: SocketAddr| -> Result<String, ConfigError> {
+        match given {
+            Some(a) => parse_peer(what, &a),
+            None if listen.ip().is_unspecified() => Ok(String::new()),
+            None => Ok(listen.to_string()),
         }
     };
+    let advertise_api = advertise(
+        "advertised API address",
+        args.advertise_api_address.clone().or(file.advertise_api_address),
+        api_address,
+    )?;
+    let advertise_etcd = advertise(
+        "advertised etcd address",
+        args.advertise_etcd_address.clone().or(file.advertise_etcd_address),
+        etcd_address,
+    )?;
+    let given_advertise_raft = args.advertise_raft_address.is_some() || file.advertise_raft_address.is_some();
+    let advertise_raft = advertise(
+        "advertised Raft address",
+        args.advertise_raft_address.clone().or(file.advertise_raft_address),
+        raft_address,
+    )?;
+    let mut members = match args.initial_members.clone().or(file.initial_members) {
+        Some(m) => parse_members(&m)?,
+        None => BTreeMap::new(),
+    };
     let ids: Vec<u64> = members.keys().copied().collect();
-    let me = members.get_mut(&node_id).ok_or_else(|| {
-        invalid("initial members", format!("{ids:?}"), format!("this node ({node_id}) is not among them"))
-    })?;
-    if me.raft_addr != raft_address.to_string() && !raft_address.ip().is_unspecified() {
-        return Err(invalid(
-            "Raft address",
-            raft_address.to_string(),
-            format!("initial members list node {node_id} at {}", me.raft_addr),
-        ));
+    match members.get_mut(&node_id) {
+        Some(me) => {
+            // The list is what the other nodes dial: it must agree with
+            // what this node advertises and, for an IP literal, listens on.
+            if given_advertise_raft && me.raft_addr != advertise_raft {
+                return Err(invalid(
+                    "advertised Raft address",
+                    advertise_raft,
+                    format!("initial members list node {node_id} at {}", me.raft_addr),
+                ));
+            }
+            let literal = me.raft_addr.parse::<SocketAddr>().ok();
+            if literal.is_some_and(|a| a != raft_address) && !raft_address.ip().is_unspecified() {
+                return Err(invalid(
+                    "Raft address",
+                    raft_address.to_string(),
+                    format!("initial members list node {node_id} at {}", me.raft_addr),
+                ));
+            }
+            me.api_addr = advertise_api.clone();
+        }
+        None if bootstrap && !ids.is_empty() => {
+            return Err(invalid(
+                "initial members",
+                format!("{ids:?}"),
+                format!(
+                    "this node ({node_id}) is not among them (a node joining a running cluster starts with \
+                     --initial-cluster-state existing)"
+                ),
+            ));
+        }
+        None if bootstrap => {
+            // A cluster of one: the others are added later, if ever.
+            let raft_addr = if advertise_raft.is_empty() { raft_address.to_string() } else { advertise_raft.clone() };
+            members.insert(node_id, ArmadaNode { raft_addr, api_addr: advertise_api.clone() });
+        }
+        None => {
+            if advertise_raft.is_empty() {
+                return Err(invalid(
+                    "Raft address",
+                    raft_address.to_string(),
+                    "listening on every interface: give --advertise-raft-address, the address other nodes dial",
+                ));
+            }
+            members.insert(node_id, ArmadaNode { raft_addr: advertise_raft.clone(), api_addr: advertise_api.clone() });
+        }
     }
-    me.api_addr = api_address.to_string();
     let tls = ListenersTls {
         api: listener_tls(
             "api",
@@ -902,6 +1025,8 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
                 ..defaults
             },
             request_timeout: Duration::from_millis(timeout_ms),
+            bootstrap,
+            client_addrs: crate::node::config::ClientAddrs { api: advertise_api, etcd: advertise_etcd },
         },
         log_format: file.log_format,
         tls,

@@ -56,6 +56,16 @@ pub fn status(e: &ApiError) -> Status {
         ApiError::Meta(m) => match m {
             MetaError::TableExists(_) => Status::already_exists(m.to_string()),
             MetaError::TableNotFound(_) => Status::not_found(m.to_string()),
+            MetaError::Members(e) => {
+                use armada_core::members::MembersError as E;
+                match e {
+                    E::NotFound(_) => Status::not_found(m.to_string()),
+                    E::Exists(_) | E::AddressInUse { .. } => Status::already_exists(m.to_string()),
+                    E::NotRecorded => Status::unavailable(m.to_string()),
+                    E::InvalidId | E::InvalidAddress(_) => Status::invalid_argument(m.to_string()),
+                    _ => Status::failed_precondition(m.to_string()),
+                }
+            }
             _ => Status::invalid_argument(m.to_string()),
         },
         ApiError::TableNotFound(_) => Status::not_found(e.to_string()),

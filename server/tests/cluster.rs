@@ -29,7 +29,7 @@ async fn cluster_with(n: u64, raft: RaftTuning, request_timeout: Duration) -> Ve
     let mut nodes = Vec::new();
     for i in 1..=n {
         let engine: Arc<dyn Engine> = Arc::new(MemEngine::new());
-        let cfg = NodeConfig { id: i, members: members.clone(), raft: raft.clone(), request_timeout };
+        let cfg = NodeConfig::founding(i, members.clone(), raft.clone(), request_timeout);
         let node = Node::start(cfg, engine.clone(), Arc::new(InlineFlusher(engine)), Arc::new(router.transport()))
             .await
             .expect("node starts");
@@ -322,7 +322,7 @@ impl Engine for FailingEngine {
 async fn a_node_whose_storage_fails_stops_and_acknowledges_nothing() {
     let engine = Arc::new(FailingEngine { inner: MemEngine::new(), fail: std::sync::atomic::AtomicBool::new(false) });
     let members = BTreeMap::from([(1, ArmadaNode { raft_addr: "raft-1".into(), api_addr: "api-1".into() })]);
-    let cfg = NodeConfig { id: 1, members, raft: RaftTuning::default(), request_timeout: Duration::from_secs(2) };
+    let cfg = NodeConfig::founding(1, members, RaftTuning::default(), Duration::from_secs(2));
     let router = LocalRouter::new();
     let dyn_engine: Arc<dyn Engine> = engine.clone();
     let node = Node::start(cfg, dyn_engine.clone(), Arc::new(InlineFlusher(dyn_engine)), Arc::new(router.transport()))

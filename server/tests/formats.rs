@@ -47,7 +47,7 @@ async fn node_over(engine: Arc<dyn Engine>) -> Arc<Node> {
         [(1, ArmadaNode { raft_addr: "raft-1".into(), api_addr: "api-1".into() })].into();
     // Frequent snapshots, so that the fixture holds a snapshot-purged log.
     let raft = RaftTuning { snapshot_after_logs: 8, logs_kept_after_snapshot: 2, ..RaftTuning::default() };
-    let cfg = NodeConfig { id: 1, members, raft, request_timeout: Duration::from_secs(5) };
+    let cfg = NodeConfig::founding(1, members, raft, Duration::from_secs(5));
     let node = Node::start(cfg, engine.clone(), Arc::new(InlineFlusher(engine)), Arc::new(router.transport()))
         .await
         .expect("node starts");
@@ -340,7 +340,7 @@ async fn a_data_directory_of_an_unknown_format_is_refused() {
     let router = LocalRouter::new();
     let members: BTreeMap<u64, ArmadaNode> =
         [(1, ArmadaNode { raft_addr: "raft-1".into(), api_addr: "api-1".into() })].into();
-    let cfg = NodeConfig { id: 1, members, raft: RaftTuning::default(), request_timeout: Duration::from_secs(5) };
+    let cfg = NodeConfig::founding(1, members, RaftTuning::default(), Duration::from_secs(5));
     let err =
         match Node::start(cfg, engine.clone(), Arc::new(InlineFlusher(engine.clone())), Arc::new(router.transport()))
             .await

@@ -119,6 +119,9 @@ mod sim_main {
             let a = r.auth_checked;
             extra.push_str(&format!(" auth={}/{}/{}/{}", a.0, a.1, a.2, a.3));
         }
+        if sc.spare_nodes > 0 {
+            extra.push_str(&format!(" member_changes={} refused_early={}", r.members_checked.0, r.members_checked.1));
+        }
         if r.watch_events > 0 {
             extra.push_str(&format!(" watch_events={} watch_progress={}", r.watch_events, r.watch_progress));
         }

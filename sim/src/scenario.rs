@@ -392,6 +392,12 @@ pub struct Scenario {
     /// anonymously, so they cannot run with it.
     #[serde(default)]
     pub auth_users: u32,
+    /// Nodes of the leader cluster that start outside it (joining an
+    /// existing cluster): the membership driver adds them as voters while
+    /// faults run, then removes as many founding nodes (3 + 2 spare: the
+    /// cluster goes 3 -> 5 -> 3), and C1 checks the changes.
+    #[serde(default)]
+    pub spare_nodes: u32,
 }
 
 /// The table [`Scenario::table_churn_ms`] deletes and re-creates (no client
@@ -435,6 +441,11 @@ impl Faults {
 impl Scenario {
     /// The fsync delay range of the nodes of `cluster` (0: the leader
     /// cluster; follower clusters may have their own).
+    /// Every node id of the leader cluster: founding and spare.
+    pub fn all_nodes(&self) -> u64 {
+        u64::from(self.nodes + self.spare_nodes)
+    }
+
     pub fn fsync_ms(&self, cluster: u64) -> [u64; 2] {
         match &self.followers {
             Some(fl) if cluster > 0 => fl.fsync_ms.unwrap_or(self.faults.fsync_ms),

@@ -31,6 +31,7 @@ mod disk;
 mod etcd;
 mod followers;
 mod leases;
+mod membership;
 pub mod probes;
 mod watchers;
 use crate::history::{CasBy, Op, OpKind, OpResult, Outcome};
@@ -104,6 +105,9 @@ pub struct Report {
     /// Permission decisions A1 checked, auth revisions applied, logins,
     /// and answers that were no decision.
     pub auth_checked: (usize, u64, u64, u64),
+    /// Membership changes the driver completed, and changes C1 saw refused
+    /// for coming too early.
+    pub members_checked: (u64, u64),
 }
 
 /// A client request's deadline; past it the outcome is indefinite.
@@ -150,6 +154,8 @@ struct Shared {
     /// etcd authentication runs in this world: anonymous clients stay off
     /// the etcd API.
     etcd_closed: bool,
+    /// C1: the membership records applied, and the driver's plan.
+    members: Mutex<membership::MembersLog>,
 }
 
 impl Shared {
@@ -231,6 +237,14 @@ impl ApplyObserver for Observer {
         {
             let now = self.shared.now_ns();
             self.shared.auth.lock().unwrap_or_else(|p| p.into_inner()).applied(*revision, now, cmd);
+        }
+        if let (
+            0,
+            Some(Command::Meta(armada_core::command::MetaCommand::Members(cmd))),
+            CommandResponse::Meta(Ok(armada_core::command::MetaReply::Members(record))),
+        ) = (self.repl.cluster, command, response)
+        {
+            self.shared.members.lock().unwrap_or_else(|p| p.into_inner()).applied(index, cmd, record);
         }
         let group = global_group(self.repl.cluster, group);
         if let (0, Some(rev)) = (self.repl.cluster, revision) {
@@ -373,8 +387,21 @@ async fn node_main(
     sc: Scenario,
     shared: Arc<Shared>,
 ) {
+    if disk.held() {
+        // A node whose disk was lost, down until the membership driver
+        // brings it back as a new node.
+        return;
+    }
+    let mut cfg = cfg;
+    if disk.replaced() {
+        // Started again on an empty disk: it joins the cluster as a node
+        // that founds nothing (the operator removed it and adds it back).
+        let me = cfg.me().cloned().expect("the node is a member");
+        cfg.bootstrap = false;
+        cfg.members = BTreeMap::from([(id, me)]);
+    }
     if starts.fetch_add(1, Ordering::SeqCst) > 0 {
-        canary_on_restart(&disk.image);
+        canary_on_restart(&disk.image());
     }
     let engine: Arc<dyn Engine> = Arc::new(disk.open());
     if starts.load(Ordering::SeqCst) > 1 {
@@ -823,8 +850,8 @@ async fn client_main(cid: u32, sc: Scenario, members: BTreeMap<u64, ArmadaNode>,
     while shared.now_ns() < until_ns {
         let table = table_name(rand_range(0, sc.tables as u64 - 1) as u32);
         let key = key_name(rand_range(0, sc.keys as u64 - 1) as u32);
-        let node = rand_range(1, sc.nodes as u64);
-        let node = if reader { u64::from(cid) % sc.nodes as u64 + 1 } else { node };
+        let node = rand_range(1, sc.all_nodes());
+        let node = if reader { u64::from(cid) % sc.all_nodes() + 1 } else { node };
         seq += 1;
         let fresh = format!("c{cid}-{seq}");
         let kind = match weighted_choice(&weights) {
@@ -947,9 +974,10 @@ fn crash_node(shared: &Shared, handle: &Handle, id: NodeId, torn_pct: u32) {
     }
     if torn_pct > 0 && rand_range(1, 100) <= u64::from(torn_pct) {
         if let Some(d) = disk {
-            let unsynced = d.image.unsynced_batches();
+            let image = d.image();
+            let unsynced = image.unsynced_batches();
             let keep = rand_range(0, unsynced as u64) as usize;
-            d.image.crash_keeping(keep);
+            image.crash_keeping(keep);
             shared.trace(&[0x7042, unsynced as u64, keep as u64]);
             if keep > 0 {
                 armada_core::probe!(TornCrashKeptWrites);
@@ -1355,7 +1383,7 @@ async fn liveness_and_final_reads(sc: Scenario, members: BTreeMap<u64, ArmadaNod
             if let Outcome::Ok(OpResult::Put { revision }) = perform(&mut conns, node, &table, &kind).await {
                 committed = Some(revision);
             } else {
-                node = node % sc.nodes as u64 + 1;
+                node = node % sc.all_nodes() + 1;
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -1369,7 +1397,8 @@ async fn liveness_and_final_reads(sc: Scenario, members: BTreeMap<u64, ArmadaNod
         };
         // Every node applies it.
         loop {
-            let behind: Vec<u64> = (1..=sc.nodes as u64)
+            let behind: Vec<u64> = membership::final_members(&shared, &sc)
+                .into_iter()
                 .filter(|id| {
                     let nodes = shared.nodes();
                     let Some((_, n)) = nodes.iter().find(|(i, _)| i == id) else { return true };
@@ -1390,10 +1419,10 @@ async fn liveness_and_final_reads(sc: Scenario, members: BTreeMap<u64, ArmadaNod
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if let Err(m) = replicas_agree(&shared, &table, sc.nodes as u64) {
+        if let Err(m) = replicas_agree(&shared, &table, sc.all_nodes()) {
             shared.replicas.lock().unwrap_or_else(|p| p.into_inner()).push(m);
         }
-        if let Err(m) = backups_match(&shared, &table, sc.nodes as u64) {
+        if let Err(m) = backups_match(&shared, &table, sc.all_nodes()) {
             shared.replicas.lock().unwrap_or_else(|p| p.into_inner()).push(m);
         }
         if sc.auto_compaction_ms > 0 && sc.duration_s * 1000 > 2 * sc.auto_compaction_ms {
@@ -1440,7 +1469,7 @@ async fn liveness_and_final_reads(sc: Scenario, members: BTreeMap<u64, ArmadaNod
                     fail(format!("liveness: final read of {} in {table} kept failing", key_name(k)));
                     break;
                 }
-                node = node % sc.nodes as u64 + 1;
+                node = node % sc.all_nodes() + 1;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
@@ -1659,12 +1688,22 @@ fn build_cluster(handle: &Handle, sc: &Scenario, cluster: u64, nodes: u64, share
         ..RaftTuning::default()
     };
     let mut ids = Vec::new();
-    for i in 1..=nodes {
+    // Spare nodes of the leader cluster start outside it (see
+    // `membership`).
+    let spare = if cluster == 0 { u64::from(sc.spare_nodes) } else { 0 };
+    for i in 1..=nodes + spare {
+        let ip = cluster_ip(cluster, i);
+        let me = ArmadaNode { raft_addr: format!("{ip}:5012"), api_addr: format!("{ip}:8443") };
         let cfg = NodeConfig {
             id: i,
-            members: members.clone(),
+            members: if i > nodes { BTreeMap::from([(i, me)]) } else { members.clone() },
             raft: tuning.clone(),
             request_timeout: Duration::from_secs(2),
+            bootstrap: i <= nodes,
+            client_addrs: armada_server::node::config::ClientAddrs {
+                api: format!("{ip}:8443"),
+                etcd: format!("{ip}:{ETCD_PORT}"),
+            },
         };
         let disk = NodeDisk::new(sc.fsync_ms(cluster));
         let registered = disk.clone();
@@ -1696,7 +1735,7 @@ fn build_cluster(handle: &Handle, sc: &Scenario, cluster: u64, nodes: u64, share
 
 async fn world(sc: Scenario, shared: Arc<Shared>) {
     let handle = Handle::current();
-    let members: BTreeMap<u64, ArmadaNode> = (1..=sc.nodes as u64)
+    let members: BTreeMap<u64, ArmadaNode> = (1..=sc.all_nodes())
         .map(|i| {
             (i, ArmadaNode { raft_addr: format!("{}:5012", node_ip(i)), api_addr: format!("{}:8443", node_ip(i)) })
         })
@@ -1828,6 +1867,10 @@ async fn world(sc: Scenario, shared: Arc<Shared>) {
             clients.push(node.spawn(auth::user_main(c, sc.clone(), shared.clone(), until_ns)));
         }
     }
+    if sc.spare_nodes > 0 {
+        let node = handle.create_node().name("membership").ip("10.1.0.5".parse().expect("valid ip")).build();
+        clients.push(node.spawn(membership::driver(sc.clone(), shared.clone(), until_ns, handle.clone(), ids.clone())));
+    }
     if sc.backups > 0 {
         let node = handle.create_node().name("backup").ip("10.1.0.3".parse().expect("valid ip")).build();
         clients.push(node.spawn(backup_main(sc.clone(), members.clone(), shared.clone(), until_ns)));
@@ -1950,6 +1993,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
                 leases: Mutex::new(Default::default()),
                 auth: Mutex::new(Default::default()),
                 etcd_closed: sc2.auth_users > 0,
+                members: Mutex::new(Default::default()),
             });
             shared.trace_str(&sc2.name);
             world(sc2, shared.clone()).await;
@@ -1995,6 +2039,7 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
                 leases: (0, 0, 0),
                 follower_watch_ms: None,
                 auth_checked: (0, 0, 0, 0),
+                members_checked: (0, 0),
             };
         }
     };
@@ -2049,6 +2094,8 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
     safety.extend(lease_failures);
     let (auth_failures, auth_checked) = auth::check(&shared);
     safety.extend(auth_failures);
+    let (member_failures, members_checked) = membership::check(&shared, sc);
+    safety.extend(member_failures);
     let (repl_failures, mut lag) = followers::check(&shared);
     safety.extend(repl_failures);
     lag.sort_by(f64::total_cmp);
@@ -2102,5 +2149,6 @@ pub fn run(sc: &Scenario, seed: u64, canary_on: Option<Canary>) -> Report {
         leases,
         follower_watch_ms,
         auth_checked,
+        members_checked,
     }
 }

@@ -78,11 +78,34 @@ impl Default for RaftTuning {
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub id: u64,
-    /// Every initial member (including this node), by id.
+    /// Every initial member (including this node, when it founds the
+    /// cluster), by id.
     pub members: BTreeMap<u64, ArmadaNode>,
     pub raft: RaftTuning,
     /// How long a request may wait for a leader, a read index or a commit.
     pub request_timeout: Duration,
+    /// Whether this node founds a new cluster with `members` (etcd's
+    /// `--initial-cluster-state new`) or joins an existing one, whose
+    /// leader adds it (`existing`): such a node never initialises a group.
+    pub bootstrap: bool,
+    /// This node's client addresses as it publishes them to the members
+    /// record (MemberList).
+    pub client_addrs: ClientAddrs,
+}
+
+/// Where clients reach a node ("" when not known).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientAddrs {
+    pub api: String,
+    pub etcd: String,
+}
+
+impl NodeConfig {
+    /// A founding member's configuration with default tuning choices left
+    /// to the caller.
+    pub fn founding(id: u64, members: BTreeMap<u64, ArmadaNode>, raft: RaftTuning, request_timeout: Duration) -> Self {
+        NodeConfig { id, members, raft, request_timeout, bootstrap: true, client_addrs: ClientAddrs::default() }
+    }
 }
 
 impl NodeConfig {

@@ -71,6 +71,9 @@ impl Node {
             ClientRequest::Auth { by, cmd, hops } => {
                 Box::pin(self.auth_change_local(by.clone(), cmd.clone(), *hops)).await.map(ClientReply::Auth)
             }
+            ClientRequest::Members { cmd, hops } => {
+                Box::pin(self.members_change_local(cmd.clone(), *hops)).await.map(ClientReply::Members)
+            }
         };
         match local {
             Ok(reply) => Ok(reply),

@@ -63,7 +63,18 @@ impl Node {
         c.validate().map(Arc::new).map_err(|e| ApiError::Internal(format!("raft config: {e}")))
     }
 
-    pub(super) async fn open_group(&self, id: GroupId, name: String, kind: GroupKind) -> Result<Arc<Group>, ApiError> {
+    /// Opens group `id`; when its log is empty and `founding` is given,
+    /// initialises it with those voters (every founding member does so with
+    /// the same voters, so the first log entry is identical everywhere and
+    /// the group needs no designated bootstrap node). Without `founding`, an
+    /// empty group waits for its leader to add this node.
+    pub(super) async fn open_group(
+        &self,
+        id: GroupId,
+        name: String,
+        kind: GroupKind,
+        founding: Option<BTreeMap<u64, armada_core::raft::ArmadaNode>>,
+    ) -> Result<Arc<Group>, ApiError> {
         // Before anything reads the group: finish a snapshot install that a
         // crash interrupted, or drop snapshots received but never installed.
         match armada_core::snapshot::recover(self.engine.clone(), id, self.cfg.raft.snapshot_chunk_bytes) {
@@ -109,11 +120,18 @@ impl Node {
             .map_err(|e| ApiError::Internal(format!("starting group {id}: {e}")))?;
         let initialized = raft.is_initialized().await.map_err(|e| ApiError::Internal(e.to_string()))?;
         if !initialized {
-            // Every member initialises with the same membership, so the
-            // first log entry is identical everywhere; the cluster needs no
-            // designated bootstrap node.
-            if let Err(e) = raft.initialize(self.cfg.members.clone()).await {
-                debug!(group = %id, "initialize: {e}");
+            match founding {
+                Some(voters) => {
+                    if let Err(e) = raft.initialize(voters).await {
+                        debug!(group = %id, "initialize: {e}");
+                    }
+                }
+                None => {
+                    if kind == GroupKind::Table {
+                        armada_core::probe!(MembershipJoinedGroup);
+                    }
+                    info!(group = %id, "waiting for the group's leader to add this node");
+                }
             }
         }
         let group = Arc::new(Group {
@@ -127,6 +145,23 @@ impl Node {
         });
         self.groups.write().unwrap_or_else(|p| p.into_inner()).insert(id, group.clone());
         Ok(group)
+    }
+
+    /// The voters this node initialises table group `id` with, if it is
+    /// one of its founders (see `armada_core::members::GroupMembers`).
+    /// Tables created before the cluster recorded its members were founded
+    /// by the initial members, while they were the only ones.
+    fn table_founders(&self, id: GroupId) -> Result<Option<BTreeMap<u64, armada_core::raft::ArmadaNode>>, ApiError> {
+        let (founding, record) = self.read_catalog(|c| Ok((c.group_members(id)?, c.members()?)))?;
+        Ok(match founding {
+            Some(f) => f.may_initialize(self.cfg.id, record.as_ref()).then_some(f.voters),
+            None => {
+                let founder =
+                    record.as_ref().map_or(true, |r| r.members.get(&self.cfg.id).is_some_and(|m| m.since == 0));
+                (self.cfg.bootstrap && founder && self.cfg.members.contains_key(&self.cfg.id))
+                    .then(|| self.cfg.members.clone())
+            }
+        })
     }
 
     /// The group with this id, if hosted here.
@@ -179,8 +214,15 @@ impl Node {
         let hosted: Vec<GroupId> = self.groups.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
         for (id, name) in &wanted {
             if !hosted.contains(id) {
-                info!(group = %id, table = %name, "starting table group");
-                if let Err(e) = self.open_group(*id, name.clone(), GroupKind::Table).await {
+                let founding = match self.table_founders(*id) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        debug!(group = %id, "reading the table's founding members (retried): {e}");
+                        continue;
+                    }
+                };
+                info!(group = %id, table = %name, founding = founding.is_some(), "starting table group");
+                if let Err(e) = self.open_group(*id, name.clone(), GroupKind::Table, founding).await {
                     warn!(group = %id, "{e}");
                 }
             }

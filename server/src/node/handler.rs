@@ -203,6 +203,9 @@ impl Handler for RaftHandler {
                     receive_chunk(&node, &group, stream, chunk, install, legacy_values).await
                 }
                 RaftRequest::SnapshotResume { stream } => Ok(resume_point(&group, stream).await),
+                RaftRequest::TransferLeader(r) => {
+                    group.raft.handle_transfer_leader(r).await.map(RaftReply::TransferLeader).map_err(|e| e.to_string())
+                }
                 RaftRequest::Client { .. } => Err("client request reached a group".into()),
             };
             Some(encode(&reply.unwrap_or_else(RaftReply::Refused)))

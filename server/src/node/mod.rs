@@ -22,6 +22,7 @@ pub mod forward;
 pub mod group;
 pub mod handler;
 pub mod lease;
+pub mod membership;
 pub mod notify;
 pub mod raft_client;
 pub mod snapshots;
@@ -168,7 +169,7 @@ impl Node {
         transport: Arc<dyn Transport>,
         hooks: NodeHooks,
     ) -> Result<Arc<Node>, ApiError> {
-        if cfg.me().is_none() {
+        if cfg.bootstrap && cfg.me().is_none() {
             return Err(ApiError::Internal(format!("node {} is not among the initial members", cfg.id)));
         }
         // Before anything reads the engine: check (or upgrade) the format
@@ -224,7 +225,10 @@ impl Node {
             auth_cache: std::sync::RwLock::new((u64::MAX, Default::default())),
             lease_origin: <crate::rt::RaftInstant as openraft::Instant>::now(),
         });
-        node.open_group(GroupId::META, String::new(), GroupKind::Meta).await?;
+        // Only a founding member of a new cluster initialises the metadata
+        // group; a node joining an existing cluster waits for its leader.
+        let founding = node.cfg.bootstrap.then(|| node.cfg.members.clone());
+        node.open_group(GroupId::META, String::new(), GroupKind::Meta, founding).await?;
         node.sync_groups().await;
         let weak = Arc::downgrade(&node);
         tokio::spawn(async move {
@@ -237,6 +241,7 @@ impl Node {
         tokio::spawn(crate::node::compactor::run(Arc::downgrade(&node), node.cfg.raft.auto_compaction));
         tokio::spawn(crate::node::compactor::run_steps(Arc::downgrade(&node)));
         tokio::spawn(crate::node::lease::run(Arc::downgrade(&node)));
+        tokio::spawn(crate::node::membership::run(Arc::downgrade(&node)));
         tokio::spawn(crate::node::snapshots::run(
             Arc::downgrade(&node),
             armada_core::snapshot::BuildPolicy { after_logs: node.cfg.raft.snapshot_after_logs },

@@ -103,6 +103,19 @@ impl RaftNetworkV2<C> for GroupNetwork {
         }
     }
 
+    async fn transfer_leader(
+        &mut self,
+        req: openraft::raft::TransferLeaderRequest<C>,
+        option: RPCOption,
+    ) -> Result<openraft::raft::TransferLeaderResponse<C>, RPCError<C>> {
+        match self.call(RaftRequest::TransferLeader(req), &option).await {
+            Ok(RaftReply::TransferLeader(r)) => Ok(r),
+            Ok(RaftReply::Refused(m)) => Err(RPCError::Unreachable(unreachable(m))),
+            Ok(_) => Err(RPCError::Unreachable(unreachable("mismatched reply"))),
+            Err(e) => Err(RPCError::Unreachable(unreachable(e))),
+        }
+    }
+
     async fn pre_vote(&mut self, rpc: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
         match self.call(RaftRequest::PreVote(rpc), &option).await {
             Ok(RaftReply::PreVote(r)) => Ok(r),

@@ -70,6 +70,12 @@ pub enum ClientRequest {
         cmd: armada_core::auth::AuthCommand,
         hops: u32,
     },
+    /// A change to the recorded membership (the metadata group's leader
+    /// proposes it). Appended, like `Auth`.
+    Members {
+        cmd: armada_core::members::MembersCommand,
+        hops: u32,
+    },
 }
 
 impl ClientRequest {
@@ -86,7 +92,8 @@ impl ClientRequest {
             | ClientRequest::DeleteTable { hops, .. }
             | ClientRequest::ListTables { hops }
             | ClientRequest::Lease { hops, .. }
-            | ClientRequest::Auth { hops, .. } => *hops += 1,
+            | ClientRequest::Auth { hops, .. }
+            | ClientRequest::Members { hops, .. } => *hops += 1,
         }
         r
     }
@@ -100,6 +107,7 @@ pub enum ClientReply {
     Tables(Vec<TableInfo>),
     Lease(LeaseAnswer, HeaderInfo),
     Auth(armada_core::auth::AuthReply),
+    Members(armada_core::members::Members),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -138,6 +146,9 @@ pub enum RaftRequest {
     SnapshotResume {
         stream: u64,
     },
+    /// A leader hands its leadership of the group to the receiver (a
+    /// draining node, or a node leaving the cluster). Appended.
+    TransferLeader(openraft::raft::TransferLeaderRequest<C>),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -165,6 +176,8 @@ pub enum RaftReply {
     /// installed: ask again later (an install of gigabytes outlasts the
     /// last chunk's call when the connection breaks meanwhile).
     Installing,
+    /// The answer to `TransferLeader`.
+    TransferLeader(openraft::raft::TransferLeaderResponse<C>),
 }
 
 /// A request's failure as it travels between nodes (the answer to a

@@ -222,9 +222,62 @@ pub enum KvCmd {
 pub enum ClusterCmd {
     /// Raft state of every group on the contacted node.
     Status,
-    /// The cluster's members.
+    /// The cluster's members (the same as `member list`).
     Members,
+    /// Lists and changes the cluster's members.
+    #[command(subcommand)]
+    Member(MemberCmd),
 }
+
+#[derive(Debug, clap::Subcommand)]
+pub enum MemberCmd {
+    /// Every member, with the membership epoch and the epoch every Raft
+    /// group has reached.
+    List,
+    /// Adds a node (start it with --initial-cluster-state existing). As a
+    /// voter, it joins every group as a learner and is promoted once caught
+    /// up.
+    Add {
+        /// Where the other nodes reach its Raft address (host:port; a DNS
+        /// name is fine).
+        raft_address: String,
+        /// Its node id [default: one more than the largest in use].
+        #[arg(long, default_value_t = 0)]
+        id: u64,
+        #[arg(long, default_value = "")]
+        api_address: String,
+        #[arg(long, default_value = "")]
+        etcd_address: String,
+        /// Add it as a learner (promote it later).
+        #[arg(long)]
+        learner: bool,
+        /// Wait until every group has the new membership.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Removes a member from every group.
+    Remove {
+        id: u64,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Makes a learner a voter.
+    Promote {
+        id: u64,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Changes a member's Raft address.
+    Update {
+        id: u64,
+        raft_address: String,
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+/// How long `--wait` waits for a membership change to reach every group.
+const MEMBER_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// The CLI's endpoint is plaintext (`http://`): a transport failure then
 /// gets a hint about TLS.
@@ -586,21 +639,74 @@ pub async fn cluster(args: &ClientArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
                 }
             }
         }
-        ClusterCmd::Members => {
-            let m = c.member_list(pb::MemberListRequest {}).await.map_err(status_err)?.into_inner().members;
-            match args.output {
-                Output::Human => {
-                    m.iter().for_each(|m| println!("{} {} raft={} api={}", m.id, m.name, m.raft_address, m.api_address))
+        ClusterCmd::Members | ClusterCmd::Member(MemberCmd::List) => {
+            let r = c.member_list(pb::MemberListRequest {}).await.map_err(status_err)?.into_inner();
+            print_members(args.output, &r.members, r.epoch, r.settled_epoch);
+        }
+        ClusterCmd::Member(cmd) => {
+            let (r, wait) = match cmd {
+                MemberCmd::List => unreachable!("listed above"),
+                MemberCmd::Add { raft_address, id, api_address, etcd_address, learner, wait } => {
+                    let req = pb::MemberAddRequest { id, raft_address, api_address, etcd_address, learner };
+                    (c.member_add(req).await, wait)
                 }
-                Output::Json => {
-                    let v: Vec<_> = m
-                        .iter()
-                        .map(|m| json!({"id": m.id, "name": m.name, "raft_address": m.raft_address, "api_address": m.api_address}))
-                        .collect();
-                    println!("{}", serde_json::Value::Array(v))
+                MemberCmd::Remove { id, wait } => (c.member_remove(pb::MemberRemoveRequest { id }).await, wait),
+                MemberCmd::Promote { id, wait } => (c.member_promote(pb::MemberPromoteRequest { id }).await, wait),
+                MemberCmd::Update { id, raft_address, wait } => {
+                    (c.member_update(pb::MemberUpdateRequest { id, raft_address }).await, wait)
+                }
+            };
+            let r = r.map_err(status_err)?.into_inner();
+            if let (Output::Human, Some(m)) = (args.output, &r.member) {
+                println!("member {} ({})", m.id, if m.learner { "learner" } else { "voter" });
+            }
+            let (mut epoch, mut settled, mut members) = (r.epoch, r.settled_epoch, r.members);
+            if wait {
+                let deadline = std::time::Instant::now() + MEMBER_WAIT;
+                while settled < epoch {
+                    if std::time::Instant::now() > deadline {
+                        anyhow::bail!(
+                            "the change (epoch {epoch}) has not reached every group after {MEMBER_WAIT:?}; \
+                             `armada cluster member list` shows its progress"
+                        );
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    let l = c.member_list(pb::MemberListRequest {}).await.map_err(status_err)?.into_inner();
+                    // A later change may have followed; ours is done once
+                    // the settled epoch passes it.
+                    settled = l.settled_epoch;
+                    members = l.members;
+                    epoch = epoch.min(l.epoch);
                 }
             }
+            print_members(args.output, &members, epoch, settled);
         }
     }
     Ok(())
+}
+
+fn print_members(output: Output, members: &[pb::Member], epoch: u64, settled: u64) {
+    match output {
+        Output::Human => {
+            for m in members {
+                let role = if m.learner { "learner" } else { "voter" };
+                println!(
+                    "{} {} {role} raft={} api={} etcd={}",
+                    m.id, m.name, m.raft_address, m.api_address, m.etcd_address
+                );
+            }
+            let state = if settled >= epoch { "settled" } else { "in progress" };
+            println!("epoch {epoch} ({state}; every group has reached epoch {settled})");
+        }
+        Output::Json => {
+            let v: Vec<_> = members
+                .iter()
+                .map(|m| {
+                    json!({"id": m.id, "name": m.name, "raft_address": m.raft_address, "api_address": m.api_address,
+                           "etcd_address": m.etcd_address, "learner": m.learner})
+                })
+                .collect();
+            println!("{}", json!({"members": v, "epoch": epoch, "settled_epoch": settled}))
+        }
+    }
 }

@@ -274,6 +274,8 @@ pub async fn launch_in_process_with(
             members: BTreeMap::from([(1, ArmadaNode { raft_addr: raft.to_string(), api_addr: String::new() })]),
             raft: RaftTuning::default(),
             request_timeout: Duration::from_secs(5),
+            bootstrap: true,
+            client_addrs: Default::default(),
         },
         log_format: None,
         tls,

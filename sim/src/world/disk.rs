@@ -57,7 +57,12 @@ impl DiskFault {
 
 /// One node's disk, kept by the world across the node's restarts.
 pub(super) struct NodeDisk {
-    pub image: DurableImage,
+    image: Mutex<DurableImage>,
+    /// The disk was lost and replaced by an empty one: the node starts as a
+    /// new node joining the cluster (see `membership`).
+    replaced: AtomicBool,
+    /// The node stays down (its start does nothing) until released.
+    held: AtomicBool,
     /// The base range of a sync's duration (ms), from the scenario.
     fsync_ms: [u64; 2],
     fault: Mutex<Option<DiskFault>>,
@@ -74,7 +79,9 @@ pub(super) struct NodeDisk {
 impl NodeDisk {
     pub fn new(fsync_ms: [u64; 2]) -> Arc<Self> {
         Arc::new(Self {
-            image: DurableImage::new(),
+            image: Mutex::new(DurableImage::new()),
+            replaced: AtomicBool::new(false),
+            held: AtomicBool::new(false),
             fsync_ms,
             fault: Mutex::new(None),
             slow_ms: Mutex::new(None),
@@ -87,7 +94,32 @@ impl NodeDisk {
     pub fn open(self: &Arc<Self>) -> FaultyEngine {
         self.broken.store(false, Ordering::SeqCst);
         self.killed.store(false, Ordering::SeqCst);
-        FaultyEngine { inner: MemEngine::open(self.image.clone()), disk: self.clone() }
+        FaultyEngine { inner: MemEngine::open(self.image()), disk: self.clone() }
+    }
+
+    /// The durable image the node runs on.
+    pub fn image(&self) -> DurableImage {
+        self.image.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Loses everything on the disk: the next start finds an empty one,
+    /// and holds the node down until [`NodeDisk::release`].
+    pub fn lose(&self) {
+        *self.image.lock().unwrap_or_else(|p| p.into_inner()) = DurableImage::new();
+        self.replaced.store(true, Ordering::SeqCst);
+        self.held.store(true, Ordering::SeqCst);
+    }
+
+    pub fn replaced(&self) -> bool {
+        self.replaced.load(Ordering::SeqCst)
+    }
+
+    pub fn held(&self) -> bool {
+        self.held.load(Ordering::SeqCst)
+    }
+
+    pub fn release(&self) {
+        self.held.store(false, Ordering::SeqCst);
     }
 
     pub fn set_fault(&self, f: Option<DiskFault>) {

@@ -1,10 +1,46 @@
-//! The armada.v1 Cluster service: MemberList and Status.
+//! The armada.v1 Cluster service: members (list and changes) and status.
 
+use armada_core::members::{Member, Members, MembersCommand};
 use armada_proto::v1 as pb;
 use armada_proto::v1::cluster_server::Cluster;
 use tonic::{Request, Response, Status};
 
+use super::convert::status;
 use super::Api;
+use crate::types::ApiError;
+
+fn member_pb(id: u64, m: &Member) -> pb::Member {
+    pb::Member {
+        id,
+        name: format!("node-{id}"),
+        raft_address: m.raft_addr.clone(),
+        api_address: m.api_addr.clone(),
+        etcd_address: m.etcd_addr.clone(),
+        learner: m.learner,
+    }
+}
+
+fn change_pb(id: u64, m: &Members) -> pb::MemberChangeResponse {
+    pb::MemberChangeResponse {
+        member: m.members.get(&id).map(|x| member_pb(id, x)),
+        members: m.members.iter().map(|(id, x)| member_pb(*id, x)).collect(),
+        epoch: m.epoch,
+        settled_epoch: m.settled,
+    }
+}
+
+fn address(what: &'static str, a: &str, required: bool) -> Result<String, Status> {
+    if a.is_empty() && !required {
+        return Ok(String::new());
+    }
+    crate::config::parse_peer(what, a).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+/// The id a new member gets when none is asked for: one more than the
+/// largest recorded.
+pub fn next_member_id(m: &Members) -> u64 {
+    m.members.keys().next_back().map_or(1, |id| id + 1)
+}
 
 #[tonic::async_trait]
 impl Cluster for Api {
@@ -14,19 +50,81 @@ impl Cluster for Api {
     ) -> Result<Response<pb::MemberListResponse>, Status> {
         self.metrics
             .timed("MemberList", async move {
-                let members = self
+                let m = self.node.members_or_initial();
+                let members = m.members.iter().map(|(id, x)| member_pb(*id, x)).collect();
+                Ok(Response::new(pb::MemberListResponse { members, epoch: m.epoch, settled_epoch: m.settled }))
+            })
+            .await
+    }
+
+    async fn member_add(
+        &self,
+        request: Request<pb::MemberAddRequest>,
+    ) -> Result<Response<pb::MemberChangeResponse>, Status> {
+        let r = request.into_inner();
+        self.metrics
+            .timed("MemberAdd", async move {
+                let member = Member {
+                    raft_addr: address("Raft address", &r.raft_address, true)?,
+                    api_addr: address("API address", &r.api_address, false)?,
+                    etcd_addr: address("etcd address", &r.etcd_address, false)?,
+                    learner: r.learner,
+                    since: 0,
+                };
+                let id = match r.id {
+                    0 => next_member_id(&self.node.members_record().map_err(|e| status(&e))?.ok_or_else(|| {
+                        status(&ApiError::Meta(armada_core::command::MetaError::Members(
+                            armada_core::members::MembersError::NotRecorded,
+                        )))
+                    })?),
+                    id => id,
+                };
+                let m = self.node.members_change(MembersCommand::Add { id, member }).await.map_err(|e| status(&e))?;
+                Ok(Response::new(change_pb(id, &m)))
+            })
+            .await
+    }
+
+    async fn member_remove(
+        &self,
+        request: Request<pb::MemberRemoveRequest>,
+    ) -> Result<Response<pb::MemberChangeResponse>, Status> {
+        let id = request.into_inner().id;
+        self.metrics
+            .timed("MemberRemove", async move {
+                let m = self.node.members_change(MembersCommand::Remove { id }).await.map_err(|e| status(&e))?;
+                Ok(Response::new(change_pb(id, &m)))
+            })
+            .await
+    }
+
+    async fn member_promote(
+        &self,
+        request: Request<pb::MemberPromoteRequest>,
+    ) -> Result<Response<pb::MemberChangeResponse>, Status> {
+        let id = request.into_inner().id;
+        self.metrics
+            .timed("MemberPromote", async move {
+                let m = self.node.members_change(MembersCommand::Promote { id }).await.map_err(|e| status(&e))?;
+                Ok(Response::new(change_pb(id, &m)))
+            })
+            .await
+    }
+
+    async fn member_update(
+        &self,
+        request: Request<pb::MemberUpdateRequest>,
+    ) -> Result<Response<pb::MemberChangeResponse>, Status> {
+        let r = request.into_inner();
+        self.metrics
+            .timed("MemberUpdate", async move {
+                let raft_addr = address("Raft address", &r.raft_address, true)?;
+                let m = self
                     .node
-                    .config()
-                    .members
-                    .iter()
-                    .map(|(id, n)| pb::Member {
-                        id: *id,
-                        name: format!("node-{id}"),
-                        raft_address: n.raft_addr.clone(),
-                        api_address: n.api_addr.clone(),
-                    })
-                    .collect();
-                Ok(Response::new(pb::MemberListResponse { members }))
+                    .members_change(MembersCommand::Update { id: r.id, raft_addr })
+                    .await
+                    .map_err(|e| status(&e))?;
+                Ok(Response::new(change_pb(r.id, &m)))
             })
             .await
     }
