@@ -35,7 +35,15 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{Engine, EngineError, WriteBatch};
-use crate::raft::ArmadaNode;
+
+/// A cluster member as Raft knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ArmadaNode {
+    /// Where the node's Raft transport listens.
+    pub raft_addr: String,
+    /// Where the node's armada.v1 gRPC API listens (used to forward requests).
+    pub api_addr: String,
+}
 
 /// Most members one cluster records (voters and learners).
 pub const MEMBERS_MAX: usize = 64;
@@ -75,6 +83,28 @@ pub struct Members {
     pub epoch: u64,
     /// The last epoch every group was seen to have reached.
     pub settled: u64,
+    /// The cluster's id (etcd's response headers carry it): a digest of
+    /// the founding members, fixed when they are recorded.
+    pub cluster_id: u64,
+}
+
+/// A cluster's id from its founding members: their ids and Raft addresses.
+pub fn cluster_id_of<'a>(members: impl IntoIterator<Item = (u64, &'a str)>) -> u64 {
+    // FNV-1a, 64 bits: stable across releases and platforms.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut write = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for (id, raft_addr) in members {
+        write(&id.to_le_bytes());
+        // Length-prefixed: the digest earlier releases used.
+        write(&(raft_addr.len() as u64).to_le_bytes());
+        write(raft_addr.as_bytes());
+    }
+    h
 }
 
 impl Members {
@@ -118,7 +148,8 @@ impl Members {
                         m.since = 0;
                     }
                     // The founding configuration is every group's already.
-                    Ok(Some(Members { members, epoch: 1, settled: 1 }))
+                    let cluster_id = cluster_id_of(members.iter().map(|(id, m)| (*id, m.raft_addr.as_str())));
+                    Ok(Some(Members { members, epoch: 1, settled: 1, cluster_id }))
                 }
                 _ => Err(MembersError::NotRecorded),
             };
@@ -147,7 +178,6 @@ impl Members {
                 return Ok(Some(next));
             }
             MembersCommand::Add { id, member } => {
-                refuse_in_progress(cur)?;
                 if *id == 0 {
                     return Err(MembersError::InvalidId);
                 }
@@ -162,7 +192,6 @@ impl Members {
                 next.members.insert(*id, m);
             }
             MembersCommand::Promote { id } => {
-                refuse_in_progress(cur)?;
                 let m = next.members.get_mut(id).ok_or(MembersError::NotFound(*id))?;
                 if !m.learner {
                     return Err(MembersError::NotLearner(*id));
@@ -176,7 +205,6 @@ impl Members {
                 }
             }
             MembersCommand::Update { id, raft_addr } => {
-                refuse_in_progress(cur)?;
                 let m = next.members.get_mut(id).ok_or(MembersError::NotFound(*id))?;
                 if m.raft_addr == *raft_addr {
                     return Ok(None);
@@ -185,6 +213,11 @@ impl Members {
             }
         }
         check_members(&next.members)?;
+        // After the checks of the change itself, so that a wrong request
+        // hears what is wrong with it rather than "retry later".
+        if !matches!(cmd, MembersCommand::Remove { .. }) {
+            refuse_in_progress(cur)?;
+        }
         next.epoch = cur.epoch + 1;
         Ok(Some(next))
     }
@@ -379,6 +412,16 @@ mod tests {
         // Remove is allowed mid-change (backing out of an add).
         let m = Members::apply(Some(&m), &MembersCommand::Remove { id: 5 }).unwrap().unwrap();
         assert!(!m.members.contains_key(&5));
+    }
+
+    #[test]
+    fn the_cluster_id_is_the_digest_earlier_releases_used() {
+        let mut h = crate::mvcc::Fnv64::new();
+        for (id, a) in [(1u64, "10.0.0.1:5012"), (2, "10.0.0.2:5012")] {
+            h.write_u64(id);
+            h.write_bytes(a.as_bytes());
+        }
+        assert_eq!(cluster_id_of([(1, "10.0.0.1:5012"), (2, "10.0.0.2:5012")]), h.finish());
     }
 
     #[test]

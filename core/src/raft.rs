@@ -36,14 +36,7 @@ use crate::mvcc::Mvcc;
 use crate::overlay::Overlay;
 use crate::snapshot::{begin_install, GroupView, InstallGate, SnapshotData, SNAPSHOT_CHUNK_BYTES};
 
-/// A cluster member as Raft knows it.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct ArmadaNode {
-    /// Where the node's Raft transport listens.
-    pub raft_addr: String,
-    /// Where the node's armada.v1 gRPC API listens (used to forward requests).
-    pub api_addr: String,
-}
+pub use crate::members::ArmadaNode;
 
 /// Openraft's type configuration, generic over the async runtime so that
 /// core does not depend on one. The node runtime fixes `RT`.

@@ -83,6 +83,11 @@ pub struct ServeArgs {
     /// is 0.0.0.0 or ::]
     #[arg(long, env = "ARMADA_ADVERTISE_ETCD_ADDRESS", value_name = "HOST:PORT")]
     pub advertise_etcd_address: Option<String>,
+    /// On SIGTERM, how long the node hands the leadership of its Raft
+    /// groups to other members before it stops serving (keep it below the
+    /// supervisor's grace period, e.g. Kubernetes' 30 s). [default: 10000]
+    #[arg(long, env = "ARMADA_DRAIN_TIMEOUT_MS", value_name = "MS")]
+    pub drain_timeout_ms: Option<u64>,
     /// Address of the armada.v1 gRPC API. [default: 127.0.0.1:8443]
     #[arg(long, env = "ARMADA_API_ADDRESS", value_name = "HOST:PORT")]
     pub api_address: Option<String>,
@@ -369,6 +374,7 @@ pub struct FileConfig {
     pub advertise_raft_address: Option<String>,
     pub advertise_api_address: Option<String>,
     pub advertise_etcd_address: Option<String>,
+    pub drain_timeout_ms: Option<u64>,
     pub api_address: Option<String>,
     pub raft_address: Option<String>,
     pub rest_address: Option<String>,
@@ -469,6 +475,8 @@ pub struct ServeConfig {
     pub etcd_auth: crate::node::auth::EtcdAuthConfig,
     /// Connection, stream, rate and keep-alive limits.
     pub limits: crate::limits::Limits,
+    /// How long a stopping node hands over its groups (0: it does not).
+    pub drain_timeout: Duration,
 }
 
 /// Where each API's bearer token comes from (none: the API is open).
@@ -1034,6 +1042,7 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         tokens,
         etcd_auth,
         limits,
+        drain_timeout: Duration::from_millis(args.drain_timeout_ms.or(file.drain_timeout_ms).unwrap_or(10_000)),
     })
 }
 

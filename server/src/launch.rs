@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use armada_core::Engine;
 use armada_net::quic::QuicTransport;
@@ -71,6 +72,8 @@ pub struct Launched {
     stop: watch::Sender<bool>,
     ensure_table: Option<JoinHandle<()>>,
     _follower: Option<Arc<crate::replication::Follower>>,
+    /// How long a stopping node hands its groups over before it stops.
+    drain_timeout: Duration,
 }
 
 /// Starts a node as `cfg` says. Returns once every listener serves; the
@@ -225,6 +228,7 @@ pub async fn launch(cfg: &ServeConfig, role: Role) -> Result<Launched, LaunchErr
         servers,
         stop,
         ensure_table,
+        drain_timeout: cfg.drain_timeout,
         _follower: follower,
     })
 }
@@ -275,6 +279,14 @@ impl Launched {
                 (res, i, _) = first_exit => Some((i, res)),
             }
         };
+        if failed.is_none() && storage_failure.is_none() {
+            // Hand every group this node leads to another voter while the
+            // servers still answer (requests are forwarded to the new leaders).
+            let still = self.node.drain(self.drain_timeout).await;
+            if still > 0 {
+                warn!("drain: still leading {still} groups after {:?}; stopping anyway", self.drain_timeout);
+            }
+        }
         let _ = self.stop.send(true);
         if let Some(e) = self.ensure_table.take() {
             e.abort();

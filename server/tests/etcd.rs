@@ -1126,3 +1126,92 @@ async fn etcdctl_auth_answers_like_etcd_3_4() {
         assert!(transcript.contains(needle), "no {needle:?} in:\n{transcript}");
     }
 }
+
+/// etcdctl's member commands: add a learner, start it, promote it once it
+/// has caught up, list, remove, and etcd's refusals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_adds_promotes_lists_and_removes_members() {
+    require("etcdctl", "etcd-client");
+    let mut cluster = single_node("etcd-members");
+    let ep = cluster.nodes[0].etcd.clone();
+    wait_ready_node(&cluster.nodes[0]).await;
+    let hex_id = |out: &str| -> String { out.split_whitespace().nth(1).expect("Member <id> ...").to_string() };
+    // The founding members are recorded shortly after the start.
+    let list = eventually(Duration::from_secs(20), "member list", || async {
+        let (ok, out, err) = etcdctl(&ep, &["member", "list", "-w", "json"], None);
+        if ok && out.contains("clientURLs") {
+            Ok(out)
+        } else {
+            Err(format!("{out}{err}"))
+        }
+    })
+    .await;
+    assert!(list.contains(&format!("http://{ep}")), "{list}");
+
+    let root = cluster.nodes[0].dir.parent().unwrap().to_path_buf();
+    let mut n2 = common::Node::new(2, root.join("n2"));
+    let peer = format!("http://{}", n2.raft);
+    let added = eventually(Duration::from_secs(20), "member add", || async {
+        let (ok, out, err) = etcdctl(&ep, &["member", "add", "n2", "--peer-urls", &peer, "--learner"], None);
+        if ok {
+            Ok(out)
+        } else {
+            Err(err)
+        }
+    })
+    .await;
+    assert!(added.starts_with("Member ") && added.contains("added to cluster"), "{added}");
+    let id = hex_id(&added);
+    assert_eq!(u64::from_str_radix(&id, 16).unwrap(), 2, "{added}");
+    let (ok, out, _) = etcdctl(&ep, &["member", "list"], None);
+    assert!(ok && out.contains(&format!("{}, true", n2.raft)) || out.contains("true"), "the learner is listed: {out}");
+    // The same peer address twice, an unknown member, promoting a voter.
+    let (ok, _, err) = etcdctl(&ep, &["member", "add", "again", "--peer-urls", &peer], None);
+    assert!(!ok && err.contains("Peer URLs already exists"), "{err}");
+    let (ok, _, err) = etcdctl(&ep, &["member", "remove", "7"], None);
+    assert!(!ok && err.contains("member not found"), "{err}");
+    let (ok, _, err) = etcdctl(&ep, &["member", "promote", "1"], None);
+    assert!(!ok && err.contains("can only promote a learner member"), "{err}");
+
+    n2.extra = vec!["--initial-cluster-state".into(), "existing".into()];
+    let own = format!("2={}", n2.raft);
+    n2.start(&own);
+    let promoted = eventually(Duration::from_secs(60), "member promote", || async {
+        let (ok, out, err) = etcdctl(&ep, &["member", "promote", &id], None);
+        if ok {
+            Ok(out)
+        } else {
+            Err(err)
+        }
+    })
+    .await;
+    assert!(promoted.contains("promoted in cluster"), "{promoted}");
+    // Both voters serve: a write at the first is read at the second.
+    let (ok, _, err) = etcdctl(&ep, &["put", "m", "1"], None);
+    assert!(ok, "{err}");
+    let ep2 = n2.etcd.clone();
+    let got = eventually(Duration::from_secs(30), "read at the new member", || async {
+        let (ok, out, err) = etcdctl(&ep2, &["get", "m", "--print-value-only"], None);
+        if ok && out == "1\n" {
+            Ok(out)
+        } else {
+            Err(format!("{out}{err}"))
+        }
+    })
+    .await;
+    assert_eq!(got, "1\n");
+    // Removing it, once the promotion has reached every group.
+    let removed = eventually(Duration::from_secs(60), "member remove", || async {
+        let (ok, out, err) = etcdctl(&ep, &["member", "remove", &id], None);
+        if ok {
+            Ok(out)
+        } else {
+            Err(err)
+        }
+    })
+    .await;
+    assert!(removed.contains("removed from cluster"), "{removed}");
+    let (ok, out, _) = etcdctl(&ep, &["member", "list"], None);
+    assert!(ok && out.lines().count() == 1, "{out}");
+    cluster.nodes.push(n2);
+}

@@ -156,8 +156,7 @@ impl Node {
         Ok(match founding {
             Some(f) => f.may_initialize(self.cfg.id, record.as_ref()).then_some(f.voters),
             None => {
-                let founder =
-                    record.as_ref().map_or(true, |r| r.members.get(&self.cfg.id).is_some_and(|m| m.since == 0));
+                let founder = record.as_ref().is_none_or(|r| r.members.get(&self.cfg.id).is_some_and(|m| m.since == 0));
                 (self.cfg.bootstrap && founder && self.cfg.members.contains_key(&self.cfg.id))
                     .then(|| self.cfg.members.clone())
             }

@@ -143,6 +143,8 @@ pub struct Node {
     catalog_cache: std::sync::RwLock<(u64, BTreeMap<String, TableInfo>)>,
     /// Where this node's lease clock starts (see `lease`).
     lease_origin: crate::rt::RaftInstant,
+    /// Set when the node starts draining before it stops.
+    draining: std::sync::atomic::AtomicBool,
     /// The applied auth state, valid while the catalog epoch is the one
     /// recorded (see `auth`).
     auth_cache: std::sync::RwLock<(u64, Arc<auth::AuthView>)>,
@@ -224,6 +226,7 @@ impl Node {
             catalog_cache: Default::default(),
             auth_cache: std::sync::RwLock::new((u64::MAX, Default::default())),
             lease_origin: <crate::rt::RaftInstant as openraft::Instant>::now(),
+            draining: std::sync::atomic::AtomicBool::new(false),
         });
         // Only a founding member of a new cluster initialises the metadata
         // group; a node joining an existing cluster waits for its leader.

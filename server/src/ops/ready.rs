@@ -12,7 +12,9 @@
 //!    (a leader cluster creates it at first start; a follower cluster gets it
 //!    from the leader cluster, so a follower whose etcd table the leader
 //!    cluster does not have never becomes ready);
-//! 4. on a follower cluster node, every table whose replication worker runs
+//! 4. the node is a member of the cluster's recorded membership, and not
+//!    draining before it stops;
+//! 5. on a follower cluster node, every table whose replication worker runs
 //!    here (the node leads the table's group) has heard from the leader
 //!    cluster: not "connecting", not "stalled" (nothing heard for
 //!    [`crate::types::STALLED_AFTER`]).
@@ -57,6 +59,16 @@ impl Readiness {
         }
         if let Some(why) = node.failure() {
             waiting.push(format!("the node has stopped: {why}"));
+        }
+        if node.is_draining() {
+            waiting.push("the node is draining: it hands over its groups before it stops".to_string());
+        }
+        match node.members_record() {
+            Ok(Some(r)) if !r.members.contains_key(&node.id()) => waiting.push(format!(
+                "node {} is not a member of the cluster (not added yet, or removed): `armada cluster member add`",
+                node.id()
+            )),
+            _ => {}
         }
         let groups = node.status();
         let name = |t: &str| if t.is_empty() { "(catalog)".to_string() } else { format!("table {t:?}") };

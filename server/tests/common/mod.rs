@@ -97,7 +97,8 @@ impl Node {
     pub fn terminate(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
-            let deadline = Instant::now() + Duration::from_secs(10);
+            // Draining (up to --drain-timeout-ms, 10 s) comes first.
+            let deadline = Instant::now() + Duration::from_secs(25);
             while Instant::now() < deadline {
                 if let Ok(Some(status)) = c.try_wait() {
                     assert!(status.success(), "node {} exited with {status} after SIGTERM", self.id);
@@ -106,7 +107,7 @@ impl Node {
                 std::thread::sleep(Duration::from_millis(50));
             }
             let _ = c.kill();
-            panic!("node {} did not stop within 10 s of SIGTERM", self.id);
+            panic!("node {} did not stop within 25 s of SIGTERM", self.id);
         }
     }
 }
@@ -283,6 +284,7 @@ pub async fn launch_in_process_with(
         tokens,
         etcd_auth: Default::default(),
         limits: Default::default(),
+        drain_timeout: Duration::from_secs(5),
     };
     let node = armada_server::launch::launch(&cfg, armada_server::launch::Role::Leader).await.expect("launch");
     let deadline = Instant::now() + Duration::from_secs(30);

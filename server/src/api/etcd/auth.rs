@@ -285,7 +285,7 @@ impl EtcdApi {
 
     fn auth_header(&self) -> Option<pb::ResponseHeader> {
         Some(pb::ResponseHeader {
-            cluster_id: self.cluster_id,
+            cluster_id: self.cluster_id(),
             member_id: self.node.config().id,
             revision: 0,
             raft_term: 0,

@@ -24,7 +24,6 @@ use std::sync::Arc;
 
 use armada_core::command::{MetaError, TableReply};
 use armada_core::kv::{KvError, REQUEST_BYTES_MAX};
-use armada_core::mvcc::Fnv64;
 use armada_core::TableCommand;
 use armada_proto::etcd as pb;
 use prost::Message;
@@ -98,25 +97,27 @@ pub struct EtcdApi {
     /// This node's etcd address, as member list publishes it.
     client_url: String,
     cluster_id: u64,
+    /// The recorded cluster id, once this node has the record (a node that
+    /// joined later has no founding members of its own).
+    recorded_cluster_id: std::sync::OnceLock<u64>,
     /// Password hashing and token lifetime of etcd authentication.
     auth: auth::EtcdAuthConfig,
 }
 
 impl EtcdApi {
     pub fn new(node: Arc<Node>, table: String, metrics: Arc<Metrics>, etcd_address: &str) -> Self {
-        // A stable cluster id: a digest of the initial membership.
-        let mut h = Fnv64::new();
-        for (id, m) in &node.config().members {
-            h.write_u64(*id);
-            h.write_bytes(m.raft_addr.as_bytes());
-        }
-        let cluster_id = h.finish();
+        // Until the cluster records its members: a digest of the initial
+        // ones (the same digest the record keeps).
+        let cluster_id = armada_core::members::cluster_id_of(
+            node.config().members.iter().map(|(id, m)| (*id, m.raft_addr.as_str())),
+        );
         Self {
             node,
             table,
             metrics,
             client_url: format!("http://{etcd_address}"),
             cluster_id,
+            recorded_cluster_id: std::sync::OnceLock::new(),
             auth: auth::EtcdAuthConfig::default(),
         }
     }
@@ -129,11 +130,23 @@ impl EtcdApi {
 
     fn header(&self, h: HeaderInfo, revision: u64) -> Option<pb::ResponseHeader> {
         Some(pb::ResponseHeader {
-            cluster_id: self.cluster_id,
+            cluster_id: self.cluster_id(),
             member_id: h.member_id.get(),
             revision: to_i64(revision),
             raft_term: h.term,
         })
+    }
+
+    /// The cluster's id: the recorded one, or the initial members' digest
+    /// before the record exists.
+    fn cluster_id(&self) -> u64 {
+        if let Some(id) = self.recorded_cluster_id.get() {
+            return *id;
+        }
+        match self.node.members_record() {
+            Ok(Some(r)) => *self.recorded_cluster_id.get_or_init(|| r.cluster_id),
+            _ => self.cluster_id,
+        }
     }
 
     async fn write(&self, cmd: TableCommand) -> Result<(TableReply, HeaderInfo), Status> {
