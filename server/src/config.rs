@@ -56,6 +56,17 @@ pub struct ServeArgs {
     /// This node's id: a positive integer, unique in the cluster. [default: 1]
     #[arg(long, env = "ARMADA_NODE_ID", value_name = "ID")]
     pub node_id: Option<u64>,
+    /// Take the node id from the host name's trailing number plus one
+    /// (`armada-0` is node 1): a Kubernetes StatefulSet's pods.
+    #[arg(long, env = "ARMADA_NODE_ID_FROM_HOSTNAME", conflicts_with = "node_id")]
+    pub node_id_from_hostname: bool,
+    /// A running cluster's armada.v1 API (host:port) that this node asks to
+    /// add it when it starts as a joining node (`existing`, or `auto` and
+    /// not among --initial-members): it becomes a voter once caught up.
+    /// Sent with --cluster-token when one is set. [default: added by an
+    /// operator instead]
+    #[arg(long, env = "ARMADA_JOIN", value_name = "HOST:PORT")]
+    pub join: Option<String>,
     /// Raft addresses of all initial members, `id=host:port,...` (optionally
     /// `id=host:port@api_host:port` to also publish a member's API address).
     /// [default: this node alone]
@@ -64,9 +75,11 @@ pub struct ServeArgs {
     /// `new`: this node founds a cluster with --initial-members (every
     /// founding member gives the same list); `existing`: it joins a running
     /// cluster, which must add it first (`armada cluster member add`, or
-    /// etcd's MemberAdd); it never initialises anything itself.
+    /// etcd's MemberAdd, or --join); it never initialises anything itself;
+    /// `auto`: `new` if this node is among --initial-members, else
+    /// `existing` (one setting for every pod of a StatefulSet).
     /// [default: new]
-    #[arg(long, env = "ARMADA_INITIAL_CLUSTER_STATE", value_name = "new|existing")]
+    #[arg(long, env = "ARMADA_INITIAL_CLUSTER_STATE", value_name = "new|existing|auto")]
     pub initial_cluster_state: Option<String>,
     /// Where the other nodes reach this node's Raft address, when it is not
     /// the address it listens on (e.g. a StatefulSet pod's DNS name,
@@ -369,6 +382,8 @@ impl std::fmt::Display for UnixSocketSpec {
 pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub node_id: Option<u64>,
+    pub node_id_from_hostname: Option<bool>,
+    pub join: Option<String>,
     pub initial_members: Option<String>,
     pub initial_cluster_state: Option<String>,
     pub advertise_raft_address: Option<String>,
@@ -477,6 +492,8 @@ pub struct ServeConfig {
     pub limits: crate::limits::Limits,
     /// How long a stopping node hands over its groups (0: it does not).
     pub drain_timeout: Duration,
+    /// A running cluster's API this node asks to add it (a joining node).
+    pub join: Option<String>,
 }
 
 /// Where each API's bearer token comes from (none: the API is open).
@@ -614,6 +631,16 @@ pub fn parse_peer(what: &'static str, s: &str) -> Result<String, ConfigError> {
     Ok(s.to_string())
 }
 
+/// The node id of a host named `<name>-<n>` (a StatefulSet's pod): n + 1.
+pub fn node_id_from_hostname(host: &str) -> Result<u64, ConfigError> {
+    let first = host.split('.').next().unwrap_or(host);
+    let n: u64 = first
+        .rsplit_once('-')
+        .and_then(|(_, n)| n.parse().ok())
+        .ok_or_else(|| invalid("node id", host, "the host name does not end in -<number> (e.g. armada-0)"))?;
+    n.checked_add(1).ok_or_else(|| invalid("node id", host, "the number is too large"))
+}
+
 /// Parses `id=host:port[@api_host:port],...`.
 pub fn parse_members(s: &str) -> Result<BTreeMap<u64, ArmadaNode>, ConfigError> {
     let mut out = BTreeMap::new();
@@ -651,7 +678,16 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         None => FileConfig::default(),
     };
     let data_dir = args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into());
-    let node_id = args.node_id.or(file.node_id).unwrap_or(DEFAULT_NODE_ID);
+    let node_id = if args.node_id_from_hostname || file.node_id_from_hostname.unwrap_or(false) {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()));
+        let host = host.ok_or_else(|| invalid("node id", "", "the host name is unknown (set HOSTNAME)"))?;
+        node_id_from_hostname(&host)?
+    } else {
+        args.node_id.or(file.node_id).unwrap_or(DEFAULT_NODE_ID)
+    };
     if node_id == 0 {
         return Err(invalid("node id", "0", "must be a positive integer"));
     }
@@ -747,10 +783,19 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
     if timeout_ms == 0 {
         return Err(invalid("request timeout", "0", "must be positive"));
     }
+    let initial_members_given = args.initial_members.clone().or(file.initial_members.clone());
     let bootstrap = match args.initial_cluster_state.clone().or(file.initial_cluster_state).as_deref() {
         None | Some("new") => true,
         Some("existing") => false,
-        Some(other) => return Err(invalid("initial cluster state", other, "expected new or existing")),
+        Some("auto") => match &initial_members_given {
+            Some(m) => parse_members(m)?.contains_key(&node_id),
+            None => true,
+        },
+        Some(other) => return Err(invalid("initial cluster state", other, "expected new, existing or auto")),
+    };
+    let join = match args.join.clone().or(file.join) {
+        Some(j) => Some(parse_peer("join address", &j)?),
+        None => None,
     };
     let advertise = |what: &'static str, given: Option<String>, listen: SocketAddr| -> Result<String, ConfigError> {
         match given {
@@ -1043,6 +1088,7 @@ pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         etcd_auth,
         limits,
         drain_timeout: Duration::from_millis(args.drain_timeout_ms.or(file.drain_timeout_ms).unwrap_or(10_000)),
+        join: if bootstrap { None } else { join },
     })
 }
 
@@ -1164,5 +1210,52 @@ mod tests {
             let e = resolve(&args).unwrap_err().to_string();
             assert!(e.contains(needle), "{needle}: {e}");
         }
+    }
+
+    #[test]
+    fn peers_may_be_dns_names_and_bad_ones_are_refused() {
+        assert_eq!(parse_peer("x", "armada-0.armada.ns.svc:5012").unwrap(), "armada-0.armada.ns.svc:5012");
+        assert_eq!(parse_peer("x", "10.0.0.1:5012").unwrap(), "10.0.0.1:5012");
+        assert_eq!(parse_peer("x", "[::1]:5012").unwrap(), "[::1]:5012");
+        for bad in ["armada-0", "host:0", "host:70000", "-bad.host:1", "a..b:1", ":5012", "ho st:1"] {
+            assert!(parse_peer("x", bad).is_err(), "{bad}");
+        }
+        let m = parse_members("1=armada-0.armada:5012,2=armada-1.armada:5012@armada-1.armada:8443").unwrap();
+        assert_eq!(m[&2].api_addr, "armada-1.armada:8443");
+    }
+
+    #[test]
+    fn node_ids_come_from_statefulset_host_names() {
+        assert_eq!(node_id_from_hostname("armada-0").unwrap(), 1);
+        assert_eq!(node_id_from_hostname("armada-edge-12.armada-headless.ns.svc").unwrap(), 13);
+        assert!(node_id_from_hostname("armada").is_err());
+        assert!(node_id_from_hostname("armada-x").is_err());
+    }
+
+    #[test]
+    fn auto_founds_a_listed_node_and_joins_any_other() {
+        let args = |id: u64, state: &str| ServeArgs {
+            node_id: Some(id),
+            initial_members: Some("1=a.svc:5012,2=b.svc:5012".into()),
+            initial_cluster_state: Some(state.into()),
+            advertise_raft_address: (id > 2).then(|| format!("n{id}.svc:5012")),
+            raft_address: Some("0.0.0.0:5012".into()),
+            join: Some("armada.svc:8443".into()),
+            ..Default::default()
+        };
+        let founder = resolve(&args(2, "auto")).unwrap();
+        assert!(founder.node.bootstrap);
+        assert_eq!(founder.join, None, "a founding member joins nothing");
+        assert_eq!(founder.node.members[&2].raft_addr, "b.svc:5012");
+        let joiner = resolve(&args(3, "auto")).unwrap();
+        assert!(!joiner.node.bootstrap);
+        assert_eq!(joiner.join.as_deref(), Some("armada.svc:8443"));
+        assert_eq!(joiner.node.members[&3].raft_addr, "n3.svc:5012");
+        // A node outside the list must say where it is reached.
+        let mut a = args(3, "existing");
+        a.advertise_raft_address = None;
+        assert!(resolve(&a).unwrap_err().to_string().contains("--advertise-raft-address"));
+        assert!(resolve(&args(3, "new")).unwrap_err().to_string().contains("not among them"));
+        assert!(resolve(&args(1, "sometimes")).unwrap_err().to_string().contains("new, existing or auto"));
     }
 }

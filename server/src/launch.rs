@@ -169,6 +169,7 @@ pub async fn launch(cfg: &ServeConfig, role: Role) -> Result<Launched, LaunchErr
         maintenance: token("Maintenance", &t.maintenance)?,
         replication: token("replication", &t.replication)?,
     };
+    let cluster_token = tokens.cluster.clone();
     let spec = Spec {
         node: cfg.node.clone(),
         role,
@@ -205,6 +206,9 @@ pub async fn launch(cfg: &ServeConfig, role: Role) -> Result<Launched, LaunchErr
         servers.push(spawn_grpc("replication", repl, listener, stopped()));
     }
     readiness.set_listeners_bound();
+    if let Some(at) = cfg.join.clone() {
+        tokio::spawn(join(node.clone(), at, cluster_token.clone()));
+    }
     info!(
         node_id = cfg.node.id,
         api = %cfg.api_address,
@@ -231,6 +235,57 @@ pub async fn launch(cfg: &ServeConfig, role: Role) -> Result<Launched, LaunchErr
         drain_timeout: cfg.drain_timeout,
         _follower: follower,
     })
+}
+
+/// How often a joining node asks to be added until it is.
+const JOIN_RETRY: Duration = Duration::from_secs(2);
+
+/// Asks the cluster at `at` (an armada.v1 API) to add this node as a voter,
+/// until this node is in the cluster's recorded membership. A repeat after
+/// a lost answer is recognised ("already exists").
+async fn join(node: Arc<Node>, at: String, token: Option<Arc<crate::auth::TokenSource>>) {
+    use armada_proto::v1 as pb;
+    let me = node.config().me().cloned().unwrap_or_default();
+    let addrs = node.config().client_addrs.clone();
+    loop {
+        if let Ok(Some(r)) = node.members_record() {
+            if r.members.contains_key(&node.id()) {
+                info!(at = %at, "joined the cluster");
+                return;
+            }
+        }
+        let attempt = async {
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{at}"))
+                .map_err(|e| e.to_string())?
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(10))
+                .connect()
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut req = tonic::Request::new(pb::MemberAddRequest {
+                id: node.id(),
+                raft_address: me.raft_addr.clone(),
+                api_address: addrs.api.clone(),
+                etcd_address: addrs.etcd.clone(),
+                learner: false,
+            });
+            if let Some(t) = &token {
+                let v = format!("Bearer {}", t.current().expose());
+                let v = v.parse().map_err(|_| "the cluster token is not a valid header value".to_string())?;
+                req.metadata_mut().insert("authorization", v);
+            }
+            match pb::cluster_client::ClusterClient::new(ch).member_add(req).await {
+                Ok(_) => Ok(()),
+                Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(()),
+                Err(s) => Err(format!("{}: {}", s.code(), s.message())),
+            }
+        };
+        match attempt.await {
+            Ok(()) => info!(at = %at, "asked the cluster to add this node; waiting to be added"),
+            Err(e) => warn!(at = %at, "asking the cluster to add this node (retrying): {e}"),
+        }
+        tokio::time::sleep(JOIN_RETRY).await;
+    }
 }
 
 /// Serves `router` on `listener` in a task until `until` resolves.

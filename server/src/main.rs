@@ -75,6 +75,16 @@ enum Cmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// A TCP proxy that adds WAN latency (and cuts) between a follower
+    /// cluster and the leader cluster, for trying and testing on one
+    /// machine (see deploy/compose).
+    WanProxy(armada_server::tools::wanproxy::WanProxyArgs),
+    /// Exits 0 when the node at --address (its HTTP address) is ready: a
+    /// container healthcheck for images without a shell.
+    Ready {
+        #[arg(long, default_value = "127.0.0.1:8079")]
+        address: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -253,6 +263,8 @@ async fn main() {
         Cmd::Table { cmd, client } => cli::table(&client, cmd).await,
         Cmd::Kv { cmd, client } => cli::kv(&client, cmd).await,
         Cmd::Cluster { cmd, client } => cli::cluster(&client, cmd).await,
+        Cmd::WanProxy(args) => armada_server::tools::wanproxy::run(args).await,
+        Cmd::Ready { address } => armada_server::tools::wanproxy::ready(&address).await,
         Cmd::Backup { cmd } => armada_server::tools::backup::backup(cmd).await,
         Cmd::Restore(args) => armada_server::tools::backup::restore(args),
         Cmd::Bench { cmd: BenchCmd::Put(args) } => armada_server::tools::bench::put(&args).await,

@@ -170,15 +170,35 @@ async fn a_cluster_grows_to_five_shrinks_to_three_and_replaces_a_lost_disk_under
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    // 3 -> 5: each new node starts outside the cluster and is added.
-    for id in 4..=5u64 {
-        let n = &mut c.nodes[id as usize - 1];
+    // 3 -> 5: node 4 starts outside the cluster and an operator adds it;
+    // node 5 asks to be added itself (--join).
+    {
+        let n = &mut c.nodes[3];
         n.extra = vec!["--initial-cluster-state".into(), "existing".into()];
-        let own = format!("{id}={}", n.raft);
+        let own = format!("4={}", n.raft);
         n.start(&own);
         let (raft, a) = (n.raft.clone(), n.api.clone());
-        change(&api(&c, 1), &format!("add {id}"), add(id, raft, a)).await;
-        targets.lock().unwrap().push(api(&c, id));
+        change(&api(&c, 1), "add 4", add(4, raft, a)).await;
+        targets.lock().unwrap().push(api(&c, 4));
+    }
+    {
+        let at = api(&c, 2);
+        let n = &mut c.nodes[4];
+        n.extra = vec!["--initial-cluster-state".into(), "auto".into(), "--join".into(), at];
+        // The founding members' list: node 5 is not in it, so `auto` joins.
+        let m = c.members.clone();
+        n.start(&m);
+        eventually(Duration::from_secs(120), "node 5 joined and every group has it", || async {
+            let m = members(&api(&c, 1)).await?;
+            let voter = m.members.iter().any(|x| x.id == 5 && !x.learner);
+            if voter && m.settled_epoch == m.epoch {
+                Ok(())
+            } else {
+                Err(format!("{m:?}"))
+            }
+        })
+        .await;
+        targets.lock().unwrap().push(api(&c, 5));
     }
     let m = members(&api(&c, 4)).await.unwrap();
     assert_eq!(m.members.iter().filter(|m| !m.learner).count(), 5, "{m:?}");

@@ -1,7 +1,16 @@
 //! The recorded history of client operations.
+//!
+//! A history can be written and read back as JSON lines, one [`Op`] per
+//! line (`armada-sim check-history FILE`): a harness running real processes
+//! or containers records what its clients did in this format, and the same
+//! linearizability checker judges it. Times are nanoseconds since the start
+//! of the run; keys and values are strings; see `docs/simulation.md` for
+//! an example line.
+
+use serde::{Deserialize, Serialize};
 
 /// What a client asked for. Keys and values are small strings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OpKind {
     Put {
         key: String,
@@ -61,7 +70,7 @@ pub enum OpKind {
 /// "the mod revision is the one `expect` was seen with" holds exactly when
 /// the value is `expect`; the two compares on a missing key hold exactly
 /// when the key is absent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CasBy {
     /// `value == expect`.
     Value,
@@ -81,7 +90,7 @@ impl CasBy {
 }
 
 /// What came back.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OpResult {
     Put {
         revision: u64,
@@ -130,7 +139,7 @@ impl OpResult {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     Ok(OpResult),
     /// Definitely had no effect (refused before it was proposed).
@@ -139,7 +148,7 @@ pub enum Outcome {
     Indefinite(String),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Op {
     pub client: u32,
     pub table: String,
@@ -167,4 +176,23 @@ impl Op {
     pub fn is_write(&self) -> bool {
         self.kind.is_write()
     }
+}
+
+/// Reads a history written as JSON lines (blank lines are skipped).
+pub fn read_jsonl(text: &str) -> Result<Vec<Op>, String> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| format!("line {}: {e}", i + 1)))
+        .collect()
+}
+
+/// Writes a history as JSON lines.
+pub fn write_jsonl(ops: &[Op]) -> String {
+    let mut out = String::new();
+    for op in ops {
+        out.push_str(&serde_json::to_string(op).expect("a history serializes"));
+        out.push('\n');
+    }
+    out
 }

@@ -94,6 +94,11 @@ mod sim_main {
             #[arg(long)]
             seed: u64,
         },
+        /// Check a history recorded elsewhere (real processes, containers)
+        /// with the simulator's linearizability checker: one JSON `Op` per
+        /// line (see `armada_sim::history`). Values read by successful reads
+        /// count as committed. Exit 0: linearizable; 1: not; 4: unreadable.
+        CheckHistory { file: PathBuf },
     }
 
     fn exit_code(v: Verdict) -> i32 {
@@ -315,6 +320,30 @@ mod sim_main {
                     println!("{}", replay(&scenario, seed, canary));
                 }
                 exit_code(r.verdict)
+            }
+            Cmd::CheckHistory { file } => {
+                let ops = match std::fs::read_to_string(&file)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| armada_sim::history::read_jsonl(&t))
+                {
+                    Ok(o) => o,
+                    Err(e) => {
+                        eprintln!("error: {}: {e}", file.display());
+                        return 4;
+                    }
+                };
+                let (keys, committed) = armada_sim::linearizability::keys_and_read_values(&ops);
+                let ok = ops.iter().filter(|o| matches!(o.outcome, armada_sim::history::Outcome::Ok(_))).count();
+                match armada_sim::linearizability::check(&ops, &keys, &committed) {
+                    Ok(()) => {
+                        println!("check-history: {} ops ({ok} ok), {} keys: linearizable", ops.len(), keys.len());
+                        0
+                    }
+                    Err(f) => {
+                        println!("check-history: {} ops ({ok} ok), {} keys: {f}", ops.len(), keys.len());
+                        1
+                    }
+                }
             }
             Cmd::Determinism { scenario, seed } => {
                 let sc = match load(&scenario) {

@@ -10,4 +10,6 @@
 pub mod backup;
 pub mod bench;
 pub mod cli;
+#[cfg(not(madsim))]
+pub mod wanproxy;
 pub mod watchbench;

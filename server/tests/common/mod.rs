@@ -285,6 +285,7 @@ pub async fn launch_in_process_with(
         etcd_auth: Default::default(),
         limits: Default::default(),
         drain_timeout: Duration::from_secs(5),
+        join: None,
     };
     let node = armada_server::launch::launch(&cfg, armada_server::launch::Role::Leader).await.expect("launch");
     let deadline = Instant::now() + Duration::from_secs(30);
