@@ -227,8 +227,8 @@ pub enum MetaCommand {
         cmd: crate::auth::AuthCommand,
     },
     /// A change to the recorded membership (`crate::members`). Appended:
-    /// older releases never see it (the record is written only once every
-    /// member runs a release that knows it).
+    /// a node of an older release cannot read it, so it is only proposed
+    /// when an operator asks for a membership change (after an upgrade).
     Members(crate::members::MembersCommand),
 }
 

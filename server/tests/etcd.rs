@@ -1136,7 +1136,7 @@ async fn etcdctl_adds_promotes_lists_and_removes_members() {
     let ep = cluster.nodes[0].etcd.clone();
     wait_ready_node(&cluster.nodes[0]).await;
     let hex_id = |out: &str| -> String { out.split_whitespace().nth(1).expect("Member <id> ...").to_string() };
-    // The founding members are recorded shortly after the start.
+    // Before any change: the initial members.
     let list = eventually(Duration::from_secs(20), "member list", || async {
         let (ok, out, err) = etcdctl(&ep, &["member", "list", "-w", "json"], None);
         if ok && out.contains("clientURLs") {

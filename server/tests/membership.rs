@@ -153,16 +153,6 @@ async fn a_cluster_grows_to_five_shrinks_to_three_and_replaces_a_lost_disk_under
         }
     })
     .await;
-    // The record of the founding members.
-    eventually(Duration::from_secs(30), "members recorded", || async {
-        let m = members(&api(&c, 1)).await?;
-        if m.epoch > 0 {
-            Ok(())
-        } else {
-            Err("not recorded".into())
-        }
-    })
-    .await;
     let targets = Arc::new(Mutex::new((1..=3).map(|i| api(&c, i)).collect::<Vec<_>>()));
     let load = Arc::new(Mutex::new(Load::default()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

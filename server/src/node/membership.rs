@@ -17,10 +17,12 @@
 //! - The metadata group's leader records `Settled` once the committed
 //!   configuration of every group it hosts equals the record; only then is
 //!   the next change accepted.
-//! - The metadata group's leader also records the founding membership once
-//!   (`Bootstrap`, from the group's own configuration) on a cluster that
-//!   has none, and every node publishes its client addresses (`Publish`) so
-//!   that MemberList can list them.
+//! - The first change an operator asks for records the founding membership
+//!   first (`Bootstrap`, from the metadata group's own configuration); from
+//!   then on every node publishes its client addresses (`Publish`) so that
+//!   MemberList can list them. Nothing is recorded before: a node of the
+//!   previous release cannot read the record, so a rolling upgrade finishes
+//!   before the first membership change.
 //!
 //! Invariant: a node never changes the configuration of a group it does not
 //! lead, and changes it only towards the applied record (which every node
@@ -120,6 +122,30 @@ pub fn next_step(cur: &GroupConfig, target: &Members, last: u64, matched: &BTree
     None
 }
 
+/// The founding members as the metadata group's configuration has them
+/// (`None` while it is joint or not yet committed).
+fn founding_members(meta: &Group) -> Option<BTreeMap<u64, Member>> {
+    let (cur, committed) = meta.configs();
+    if cur.joint || cur != committed {
+        return None;
+    }
+    let members = cur
+        .nodes
+        .iter()
+        .map(|(id, n)| {
+            let m = Member {
+                raft_addr: n.raft_addr.clone(),
+                api_addr: n.api_addr.clone(),
+                etcd_addr: String::new(),
+                learner: !cur.voters.contains(id),
+                since: 0,
+            };
+            (*id, m)
+        })
+        .collect();
+    Some(members)
+}
+
 fn config_of(m: &openraft::Membership<u64, ArmadaNode>) -> GroupConfig {
     GroupConfig {
         voters: m.voter_ids().collect(),
@@ -174,6 +200,25 @@ impl Node {
                 }
             }
         }
+        let change = !matches!(
+            cmd,
+            MembersCommand::Bootstrap { .. } | MembersCommand::Settled { .. } | MembersCommand::Publish { .. }
+        );
+        if change && self.members_record()?.is_none() {
+            // The first change: record the founding members first (the
+            // metadata group's configuration). Only a change asked for by
+            // an operator records them, never the node by itself: a node of
+            // the previous release cannot read the record, so membership is
+            // changed once every member runs this one (as authentication).
+            let members = founding_members(&meta).ok_or_else(|| {
+                ApiError::Unavailable("the metadata group is changing its configuration; retry".into())
+            })?;
+            let bootstrap = Command::Meta(MetaCommand::Members(MembersCommand::Bootstrap { members }));
+            match self.propose(&meta, bootstrap, hops).await? {
+                CommandResponse::Meta(Ok(_)) => info!("membership: recorded the founding members"),
+                other => return Err(ApiError::Internal(format!("recording the founding members: {other:?}")).into()),
+            }
+        }
         match self.propose(&meta, Command::Meta(MetaCommand::Members(cmd)), hops).await? {
             CommandResponse::Meta(Ok(MetaReply::Members(m))) => Ok(m),
             CommandResponse::Meta(Err(e)) => Err(ApiError::Meta(e).into()),
@@ -219,12 +264,9 @@ impl Node {
                 return;
             }
         };
-        let Some(target) = record else {
-            if leads_meta {
-                self.bootstrap_record(&meta).await;
-            }
-            return;
-        };
+        // No record: no change has been asked for yet; the groups keep
+        // the founding configuration.
+        let Some(target) = record else { return };
         self.publish(&target).await;
         let mut groups = vec![meta.clone()];
         groups.extend(self.groups().into_iter().filter(|g| g.id != GroupId::META));
@@ -235,34 +277,6 @@ impl Node {
         }
         if leads_meta && target.in_progress() {
             self.settle(&target).await;
-        }
-    }
-
-    /// Records the founding membership from the metadata group's own
-    /// configuration (a cluster created before membership was recorded,
-    /// or just founded).
-    async fn bootstrap_record(&self, meta: &Group) {
-        let (cur, committed) = meta.configs();
-        if cur.joint || cur != committed {
-            return;
-        }
-        let members = cur
-            .nodes
-            .iter()
-            .map(|(id, n)| {
-                let m = Member {
-                    raft_addr: n.raft_addr.clone(),
-                    api_addr: n.api_addr.clone(),
-                    etcd_addr: String::new(),
-                    learner: !cur.voters.contains(id),
-                    since: 0,
-                };
-                (*id, m)
-            })
-            .collect();
-        match self.members_change(MembersCommand::Bootstrap { members }).await {
-            Ok(_) => info!("membership: recorded the founding members"),
-            Err(e) => debug!("membership: recording the founding members: {e}"),
         }
     }
 

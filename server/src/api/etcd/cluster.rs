@@ -101,11 +101,7 @@ impl pb::cluster_server::Cluster for EtcdApi {
         self.metrics
             .timed("etcd.MemberAdd", async move {
                 let raft_addr = peer_address(&r.peer_ur_ls)?;
-                let current =
-                    self.node.members_record().map_err(|e| etcd_status(&e))?.ok_or_else(|| {
-                        members_status(&ApiError::Meta(MetaError::Members(MembersError::NotRecorded)))
-                    })?;
-                let id = crate::api::v1::cluster::next_member_id(&current);
+                let id = crate::api::v1::cluster::next_member_id(&self.node.members_or_initial());
                 let member = Member {
                     raft_addr,
                     api_addr: String::new(),

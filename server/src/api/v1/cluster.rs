@@ -7,7 +7,6 @@ use tonic::{Request, Response, Status};
 
 use super::convert::status;
 use super::Api;
-use crate::types::ApiError;
 
 fn member_pb(id: u64, m: &Member) -> pb::Member {
     pb::Member {
@@ -72,11 +71,7 @@ impl Cluster for Api {
                     since: 0,
                 };
                 let id = match r.id {
-                    0 => next_member_id(&self.node.members_record().map_err(|e| status(&e))?.ok_or_else(|| {
-                        status(&ApiError::Meta(armada_core::command::MetaError::Members(
-                            armada_core::members::MembersError::NotRecorded,
-                        )))
-                    })?),
+                    0 => next_member_id(&self.node.members_or_initial()),
                     id => id,
                 };
                 let m = self.node.members_change(MembersCommand::Add { id, member }).await.map_err(|e| status(&e))?;
