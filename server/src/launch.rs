@@ -207,7 +207,25 @@ pub async fn launch(cfg: &ServeConfig, role: Role) -> Result<Launched, LaunchErr
     }
     readiness.set_listeners_bound();
     if let Some(at) = cfg.join.clone() {
-        tokio::spawn(join(node.clone(), at, cluster_token.clone()));
+        // The API of the cluster serves TLS when this node's does: verified
+        // with the API's client CA, else the cluster (Raft) CA, presenting
+        // this node's API certificate.
+        let tls = match &cfg.tls.api {
+            Some(api) => {
+                let ca = api.client_ca.clone().or_else(|| cfg.tls.raft.as_ref().and_then(|r| r.client_ca.clone()));
+                let ca = ca.ok_or_else(|| {
+                    LaunchError::Node(
+                        "--join with a TLS API needs a CA to verify the cluster: --api-tls-client-ca or --raft-tls-ca"
+                            .into(),
+                    )
+                })?;
+                let config = crate::tls::client_config(&ca, Some((&api.cert, &api.key)), &[b"h2"])
+                    .map_err(|source| LaunchError::Tls { listener: "join", source })?;
+                Some(Arc::new(config))
+            }
+            None => None,
+        };
+        tokio::spawn(join(node.clone(), at, cluster_token.clone(), tls));
     }
     info!(
         node_id = cfg.node.id,
@@ -243,7 +261,12 @@ const JOIN_RETRY: Duration = Duration::from_secs(2);
 /// Asks the cluster at `at` (an armada.v1 API) to add this node as a voter,
 /// until this node is in the cluster's recorded membership. A repeat after
 /// a lost answer is recognised ("already exists").
-async fn join(node: Arc<Node>, at: String, token: Option<Arc<crate::auth::TokenSource>>) {
+async fn join(
+    node: Arc<Node>,
+    at: String,
+    token: Option<Arc<crate::auth::TokenSource>>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) {
     use armada_proto::v1 as pb;
     let me = node.config().me().cloned().unwrap_or_default();
     let addrs = node.config().client_addrs.clone();
@@ -255,13 +278,8 @@ async fn join(node: Arc<Node>, at: String, token: Option<Arc<crate::auth::TokenS
             }
         }
         let attempt = async {
-            let ch = tonic::transport::Endpoint::from_shared(format!("http://{at}"))
-                .map_err(|e| e.to_string())?
-                .connect_timeout(Duration::from_secs(2))
-                .timeout(Duration::from_secs(10))
-                .connect()
-                .await
-                .map_err(|e| e.to_string())?;
+            let url = format!("{}://{at}", if tls.is_some() { "https" } else { "http" });
+            let ch = crate::listen::connect_url(&url, tls.clone(), Duration::from_secs(2)).await?;
             let mut req = tonic::Request::new(pb::MemberAddRequest {
                 id: node.id(),
                 raft_address: me.raft_addr.clone(),
@@ -280,9 +298,10 @@ async fn join(node: Arc<Node>, at: String, token: Option<Arc<crate::auth::TokenS
                 Err(s) => Err(format!("{}: {}", s.code(), s.message())),
             }
         };
-        match attempt.await {
-            Ok(()) => info!(at = %at, "asked the cluster to add this node; waiting to be added"),
-            Err(e) => warn!(at = %at, "asking the cluster to add this node (retrying): {e}"),
+        match tokio::time::timeout(Duration::from_secs(15), attempt).await {
+            Ok(Ok(())) => info!(at = %at, "asked the cluster to add this node; waiting to be added"),
+            Ok(Err(e)) => warn!(at = %at, "asking the cluster to add this node (retrying): {e}"),
+            Err(_) => warn!(at = %at, "asking the cluster to add this node timed out (retrying)"),
         }
         tokio::time::sleep(JOIN_RETRY).await;
     }

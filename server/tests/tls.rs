@@ -904,3 +904,69 @@ async fn streams_per_connection_and_request_rates_are_capped() {
     node.terminate();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A node asks a TLS cluster to add it (`--join` over TLS): it verifies the
+/// cluster's API certificate with the cluster CA and is added and promoted;
+/// a write at the first node is then read at the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_a_tls_cluster_by_itself() {
+    let dir = std::env::temp_dir().join(format!("armada-tls-join-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cluster_ca = ca("Armada cluster CA");
+    let ca_file = write(&dir, "cluster-ca.pem", &cluster_ca.pem);
+    let tls = |stem: &str| {
+        let (cert, key) = install(&dir, stem, &leaf(&cluster_ca, stem, &["127.0.0.1", "localhost"]));
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        vec![
+            "--api-tls-cert".to_string(),
+            cert.clone(),
+            "--api-tls-key".into(),
+            key.clone(),
+            "--raft-tls-cert".into(),
+            cert,
+            "--raft-tls-key".into(),
+            key,
+            "--raft-tls-ca".into(),
+            ca_file.display().to_string(),
+        ]
+    };
+    let mut n1 = Node::new(1, dir.join("n1"));
+    n1.extra = tls("n1");
+    let m1 = format!("1={}", n1.raft);
+    n1.start(&m1);
+    wait_ready(&n1.http, Duration::from_secs(60)).await;
+    let mut n2 = Node::new(2, dir.join("n2"));
+    n2.extra = tls("n2");
+    n2.extra.extend(["--initial-cluster-state".to_string(), "existing".into(), "--join".into(), n1.api.clone()]);
+    let m2 = format!("2={}", n2.raft);
+    n2.start(&m2);
+    let endpoint = format!("https://{}", n1.api);
+    let ca_arg = ca_file.display().to_string();
+    eventually(Duration::from_secs(60), "node 2 joined as a voter and every group has it", || async {
+        let (ok, out) =
+            armada(&["cluster", "member", "list", "--endpoint", &endpoint, "--tls-ca", &ca_arg, "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_str(out.trim()).map_err(|e| format!("{e}: {out}"))?;
+        let voters = v["members"].as_array().map_or(0, |m| m.iter().filter(|m| m["learner"] == false).count());
+        if ok && voters == 2 && v["epoch"] == v["settled_epoch"] {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    })
+    .await;
+    let (ok, out, _) = etcdctl(&n1.etcd, &[], &["put", "joined", "yes"]);
+    assert!(ok, "{out}");
+    eventually(Duration::from_secs(20), "the new member serves the write", || async {
+        let (ok, out, _) = etcdctl(&n2.etcd, &[], &["get", "joined", "--print-value-only"]);
+        if ok && out.trim() == "yes" {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    })
+    .await;
+    n1.kill9();
+    n2.kill9();
+    let _ = std::fs::remove_dir_all(&dir);
+}
