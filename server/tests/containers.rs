@@ -1,15 +1,23 @@
-//! Fault tests across real hosts: the Armada image runs as three containers
-//! on their own Docker network, and a seeded schedule kills, pauses,
+//! Fault tests across real hosts: the Armada image runs as a leader cluster
+//! of three containers on one Docker network and a follower cluster of
+//! three on another, which reaches the leader cluster only through a WAN
+//! proxy container (`armada wan-proxy`). A seeded schedule kills, pauses,
 //! disconnects, firewalls (iptables in the container's network namespace)
-//! and gracefully restarts them while clients put and read keys through
-//! published ports, recording every operation. At the end faults heal,
+//! and gracefully restarts leader nodes, slows and cuts the WAN, and kills
+//! follower nodes, while clients put and read keys at the leader cluster
+//! and read at the follower cluster through published ports, recording
+//! every operation. At the end faults heal,
 //! a final reader reads every key, and:
 //! - the history is written as JSON lines (`armada_sim::history` format) for
 //!   the simulator's linearizability checker (`ci/sim check-history FILE`,
 //!   which `ci/container-faults` runs);
 //! - the acknowledged-write audit runs here: an acknowledged put is lost if
 //!   the key's final value was written by a put that finished before it
-//!   began, or the key is gone (the workload never deletes).
+//!   began, or the key is gone (the workload never deletes);
+//! - replication (as the simulator's R3 and R4): every follower read equals
+//!   the leader cluster's state at the revision it was read at (read back
+//!   at that revision; nothing is compacted), and every follower node ends
+//!   at the leader cluster's final revision with its values.
 //!
 //! Runs only when `ARMADA_CONTAINER_FAULTS_S` (seconds of faults) is set,
 //! Docker answers and the image (`ARMADA_IMAGE`, default armada:dev)
@@ -67,19 +75,24 @@ struct Box_ {
 /// Removes the containers and the network however the test ends.
 struct Cleanup {
     names: Vec<String>,
-    network: String,
+    networks: Vec<String>,
 }
 impl Drop for Cleanup {
     fn drop(&mut self) {
         for n in &self.names {
             let _ = docker(&["rm", "-f", n]);
         }
-        let _ = docker(&["network", "rm", &self.network]);
+        for n in &self.networks {
+            let _ = docker(&["network", "rm", n]);
+        }
     }
 }
 
 /// An acknowledged put: key, value, invoked and completed (ns).
 type Acked = (String, String, u64, u64);
+/// A read at the follower cluster: key, (value, mod revision), the
+/// revision it was read at.
+type FollowerRead = (String, Option<(String, i64)>, i64);
 
 #[derive(Clone, Copy, Debug)]
 enum Fault {
@@ -88,6 +101,35 @@ enum Fault {
     Disconnect,
     Firewall,
     Restart,
+    /// The WAN between the clusters slows down (the proxy's delay).
+    WanDelay,
+    /// The WAN is cut (a partition between the clusters).
+    WanCut,
+    /// A follower-cluster node is killed and started again.
+    FollowerKill,
+}
+
+/// Sends one command to the WAN proxy's control port.
+fn wan(control: &str, cmd: &str) -> Result<String, String> {
+    use std::io::{BufRead, Write};
+    let mut s = std::net::TcpStream::connect(control).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+    writeln!(s, "{cmd}").map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).map_err(|e| e.to_string())?;
+    Ok(line.trim().to_string())
+}
+
+/// A read of one key at a node: (value, mod revision) and the header revision.
+async fn get(api: &str, key: &str, revision: i64) -> Result<(Option<(String, i64)>, i64), String> {
+    let mut kv = pb::kv_client::KvClient::new(channel(api).await?);
+    let r = kv
+        .range(pb::RangeRequest { table: "t".into(), key: key.as_bytes().to_vec(), revision, ..Default::default() })
+        .await
+        .map_err(|s| s.to_string())?
+        .into_inner();
+    let value = r.kvs.first().map(|kv| (String::from_utf8_lossy(&kv.value).into_owned(), kv.mod_revision));
+    Ok((value, r.header.map_or(0, |h| h.revision)))
 }
 
 async fn channel(api: &str) -> Result<Channel, String> {
@@ -136,7 +178,7 @@ async fn containers_under_faults_stay_linearizable_and_keep_acknowledged_writes(
     let project = format!("armada-faults-{}", std::process::id());
     let network = project.clone();
     docker(&["network", "create", &network]).unwrap();
-    let mut cleanup = Cleanup { names: Vec::new(), network: network.clone() };
+    let mut cleanup = Cleanup { names: Vec::new(), networks: vec![network.clone()] };
     let members = (1..=NODES).map(|i| format!("{i}=n{i}:5012")).collect::<Vec<_>>().join(",");
     let mut boxes = Vec::new();
     for i in 1..=NODES {
@@ -195,6 +237,95 @@ async fn containers_under_faults_stay_linearizable_and_keep_acknowledged_writes(
             Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(()),
             Err(s) => Err(s.to_string()),
         }
+    })
+    .await;
+
+    // A follower cluster on its own network, reaching the leader cluster's
+    // replication listeners only through the WAN proxy.
+    let edge = format!("{project}-edge");
+    docker(&["network", "create", &edge]).unwrap();
+    cleanup.networks.push(edge.clone());
+    let wan_name = format!("{project}-wan");
+    cleanup.names.push(wan_name.clone());
+    let control_port = free_tcp_port();
+    let control = format!("127.0.0.1:{control_port}");
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        &wan_name,
+        "--hostname",
+        "wan",
+        "--network",
+        &network,
+        "-p",
+        &format!("{control}:9100"),
+        &image,
+        "wan-proxy",
+        "--route",
+        "0.0.0.0:9001=n1:8444",
+        "--route",
+        "0.0.0.0:9002=n2:8444",
+        "--route",
+        "0.0.0.0:9003=n3:8444",
+        "--delay-ms",
+        "20",
+        "--jitter-ms",
+        "10",
+        "--control",
+        "0.0.0.0:9100",
+    ])
+    .unwrap();
+    docker(&["network", "connect", "--alias", "wan", &edge, &wan_name]).unwrap();
+    let fmembers = (1..=NODES).map(|i| format!("{i}=f{i}:5012")).collect::<Vec<_>>().join(",");
+    let mut followers = Vec::new();
+    for i in 1..=NODES {
+        let name = format!("{project}-f{i}");
+        cleanup.names.push(name.clone());
+        let alias = format!("f{i}");
+        let (api_port, http_port) = (free_tcp_port(), free_tcp_port());
+        docker(&[
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--hostname",
+            &alias,
+            "--network",
+            &edge,
+            "--network-alias",
+            &alias,
+            "-p",
+            &format!("127.0.0.1:{api_port}:8443"),
+            "-p",
+            &format!("127.0.0.1:{http_port}:8079"),
+            &image,
+            "follower",
+            "--leader-address",
+            "http://wan:9001,http://wan:9002,http://wan:9003",
+            "--node-id",
+            &i.to_string(),
+            "--initial-members",
+            &fmembers,
+            "--raft-address",
+            "0.0.0.0:5012",
+            "--api-address",
+            "0.0.0.0:8443",
+            "--rest-address",
+            "0.0.0.0:8079",
+            "--etcd-address",
+            "0.0.0.0:2379",
+            "--request-timeout-ms",
+            "2000",
+        ])
+        .unwrap();
+        followers.push(Box_ { name, api: format!("127.0.0.1:{api_port}"), http: format!("127.0.0.1:{http_port}") });
+    }
+    for f in &followers {
+        wait_ready(&f.http, Duration::from_secs(90)).await;
+    }
+    eventually(Duration::from_secs(30), "table t at the follower cluster", || async {
+        get(&followers[0].api, "k0", 0).await.map(|_| ())
     })
     .await;
 
@@ -276,13 +407,42 @@ async fn containers_under_faults_stay_linearizable_and_keep_acknowledged_writes(
         }));
     }
 
+    // Readers at the follower cluster: (key, value and mod revision, the
+    // revision the answer was read at); each is compared with the leader
+    // cluster's state at that revision afterwards.
+    let follower_reads: Arc<Mutex<Vec<FollowerRead>>> = Arc::default();
+    let fapis: Vec<String> = followers.iter().map(|b| b.api.clone()).collect();
+    for c in 0..2u64 {
+        let (reads, fapis) = (follower_reads.clone(), fapis.clone());
+        let mut r = Rng(seed ^ (c + 101).wrapping_mul(0x2545_f491_4f6c_dd1d));
+        clients.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let api = &fapis[r.range(0, NODES - 1) as usize];
+                let key = format!("k{}", r.range(0, KEYS - 1));
+                match get(api, &key, 0).await {
+                    Ok((value, rev)) => reads.lock().unwrap().push((key, value, rev)),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        }));
+    }
+
     // The fault schedule: one fault at a time, each held 1-4 s.
     let mut injected: BTreeMap<String, u64> = BTreeMap::new();
     while Instant::now() + Duration::from_secs(2) < deadline {
         tokio::time::sleep(Duration::from_millis(rng.range(500, 2000))).await;
         let b = &boxes[rng.range(0, NODES - 1) as usize];
-        let fault =
-            [Fault::Kill, Fault::Pause, Fault::Disconnect, Fault::Firewall, Fault::Restart][rng.range(0, 4) as usize];
+        let kinds = [
+            Fault::Kill,
+            Fault::Pause,
+            Fault::Disconnect,
+            Fault::Firewall,
+            Fault::Restart,
+            Fault::WanDelay,
+            Fault::WanCut,
+            Fault::FollowerKill,
+        ];
+        let fault = kinds[rng.range(0, kinds.len() as u64 - 1) as usize];
         let hold = Duration::from_millis(rng.range(1000, 4000));
         *injected.entry(format!("{fault:?}").to_lowercase()).or_default() += 1;
         let alias = b.name.rsplit('-').next().unwrap().to_string();
@@ -327,6 +487,23 @@ async fn containers_under_faults_stay_linearizable_and_keep_acknowledged_writes(
             Fault::Restart => {
                 // A graceful restart: SIGTERM (the node drains), then start.
                 docker(&["restart", "-t", "20", &b.name]).unwrap();
+            }
+            Fault::WanDelay => {
+                let ms = rng.range(100, 400);
+                wan(&control, &format!("delay {ms} {}", ms / 4)).unwrap();
+                tokio::time::sleep(hold).await;
+                wan(&control, "delay 20 10").unwrap();
+            }
+            Fault::WanCut => {
+                wan(&control, "cut").unwrap();
+                tokio::time::sleep(hold).await;
+                wan(&control, "heal").unwrap();
+            }
+            Fault::FollowerKill => {
+                let f = &followers[rng.range(0, NODES - 1) as usize];
+                let _ = docker(&["kill", &f.name]);
+                tokio::time::sleep(hold).await;
+                docker(&["start", &f.name]).unwrap();
             }
         }
     }
@@ -393,7 +570,55 @@ async fn containers_under_faults_stay_linearizable_and_keep_acknowledged_writes(
         acked.len(),
         lost.len()
     );
+    // Replication: every follower read is the leader cluster's state at the
+    // revision it was read at; then every follower node reaches the leader
+    // cluster's final revision with the same keys.
+    let reads = follower_reads.lock().unwrap().clone();
+    let mut at_leader: BTreeMap<(String, i64), Option<(String, i64)>> = BTreeMap::new();
+    let mut stale = Vec::new();
+    for (key, value, rev) in &reads {
+        let want = match at_leader.get(&(key.clone(), *rev)) {
+            Some(w) => w.clone(),
+            None => {
+                let (w, _) = eventually(Duration::from_secs(20), "a leader read at a past revision", || async {
+                    get(&boxes[0].api, key, *rev).await
+                })
+                .await;
+                at_leader.insert((key.clone(), *rev), w.clone());
+                w
+            }
+        };
+        if want != *value {
+            stale.push(format!("{key}@{rev}: follower {value:?}, leader {want:?}"));
+        }
+    }
+    let (_, final_rev) = get(&boxes[0].api, "k0", 0).await.unwrap();
+    for f in &followers {
+        wait_ready(&f.http, Duration::from_secs(90)).await;
+        for k in 0..KEYS {
+            let key = format!("k{k}");
+            let leader = finals.get(&key).cloned().flatten();
+            eventually(Duration::from_secs(60), "a follower reaches the leader cluster", || async {
+                let (v, rev) = get(&f.api, &key, 0).await?;
+                let v = v.map(|(v, _)| v);
+                if rev >= final_rev && v == leader {
+                    Ok(())
+                } else {
+                    Err(format!("{} {key}: {v:?} at {rev}, leader {leader:?} at {final_rev}", f.name))
+                }
+            })
+            .await;
+        }
+    }
+    eprintln!(
+        "container faults: {} follower reads checked against the leader cluster's state at their revision, {} \
+         differ; every follower node reached revision {final_rev}",
+        reads.len(),
+        stale.len()
+    );
     assert!(lost.is_empty(), "seed {seed}: acknowledged writes lost: {lost:?}");
+    assert!(stale.is_empty(), "seed {seed}: follower reads that no leader state explains: {stale:?}");
+    assert!(!reads.is_empty(), "seed {seed}: the follower readers read something");
     assert!(acked.len() > 10, "seed {seed}: the clients made progress ({} puts acknowledged)", acked.len());
     drop(cleanup);
 }
