@@ -622,27 +622,61 @@ impl<'e> Mvcc<'e> {
     /// the best `limit` by the sort order; the rest are only counted). An
     /// answer that would still exceed `max_bytes` is refused with
     /// [`KvError::ResponseTooLarge`] as soon as that is known.
+    ///
+    /// A read at the current revision is served from the latest versions,
+    /// which an apply on another thread may change while they are read (the
+    /// engine's reads are not one snapshot). So the revision is read again
+    /// afterwards, seqlock-style: every apply that changes a key also moves
+    /// the revision, so an unchanged revision means the answer is the table
+    /// at it; a moved one means the read raced an apply, and it is served
+    /// again from the history as of the revision read first, which later
+    /// applies never change. (Found by the container fault tests: a node
+    /// answered a key with mod revision 376 under a header revision of 375.)
     pub fn range_within(&self, req: &RangeRequest, max_bytes: u64) -> Result<RangeResponse, MvccError> {
         req.validate()?;
         let state = self.rev_state()?;
         let rev = self.resolve_read_revision(state, req.revision)?;
         let (start, end) = interval(&req.key, &req.range_end);
         if rev == state.current {
-            if let Some(keep) = keys_needed(req) {
+            let now = if let Some(keep) = keys_needed(req) {
                 // Only the first keys can reach the answer: decode those and
                 // merely count the rest (`limit = 1` or `count_only` over a
                 // large table copies no other value).
                 let (kvs, count) = self.live_now_bounded(&start, end.as_deref(), keep)?;
-                return within_limit(shape_range(req, kvs, count, state.current), max_bytes);
+                within_limit(shape_range(req, kvs, count, state.current), max_bytes)
+            } else {
+                self.select(req, &start, end.as_deref(), rev, state.current, max_bytes)
+            };
+            if self.rev_state()?.current == state.current {
+                return now;
             }
+            crate::probe!(ReadRacedApply);
+            return self.select(req, &start, end.as_deref(), rev, u64::MAX, max_bytes);
         }
+        self.select(req, &start, end.as_deref(), rev, state.current, max_bytes)
+    }
+
+    /// The answer to `req` from the table as of `rev`: from the latest
+    /// versions when `rev == current`, else from the history. The header
+    /// revision is `rev` (the revision the read is at: the current one for
+    /// a read of "now").
+    fn select(
+        &self,
+        req: &RangeRequest,
+        start: &[u8],
+        end: Option<&[u8]>,
+        rev: u64,
+        current: u64,
+        max_bytes: u64,
+    ) -> Result<RangeResponse, MvccError> {
         let mut selection = Selection::new(req, max_bytes);
         let mut count = 0u64;
-        self.visit_live(&start, end.as_deref(), rev, state.current, &mut |kv| {
+        self.visit_live(start, end, rev, current, &mut |kv| {
             count += 1;
             selection.offer(kv)
         })?;
-        within_limit(shape_range(req, selection.finish()?, count, state.current), max_bytes)
+        let header = if current == u64::MAX { rev } else { current };
+        within_limit(shape_range(req, selection.finish()?, count, header), max_bytes)
     }
 
     /// A write transaction at the table's next revision. Nothing reaches the

@@ -136,13 +136,16 @@ pub enum Probe {
     /// A node started a table's group without founding it (a member added
     /// after the table was created): the group's leader adds it.
     MembershipJoinedGroup,
+    /// A read of the current revision raced an apply and was served again
+    /// from the history (real threads only: never in simulation).
+    ReadRacedApply,
 }
 
 /// Number of probes.
 pub const COUNT: usize = Probe::ALL.len();
 
 impl Probe {
-    pub const ALL: [Probe; 56] = [
+    pub const ALL: [Probe; 57] = [
         Probe::LogTruncated,
         Probe::LogPurged,
         Probe::VoteSavedThenCrash,
@@ -199,6 +202,7 @@ impl Probe {
         Probe::AuthMirrored,
         Probe::MembershipStep,
         Probe::MembershipJoinedGroup,
+        Probe::ReadRacedApply,
     ];
 
     pub fn name(self) -> &'static str {
@@ -259,6 +263,7 @@ impl Probe {
             Probe::AuthMirrored => "auth-mirrored",
             Probe::MembershipStep => "membership-step",
             Probe::MembershipJoinedGroup => "membership-joined-group",
+            Probe::ReadRacedApply => "read-raced-apply",
         }
     }
 
