@@ -165,6 +165,12 @@ impl Group {
 }
 
 impl Node {
+    /// Moves on whenever the metadata group applies anything: what was read
+    /// from the catalog under an earlier value may be stale.
+    pub fn catalog_epoch(&self) -> u64 {
+        self.notifier.catalog_epoch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The membership this node has applied (`None` before the cluster
     /// recorded one).
     pub fn members_record(&self) -> Result<Option<Members>, ApiError> {

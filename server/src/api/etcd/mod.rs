@@ -100,6 +100,9 @@ pub struct EtcdApi {
     /// The recorded cluster id, once this node has the record (a node that
     /// joined later has no founding members of its own).
     recorded_cluster_id: std::sync::OnceLock<u64>,
+    /// The catalog epoch at which no record was found: the record is looked
+    /// for again only once the catalog has changed (not on every answer).
+    unrecorded_at: Arc<std::sync::atomic::AtomicU64>,
     /// Password hashing and token lifetime of etcd authentication.
     auth: auth::EtcdAuthConfig,
 }
@@ -118,6 +121,7 @@ impl EtcdApi {
             client_url: format!("http://{etcd_address}"),
             cluster_id,
             recorded_cluster_id: std::sync::OnceLock::new(),
+            unrecorded_at: Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
             auth: auth::EtcdAuthConfig::default(),
         }
     }
@@ -140,12 +144,21 @@ impl EtcdApi {
     /// The cluster's id: the recorded one, or the initial members' digest
     /// before the record exists.
     fn cluster_id(&self) -> u64 {
+        use std::sync::atomic::Ordering;
         if let Some(id) = self.recorded_cluster_id.get() {
             return *id;
         }
+        // Read before the record: a change applied meanwhile moves it on.
+        let epoch = self.node.catalog_epoch();
+        if self.unrecorded_at.load(Ordering::Relaxed) == epoch {
+            return self.cluster_id;
+        }
         match self.node.members_record() {
             Ok(Some(r)) => *self.recorded_cluster_id.get_or_init(|| r.cluster_id),
-            _ => self.cluster_id,
+            _ => {
+                self.unrecorded_at.store(epoch, Ordering::Relaxed);
+                self.cluster_id
+            }
         }
     }
 
